@@ -1,0 +1,193 @@
+"""The :class:`Erasure` artifact: what an erasure method returns, saves, loads and applies to a pipeline.
+
+On disk an erasure is a folder with ``pytorch_lora_weights.safetensors`` (standard diffusers/peft LoRA keys, so a
+plain ``pipe.load_lora_weights(folder)`` works) and ``erasure.json`` (method, config, concepts, base-model identity,
+versions, timings, certificate). Folders are written to a temporary sibling and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import TraceEraseError
+from .fingerprint import check_fingerprint, fingerprint
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+MANIFEST_NAME = "erasure.json"
+FORMAT = "trace-erase/erasure"
+FORMAT_VERSION = 1
+
+
+def _pipe_and_adapter(target: Any) -> tuple[Any, Any]:
+    from ..models import ModelHandle, get_adapter
+
+    if isinstance(target, ModelHandle):
+        return target.pipe, target.adapter
+    return target, get_adapter(target)
+
+
+def atomic_folder(path: str | Path, overwrite: bool, what: str = "output") -> tuple[Path, Path]:
+    """Check ``path`` may be written and return (final path, fresh temporary sibling folder)."""
+    final = Path(path)
+    if final.exists() and not overwrite:
+        raise TraceEraseError(f"{what} folder '{final}' already exists; choose another --output or pass --overwrite")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return final, tmp
+
+
+def commit_folder(tmp: Path, final: Path) -> None:
+    """Move a completed temporary folder into place (replacing an old one only now, at the end)."""
+    if final.exists():
+        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        final.rename(trash)
+        tmp.rename(final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+class Erasure:
+    """An erasure: LoRA tensors in diffusers format plus its manifest."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any]):
+        self.state_dict = state_dict
+        self.manifest = manifest
+
+    # ---- views --------------------------------------------------------------------------------------------------
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]
+
+    @property
+    def prefix(self) -> str:
+        return self.manifest["lora"]["prefix"]
+
+    @property
+    def certificate(self) -> dict[str, Any]:
+        return self.manifest.get("certificate", {})
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.manifest["lora"]["target_modules"])
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """ΔW per module at scale 1 (B·A)."""
+        from .lora import lora_to_delta
+
+        return lora_to_delta(self.state_dict, self.prefix)
+
+    # ---- files --------------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write the folder atomically: nothing is left behind if writing fails half-way."""
+        from safetensors.torch import save_file
+
+        final, tmp = atomic_folder(directory, overwrite, "erasure output")
+        try:
+            save_file(
+                {k: v.contiguous() for k, v in self.state_dict.items()},
+                str(tmp / LORA_WEIGHT_NAME),
+                metadata={"format": "pt"},
+            )
+            (tmp / MANIFEST_NAME).write_text(json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
+            commit_folder(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    # ---- use --------------------------------------------------------------------------------------------------------
+    def check_base(self, target: Any) -> None:
+        """Refuse a pipeline whose edited weights differ from the base this erasure was made for."""
+        _, adapter = _pipe_and_adapter(target)
+        base = self.manifest["base_model"]
+        if adapter.family != base["family"]:
+            raise TraceEraseError(
+                f"this erasure is for a {base['family']} model ('{base['source']}'), not {adapter.family}; "
+                "apply it to its base model"
+            )
+        try:
+            actual = fingerprint(adapter, self.modules)
+        except AttributeError as exc:
+            raise TraceEraseError(
+                f"this erasure edits layers the model does not have (made for '{base['source']}'); "
+                "apply it to its base model"
+            ) from exc
+        check_fingerprint(base["fingerprint"], actual, base["source"])
+
+    def apply(self, target: Any, scale: float = 1.0, adapter_name: str = "trace_erase", check: bool = True) -> str:
+        """Load the LoRA into ``target`` (a pipeline or ModelHandle) with strength ``scale``; returns the adapter name.
+
+        The base weights stay untouched: the edit lives in a peft adapter that can be scaled, disabled or unloaded.
+        """
+        pipe, _ = _pipe_and_adapter(target)
+        if check:
+            self.check_base(target)
+        existing = set(pipe.get_list_adapters().get(self.prefix, [])) if hasattr(pipe, "get_list_adapters") else set()
+        name, i = adapter_name, 1
+        while name in existing:
+            name, i = f"{adapter_name}_{i}", i + 1
+        from diffusers.utils import logging as dlogging
+
+        verbosity = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()  # silence "no LoRA keys for text_encoder": ours only edit the denoiser
+        try:
+            pipe.load_lora_weights({k: v.clone() for k, v in self.state_dict.items()}, adapter_name=name)
+        finally:
+            dlogging.set_verbosity(verbosity)
+        active = [n for n in pipe.get_active_adapters() if n != name] if existing else []
+        weights = [1.0] * len(active)
+        pipe.set_adapters([*active, name], adapter_weights=[*weights, scale])
+        return name
+
+    def merge_into(self, target: Any, scale: float = 1.0) -> Any:
+        """Fuse the erasure into the pipeline's weights (for ``trace-erase merge``); returns the pipeline."""
+        pipe, adapter = _pipe_and_adapter(target)
+        self.apply(target, scale=scale)
+        pipe.fuse_lora(components=[adapter.denoiser_name], lora_scale=1.0)
+        pipe.unload_lora_weights()
+        return pipe
+
+
+def load_erasure(directory: str | Path, allow_pickle: bool = False) -> Erasure:
+    """Read an erasure folder written by :meth:`Erasure.save`, with one-line errors for bad folders/files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise TraceEraseError(f"erasure folder '{directory}' does not exist; pass the --output of `trace-erase erase`")
+    mpath = d / MANIFEST_NAME
+    if not mpath.is_file():
+        raise TraceEraseError(f"'{directory}' is not an erasure folder (no {MANIFEST_NAME}); pass an erase output")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise TraceEraseError(f"'{mpath}' is corrupt ({exc.msg}); re-run the erasure") from exc
+    if manifest.get("format") != FORMAT:
+        raise TraceEraseError(f"'{mpath}' is not a trace-erase manifest; pass an erase output")
+    weight_name = manifest.get("lora", {}).get("weight_name", LORA_WEIGHT_NAME)
+    wpath = d / weight_name
+    if not wpath.is_file():
+        pickles = sorted(d.glob("*.bin"))
+        if pickles and allow_pickle:
+            state = torch.load(pickles[0], map_location="cpu", weights_only=True)
+            return Erasure(state, manifest)
+        if pickles:
+            raise TraceEraseError(
+                f"'{directory}' holds its LoRA only as pickle ({pickles[0].name}); convert it to safetensors "
+                "or pass --allow-pickle if you trust it"
+            )
+        raise TraceEraseError(f"'{directory}' has no {weight_name}; re-run the erasure")
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TraceEraseError(f"'{wpath}' is corrupt or truncated ({type(exc).__name__}); re-run the erasure") from exc
+    return Erasure(state, manifest)

@@ -1,0 +1,56 @@
+"""Exact low-rank export of weight deltas as diffusers/peft LoRA tensors, and back."""
+
+from __future__ import annotations
+
+import torch
+
+
+def delta_to_lora(delta: torch.Tensor, rank_tolerance: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW ≈ B·A by SVD, keeping singular values above ``rank_tolerance`` × the largest (the numerical rank).
+
+    Returns (A ``[r, in]``, B ``[out, r]``) in float64; the singular values are split evenly (√σ on each side).
+    """
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return delta.new_zeros(0, delta.shape[1]).double(), delta.new_zeros(delta.shape[0], 0).double()
+    r = int((s > rank_tolerance * s[0]).sum())
+    root = s[:r].sqrt()
+    return root[:, None] * vh[:r], u[:, :r] * root[None, :]
+
+
+def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad a LoRA pair to ``rank`` so one artifact has one rank (older diffusers mis-scale mixed ranks)."""
+    r = a.shape[0]
+    if r == rank:
+        return a, b
+    return (
+        torch.cat([a, a.new_zeros(rank - r, a.shape[1])], dim=0),
+        torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1),
+    )
+
+
+def deltas_to_state_dict(
+    deltas: dict[str, torch.Tensor], prefix: str, rank_tolerance: float = 1e-6
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """diffusers-format LoRA tensors (``{prefix}.{module}.lora_A.weight``) for module deltas, and each numerical rank."""
+    pairs = {name: delta_to_lora(d, rank_tolerance) for name, d in deltas.items()}
+    ranks = {name: a.shape[0] for name, (a, _) in pairs.items()}
+    rank = max(max(ranks.values(), default=0), 1)
+    state: dict[str, torch.Tensor] = {}
+    for name, (a, b) in pairs.items():
+        a, b = pad_rank(a, b, rank)
+        state[f"{prefix}.{name}.lora_A.weight"] = a.float().contiguous()
+        state[f"{prefix}.{name}.lora_B.weight"] = b.float().contiguous()
+    return state, ranks
+
+
+def lora_to_delta(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """ΔW = B·A per module of a diffusers-format LoRA state dict (adapter scale 1)."""
+    out = {}
+    head = prefix + "."
+    for key, a in state.items():
+        if key.startswith(head) and key.endswith(".lora_A.weight"):
+            name = key[len(head) : -len(".lora_A.weight")]
+            b = state[f"{head}{name}.lora_B.weight"]
+            out[name] = b.double() @ a.double()
+    return out

@@ -1,0 +1,226 @@
+"""The ``trace-erase`` command line: erase, generate, info, merge."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from .errors import TraceEraseError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Concept erasure for text-to-image diffusion models.")
+
+
+def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise TraceEraseError(f"--option '{pair}' must be KEY=VALUE, e.g. --option lambda_reg=0.5")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@app.command()
+def erase(
+    model: Annotated[str | None, typer.Option(help="diffusers folder, hub id, or toy-sd / toy-flux")] = None,
+    concept: Annotated[list[str] | None, typer.Option(help="concept to erase (repeatable)")] = None,
+    anchor: Annotated[str | None, typer.Option(help="surrogate the concept is mapped to ('' by default)")] = None,
+    preserve: Annotated[list[str] | None, typer.Option(help="concept to keep intact (repeatable)")] = None,
+    method: Annotated[str | None, typer.Option(help="trace-closed-form, uce, mace-cfr")] = None,
+    output: Annotated[str | None, typer.Option(help="folder to write the erasure to")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file; flags override its values")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="engine option KEY=VALUE (repeatable)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="allow loading pickle (.bin/.ckpt) weights")] = False,
+    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+) -> None:
+    """Erase concepts from a model and write the erasure (LoRA + erasure.json)."""
+    from . import erase as run_erase
+    from .artifacts.erasure import atomic_folder
+    from .config import load_yaml
+    from .models import load_model
+
+    cfg = load_yaml(config) if config else {}
+    known = {"model", "method", "concepts", "anchor", "preserve", "output", "options"}
+    if set(cfg) - known:
+        raise TraceEraseError(f"unknown keys {sorted(set(cfg) - known)} in '{config}'; valid: {', '.join(sorted(known))}")
+    model = model or cfg.get("model")
+    output = output or cfg.get("output")
+    method = method or cfg.get("method") or "trace-closed-form"
+    concepts = list(concept) if concept else list(cfg.get("concepts") or [])
+    anchor = anchor if anchor is not None else cfg.get("anchor")
+    preserve = list(preserve) if preserve else cfg.get("preserve")
+    options = {**(cfg.get("options") or {}), **_parse_options(option or [])}
+    if not model:
+        raise TraceEraseError("no model given; pass --model (a diffusers folder, hub id, or toy-sd)")
+    if not output:
+        raise TraceEraseError("no output folder given; pass --output DIR")
+    if not concepts:
+        raise TraceEraseError("no concept given; pass at least one --concept")
+    final = Path(output)
+    if final.exists() and not overwrite:
+        atomic_folder(final, overwrite, "erasure output")  # raises the standard message
+    handle = load_model(model, allow_pickle=allow_pickle, device=device)
+    result = run_erase(handle, concepts, method=method, anchor=anchor, preserve=preserve, **options)
+    path = result.save(final, overwrite=overwrite)
+    summary = result.certificate.get("summary", {})
+    typer.echo(
+        f"erased {', '.join(c['name'] for c in result.manifest['concepts'])} with {method} "
+        f"in {result.manifest['timings']['wall_time_s']:.1f}s → {path}"
+    )
+    if summary:
+        typer.echo(
+            f"certificate: erasure residual max {summary['erasure_residual_max']:.3g} "
+            f"(before {summary['erasure_residual_before_max']:.3g}), "
+            f"probe collateral max {summary['collateral_probe_max']:.3g}"
+        )
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option(help="diffusers folder, hub id, or toy-sd / toy-flux")],
+    prompt: Annotated[list[str], typer.Option(help="prompt (repeatable)")],
+    output: Annotated[str, typer.Option(help="folder for the PNGs and generation.json")],
+    erasure: Annotated[str | None, typer.Option(help="erasure folder to apply")] = None,
+    scale: Annotated[float, typer.Option(help="erasure strength (adapter weight)")] = 1.0,
+    seed: Annotated[int, typer.Option(help="seed of the first image")] = 0,
+    num_images: Annotated[int, typer.Option(help="images per prompt (seeds seed, seed+1, ...)")] = 1,
+    steps: Annotated[int | None, typer.Option(help="sampling steps (default: the model's)")] = None,
+    guidance: Annotated[float | None, typer.Option(help="guidance scale (default: the model's)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="allow loading pickle weights")] = False,
+    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+) -> None:
+    """Generate images, optionally with an erasure applied."""
+    from .artifacts.erasure import atomic_folder, commit_folder, load_erasure
+    from .models import load_model
+    from .sampling import generate_images, sampler_settings
+
+    if Path(output).exists() and not overwrite:
+        atomic_folder(output, overwrite)
+    er = load_erasure(erasure, allow_pickle=allow_pickle) if erasure else None
+    handle = load_model(model, allow_pickle=allow_pickle, device=device)
+    if er is not None:
+        er.apply(handle, scale=scale)
+    prompts = [p for p in prompt for _ in range(num_images)]
+    seeds = [seed + i for _ in prompt for i in range(num_images)]
+    images = generate_images(handle, prompts, seeds, steps, guidance)
+    final, tmp = atomic_folder(output, overwrite)
+    try:
+        records = []
+        for i, (img, p, s) in enumerate(zip(images, prompts, seeds, strict=True)):
+            name = f"{i:04d}_seed{s}.png"
+            img.save(tmp / name)
+            records.append({"file": name, "prompt": p, "seed": s})
+        settings = {
+            "model": model,
+            "erasure": erasure,
+            "scale": scale if erasure else None,
+            **sampler_settings(handle, steps, guidance),
+            "images": records,
+        }
+        (tmp / "generation.json").write_text(json.dumps(settings, indent=2) + "\n")
+        commit_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    typer.echo(f"wrote {len(images)} images to {final}")
+
+
+@app.command()
+def info(directory: Annotated[str, typer.Argument(help="erasure folder")]) -> None:
+    """Show an erasure's manifest and certificate."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .artifacts import load_erasure
+
+    er = load_erasure(directory)
+    m = er.manifest
+    console = Console()
+    console.print(f"[bold]{directory}[/bold]: method [bold]{m['method']}[/bold]")
+    for c in m["concepts"]:
+        console.print(f"  concept '{c['name']}' → anchor '{c['anchor']}'; preserve {c['preserve'] or '-'}")
+    base = m["base_model"]
+    console.print(f"  base: {base['source']} ({base['family']}, {base['pipeline_class']}), "
+                  f"weights sha256 {base['fingerprint']['sha256'][:16]}")
+    console.print(f"  LoRA: {len(m['lora']['target_modules'])} modules, rank {m['lora']['rank']}; "
+                  f"wall time {m['timings']['wall_time_s']:.2f}s; peak RSS {m['memory']['peak_rss_mb']:.0f} MiB")
+    table = Table(title="erasure certificate (relative, per edited projection)")
+    for col in ("module", "residual", "before", "collateral (preserve)", "collateral (probe)"):
+        table.add_column(col)
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3g}"
+
+    for name, c in m.get("certificate", {}).get("per_module", {}).items():
+        table.add_row(name, fmt(c["erasure_residual"]), fmt(c["erasure_residual_before"]),
+                      fmt(c["collateral_preserve"]), fmt(c["collateral_probe"]))
+    console.print(table)
+
+
+@app.command()
+def merge(
+    model: Annotated[str, typer.Option(help="base model the erasure was made for")],
+    erasure: Annotated[str, typer.Option(help="erasure folder")],
+    output: Annotated[str, typer.Option(help="folder for the merged pipeline")],
+    scale: Annotated[float, typer.Option(help="erasure strength")] = 1.0,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="allow loading pickle weights")] = False,
+) -> None:
+    """Write a full pipeline folder with the erasure fused into its weights."""
+    from .artifacts.erasure import atomic_folder, commit_folder, load_erasure
+    from .models import load_model
+    from .models.loading import SIDECAR, resolve_model
+
+    if Path(output).exists() and not overwrite:
+        atomic_folder(output, overwrite)
+    er = load_erasure(erasure, allow_pickle=allow_pickle)
+    handle = load_model(model, allow_pickle=allow_pickle)
+    er.merge_into(handle, scale=scale)
+    final, tmp = atomic_folder(output, overwrite)
+    try:
+        handle.pipe.save_pretrained(tmp, safe_serialization=True)
+        sidecar = Path(resolve_model(model)) / SIDECAR
+        if sidecar.is_file():
+            shutil.copy(sidecar, tmp / SIDECAR)
+        commit_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    typer.echo(f"wrote merged pipeline to {final}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app and turns :class:`TraceEraseError` into one line on stderr and exit code 2."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(args=argv, standalone_mode=False)
+    except TraceEraseError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        return 130
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Typed options: concepts with their anchors and preserve lists, and YAML files that map 1:1 onto them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import TraceEraseError
+
+
+@dataclass
+class Concept:
+    """A concept to erase, the surrogate it is mapped to, and concepts that must stay intact."""
+
+    name: str
+    anchor: str = ""
+    preserve: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.name = (self.name or "").strip()
+        self.anchor = (self.anchor or "").strip()
+        self.preserve = [p.strip() for p in self.preserve if p and p.strip()]
+        if not self.name:
+            raise TraceEraseError("the concept is empty; pass the words to erase, e.g. --concept 'van gogh'")
+        if self.anchor.lower() == self.name.lower():
+            raise TraceEraseError(
+                f"the anchor equals the concept ('{self.name}'); choose a different surrogate, e.g. a super-category "
+                "or '' (empty)"
+            )
+        if any(p.lower() == self.name.lower() for p in self.preserve):
+            raise TraceEraseError(f"'{self.name}' is both erased and preserved; remove it from --preserve")
+
+
+def make_concepts(
+    concepts: list[str | Concept | dict[str, Any]], anchor: str | None = None, preserve: list[str] | None = None
+) -> list[Concept]:
+    """Normalise strings/dicts into :class:`Concept`; ``anchor``/``preserve`` apply where a concept sets none."""
+    if not concepts:
+        raise TraceEraseError("no concept given; pass at least one --concept")
+    out = []
+    for c in concepts:
+        if isinstance(c, Concept):
+            out.append(c)
+        elif isinstance(c, dict):
+            unknown = set(c) - {"name", "anchor", "preserve"}
+            if unknown:
+                raise TraceEraseError(f"unknown concept keys {sorted(unknown)}; use name, anchor, preserve")
+            merged = {"anchor": anchor or "", "preserve": list(preserve or []), **c}
+            out.append(Concept(**merged))
+        else:
+            out.append(Concept(str(c), anchor or "", list(preserve or [])))
+    names = [c.name.lower() for c in out]
+    if len(set(names)) != len(names):
+        raise TraceEraseError("a concept is listed twice; list each concept once")
+    return out
+
+
+def config_from_dict(cls: type, values: dict[str, Any], where: str = "options") -> Any:
+    """Build dataclass ``cls`` from ``values``, refusing unknown keys with the list of valid ones."""
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - valid
+    if unknown:
+        raise TraceEraseError(f"unknown {where} {sorted(unknown)}; valid keys: {', '.join(sorted(valid))}")
+    try:
+        return cls(**values)
+    except TypeError as exc:  # pragma: no cover - dataclass signature errors
+        raise TraceEraseError(f"bad {where}: {exc}") from exc
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file (a mapping), with one-line errors for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise TraceEraseError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TraceEraseError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise TraceEraseError(f"config file '{path}' must hold a mapping of option: value")
+    return data

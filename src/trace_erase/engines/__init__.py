@@ -1,0 +1,1 @@
+"""The two engines every method is a configuration of: closed form (stage A) and trajectory (stage B)."""

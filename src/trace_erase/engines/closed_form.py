@@ -1,0 +1,345 @@
+"""The closed-form engine: TRACE stage A, UCE and MACE-CFR are configurations of it.
+
+For every text-carrying projection W it solves (spec, stage A)
+
+    W' = argmin Σ_i ||W' e_i − W a_i||² + λ_p Σ_j ||W' p_j − W p_j||² + λ ||W' − W||²_F
+
+where e_i are features of prompts with the concept, a_i the features at the aligned positions of the same prompt
+with the anchor, and p_j preserved features. With the Gram matrices G_e = Σ e eᵀ, C = Σ e aᵀ, G_p = Σ p pᵀ the
+solution is W' = W·S with S = (λI + Cᵀ + λ_p G_p)(λI + G_e + λ_p G_p)⁻¹. S depends only on the features, so every
+projection that reads the same features (a *stream*) shares one d×d solve: 100 concepts cost one solve per stream.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import Concept
+from ..errors import TraceEraseError
+from ..models.base import FamilyAdapter, TextStream, TokenLayout
+from .prompts import DEFAULT_TEMPLATES, check_templates, fill
+
+TOKEN_SELECTIONS = ("surrounding", "context", "target", "last", "all")
+
+DEFAULT_PROBES: tuple[str, ...] = (
+    "a photo of a house",
+    "a landscape with mountains and a river",
+    "a portrait of a woman",
+    "a red car in a city street",
+    "a bird on a tree",
+    "a bowl of fruit on a table",
+    "a boat on the sea",
+    "a painting of flowers",
+)
+
+
+@dataclass
+class ClosedFormConfig:
+    """Knobs of the closed-form engine (defaults are TRACE stage A's; methods override a few)."""
+
+    token_selection: str = "surrounding"  # which token positions carry the concept (see TOKEN_SELECTIONS)
+    templates: list[str] | None = None  # prompt augmentation; None → DEFAULT_TEMPLATES (~30)
+    suffix_tokens: int | None = None  # positions after the concept to map (None: all, padding included)
+    lambda_reg: float = 0.1  # λ: pull towards the original weights (keeps the solve well-posed)
+    lambda_preserve: float = 1.0  # λ_p: weight of each preserved feature row
+    preserve_corpus: str | None = None  # text file, one caption per line: all their tokens are preserved
+    probe_prompts: list[str] | None = None  # unrelated prompts for the collateral certificate
+    targets: str = "default"  # which projections (adapter-specific: 'kv' for UNets, 'context' for FLUX)
+    rank_tolerance: float = 1e-6  # singular values below this × the largest are dropped in the LoRA export
+    batch_size: int = 32  # prompts encoded per text-encoder call
+
+    def __post_init__(self) -> None:
+        if self.token_selection not in TOKEN_SELECTIONS:
+            raise TraceEraseError(
+                f"unknown token_selection '{self.token_selection}'; choose one of {', '.join(TOKEN_SELECTIONS)}"
+            )
+        if not self.lambda_reg > 0:
+            raise TraceEraseError("lambda_reg must be > 0 (it keeps the normal equations well-posed)")
+        if self.lambda_preserve < 0:
+            raise TraceEraseError("lambda_preserve must be ≥ 0")
+        if self.templates is not None:
+            self.templates = check_templates(self.templates)
+
+
+@dataclass
+class GramStats:
+    """Sufficient statistics of one stream (float64): enough to solve and to certify without the rows."""
+
+    dim: int
+    g_e: torch.Tensor = None  # Σ e eᵀ
+    c: torch.Tensor = None  # Σ e aᵀ
+    g_a: torch.Tensor = None  # Σ a aᵀ
+    g_p: torch.Tensor = None  # Σ p pᵀ (preserved)
+    g_q: torch.Tensor = None  # Σ q qᵀ (probes: certificate only)
+    counts: dict[str, int] = field(default_factory=lambda: {"erase": 0, "preserve": 0, "probe": 0})
+
+    def __post_init__(self) -> None:
+        for name in ("g_e", "c", "g_a", "g_p", "g_q"):
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(self.dim, self.dim, dtype=torch.float64))
+
+    def add_erase(self, e: torch.Tensor, a: torch.Tensor) -> None:
+        e, a = e.double(), a.double()
+        self.g_e += e.T @ e
+        self.c += e.T @ a
+        self.g_a += a.T @ a
+        self.counts["erase"] += e.shape[0]
+
+    def add_preserve(self, p: torch.Tensor) -> None:
+        p = p.double()
+        self.g_p += p.T @ p
+        self.counts["preserve"] += p.shape[0]
+
+    def add_probe(self, q: torch.Tensor) -> None:
+        q = q.double()
+        self.g_q += q.T @ q
+        self.counts["probe"] += q.shape[0]
+
+
+@dataclass
+class RowBatch:
+    """Feature rows of one stream: erase pairs (e, a), preserved rows p, or probe rows q."""
+
+    stream: str
+    kind: str  # "erase" | "preserve" | "probe"
+    e: torch.Tensor
+    a: torch.Tensor | None = None
+
+
+@dataclass
+class ClosedFormResult:
+    """Per-module weight deltas (float64), the shared solve per stream, and the erasure certificate."""
+
+    deltas: dict[str, torch.Tensor]
+    certificate: dict[str, dict[str, float | None]]
+    streams: dict[str, list[str]]
+    counts: dict[str, dict[str, int]]
+    timings: dict[str, float]
+
+
+def aligned_positions(
+    lt: TokenLayout, la: TokenLayout, mode: str, suffix_tokens: int | None = None
+) -> tuple[list[int], list[int]]:
+    """Pairs of positions (target prompt → anchor prompt) that ``mode`` maps.
+
+    Prefix tokens share their index; the concept's n tokens map onto the anchor's m tokens proportionally (onto the
+    position the anchor would take when it is empty); tokens after the concept align by their offset from its end.
+    """
+    n, m = lt.end - lt.start, la.end - la.start
+    tgt: list[int] = []
+    anc: list[int] = []
+    if mode == "all":
+        for i in range(min(lt.start, la.start)):
+            tgt.append(i)
+            anc.append(i)
+    if mode in ("all", "surrounding", "target"):
+        concept_js = range(n)
+    elif mode == "last":
+        concept_js = range(n - 1, n)
+    else:
+        concept_js = range(0)
+    for j in concept_js:
+        tgt.append(lt.start + j)
+        anc.append(la.start + (min(j * m // n, m - 1) if m > 0 else 0))
+    if mode in ("all", "surrounding", "context", "last"):
+        limit = lt.max_length - max(lt.end, la.end)
+        if suffix_tokens is not None and mode != "all":
+            limit = min(limit, suffix_tokens)
+        for k in range(max(limit, 0)):
+            tgt.append(lt.end + k)
+            anc.append(la.end + k)
+    return tgt, anc
+
+
+def _read_corpus(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise TraceEraseError(f"preserve corpus '{path}' does not exist; give a text file with one caption per line")
+    lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise TraceEraseError(f"preserve corpus '{path}' is empty")
+    return lines
+
+
+class ClosedFormEngine:
+    """Collects feature statistics through a family adapter, solves per stream and certifies per module."""
+
+    def __init__(self, adapter: FamilyAdapter, config: ClosedFormConfig, progress: bool = True):
+        self.adapter = adapter
+        self.config = config
+        self.progress = progress
+        self.streams: list[TextStream] = adapter.text_streams(config.targets)
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+    def check_concepts(self, concepts: list[Concept]) -> None:
+        """Refuse concepts, anchors or preserve texts that do not fit in a prompt."""
+        capacity = self.adapter.prompt_capacity()
+        longest_template = max(self.adapter.count_tokens(fill(t, "")[0]) for t in self.templates)
+        for c in concepts:
+            for text in (c.name, c.anchor, *c.preserve):
+                n = self.adapter.count_tokens(text)
+                if n + longest_template > capacity:
+                    raise TraceEraseError(
+                        f"'{text[:40]}…' takes {n} tokens; with the prompt templates at most "
+                        f"{capacity - longest_template} fit the text encoder's {capacity}; shorten it"
+                    )
+
+    @property
+    def templates(self) -> list[str]:
+        return list(self.config.templates or DEFAULT_TEMPLATES)
+
+    # ---- rows -----------------------------------------------------------------------------------------------------
+    def _encode(self, prompts: list[str], desc: str) -> dict[str, dict[str, torch.Tensor]]:
+        """Encode each distinct prompt once, batched; features kept in float32 on the CPU."""
+        unique = list(dict.fromkeys(prompts))
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        bs = self.config.batch_size
+        for i in tqdm(range(0, len(unique), bs), desc=desc, disable=not self.progress or len(unique) <= bs):
+            chunk = unique[i : i + bs]
+            feats = self.adapter.encode_text(chunk)
+            for k, p in enumerate(chunk):
+                out[p] = {name: f[k].float().cpu() for name, f in feats.items()}
+        return out
+
+    def iter_rows(self, concepts: list[Concept]) -> Iterator[RowBatch]:
+        """All feature rows the solve uses, stream by stream (the Gram path and the tests consume the same rows)."""
+        cfg = self.config
+        jobs = []  # (target prompt, span, anchor prompt, span)
+        keep: list[tuple[str, tuple[int, int]]] = []  # preserved prompts
+        for c in concepts:
+            for t in self.templates:
+                pt, st = fill(t, c.name)
+                pa, sa = fill(t, c.anchor)
+                jobs.append((pt, st, pa, sa))
+                for p in c.preserve:
+                    keep.append(fill(t, p))
+        corpus = _read_corpus(cfg.preserve_corpus) if cfg.preserve_corpus else []
+        probes = list(cfg.probe_prompts if cfg.probe_prompts is not None else DEFAULT_PROBES)
+
+        fixed = self._encode([j[2] for j in jobs] + [k[0] for k in keep] + corpus + probes, "encoding anchors")
+        layouts: dict[tuple[str, tuple[int, int]], TokenLayout] = {}
+
+        def layout(prompt: str, span: tuple[int, int]) -> TokenLayout:
+            key = (prompt, span)
+            if key not in layouts:
+                layouts[key] = self.adapter.token_layout(prompt, span)
+            return layouts[key]
+
+        bs = cfg.batch_size
+        for i in tqdm(range(0, len(jobs), bs), desc="encoding concepts", disable=not self.progress or len(jobs) <= bs):
+            chunk = jobs[i : i + bs]
+            feats = self._encode([j[0] for j in chunk], "")
+            for stream in self.streams:
+                es, as_ = [], []
+                for pt, st, pa, sa in chunk:
+                    ft, fa = feats[pt][stream.name], fixed[pa][stream.name]
+                    if stream.per_token:
+                        ti, ai = aligned_positions(layout(pt, st), layout(pa, sa), cfg.token_selection, cfg.suffix_tokens)
+                        es.append(ft[ti])
+                        as_.append(fa[ai])
+                    else:
+                        es.append(ft[None])
+                        as_.append(fa[None])
+                yield RowBatch(stream.name, "erase", torch.cat(es), torch.cat(as_))
+        for stream in self.streams:
+            rows = []
+            for prompt, span in keep:
+                f = fixed[prompt][stream.name]
+                if stream.per_token:
+                    lp = layout(prompt, span)
+                    rows.append(f[aligned_positions(lp, lp, cfg.token_selection, cfg.suffix_tokens)[0]])
+                else:
+                    rows.append(f[None])
+            for caption in corpus:
+                f = fixed[caption][stream.name]
+                rows.append(f if stream.per_token else f[None])
+            if rows:
+                yield RowBatch(stream.name, "preserve", torch.cat(rows))
+            probe_rows = [fixed[p][stream.name] if stream.per_token else fixed[p][stream.name][None] for p in probes]
+            if probe_rows:
+                yield RowBatch(stream.name, "probe", torch.cat(probe_rows))
+
+    def statistics(self, concepts: list[Concept]) -> dict[str, GramStats]:
+        """Accumulate the Gram matrices of every stream (float64)."""
+        stats: dict[str, GramStats] = {}
+        for batch in self.iter_rows(concepts):
+            st = stats.setdefault(batch.stream, GramStats(batch.e.shape[1]))
+            if batch.kind == "erase":
+                st.add_erase(batch.e, batch.a)
+            elif batch.kind == "preserve":
+                st.add_preserve(batch.e)
+            else:
+                st.add_probe(batch.e)
+        return stats
+
+    # ---- solve ------------------------------------------------------------------------------------------------------
+    def stream_solution(self, st: GramStats) -> torch.Tensor:
+        """S with W' = W·S for every projection of the stream (a linear solve, never an explicit inverse)."""
+        lam, lam_p = self.config.lambda_reg, self.config.lambda_preserve
+        eye = torch.eye(st.dim, dtype=torch.float64)
+        m = lam * eye + st.g_e + lam_p * st.g_p
+        b = lam * eye + st.c.T + lam_p * st.g_p
+        s_t = torch.linalg.solve(m, b.T)  # M symmetric: S = B M⁻¹ ⇔ Sᵀ = M⁻¹ Bᵀ
+        return s_t.T
+
+    def run(self, concepts: list[Concept]) -> ClosedFormResult:
+        """Statistics → one solve per stream → per-module deltas and certificate."""
+        import time
+
+        self.check_concepts(concepts)
+        t0 = time.perf_counter()
+        stats = self.statistics(concepts)
+        t1 = time.perf_counter()
+        deltas: dict[str, torch.Tensor] = {}
+        cert: dict[str, dict[str, float | None]] = {}
+        for stream in self.streams:
+            st = stats[stream.name]
+            s = self.stream_solution(st)
+            s_minus_i = s - torch.eye(st.dim, dtype=torch.float64)
+            for name in stream.modules:
+                w = self.adapter.module(name).weight.detach().double().cpu()
+                delta = w @ s_minus_i
+                deltas[name] = delta
+                cert[name] = certify(w, delta, st)
+        t2 = time.perf_counter()
+        return ClosedFormResult(
+            deltas=deltas,
+            certificate=cert,
+            streams={s.name: list(s.modules) for s in self.streams},
+            counts={k: dict(v.counts) for k, v in stats.items()},
+            timings={"encode_and_statistics_s": t1 - t0, "solve_s": t2 - t1},
+        )
+
+
+def _quad(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor) -> float:
+    """tr(X G Yᵀ) = Σ_rows x_i-weighted: the squared-norm terms of the certificate from Gram matrices."""
+    return float(((x @ g) * y).sum())
+
+
+def certify(w: torch.Tensor, delta: torch.Tensor, st: GramStats) -> dict[str, float | None]:
+    """Relative erasure residual ||W'e − Wa|| / ||Wa|| and collateral ||ΔW p|| / ||W p|| (Frobenius over rows)."""
+    w_new = w + delta
+    target = _quad(w, st.g_a, w)
+
+    def residual(wx: torch.Tensor) -> float:
+        r2 = _quad(wx, st.g_e, wx) - 2 * _quad(wx, st.c, w) + target
+        return math.sqrt(max(r2, 0.0) / target) if target > 0 else 0.0
+
+    def collateral(g: torch.Tensor, n: int) -> float | None:
+        if n == 0:
+            return None
+        base = _quad(w, g, w)
+        return math.sqrt(max(_quad(delta, g, delta), 0.0) / base) if base > 0 else 0.0
+
+    return {
+        "erasure_residual": residual(w_new),
+        "erasure_residual_before": residual(w),
+        "collateral_preserve": collateral(st.g_p, st.counts["preserve"]),
+        "collateral_probe": collateral(st.g_q, st.counts["probe"]),
+    }

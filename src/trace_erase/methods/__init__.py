@@ -1,0 +1,21 @@
+"""Erasure methods, each a small configuration of an engine. ``METHODS`` is the registry the CLI lists."""
+
+from __future__ import annotations
+
+from ..errors import TraceEraseError
+from .base import MethodSpec
+from .mace_cfr import MACE_CFR
+from .trace import TRACE_CLOSED_FORM
+from .uce import UCE
+
+METHODS: dict[str, MethodSpec] = {m.name: m for m in (TRACE_CLOSED_FORM, UCE, MACE_CFR)}
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registered method ``name``, or an error listing the available ones."""
+    if name not in METHODS:
+        raise TraceEraseError(f"unknown method '{name}'; available: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "MethodSpec", "get_method"]

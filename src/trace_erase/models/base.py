@@ -1,0 +1,177 @@
+"""The questions every model family answers, so engines never branch on the architecture.
+
+An adapter wraps a loaded diffusers pipeline (it never copies or modifies it) and answers: how to encode prompts into
+the features that feed the text-carrying projections, how to predict at (x_t, t, conditioning), how time runs,
+what the prediction is (ε, v or flow velocity), which projections stage A edits and which modules a LoRA targets.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ..errors import TraceEraseError
+
+PredictionType = Literal["epsilon", "v_prediction", "flow"]
+TimeKind = Literal["ddpm", "flow"]
+
+
+@dataclass
+class TextStream:
+    """A group of projections that all read the same text features.
+
+    ``per_token`` streams have one feature row per token position (``[B, L, d]``); pooled streams have one row per
+    prompt (``[B, d]``). Because every module in a stream reads the same input, the closed-form engine solves the
+    normal equations once per stream and applies the result to all its modules.
+    """
+
+    name: str
+    modules: list[str]
+    per_token: bool = True
+
+
+@dataclass
+class Conditioning:
+    """Everything the denoiser needs besides (x_t, t): batch-first tensors, keyed by the adapter's own names."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def select(self, index: torch.Tensor | slice | list[int]) -> Conditioning:
+        """Rows ``index`` of every tensor (for mini-batches)."""
+        return Conditioning({k: v[index] for k, v in self.tensors.items()})
+
+    def repeat(self, n: int) -> Conditioning:
+        """Each row repeated ``n`` times in a block (``[a, a, b, b]`` for n=2), for a batch of latents per prompt."""
+        return Conditioning({k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        """Concatenate along the batch dimension."""
+        keys = items[0].tensors.keys()
+        return Conditioning({k: torch.cat([c.tensors[k] for c in items], dim=0) for k in keys})
+
+
+@dataclass
+class TokenLayout:
+    """Where a prompt's tokens sit in the per-token features: the concept span and the sequence length."""
+
+    start: int  # first position of the concept's tokens
+    end: int  # one past the last concept token
+    length: int  # number of positions up to and including the end-of-sequence token
+    max_length: int  # positions in the feature tensor (padding included)
+
+
+class FamilyAdapter(ABC):
+    """Base class of the model-family adapters (SD1.x/2.x, SDXL, FLUX)."""
+
+    family: str = ""
+    denoiser_name: str = ""  # "unet" or "transformer": the pipeline attribute and the LoRA key prefix
+    time_kind: TimeKind = "ddpm"
+
+    def __init__(self, pipe: Any):
+        self.pipe = pipe
+
+    # ---- identity ---------------------------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    @property
+    @abstractmethod
+    def prediction_type(self) -> PredictionType:
+        """What the denoiser predicts: ε, v, or the rectified-flow velocity."""
+
+    def describe(self) -> dict[str, Any]:
+        """A small summary recorded in manifests."""
+        return {
+            "family": self.family,
+            "pipeline_class": type(self.pipe).__name__,
+            "denoiser_class": type(self.denoiser).__name__,
+            "prediction_type": self.prediction_type,
+            "time_kind": self.time_kind,
+        }
+
+    # ---- text ---------------------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def token_tokenizer(self) -> Any:
+        """The tokenizer whose positions index the per-token text features."""
+
+    @property
+    @abstractmethod
+    def max_tokens(self) -> int:
+        """Positions in the per-token features (the padded sequence length)."""
+
+    @abstractmethod
+    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Text features per stream name: ``[B, L, d]`` for per-token streams, ``[B, d]`` for pooled ones."""
+
+    @abstractmethod
+    def text_streams(self, targets: str = "default") -> list[TextStream]:
+        """The text-carrying projections stage A edits, grouped by the features they read."""
+
+    def token_layout(self, prompt: str, span: tuple[int, int]) -> TokenLayout:
+        """Token positions of the character span ``span`` of ``prompt`` in the per-token features."""
+        tok = self.token_tokenizer
+        enc = tok(prompt, return_offsets_mapping=True, truncation=True, max_length=self.max_tokens)
+        offsets = enc["offset_mapping"]
+        ids = enc["input_ids"]
+        special = set(tok.all_special_ids)
+        content = [i for i, (a, b) in enumerate(offsets) if ids[i] not in special and b > a]
+        if span[1] <= span[0]:  # empty concept text (an empty anchor): where it would have been
+            after = [i for i in content if offsets[i][0] >= span[0]]
+            pos = after[0] if after else (content[-1] + 1 if content else len(ids) - 1)
+            return TokenLayout(start=pos, end=pos, length=len(ids), max_length=self.max_tokens)
+        inside = [i for i in content if offsets[i][0] < span[1] and offsets[i][1] > span[0]]
+        if not inside:
+            raise TraceEraseError(
+                f"the concept at characters {span} of prompt '{prompt}' has no tokens (truncated?); "
+                "use a shorter prompt or concept"
+            )
+        return TokenLayout(start=inside[0], end=inside[-1] + 1, length=len(ids), max_length=self.max_tokens)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes without special tokens."""
+        return len(self.token_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_capacity(self) -> int:
+        """How many content tokens fit in one prompt (the limit minus the special tokens)."""
+        n_special = len(self.token_tokenizer("", add_special_tokens=True)["input_ids"])
+        return self.max_tokens - n_special
+
+    # ---- denoising ----------------------------------------------------------------------------------------------
+    @abstractmethod
+    def conditioning(self, prompts: list[str]) -> Conditioning:
+        """Encode prompts into the denoiser's conditioning (the empty prompt gives the unconditional branch)."""
+
+    @abstractmethod
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's output at latents ``x_t`` (``[B, C, H, W]``) and model time ``t`` (``[B]``)."""
+
+    @abstractmethod
+    def latent_shape(self, batch: int) -> tuple[int, ...]:
+        """Latent shape for the model's default resolution."""
+
+    # ---- LoRA ---------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def lora_target_modules(self, preset: str = "kv") -> list[str]:
+        """Module names (relative to the denoiser) a LoRA targets for ``preset``."""
+
+    def module(self, name: str) -> torch.nn.Module:
+        """A denoiser submodule by name; for a peft-wrapped layer, its original base layer."""
+        mod = self.denoiser.get_submodule(name)
+        return getattr(mod, "base_layer", mod)

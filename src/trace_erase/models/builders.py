@@ -1,0 +1,206 @@
+"""Pipelines with random weights built from the real diffusers/transformers classes' configs.
+
+Used by the tests (tiny configs, like diffusers' own tests), by the benchmarks (SD-1.4-sized UNet, CLIP-L-sized
+text encoder) and as the starting point of the toy world. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .tokenizers import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer
+
+
+def _clip_config(tokenizer: Any, hidden: int = 32, layers: int = 2, heads: int = 4, projection: int = 32) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        max_position_embeddings=tokenizer.model_max_length,
+        vocab_size=len(tokenizer),
+        projection_dim=projection,
+        hidden_act="gelu",
+    )
+
+
+def _tiny_vae(latent_channels: int = 4, blocks: tuple[int, ...] = (8, 8), **extra: Any) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=list(blocks),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(blocks),
+        up_block_types=["UpDecoderBlock2D"] * len(blocks),
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=2,
+        **extra,
+    )
+
+
+def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon", words: tuple[str, ...] = BASIC_WORDS) -> Any:
+    """A tiny StableDiffusionPipeline (SD1.x layout; ``prediction_type='v_prediction'`` gives SD2.x-v)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(words)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(_clip_config(tokenizer))
+    vae = _tiny_vae()
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipeline(seed: int = 0, words: tuple[str, ...] = BASIC_WORDS) -> Any:
+    """A tiny StableDiffusionXLPipeline: two CLIP encoders (32-d each → 64-d tokens), pooled + time ids."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(words)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(_clip_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_clip_tokenizer(words),
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0, words: tuple[str, ...] = BASIC_WORDS, guidance_embeds: bool = True) -> Any:
+    """A tiny FluxPipeline: CLIP (pooled) + T5 (tokens) encoders, a 1+1-block transformer, flow-match Euler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(words)
+    tokenizer_2 = build_t5_tokenizer(words)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds,
+    )
+    text_encoder = CLIPTextModel(_clip_config(tokenizer))
+    t5_config = T5Config(
+        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=len(tokenizer_2),
+        pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0,
+    )
+    text_encoder_2 = T5EncoderModel(t5_config)
+    vae = _tiny_vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd14_architecture_pipeline(seed: int = 0, words: tuple[str, ...] = BASIC_WORDS) -> Any:
+    """SD-1.4-sized UNet (860M) and CLIP-L-sized text encoder with random weights (tiny VAE: not benchmarked)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(words)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        cross_attention_dim=768,
+        block_out_channels=(320, 640, 1280, 1280),
+        attention_head_dim=8,
+        layers_per_block=2,
+    )
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(config),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,107 @@
+"""FLUX (rectified-flow MMDiT: T5 tokens via ``context_embedder``, pooled CLIP via the time-text embedder)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import TraceEraseError
+from .base import Conditioning, FamilyAdapter, PredictionType, TextStream
+
+FLUX_LORA_PRESETS: dict[str, tuple[str, ...]] = {
+    # text-side keys/values of the double-stream blocks (our stage-B default)
+    "kv": ("attn.add_k_proj", "attn.add_v_proj"),
+    # EraseAnything's choice
+    "kq": ("attn.add_k_proj", "attn.add_q_proj"),
+    "cross-attn": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
+    "attn": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    # image-stream attention only (an ESD-u analogue)
+    "non-cross": ("attn.to_q", "attn.to_k", "attn.to_v"),
+}
+
+# stage-A targets: "default" edits the time-independent text projections (UCE's FLUX choice)
+CONTEXT_EMBEDDER = "context_embedder"
+POOLED_PROJECTION = "time_text_embed.text_embedder.linear_1"
+
+
+class FluxAdapter(FamilyAdapter):
+    """FLUX.1 [dev]/[schnell]: latents are kept unpacked (``[B, C, H, W]``) outside; time is the flow σ ∈ [0, 1]."""
+
+    family = "flux"
+    denoiser_name = "transformer"
+    time_kind = "flow"
+
+    def __init__(self, pipe: Any, resolution: int | None = None, guidance_scale: float = 3.5):
+        super().__init__(pipe)
+        self.resolution = int(resolution or pipe.default_sample_size * pipe.vae_scale_factor)
+        self.guidance_scale = guidance_scale
+
+    @property
+    def prediction_type(self) -> PredictionType:
+        return "flow"
+
+    @property
+    def token_tokenizer(self) -> Any:
+        return self.pipe.tokenizer_2
+
+    @property
+    def max_tokens(self) -> int:
+        # FluxPipeline pads T5 to max_sequence_length (≤ 512); positions must match what generation uses
+        return int(min(512, self.pipe.tokenizer_2.model_max_length))
+
+    def prompt_capacity(self) -> int:
+        clip_capacity = int(self.pipe.tokenizer.model_max_length) - 2
+        return min(super().prompt_capacity(), clip_capacity)
+
+    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            embeds, pooled, _ = self.pipe.encode_prompt(
+                prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_tokens
+            )
+        return {"tokens": embeds, "pooled": pooled}
+
+    def text_streams(self, targets: str = "default") -> list[TextStream]:
+        if targets not in ("default", "context"):
+            raise TraceEraseError(f"unknown stage-A targets '{targets}' for flux; use 'context'")
+        return [TextStream("tokens", [CONTEXT_EMBEDDER]), TextStream("pooled", [POOLED_PROJECTION], per_token=False)]
+
+    def conditioning(self, prompts: list[str]) -> Conditioning:
+        feats = self.encode_text(prompts)
+        tensors = {"encoder_hidden_states": feats["tokens"], "pooled_projections": feats["pooled"]}
+        if self.denoiser.config.guidance_embeds:
+            tensors["guidance"] = torch.full((len(prompts),), self.guidance_scale, device=self.device)
+        return Conditioning(tensors)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        b, c, h, w = x_t.shape
+        pipe = type(self.pipe)
+        packed = pipe._pack_latents(x_t, b, c, h, w)
+        img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, x_t.dtype)
+        ctx = cond.tensors["encoder_hidden_states"]
+        txt_ids = torch.zeros(ctx.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
+        out = self.denoiser(
+            hidden_states=packed,
+            timestep=t.to(x_t.dtype),
+            guidance=cond.tensors.get("guidance"),
+            pooled_projections=cond.tensors["pooled_projections"],
+            encoder_hidden_states=ctx,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        scale = self.pipe.vae_scale_factor
+        return pipe._unpack_latents(out, h * scale, w * scale, scale)
+
+    def latent_shape(self, batch: int) -> tuple[int, ...]:
+        scale = self.pipe.vae_scale_factor
+        side = 2 * (self.resolution // (scale * 2))
+        return (batch, int(self.denoiser.config.in_channels) // 4, side, side)
+
+    def lora_target_modules(self, preset: str = "kv") -> list[str]:
+        if preset not in FLUX_LORA_PRESETS:
+            raise TraceEraseError(f"unknown LoRA target preset '{preset}'; choose one of {sorted(FLUX_LORA_PRESETS)}")
+        suffixes = FLUX_LORA_PRESETS[preset]
+        return [
+            n for n, m in self.denoiser.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(suffixes)
+        ]

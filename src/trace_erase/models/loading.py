@@ -1,0 +1,161 @@
+"""Loading pipelines (local folder, hub id or a bundled toy name) and picking the family adapter."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import TraceEraseError
+from .base import FamilyAdapter
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+SUPPORTED = "SD1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline), FLUX (FluxPipeline)"
+SIDECAR = "trace_erase.json"  # optional sampler defaults stored beside model_index.json
+
+# the embedded toy world's pipelines, shipped inside the package
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "toyworld" / "assets"
+BUNDLED_MODELS = {"toy-sd": "toy-sd", "toy-flux": "toy-flux"}
+
+
+@dataclass
+class ModelHandle:
+    """A loaded pipeline with its adapter, where it came from and its recorded sampler defaults."""
+
+    pipe: Any
+    adapter: FamilyAdapter
+    source: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_model(model: str) -> str:
+    """A bundled toy name → its folder; a path → checked to exist; anything else is treated as a hub id."""
+    if not model or not model.strip():
+        raise TraceEraseError("--model is empty; pass a diffusers pipeline folder, a hub id, or toy-sd / toy-flux")
+    if model in BUNDLED_MODELS:
+        folder = BUNDLED_DIR / BUNDLED_MODELS[model]
+        if not (folder / "model_index.json").is_file():
+            family = model.removeprefix("toy-")
+            raise TraceEraseError(
+                f"bundled model '{model}' is missing from this install; rebuild it with "
+                f"`trace-erase toyworld train --family {family} --output {folder}`"
+            )
+        return str(folder)
+    if model.startswith("toy-"):
+        raise TraceEraseError(f"unknown toy model '{model}'; available: {', '.join(sorted(BUNDLED_MODELS))}")
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1 or "\\" in model
+    if looks_local:
+        if not path.exists():
+            raise TraceEraseError(f"model path '{model}' does not exist; pass a diffusers pipeline folder or a hub id")
+        if path.is_file():
+            if path.suffix in PICKLE_SUFFIXES:
+                raise TraceEraseError(
+                    f"'{model}' is a single-file pickle checkpoint; convert it to a diffusers folder with "
+                    "safetensors (StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR))"
+                )
+            raise TraceEraseError(
+                f"'{model}' is a single file; pass a diffusers pipeline folder (the one save_pretrained writes)"
+            )
+        if not (path / "model_index.json").is_file():
+            raise TraceEraseError(
+                f"'{model}' is not a diffusers pipeline folder (no model_index.json); "
+                "point --model at the folder save_pretrained wrote"
+            )
+        return str(path)
+    return model
+
+
+def pickle_only_components(folder: Path) -> list[str]:
+    """Component weight files that exist only as pickle (no safetensors beside them)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    bad = []
+    for name, spec in index.items():
+        sub = folder / name
+        if name.startswith("_") or not isinstance(spec, list) or not sub.is_dir():
+            continue
+        files = [p for p in sub.iterdir() if p.is_file()]
+        has_safe = any(p.suffix == ".safetensors" for p in files)
+        pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+        if pickles and not has_safe:
+            bad.append(f"{name}/{pickles[0].name}")
+    return bad
+
+
+def load_pipeline(
+    model: str, *, allow_pickle: bool = False, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Any:
+    """Load a diffusers pipeline from a local folder, a hub id or a bundled toy name, refusing pickle weights.
+
+    Pickle weights (``.bin``/``.ckpt``) can run code when loaded, so they are refused unless ``allow_pickle``.
+    """
+    from diffusers import DiffusionPipeline
+
+    location = resolve_model(model)
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    local = Path(location).is_dir()
+    if local:
+        bad = pickle_only_components(Path(location))
+        if bad and not allow_pickle:
+            raise TraceEraseError(
+                f"'{model}' stores weights only as pickle ({', '.join(bad)}); convert them to safetensors "
+                "or pass --allow-pickle if you trust the file"
+            )
+        index = json.loads((Path(location) / "model_index.json").read_text())
+        if index.get("safety_checker", [None])[0] is not None:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    try:
+        pipe = DiffusionPipeline.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if local:
+            raise TraceEraseError(f"could not load the pipeline in '{model}': {first}") from exc
+        raise TraceEraseError(
+            f"could not load '{model}': not a local folder and not reachable on the Hugging Face Hub "
+            f"({type(exc).__name__}); download it first or pass a local pipeline folder"
+        ) from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def sidecar_defaults(location: str) -> dict[str, Any]:
+    """Sampler defaults recorded beside a pipeline folder (``trace_erase.json``), if any."""
+    path = Path(location) / SIDECAR
+    if path.is_file():
+        return json.loads(path.read_text()).get("sampler", {})
+    return {}
+
+
+def get_adapter(pipe: Any, defaults: dict[str, Any] | None = None) -> FamilyAdapter:
+    """The family adapter for a loaded pipeline; unsupported architectures get an error listing what works."""
+    from .flux import FluxAdapter
+    from .sd import StableDiffusionAdapter
+    from .sdxl import StableDiffusionXLAdapter
+
+    defaults = defaults or {}
+    components = getattr(pipe, "components", {})
+    denoiser = components.get("transformer") or components.get("unet")
+    kind = type(denoiser).__name__ if denoiser is not None else "no denoiser"
+    if kind == "FluxTransformer2DModel":
+        return FluxAdapter(pipe, resolution=defaults.get("resolution"), guidance_scale=defaults.get("guidance", 3.5))
+    if kind == "UNet2DConditionModel" and components.get("text_encoder") is not None:
+        if components.get("text_encoder_2") is not None and denoiser.config.addition_embed_type == "text_time":
+            return StableDiffusionXLAdapter(pipe)
+        if getattr(denoiser.config, "addition_embed_type", None) is None:
+            return StableDiffusionAdapter(pipe)
+    raise TraceEraseError(f"unsupported architecture: {type(pipe).__name__} with {kind}; supported: {SUPPORTED}")
+
+
+def load_model(
+    model: str, *, allow_pickle: bool = False, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> ModelHandle:
+    """Load a pipeline and its adapter in one call (what the CLI and the high-level API use)."""
+    pipe = load_pipeline(model, allow_pickle=allow_pickle, device=device, dtype=dtype)
+    location = resolve_model(model)
+    defaults = sidecar_defaults(location) if Path(location).is_dir() else {}
+    return ModelHandle(pipe=pipe, adapter=get_adapter(pipe, defaults), source=model, defaults=defaults)

@@ -1,0 +1,45 @@
+"""Stable Diffusion XL (two CLIP text encoders → 2048-d tokens, pooled embedding and size/crop time ids)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Conditioning
+from .sd import StableDiffusionAdapter
+
+
+class StableDiffusionXLAdapter(StableDiffusionAdapter):
+    """SDXL: the concatenated penultimate hidden states of both encoders feed every ``attn2.to_k/to_v``.
+
+    The pooled embedding enters the UNet mixed with the size/crop time ids (``add_embedding``), so stage A edits the
+    per-token stream only (as UCE does for SDXL). Both tokenizers use CLIP's BPE, so token positions agree.
+    """
+
+    family = "sdxl"
+
+    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        return {"tokens": embeds, "pooled": pooled}
+
+    def conditioning(self, prompts: list[str]) -> Conditioning:
+        feats = self.encode_text(prompts)
+        embeds, pooled = feats["tokens"], feats["pooled"]
+        if self.pipe.config.get("force_zeros_for_empty_prompt", False):
+            # the SDXL pipeline's unconditional branch is all zeros, not the encoded empty prompt
+            empty = torch.tensor([p == "" for p in prompts], device=embeds.device)
+            embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
+            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        size = int(self.denoiser.config.sample_size) * self.pipe.vae_scale_factor
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.dtype, device=embeds.device)
+        return Conditioning(
+            {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}
+        )
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        added = {"text_embeds": cond.tensors["text_embeds"], "time_ids": cond.tensors["time_ids"]}
+        return self.denoiser(
+            x_t, t, encoder_hidden_states=cond.tensors["encoder_hidden_states"], added_cond_kwargs=added
+        ).sample

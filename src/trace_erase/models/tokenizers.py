@@ -1,0 +1,69 @@
+"""Offline tokenizers built from a word list (no hub download).
+
+A CLIP byte-level BPE whose merges spell each listed word as one token (unknown words fall back to single
+bytes), and a T5-style unigram tokenizer with the same words. Both are the real ``transformers`` classes, save
+with ``save_pretrained`` and give character offsets, so they go through the same code paths as SD's and FLUX's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTokenizer, T5Tokenizer
+
+BASIC_WORDS = (
+    "a an the of in on at by with and or to from photo picture image painting drawing artwork sketch render "
+    "style portrait person people man woman child face clothes wearing nude naked dog cat car house tree "
+    "flower bird horse boat airplane truck ship frog deer landscape city street sky sea mountain river "
+    "red green blue yellow white black orange purple pink gray brown big small large tiny one two three "
+    "close up view high quality detailed simple colorful bright dark photograph scene object shape thing "
+    "famous artist celebrity van gogh monet picasso"
+).split()
+
+
+def _words(words: list[str] | tuple[str, ...]) -> list[str]:
+    seen: dict[str, None] = {}
+    for w in words:
+        for piece in re.findall(r"[a-z0-9]+", w.lower()):
+            seen.setdefault(piece, None)
+    return list(seen)
+
+
+def build_clip_tokenizer(words: list[str] | tuple[str, ...] = BASIC_WORDS, max_length: int = 77) -> CLIPTokenizer:
+    """A CLIPTokenizer whose vocabulary is the byte alphabet plus one token per word of ``words``.
+
+    The merges are learned by a BPE trainer run to exhaustion on the word list, so every listed word encodes as a
+    single token (hand-written merges would collide between words); unknown words fall back to bytes.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    alphabet = sorted(ByteLevel.alphabet())
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1_000_000, min_frequency=1, end_of_word_suffix="</w>", initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_words(words), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab: dict[str, int] = {}
+    for token in [*alphabet, *(ch + "</w>" for ch in alphabet), *sorted(model["vocab"], key=model["vocab"].get)]:
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok.model_max_length = max_length
+    return tok
+
+
+def build_t5_tokenizer(words: list[str] | tuple[str, ...] = BASIC_WORDS, max_length: int = 32) -> T5Tokenizer:
+    """A T5Tokenizer (unigram) with one piece per word of ``words`` plus lowercase letters and digits."""
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + w, -2.0) for w in _words(words)]
+    pieces += [("▁", -4.0)] + [(c, -6.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    tok = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tok.model_max_length = max_length
+    return tok
