@@ -13,7 +13,9 @@ import yaml
 
 from .errors import TraceEraseError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Concept erasure for text-to-image diffusion models.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Concept erasure for text-to-image diffusion models."
+)
 
 
 def _parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -49,7 +51,8 @@ def erase(
     cfg = load_yaml(config) if config else {}
     known = {"model", "method", "concepts", "anchor", "preserve", "output", "options"}
     if set(cfg) - known:
-        raise TraceEraseError(f"unknown keys {sorted(set(cfg) - known)} in '{config}'; valid: {', '.join(sorted(known))}")
+        bad = sorted(set(cfg) - known)
+        raise TraceEraseError(f"unknown keys {bad} in '{config}'; valid: {', '.join(sorted(known))}")
     model = model or cfg.get("model")
     output = output or cfg.get("output")
     method = method or cfg.get("method") or "trace-closed-form"

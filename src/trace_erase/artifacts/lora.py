@@ -32,7 +32,7 @@ def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor,
 def deltas_to_state_dict(
     deltas: dict[str, torch.Tensor], prefix: str, rank_tolerance: float = 1e-6
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """diffusers-format LoRA tensors (``{prefix}.{module}.lora_A.weight``) for module deltas, and each numerical rank."""
+    """diffusers-format LoRA tensors (``{prefix}.{module}.lora_A.weight``) for deltas, and each numerical rank."""
     pairs = {name: delta_to_lora(d, rank_tolerance) for name, d in deltas.items()}
     ranks = {name: a.shape[0] for name, (a, _) in pairs.items()}
     rank = max(max(ranks.values(), default=0), 1)

@@ -240,7 +240,9 @@ class ClosedFormEngine:
                 for pt, st, pa, sa in chunk:
                     ft, fa = feats[pt][stream.name], fixed[pa][stream.name]
                     if stream.per_token:
-                        ti, ai = aligned_positions(layout(pt, st), layout(pa, sa), cfg.token_selection, cfg.suffix_tokens)
+                        ti, ai = aligned_positions(
+                            layout(pt, st), layout(pa, sa), cfg.token_selection, cfg.suffix_tokens
+                        )
                         es.append(ft[ti])
                         as_.append(fa[ai])
                     else:
@@ -303,10 +305,16 @@ class ClosedFormEngine:
             s = self.stream_solution(st)
             s_minus_i = s - torch.eye(st.dim, dtype=torch.float64)
             for name in stream.modules:
-                w = self.adapter.module(name).weight.detach().double().cpu()
+                full = self.adapter.module(name).weight.detach().double().cpu()
+                lo, hi = stream.columns or (0, full.shape[1])
+                w = full[:, lo:hi]
                 delta = w @ s_minus_i
-                deltas[name] = delta
                 cert[name] = certify(w, delta, st)
+                if (lo, hi) != (0, full.shape[1]):  # the edit touches only the text columns
+                    padded = torch.zeros_like(full)
+                    padded[:, lo:hi] = delta
+                    delta = padded
+                deltas[name] = delta
         t2 = time.perf_counter()
         return ClosedFormResult(
             deltas=deltas,

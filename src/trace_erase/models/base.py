@@ -31,6 +31,8 @@ class TextStream:
     name: str
     modules: list[str]
     per_token: bool = True
+    # input columns the stream occupies when a module reads more than text (SDXL's add_embedding: pooled ⊕ time ids)
+    columns: tuple[int, int] | None = None
 
 
 @dataclass

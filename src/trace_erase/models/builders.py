@@ -13,6 +13,15 @@ import torch
 from .tokenizers import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer
 
 
+def _ready(pipe: Any) -> Any:
+    """Eval mode (as ``from_pretrained`` leaves models: no dropout) and no per-step progress bars."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _clip_config(tokenizer: Any, hidden: int = 32, layers: int = 2, heads: int = 4, projection: int = 32) -> Any:
     from transformers import CLIPTextConfig
 
@@ -47,13 +56,15 @@ def _tiny_vae(latent_channels: int = 4, blocks: tuple[int, ...] = (8, 8), **extr
     )
 
 
-def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon", words: tuple[str, ...] = BASIC_WORDS) -> Any:
+def tiny_sd_pipeline(
+    seed: int = 0, prediction_type: str = "epsilon", words: tuple[str, ...] = BASIC_WORDS, max_length: int = 77
+) -> Any:
     """A tiny StableDiffusionPipeline (SD1.x layout; ``prediction_type='v_prediction'`` gives SD2.x-v)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(words)
+    tokenizer = build_clip_tokenizer(words, max_length)
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32),
         layers_per_block=1,
@@ -87,17 +98,16 @@ def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon", words: tup
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _ready(pipe)
 
 
-def tiny_sdxl_pipeline(seed: int = 0, words: tuple[str, ...] = BASIC_WORDS) -> Any:
+def tiny_sdxl_pipeline(seed: int = 0, words: tuple[str, ...] = BASIC_WORDS, max_length: int = 77) -> Any:
     """A tiny StableDiffusionXLPipeline: two CLIP encoders (32-d each → 64-d tokens), pooled + time ids."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(words)
+    tokenizer = build_clip_tokenizer(words, max_length)
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32),
         layers_per_block=1,
@@ -125,22 +135,23 @@ def tiny_sdxl_pipeline(seed: int = 0, words: tuple[str, ...] = BASIC_WORDS) -> A
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
-        tokenizer_2=build_clip_tokenizer(words),
+        tokenizer_2=build_clip_tokenizer(words, max_length),
         unet=unet,
         scheduler=scheduler,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _ready(pipe)
 
 
-def tiny_flux_pipeline(seed: int = 0, words: tuple[str, ...] = BASIC_WORDS, guidance_embeds: bool = True) -> Any:
+def tiny_flux_pipeline(
+    seed: int = 0, words: tuple[str, ...] = BASIC_WORDS, guidance_embeds: bool = True, max_length: int | None = None
+) -> Any:
     """A tiny FluxPipeline: CLIP (pooled) + T5 (tokens) encoders, a 1+1-block transformer, flow-match Euler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(words)
-    tokenizer_2 = build_t5_tokenizer(words)
+    tokenizer = build_clip_tokenizer(words, max_length or 77)
+    tokenizer_2 = build_t5_tokenizer(words, max_length or 32)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,
@@ -169,8 +180,7 @@ def tiny_flux_pipeline(seed: int = 0, words: tuple[str, ...] = BASIC_WORDS, guid
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _ready(pipe)
 
 
 def sd14_architecture_pipeline(seed: int = 0, words: tuple[str, ...] = BASIC_WORDS) -> Any:
@@ -202,5 +212,4 @@ def sd14_architecture_pipeline(seed: int = 0, words: tuple[str, ...] = BASIC_WOR
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _ready(pipe)

@@ -111,7 +111,7 @@ def load_pipeline(
         kwargs["use_safetensors"] = True
     try:
         pipe = DiffusionPipeline.from_pretrained(location, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if local:
             raise TraceEraseError(f"could not load the pipeline in '{model}': {first}") from exc

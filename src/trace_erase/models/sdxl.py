@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from .base import Conditioning
+from .base import Conditioning, TextStream
 from .sd import StableDiffusionAdapter
 
 
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
     """SDXL: the concatenated penultimate hidden states of both encoders feed every ``attn2.to_k/to_v``.
 
-    The pooled embedding enters the UNet mixed with the size/crop time ids (``add_embedding``), so stage A edits the
-    per-token stream only (as UCE does for SDXL). Both tokenizers use CLIP's BPE, so token positions agree.
+    The pooled embedding enters ``add_embedding.linear_1`` concatenated with the size/crop time-id features; stage A
+    edits only the input columns that read the pooled text, so the time-id path is untouched. Both tokenizers use
+    CLIP's BPE, so token positions agree.
     """
+
+    POOLED_PROJECTION = "add_embedding.linear_1"
+
+    def text_streams(self, targets: str = "default") -> list[TextStream]:
+        streams = super().text_streams(targets)
+        pooled_dim = int(self.pipe.text_encoder_2.config.projection_dim)
+        streams.append(TextStream("pooled", [self.POOLED_PROJECTION], per_token=False, columns=(0, pooled_dim)))
+        return streams
 
     family = "sdxl"
 

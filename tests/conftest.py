@@ -1,0 +1,48 @@
+"""Tiny pipelines built from the real classes' configs (seeded), saved once per session for loading tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from trace_erase.models.builders import (  # noqa: E402
+    tiny_flux_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+)
+
+BUILDERS = {
+    "sd": lambda seed=0: tiny_sd_pipeline(seed),
+    "sd2v": lambda seed=0: tiny_sd_pipeline(seed, prediction_type="v_prediction"),
+    "sdxl": lambda seed=0: tiny_sdxl_pipeline(seed),
+    "flux": lambda seed=0: tiny_flux_pipeline(seed),
+}
+FAMILIES = list(BUILDERS)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Each tiny pipeline written with save_pretrained (safetensors), keyed by fixture name."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, build in BUILDERS.items():
+        folder = root / name
+        build().save_pretrained(folder)
+        out[name] = str(folder)
+    return out
+
+
+@pytest.fixture(params=FAMILIES)
+def family_pipe(request: pytest.FixtureRequest):
+    """(fixture name, fresh tiny pipeline) for each family."""
+    return request.param, BUILDERS[request.param]()

@@ -1,0 +1,177 @@
+"""Stage A: the closed form, its certificate, LoRA export and the effect on predictions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from trace_erase import erase, get_adapter
+from trace_erase.artifacts.lora import delta_to_lora, deltas_to_state_dict, lora_to_delta
+from trace_erase.config import Concept
+from trace_erase.engines.closed_form import ClosedFormConfig, ClosedFormEngine, aligned_positions
+from trace_erase.models.base import TokenLayout
+from trace_erase.models.builders import tiny_flux_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+
+from .conftest import BUILDERS
+
+
+def _rows(engine: ClosedFormEngine, concepts: list[Concept], stream: str):
+    e, a, p = [], [], []
+    for b in engine.iter_rows(concepts):
+        if b.stream != stream:
+            continue
+        if b.kind == "erase":
+            e.append(b.e)
+            a.append(b.a)
+        elif b.kind == "preserve":
+            p.append(b.e)
+    return torch.cat(e).double(), torch.cat(a).double(), (torch.cat(p).double() if p else None)
+
+
+@pytest.mark.parametrize("name", ["sd", "flux"])
+def test_closed_form_equals_lstsq_of_stacked_system(name: str) -> None:
+    pipe = BUILDERS[name]()
+    adapter = get_adapter(pipe)
+    cfg = ClosedFormConfig(templates=["a photo of {}", "{} in a landscape", "a painting of {}"], lambda_reg=0.3,
+                           lambda_preserve=2.0)
+    engine = ClosedFormEngine(adapter, cfg, progress=False)
+    concepts = [Concept("cat", "dog", ["car"]), Concept("van gogh", "", [])]
+    result = engine.run(concepts)
+    for stream in engine.streams:
+        e, a, p = _rows(engine, concepts, stream.name)
+        module = stream.modules[-1]
+        w = adapter.module(module).weight.detach().double()
+        d = w.shape[1]
+        # stack: rows e → W a ; √λ_p p → √λ_p W p ; √λ I → √λ W   (solve X Wᵀ = Y)
+        x = torch.cat([e, cfg.lambda_preserve**0.5 * p, cfg.lambda_reg**0.5 * torch.eye(d, dtype=torch.float64)])
+        y = torch.cat([a @ w.T, cfg.lambda_preserve**0.5 * p @ w.T, cfg.lambda_reg**0.5 * w.T])
+        w_lstsq = torch.linalg.lstsq(x, y).solution.T
+        w_closed = w + result.deltas[module]
+        rel = (w_closed - w_lstsq).norm() / w_lstsq.norm()
+        assert rel < 1e-5, (stream.name, float(rel))
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_small_lambda_maps_target_to_anchor_and_keeps_preserved(name: str) -> None:
+    adapter = get_adapter(BUILDERS[name]())
+    cfg = ClosedFormConfig(token_selection="target", templates=["{}", "a photo of {}"], lambda_reg=1e-7,
+                           lambda_preserve=1.0, probe_prompts=[])
+    result = ClosedFormEngine(adapter, cfg, progress=False).run([Concept("cat", "dog", ["car", "house"])])
+    for module, cert in result.certificate.items():
+        assert cert["erasure_residual_before"] > 0.01, module  # there was something to erase
+        assert cert["erasure_residual"] <= 1e-3, (module, cert)
+        assert cert["collateral_preserve"] <= 1e-3, (module, cert)
+
+
+def test_many_concepts_share_one_solve() -> None:
+    adapter = get_adapter(BUILDERS["sd"]())
+    cfg = ClosedFormConfig(token_selection="target", templates=["{}"], lambda_reg=1e-7, probe_prompts=[])
+    concepts = [Concept(c, "thing") for c in ("cat", "dog", "horse", "bird", "tree")]
+    result = ClosedFormEngine(adapter, cfg, progress=False).run(concepts)
+    assert result.counts["tokens"]["erase"] == 5
+    assert max(c["erasure_residual"] for c in result.certificate.values()) < 1e-3
+
+
+def test_lora_export_is_exact_low_rank() -> None:
+    adapter = get_adapter(BUILDERS["sd"]())
+    cfg = ClosedFormConfig(token_selection="target", templates=["{}", "a photo of {}"], probe_prompts=[])
+    result = ClosedFormEngine(adapter, cfg, progress=False).run([Concept("cat", "dog")])
+    for delta in result.deltas.values():
+        a, b = delta_to_lora(delta)
+        assert a.shape[0] <= 2 * 2  # at most one rank per distinct erased row (2 prompts × ≤2 tokens)
+        assert ((b @ a - delta).norm() / delta.norm()) < 1e-5
+    state, ranks = deltas_to_state_dict(result.deltas, "unet")
+    back = lora_to_delta(state, "unet")  # through float32 storage and zero-padding to one rank
+    for name, delta in result.deltas.items():
+        assert ((back[name] - delta).norm() / delta.norm()) < 1e-5
+    assert len({v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}) == 1
+
+
+def test_aligned_positions() -> None:
+    # target "a photo of big cat" (BOS a photo of big cat EOS) vs anchor "a photo of dog"
+    lt = TokenLayout(start=4, end=6, length=7, max_length=10)
+    la = TokenLayout(start=4, end=5, length=6, max_length=10)
+    t, a = aligned_positions(lt, la, "target")
+    assert (t, a) == ([4, 5], [4, 4])
+    t, a = aligned_positions(lt, la, "surrounding")
+    assert t == [4, 5, 6, 7, 8, 9] and a == [4, 4, 5, 6, 7, 8]
+    t, a = aligned_positions(lt, la, "context", suffix_tokens=2)
+    assert (t, a) == ([6, 7], [5, 6])
+    t, a = aligned_positions(lt, la, "last")
+    assert t[0] == 5 and a[0] == 4
+    t, a = aligned_positions(lt, la, "all")
+    assert t[:4] == [0, 1, 2, 3] and a[:4] == [0, 1, 2, 3]
+    empty = TokenLayout(start=4, end=4, length=5, max_length=10)  # empty anchor: concept maps to where it would be
+    t, a = aligned_positions(lt, empty, "target")
+    assert a == [4, 4]
+
+
+def _pred(adapter, prompts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(adapter.latent_shape(1), generator=g).repeat(len(prompts), 1, 1, 1)  # same latent per prompt
+    t = torch.full((len(prompts),), 400) if adapter.time_kind == "ddpm" else torch.full((len(prompts),), 0.4)
+    with torch.no_grad():
+        return adapter.predict(x, t, adapter.conditioning(prompts))
+
+
+SHORT = {  # 8-token prompts: all positions of "a photo of a cat" fit in the tiny 32/64-d text features
+    "sd": lambda: tiny_sd_pipeline(max_length=8),
+    "sd2v": lambda: tiny_sd_pipeline(prediction_type="v_prediction", max_length=8),
+    "sdxl": lambda: tiny_sdxl_pipeline(max_length=8),
+    "flux": lambda: tiny_flux_pipeline(max_length=8),
+}
+
+
+@pytest.mark.parametrize("name", list(SHORT))
+def test_erasure_makes_target_predict_like_anchor_and_spares_unrelated(name: str) -> None:
+    """The provable-suppression condition: W'e = W·e_anchor on every token ⇒ the target predicts as the anchor."""
+    pipe = SHORT[name]()
+    adapter = get_adapter(pipe)
+    target, anchor, unrelated = "a photo of a cat", "a photo of a dog", "a photo of a boat"
+    before = _pred(adapter, [target, anchor, unrelated])
+    er = erase(pipe, ["cat"], anchor="dog", preserve=["boat"], progress=False,
+               token_selection="all", templates=["a photo of a {}"], lambda_reg=1e-6)
+    assert er.certificate["summary"]["erasure_residual_max"] < 1e-3
+    er.apply(pipe)
+    after = _pred(adapter, [target, anchor, unrelated])
+    gap_before = float((before[0] - before[1]).norm())
+    gap_after = float((after[0] - before[1]).norm())
+    assert gap_before > 1e-3
+    assert gap_after < 0.02 * gap_before, (gap_before, gap_after)
+    moved_unrelated = float((after[2] - before[2]).norm())
+    assert moved_unrelated < 0.02 * gap_before, (moved_unrelated, gap_before)
+
+
+def test_default_method_narrows_target_anchor_gap() -> None:
+    """With the default (all templates, all padding), predictions for the target move towards the anchor's."""
+    pipe = BUILDERS["sd"]()
+    adapter = get_adapter(pipe)
+    before = _pred(adapter, ["a photo of a cat", "a photo of a dog"])
+    erase(pipe, ["cat"], anchor="dog", progress=False).apply(pipe)
+    after = _pred(adapter, ["a photo of a cat", "a photo of a dog"])
+    assert (after[0] - before[1]).norm() < 0.8 * (before[0] - before[1]).norm()
+
+
+def test_saved_lora_loads_with_plain_diffusers_and_matches_in_memory_edit(tmp_path, saved_models) -> None:
+    from diffusers import DiffusionPipeline
+
+    for name in ("sd", "sdxl", "flux"):
+        pipe = DiffusionPipeline.from_pretrained(saved_models[name])
+        adapter = get_adapter(pipe)
+        er = erase(pipe, ["cat"], anchor="dog", progress=False)
+        er.save(tmp_path / name)
+        # in-memory edit: a copy of the denoiser with W += ΔW
+        edited = copy.deepcopy(pipe)
+        ad_edit = get_adapter(edited)
+        with torch.no_grad():
+            for module, delta in er.deltas().items():
+                ad_edit.module(module).weight += delta.float()
+        fresh = DiffusionPipeline.from_pretrained(saved_models[name])
+        fresh.load_lora_weights(str(tmp_path / name))  # what a plain diffusers user does
+        ad_fresh = get_adapter(fresh)
+        prompts = ["a photo of a cat", "a red car"]
+        diff = (_pred(ad_edit, prompts) - _pred(ad_fresh, prompts)).abs().max()
+        assert diff <= 1e-4, (name, float(diff))
+        assert (_pred(adapter, prompts) - _pred(ad_fresh, prompts)).abs().max() > 1e-4  # the edit does something
