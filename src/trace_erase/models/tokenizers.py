@@ -7,7 +7,6 @@ with ``save_pretrained`` and give character offsets, so they go through the same
 
 from __future__ import annotations
 
-import json
 import re
 
 from tokenizers.pre_tokenizers import ByteLevel
@@ -31,27 +30,42 @@ def _words(words: list[str] | tuple[str, ...]) -> list[str]:
     return list(seen)
 
 
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges learned on ``words`` until each is one symbol; ties broken lexicographically (deterministic)."""
+    seqs = [[*w[:-1], w[-1] + "</w>"] for w in words]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for seq in seqs:
+            for pair in zip(seq, seq[1:], strict=False):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        for k, seq in enumerate(seqs):
+            out, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
+                    out.append(seq[i] + seq[i + 1])
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            seqs[k] = out
+
+
 def build_clip_tokenizer(words: list[str] | tuple[str, ...] = BASIC_WORDS, max_length: int = 77) -> CLIPTokenizer:
     """A CLIPTokenizer whose vocabulary is the byte alphabet plus one token per word of ``words``.
 
-    The merges are learned by a BPE trainer run to exhaustion on the word list, so every listed word encodes as a
-    single token (hand-written merges would collide between words); unknown words fall back to bytes.
+    The merges are learned by BPE on the word list until every listed word is a single token (hand-written merges
+    would collide between words); unknown words fall back to bytes. Same words → same ids, always.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     alphabet = sorted(ByteLevel.alphabet())
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1_000_000, min_frequency=1, end_of_word_suffix="</w>", initial_alphabet=alphabet,
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_words(words), trainer)
-    model = json.loads(bpe.to_str())["model"]
+    merges = learn_merges(_words(words))
     vocab: dict[str, int] = {}
-    for token in [*alphabet, *(ch + "</w>" for ch in alphabet), *sorted(model["vocab"], key=model["vocab"].get)]:
+    for token in [*alphabet, *(ch + "</w>" for ch in alphabet), *(a + b for a, b in merges)]:
         vocab.setdefault(token, len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     tok = CLIPTokenizer(vocab=vocab, merges=merges)

@@ -1,0 +1,122 @@
+"""Erasure folders: atomic writes, loading, base-model checks, strength, merge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from trace_erase import TraceEraseError, erase, get_adapter, load_erasure
+from trace_erase.artifacts.erasure import LORA_WEIGHT_NAME, MANIFEST_NAME
+
+from .conftest import BUILDERS
+from .test_closed_form import _pred
+
+
+@pytest.fixture(scope="module")
+def sd_erasure():
+    return erase(BUILDERS["sd"](), ["cat"], anchor="dog", preserve=["car"], progress=False,
+                 templates=["a photo of {}", "{}"])
+
+
+def test_save_load_roundtrip_and_manifest(sd_erasure, tmp_path) -> None:
+    path = sd_erasure.save(tmp_path / "e")
+    assert sorted(p.name for p in path.iterdir()) == [MANIFEST_NAME, LORA_WEIGHT_NAME]
+    loaded = load_erasure(path)
+    m = loaded.manifest
+    assert m["method"] == "trace-closed-form" and m["concepts"][0] == {"name": "cat", "anchor": "dog",
+                                                                       "preserve": ["car"]}
+    for key in ("config", "base_model", "versions", "timings", "memory", "certificate", "lora"):
+        assert key in m
+    assert len(m["base_model"]["fingerprint"]["sha256"]) == 64
+    assert m["versions"]["diffusers"] and m["timings"]["wall_time_s"] > 0
+    assert set(loaded.state_dict) == set(sd_erasure.state_dict)
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_output_exists_needs_overwrite(sd_erasure, tmp_path) -> None:
+    sd_erasure.save(tmp_path / "e")
+    with pytest.raises(TraceEraseError, match="already exists.*--overwrite"):
+        sd_erasure.save(tmp_path / "e")
+    sd_erasure.save(tmp_path / "e", overwrite=True)
+    assert load_erasure(tmp_path / "e").method == "trace-closed-form"
+
+
+def test_failure_mid_write_leaves_nothing(sd_erasure, tmp_path, monkeypatch) -> None:
+    import safetensors.torch
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError):
+        sd_erasure.save(tmp_path / "e")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_and_missing_files(sd_erasure, tmp_path) -> None:
+    path = sd_erasure.save(tmp_path / "e")
+    (path / LORA_WEIGHT_NAME).write_bytes(b"\x00garbage")
+    with pytest.raises(TraceEraseError, match="corrupt or truncated"):
+        load_erasure(path)
+    (path / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(TraceEraseError, match="corrupt"):
+        load_erasure(path)
+    with pytest.raises(TraceEraseError, match="does not exist"):
+        load_erasure(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(TraceEraseError, match="not an erasure folder"):
+        load_erasure(tmp_path / "plain")
+
+
+def test_pickle_lora_refused_unless_allowed(sd_erasure, tmp_path) -> None:
+    path = sd_erasure.save(tmp_path / "e")
+    (path / LORA_WEIGHT_NAME).unlink()
+    torch.save(sd_erasure.state_dict, path / "pytorch_lora_weights.bin")
+    with pytest.raises(TraceEraseError, match="only as pickle.*--allow-pickle"):
+        load_erasure(path)
+    assert set(load_erasure(path, allow_pickle=True).state_dict) == set(sd_erasure.state_dict)
+
+
+def test_different_base_model_is_refused(sd_erasure) -> None:
+    with pytest.raises(TraceEraseError, match="different base model"):
+        sd_erasure.apply(BUILDERS["sd"](seed=1))
+    with pytest.raises(TraceEraseError, match="is for a sd model"):
+        sd_erasure.apply(BUILDERS["flux"]())
+
+
+def test_same_base_in_half_precision_is_accepted(sd_erasure) -> None:
+    pipe = BUILDERS["sd"]().to(torch.float16)
+    sd_erasure.check_base(pipe)  # no error: the same weights, rounded
+
+
+def test_base_model_is_not_modified_and_scale_controls_strength(sd_erasure) -> None:
+    pipe = BUILDERS["sd"]()
+    adapter = get_adapter(pipe)
+    module = sd_erasure.modules[0]
+    w0 = adapter.module(module).weight.detach().clone()
+    base = _pred(adapter, ["a photo of a cat"])
+    name = sd_erasure.apply(pipe, scale=0.0)
+    assert torch.allclose(_pred(adapter, ["a photo of a cat"]), base, atol=1e-6)
+    pipe.set_adapters([name], adapter_weights=[1.0])
+    full = _pred(adapter, ["a photo of a cat"])
+    pipe.set_adapters([name], adapter_weights=[0.5])
+    half = _pred(adapter, ["a photo of a cat"])
+    assert (full - base).abs().max() > 1e-5
+    assert 0 < (half - base).norm() < (full - base).norm()
+    assert torch.equal(adapter.module(module).weight, w0)  # the base layer itself never changes
+
+
+def test_merge_equals_applied(sd_erasure, tmp_path) -> None:
+    applied = BUILDERS["sd"]()
+    sd_erasure.apply(applied)
+    merged = BUILDERS["sd"]()
+    sd_erasure.merge_into(merged)
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "merged")
+    prompts = ["a photo of a cat", "a red car"]
+    a, b = _pred(get_adapter(applied), prompts), _pred(get_adapter(reloaded), prompts)
+    assert (a - b).abs().max() < 1e-4
+    assert not json.loads((tmp_path / "merged" / "model_index.json").read_text()).get("_lora")
