@@ -45,7 +45,9 @@ def erase(
     """Erase concepts from a model and write the erasure (LoRA + erasure.json)."""
     from . import erase as run_erase
     from .artifacts.erasure import atomic_folder
-    from .config import load_yaml
+    from .config import config_from_dict, load_yaml, make_concepts
+    from .engines.closed_form import ClosedFormConfig
+    from .methods import get_method
     from .models import load_model
 
     cfg = load_yaml(config) if config else {}
@@ -69,6 +71,10 @@ def erase(
     final = Path(output)
     if final.exists() and not overwrite:
         atomic_folder(final, overwrite, "erasure output")  # raises the standard message
+    # cheap checks before the (slow) model load
+    spec = get_method(method)
+    make_concepts(concepts, anchor=anchor, preserve=preserve)
+    config_from_dict(ClosedFormConfig, {**spec.defaults, **options}, where=f"options for '{method}'")
     handle = load_model(model, allow_pickle=allow_pickle, device=device)
     result = run_erase(handle, concepts, method=method, anchor=anchor, preserve=preserve, **options)
     path = result.save(final, overwrite=overwrite)
@@ -78,10 +84,14 @@ def erase(
         f"in {result.manifest['timings']['wall_time_s']:.1f}s → {path}"
     )
     if summary:
+
+        def fmt(key: str) -> str:
+            value = summary.get(key)
+            return "-" if value is None else f"{value:.3g}"
+
         typer.echo(
-            f"certificate: erasure residual max {summary['erasure_residual_max']:.3g} "
-            f"(before {summary['erasure_residual_before_max']:.3g}), "
-            f"probe collateral max {summary['collateral_probe_max']:.3g}"
+            f"certificate: erasure residual max {fmt('erasure_residual_max')} "
+            f"(before {fmt('erasure_residual_before_max')}), probe collateral max {fmt('collateral_probe_max')}"
         )
 
 

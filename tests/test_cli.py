@@ -1,0 +1,103 @@
+"""The command line: erase / info / generate / merge, and one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from trace_erase.cli import main
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_erase_info_generate_merge(saved_models, tmp_path, capsys) -> None:
+    model = saved_models["sd"]
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        f"model: {model}\nmethod: uce\nconcepts: [cat]\nanchor: dog\noptions:\n  lambda_reg: 0.5\n  probe_prompts: []\n"
+    )
+    code, out, err = run(["erase", "--config", str(cfg), "--output", str(tmp_path / "e"),
+                          "--option", "lambda_preserve=3"], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "e" / "erasure.json").read_text())
+    assert manifest["method"] == "uce"
+    assert manifest["config"]["lambda_reg"] == 0.5 and manifest["config"]["lambda_preserve"] == 3
+    assert manifest["config"]["token_selection"] == "last"
+    code, out, _ = run(["info", str(tmp_path / "e")], capsys)
+    assert code == 0 and "uce" in out and "certificate" in out
+    code, out, err = run(["generate", "--model", model, "--erasure", str(tmp_path / "e"), "--prompt", "a cat",
+                          "--num-images", "2", "--steps", "2", "--output", str(tmp_path / "g")], capsys)
+    assert code == 0, err
+    gen = json.loads((tmp_path / "g" / "generation.json").read_text())
+    assert [r["seed"] for r in gen["images"]] == [0, 1] and gen["steps"] == 2 and gen["scale"] == 1.0
+    assert len(list((tmp_path / "g").glob("*.png"))) == 2
+    code, out, err = run(["merge", "--model", model, "--erasure", str(tmp_path / "e"),
+                          "--output", str(tmp_path / "merged")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "merged" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--concept", ""], "concept is empty"),
+        (["--concept", "cat", "--anchor", "cat"], "anchor equals the concept"),
+        (["--concept", " ".join(["word"] * 80)], "shorten it"),
+        (["--concept", "cat", "--method", "nope"], "unknown method 'nope'; available: trace-closed-form"),
+        (["--concept", "cat", "--option", "bogus=1"], "unknown options for 'trace-closed-form' \\['bogus'\\]"),
+        (["--concept", "cat", "--option", "lambda_reg=0"], "lambda_reg must be > 0"),
+    ],
+)
+def test_erase_bad_input(saved_models, tmp_path, capsys, extra, message) -> None:
+    code, out, err = run(["erase", "--model", saved_models["sd"], "--output", str(tmp_path / "e"), *extra], capsys)
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and err.count("error:") == 1
+    assert re.search(message, last), err
+    assert not (tmp_path / "e").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_erase_refuses_existing_output_and_missing_model(saved_models, tmp_path, capsys) -> None:
+    (tmp_path / "e").mkdir()
+    code, _, err = run(["erase", "--model", saved_models["sd"], "--concept", "cat", "--output",
+                        str(tmp_path / "e")], capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    code, _, err = run(["erase", "--model", str(tmp_path / "nope"), "--concept", "cat", "--output",
+                        str(tmp_path / "x")], capsys)
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(["erase", "--model", "toy-nothing", "--concept", "cat", "--output", str(tmp_path / "x")],
+                       capsys)
+    assert code == 2 and "available: toy-flux, toy-sd" in err
+
+
+def test_generate_refuses_erasure_for_other_base(saved_models, tmp_path, capsys) -> None:
+    code, _, err = run(["erase", "--model", saved_models["sd"], "--concept", "cat", "--output",
+                        str(tmp_path / "e"), "--option", "templates=['{}']"], capsys)
+    assert code == 0, err
+    from .conftest import BUILDERS
+
+    BUILDERS["sd"](seed=1).save_pretrained(tmp_path / "other")
+    code, _, err = run(["generate", "--model", str(tmp_path / "other"), "--erasure", str(tmp_path / "e"),
+                        "--prompt", "a cat", "--steps", "1", "--output", str(tmp_path / "g")], capsys)
+    assert code == 2 and "different base model" in err
+    assert not (tmp_path / "g").exists()
+    # same weights with another scheduler (SD2-v fixture shares the seed) is the same base: accepted
+    code, _, err = run(["generate", "--model", saved_models["sd2v"], "--erasure", str(tmp_path / "e"),
+                        "--prompt", "a cat", "--steps", "1", "--output", str(tmp_path / "g")], capsys)
+    assert code == 0, err
+
+
+def test_bad_yaml_config(tmp_path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: [unclosed\n")
+    code, _, err = run(["erase", "--config", str(cfg)], capsys)
+    assert code == 2 and "not valid YAML" in err
+    cfg.write_text("modle: x\n")
+    code, _, err = run(["erase", "--config", str(cfg)], capsys)
+    assert code == 2 and "unknown keys ['modle']" in err
