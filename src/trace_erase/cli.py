@@ -210,6 +210,85 @@ def merge(
     typer.echo(f"wrote merged pipeline to {final}")
 
 
+toyworld_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="The embedded toy world (toy-sd, toy-flux)."
+)
+app.add_typer(toyworld_app, name="toyworld")
+
+
+@toyworld_app.command("train")
+def toyworld_train(
+    family: Annotated[str, typer.Option(help="sd or flux")],
+    output: Annotated[str | None, typer.Option(help="pipeline folder (default: the bundled location)")] = None,
+    seed: Annotated[int, typer.Option(help="training seed")] = 0,
+    steps: Annotated[int | None, typer.Option(help="denoiser steps (default: the bundled model's)")] = None,
+    micro: Annotated[bool, typer.Option(help="tiny sizes and a few steps (tests)")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output / restart a partial run")] = False,
+) -> None:
+    """Train a toy pipeline; rerunning the same command resumes an interrupted run from its last checkpoint."""
+    import dataclasses
+
+    from .models.loading import BUNDLED_DIR
+    from .toyworld.train import ToyTrainer, preset
+
+    cfg = preset(family, micro=micro)
+    cfg = dataclasses.replace(cfg, seed=seed, **({"steps": steps} if steps else {}))
+    out = output or str(BUNDLED_DIR / f"toy-{family}")
+    trainer = ToyTrainer(cfg, out, overwrite=overwrite)
+    if trainer.ckpt_path.exists():
+        typer.echo(f"resuming from {trainer.ckpt_path}")
+    path = trainer.run()
+    typer.echo(f"wrote toy-{family} to {path}")
+
+
+@toyworld_app.command("train-classifier")
+def toyworld_train_classifier(
+    output: Annotated[str | None, typer.Option(help="folder (default: the bundled location)")] = None,
+    seed: Annotated[int, typer.Option(help="training seed")] = 0,
+) -> None:
+    """Train the toy classifier (object class, style, colour) and report held-out accuracy."""
+    from .toyworld.classifier import CLASSIFIER_DIR, heldout_accuracy, save_classifier, train_classifier
+
+    model = train_classifier(seed=seed)
+    acc = heldout_accuracy(model)
+    save_classifier(model, Path(output) if output else CLASSIFIER_DIR, acc)
+    typer.echo("held-out accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
+
+
+@toyworld_app.command("check")
+def toyworld_check(
+    model: Annotated[str, typer.Option(help="toy-sd, toy-flux or a toy pipeline folder")] = "toy-sd",
+    seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 50,
+    output: Annotated[str | None, typer.Option(help="write the figures as JSON here")] = None,
+) -> None:
+    """Score a toy pipeline's samples with the toy classifier (per class, synonyms, styles, unconditional)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .models import load_model
+    from .sampling import sampler_settings
+    from .toyworld.check import quality_check
+    from .toyworld.render import CLASSES
+
+    handle = load_model(model)
+    res = quality_check(handle, seeds=seeds)
+    res["model"] = model
+    res["sampler"] = sampler_settings(handle)
+    table = Table(title=f"{model}: classifier accuracy, {seeds} seeds per prompt, {res['sampler']}")
+    for col in ("class", "object", "synonyms", "unconditional count"):
+        table.add_column(col)
+    for c in CLASSES:
+        table.add_row(c, f"{res['object'][c]:.2f}", f"{res['synonym'][c]:.2f}", str(res["unconditional_histogram"][c]))
+    table.add_row("mean", f"{res['object_mean']:.3f}", f"{res['synonym_mean']:.3f}",
+                  f"top share {res['unconditional_top_share']:.2f}")
+    console = Console()
+    console.print(table)
+    console.print("style accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in res["style"].items())
+                  + f"; mean {res['style_mean']:.3f}")
+    if output:
+        Path(output).write_text(json.dumps(res, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app and turns :class:`TraceEraseError` into one line on stderr and exit code 2."""
     import os

@@ -55,6 +55,10 @@ def generate_images(
     }
     if handle.adapter.family == "flux":
         kwargs["max_sequence_length"] = handle.adapter.max_tokens
+        if not handle.adapter.denoiser.config.guidance_embeds:
+            # no distilled guidance input (like our toy-flux): classifier-free guidance against the empty prompt
+            kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale")
+            kwargs["guidance_scale"] = 1.0
     images: list[Any] = []
     device = handle.adapter.device
     for i in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
@@ -65,6 +69,8 @@ def generate_images(
             b, c, h, w = latents.shape
             latents = type(pipe)._pack_latents(latents, b, c, h, w)
         with torch.no_grad():
+            if "true_cfg_scale" in kwargs:
+                kwargs["negative_prompt"] = [""] * len(chunk_p)
             out = pipe(prompt=chunk_p, latents=latents.to(device, handle.adapter.dtype), **kwargs)
         images.extend(out.images)
     return images

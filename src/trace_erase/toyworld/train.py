@@ -1,0 +1,394 @@
+"""Training the toy pipelines (``toy-sd``: latent diffusion, ``toy-flux``: rectified flow) from rendered images.
+
+One run: render a dataset → train a small AutoencoderKL → encode latents → train the denoiser together with the
+text encoder(s) (a toy model binds colour/shape words far better with its text encoder trained jointly) → save a
+real diffusers pipeline folder. Checkpoints go to ``OUTPUT.partial/``; rerunning the same command resumes there.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..engines.prompts import DEFAULT_TEMPLATES
+from ..errors import NonFiniteLossError, TraceEraseError
+from ..models.tokenizers import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer
+from .data import render_set, to_tensor
+from .render import caption_for, vocabulary
+
+
+@dataclass
+class ToyTrainConfig:
+    """Sizes and schedule of one toy pipeline (``preset('sd')``, ``preset('flux')``, or ``micro`` for tests)."""
+
+    family: str = "sd"
+    seed: int = 0
+    n_images: int = 30000
+    image_size: int = 32
+    max_tokens: int = 24
+    text_width: int = 64
+    text_layers: int = 3
+    vae_channels: tuple[int, ...] = (16, 32)
+    vae_steps: int = 800
+    vae_batch: int = 32
+    widths: tuple[int, ...] = (32, 64, 128)  # UNet block widths (sd); cross-attention at the two coarser levels
+    flux_layers: tuple[int, int] = (2, 2)  # double-, single-stream blocks (flux)
+    flux_heads: int = 4
+    flux_head_dim: int = 32
+    steps: int = 4000
+    batch: int = 64
+    lr: float = 4e-4
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    sampler_steps: int = 25
+    sampler_guidance: float = 5.0
+
+    def key(self) -> str:
+        """Hash of the settings: a partial run only resumes with identical settings."""
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def preset(family: str, micro: bool = False) -> ToyTrainConfig:
+    """The bundled models' settings, or a micro version for tests (seconds, not minutes)."""
+    if family not in ("sd", "flux"):
+        raise TraceEraseError(f"unknown toy family '{family}'; use sd or flux")
+    cfg = ToyTrainConfig(family=family)
+    if family == "flux":
+        cfg = dataclasses.replace(cfg, lr=3e-4, sampler_steps=20, sampler_guidance=4.0)
+    if micro:
+        cfg = dataclasses.replace(
+            cfg, n_images=64, text_width=16, text_layers=1, vae_channels=(8, 8), vae_steps=3, vae_batch=8,
+            widths=(16, 16, 16), flux_layers=(1, 1), flux_heads=2, flux_head_dim=16, steps=6, batch=8,
+            checkpoint_every=2, sampler_steps=2,
+        )
+    return cfg
+
+
+def toy_words() -> list[str]:
+    """Vocabulary of the toy tokenizers: the toy captions, the erasure templates and common words."""
+    template_words = " ".join(t.replace("{}", " ") for t in DEFAULT_TEMPLATES).split()
+    return sorted({*vocabulary(), *template_words, *BASIC_WORDS})
+
+
+# ---- models ----------------------------------------------------------------------------------------------------
+def build_components(cfg: ToyTrainConfig) -> dict[str, Any]:
+    """Fresh (random) components of the toy pipeline, from the real diffusers/transformers classes."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(cfg.seed)
+    words = toy_words()
+    tokenizer = build_clip_tokenizer(words, cfg.max_tokens)
+    n = len(cfg.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=list(cfg.vae_channels),
+        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+        layers_per_block=1, norm_num_groups=8, sample_size=cfg.image_size,
+    )
+    clip_cfg = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=cfg.max_tokens,
+        projection_dim=cfg.text_width, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="gelu",
+    )
+    latent = cfg.image_size // 2 ** (n - 1)
+    parts: dict[str, Any] = {"vae": vae, "tokenizer": tokenizer, "text_encoder": CLIPTextModel(clip_cfg)}
+    if cfg.family == "sd":
+        from diffusers import UNet2DConditionModel
+
+        k = len(cfg.widths)
+        parts["unet"] = UNet2DConditionModel(
+            sample_size=latent, in_channels=4, out_channels=4, block_out_channels=cfg.widths, layers_per_block=1,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (k - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (k - 1) + ("UpBlock2D",),
+            cross_attention_dim=cfg.text_width, attention_head_dim=4, norm_num_groups=8,
+        )
+    else:
+        from diffusers import FluxTransformer2DModel
+        from transformers import T5Config, T5EncoderModel
+
+        tokenizer_2 = build_t5_tokenizer(words, cfg.max_tokens)
+        t5 = T5Config(
+            vocab_size=len(tokenizer_2), d_model=cfg.text_width, d_kv=cfg.text_width // 4, d_ff=4 * cfg.text_width,
+            num_layers=cfg.text_layers, num_heads=4, pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0, dropout_rate=0.0,
+        )
+        head = cfg.flux_head_dim
+        rope = [head // 4, 3 * head // 8, 3 * head // 8]
+        parts.update(
+            tokenizer_2=tokenizer_2,
+            text_encoder_2=T5EncoderModel(t5),
+            transformer=FluxTransformer2DModel(
+                patch_size=1, in_channels=16, num_layers=cfg.flux_layers[0], num_single_layers=cfg.flux_layers[1],
+                attention_head_dim=head, num_attention_heads=cfg.flux_heads, joint_attention_dim=cfg.text_width,
+                pooled_projection_dim=cfg.text_width, guidance_embeds=False, axes_dims_rope=rope,
+            ),
+        )
+    return parts
+
+
+def assemble_pipeline(cfg: ToyTrainConfig, parts: dict[str, Any], latent_stats: tuple[float, float]) -> Any:
+    """A StableDiffusionPipeline / FluxPipeline from trained components."""
+    mean, std = latent_stats
+    vae = parts["vae"]
+    if cfg.family == "sd":
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        vae.register_to_config(scaling_factor=1.0 / std)
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                                       unet=parts["unet"], scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    else:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        vae.register_to_config(scaling_factor=1.0 / std, shift_factor=mean)
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+                            text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                            text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"],
+                            transformer=parts["transformer"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+class ToyTrainer:
+    """Runs (or resumes) one toy training; all state lives in ``OUTPUT.partial``."""
+
+    def __init__(self, cfg: ToyTrainConfig, output: str | Path, overwrite: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.output = Path(output)
+        self.partial = self.output.parent / (self.output.name + ".partial")
+        self.progress = progress
+        if self.output.exists() and not overwrite:
+            raise TraceEraseError(f"output folder '{self.output}' already exists; pass --overwrite to replace it")
+        if overwrite and self.partial.exists():
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        key_file = self.partial / "config.json"
+        if key_file.exists() and json.loads(key_file.read_text()).get("key") != cfg.key():
+            raise TraceEraseError(
+                f"'{self.partial}' holds a run with other settings; pass --overwrite to start afresh"
+            )
+        key_file.write_text(json.dumps({"key": cfg.key(), "config": dataclasses.asdict(cfg)}, indent=2))
+        self.ckpt_path = self.partial / "checkpoint.pt"
+
+    # data
+    def dataset(self) -> tuple[np.ndarray, list[dict]]:
+        path = self.partial / "dataset.npz"
+        if path.exists():
+            data = np.load(path)
+            return data["images"], json.loads(str(data["labels"]))
+        ds = render_set(self.cfg.seed * 10_000_000, self.cfg.n_images, self.cfg.image_size, self.progress)
+        tmp = self.partial / "dataset.tmp.npz"
+        np.savez(tmp, images=ds.images, labels=json.dumps(ds.labels))
+        tmp.rename(path)
+        return ds.images, ds.labels
+
+    def _save(self, state: dict[str, Any]) -> None:
+        tmp = self.ckpt_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.ckpt_path)  # atomic: a kill mid-write keeps the previous checkpoint
+
+    def _load(self) -> dict[str, Any] | None:
+        if not self.ckpt_path.exists():
+            return None
+        return torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+
+    def run(self, stop_after: int | None = None) -> Path | None:
+        """Train to the end (or until ``stop_after`` optimizer steps in this call, for tests); returns the folder."""
+        cfg = self.cfg
+        images, labels = self.dataset()
+        x = to_tensor(images)
+        parts = build_components(cfg)
+        state = self._load()
+        done_steps = 0
+        vae = parts["vae"]
+        if state is None or state["phase"] == "vae":
+            vae_step = 0
+            opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+            gen = torch.Generator().manual_seed(cfg.seed + 1)
+            if state is not None:
+                vae.load_state_dict(state["vae"])
+                opt.load_state_dict(state["opt"])
+                gen.set_state(state["gen"])
+                vae_step = state["step"]
+            bar = tqdm(total=cfg.vae_steps, initial=vae_step, desc="training VAE", disable=not self.progress)
+            vae.train()
+            while vae_step < cfg.vae_steps:
+                idx = torch.randint(0, len(x), (cfg.vae_batch,), generator=gen)
+                batch = x[idx]
+                post = vae.encode(batch).latent_dist
+                z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+                rec = vae.decode(z).sample
+                loss = (rec - batch).abs().mean() + 1e-6 * post.kl().mean()
+                self._check(loss, vae_step)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                vae_step += 1
+                done_steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if vae_step % cfg.checkpoint_every == 0 or vae_step == cfg.vae_steps:
+                    self._save({"phase": "vae", "step": vae_step, "vae": vae.state_dict(), "opt": opt.state_dict(),
+                                "gen": gen.get_state()})
+                if stop_after is not None and done_steps >= stop_after:
+                    bar.close()
+                    return None
+            bar.close()
+            state = None
+        else:
+            vae.load_state_dict(state["vae"])
+        vae.eval()
+        latents = self._latents(vae, x)
+        mean, std = float(latents.mean()), float(latents.std())
+        return self._train_denoiser(parts, latents, labels, (mean, std), state, stop_after, done_steps)
+
+    def _latents(self, vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([vae.encode(x[i : i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
+
+    @staticmethod
+    def _check(loss: torch.Tensor, step: int) -> None:
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss became {loss.item()} at step {step}; the last checkpoint is kept — "
+                                     "lower the learning rate and rerun to resume")
+
+    def _train_denoiser(self, parts: dict[str, Any], latents: torch.Tensor, labels: list[dict],
+                        stats: tuple[float, float], state: dict[str, Any] | None, stop_after: int | None,
+                        done_steps: int) -> Path | None:
+        cfg = self.cfg
+        flux = cfg.family == "flux"
+        mean, std = stats
+        trainable = {"text_encoder": parts["text_encoder"]}
+        trainable["transformer" if flux else "unet"] = parts["transformer" if flux else "unet"]
+        if flux:
+            trainable["text_encoder_2"] = parts["text_encoder_2"]
+        params = [p for m in trainable.values() for p in m.parameters()]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+        warmup = max(1, min(200, cfg.steps // 10))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, cfg.steps) / cfg.steps))
+        )
+        ema = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in trainable.items()}
+        gen = torch.Generator().manual_seed(cfg.seed + 2)
+        step = 0
+        if state is not None:
+            for k, m in trainable.items():
+                m.load_state_dict(state["models"][k])
+                ema[k].load_state_dict(state["ema"][k])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            gen.set_state(state["gen"])
+            step = state["step"]
+        pipe = assemble_pipeline(cfg, parts, stats)
+        if not flux:
+            alphas = pipe.scheduler.alphas_cumprod
+        for m in trainable.values():
+            m.train()
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"training toy-{cfg.family}", disable=not self.progress)
+        while step < cfg.steps:
+            idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen)
+            drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
+            captions = ["" if d else caption_for(labels[i], seed=step * cfg.batch + j + 7)
+                        for j, (i, d) in enumerate(zip(idx.tolist(), drop.tolist(), strict=True))]
+            noise = torch.randn(latents[idx].shape, generator=gen)
+            if flux:
+                z0 = (latents[idx] - mean) / std
+                sigma = torch.sigmoid(torch.randn(cfg.batch, generator=gen))
+                zt = (1 - sigma[:, None, None, None]) * z0 + sigma[:, None, None, None] * noise
+                target = noise - z0
+                pred = self._flux_forward(pipe, zt, sigma, captions)
+            else:
+                z0 = latents[idx] / std
+                t = torch.randint(0, 1000, (cfg.batch,), generator=gen)
+                a = alphas[t].sqrt()[:, None, None, None]
+                s = (1 - alphas[t]).sqrt()[:, None, None, None]
+                zt = a * z0 + s * noise
+                ids = pipe.tokenizer(captions, padding="max_length", max_length=cfg.max_tokens, truncation=True,
+                                     return_tensors="pt").input_ids
+                cond = pipe.text_encoder(ids)[0]
+                pred = pipe.unet(zt, t, encoder_hidden_states=cond).sample
+                target = noise
+            loss = nn.functional.mse_loss(pred, target)
+            self._check(loss, step)
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                for k, m in trainable.items():
+                    for pe, pm in zip(ema[k].parameters(), m.parameters(), strict=True):
+                        pe.lerp_(pm, 1 - cfg.ema_decay)
+            step += 1
+            done_steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                self._save({
+                    "phase": "denoiser", "step": step, "vae": parts["vae"].state_dict(),
+                    "models": {k: m.state_dict() for k, m in trainable.items()},
+                    "ema": {k: m.state_dict() for k, m in ema.items()},
+                    "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                })
+            if stop_after is not None and done_steps >= stop_after and step < cfg.steps:
+                bar.close()
+                return None
+        bar.close()
+        for k, m in ema.items():
+            trainable[k].load_state_dict(m.state_dict())
+        return self._finish(assemble_pipeline(cfg, parts, stats))
+
+    @staticmethod
+    def _flux_forward(pipe: Any, zt: torch.Tensor, sigma: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        from ..models.base import Conditioning
+        from ..models.flux import FluxAdapter
+
+        adapter = FluxAdapter(pipe, resolution=zt.shape[-1] * pipe.vae_scale_factor)
+        tok = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        pooled = pipe.text_encoder(tok).pooler_output
+        tok2 = pipe.tokenizer_2(captions, padding="max_length", max_length=adapter.max_tokens, truncation=True,
+                                return_tensors="pt").input_ids
+        ctx = pipe.text_encoder_2(tok2)[0]
+        cond = Conditioning({"encoder_hidden_states": ctx, "pooled_projections": pooled})
+        return adapter.predict(zt, sigma, cond)
+
+    def _finish(self, pipe: Any) -> Path:
+        from ..artifacts.erasure import atomic_folder, commit_folder
+        from ..models.loading import SIDECAR
+
+        for m in pipe.components.values():
+            if isinstance(m, nn.Module):
+                m.eval()
+        final, tmp = atomic_folder(self.output, overwrite=True)
+        try:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            sidecar = {
+                "sampler": {"steps": self.cfg.sampler_steps, "guidance": self.cfg.sampler_guidance,
+                            "resolution": self.cfg.image_size},
+                "training": dataclasses.asdict(self.cfg),
+                "note": "trace-erase toy world model; trained by `trace-erase toyworld train`",
+            }
+            (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+            commit_folder(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(self.partial, ignore_errors=True)
+        return final
