@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,7 +283,7 @@ class ToyTrainer:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
         warmup = max(1, min(200, cfg.steps // 10))
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, cfg.steps) / cfg.steps))
+            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
         )
         ema = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in trainable.items()}
         gen = torch.Generator().manual_seed(cfg.seed + 2)

@@ -1,0 +1,83 @@
+"""The toy world: renderer, classifier, trainer (micro), bundled pipelines."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from trace_erase import TraceEraseError
+from trace_erase.toyworld.classifier import heldout_accuracy, load_classifier
+from trace_erase.toyworld.render import CLASSES, COLORS, STYLES, SYNONYMS, TEMPLATES, render, vocabulary
+from trace_erase.toyworld.train import ToyTrainer, preset
+
+
+def test_render_is_deterministic_and_consistent() -> None:
+    a, b = render(123), render(123)
+    assert np.array_equal(a.image, b.image) and a.caption == b.caption and a.labels == b.labels
+    assert a.image.shape == (32, 32, 3) and a.image.dtype == np.uint8
+    assert not np.array_equal(render(124).image, a.image)
+    for seed in range(200):
+        s = render(seed)
+        names = [s.labels["class"], *SYNONYMS[s.labels["class"]]]
+        assert any(n in s.caption for n in names), s.caption
+        other = [c for c in CLASSES if c != s.labels["class"]]
+        assert not any(f" {c}" in f" {s.caption} " and c not in " ".join(names) for c in other), s.caption
+        for color in COLORS:
+            if color in s.caption.split():
+                assert color == s.labels["color"]
+        for style in STYLES[1:]:
+            if style in s.caption.split():
+                assert style == s.labels["style"]
+
+
+def test_vocabulary_sizes() -> None:
+    assert len(CLASSES) == 10 and all(len(v) == 3 for v in SYNONYMS.values())
+    assert len(COLORS) >= 6 and len(STYLES) >= 5 and len(TEMPLATES) >= 8
+    assert {"circle", "striped", "red"} <= set(vocabulary())
+
+
+def test_forced_attributes() -> None:
+    s = render(5, cls="star", color="blue", style="dotted", background="black")
+    assert (s.labels["class"], s.labels["color"], s.labels["style"]) == ("star", "blue", "dotted")
+
+
+def test_bundled_classifier_accuracy_on_fresh_renders() -> None:
+    acc = heldout_accuracy(load_classifier(), n=600, first_seed=7_000_000)
+    assert acc["class"] >= 0.98 and acc["style"] >= 0.98, acc
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_micro_training_runs_and_resumes(family, tmp_path) -> None:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    cfg = preset(family, micro=True)
+    out = ToyTrainer(cfg, tmp_path / "full", progress=False).run()
+    assert (out / "model_index.json").is_file() and (out / "trace_erase.json").is_file()
+    assert not (tmp_path / "full.partial").exists()
+    # interrupted after 5 optimizer steps (inside the denoiser phase), then resumed: same final weights
+    first = ToyTrainer(cfg, tmp_path / "resumed", progress=False)
+    assert first.run(stop_after=5) is None and first.ckpt_path.exists()
+    resumed = ToyTrainer(cfg, tmp_path / "resumed", progress=False).run()
+    a, b = DiffusionPipeline.from_pretrained(out), DiffusionPipeline.from_pretrained(resumed)
+    name = "unet" if family == "sd" else "transformer"
+    for (k, p), (_, q) in zip(getattr(a, name).state_dict().items(), getattr(b, name).state_dict().items(),
+                              strict=True):
+        assert torch.allclose(p, q, atol=1e-6), k
+
+
+def test_training_refuses_existing_output_and_changed_settings(tmp_path) -> None:
+    cfg = preset("sd", micro=True)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(TraceEraseError, match="already exists"):
+        ToyTrainer(cfg, tmp_path / "out")
+    ToyTrainer(cfg, tmp_path / "other", progress=False).run(stop_after=2)
+    with pytest.raises(TraceEraseError, match="other settings"):
+        ToyTrainer(dataclasses.replace(cfg, lr=1.0), tmp_path / "other")
+
+
+def test_unknown_family() -> None:
+    with pytest.raises(TraceEraseError, match="unknown toy family"):
+        preset("sd3")
