@@ -98,7 +98,7 @@ def test_base_model_is_not_modified_and_scale_controls_strength(sd_erasure) -> N
     module = sd_erasure.modules[0]
     w0 = adapter.module(module).weight.detach().clone()
     base = _pred(adapter, ["a photo of a cat"])
-    name = sd_erasure.apply(pipe, scale=0.0)
+    name = sd_erasure.apply(pipe, scale=0.0).adapter_name
     assert torch.allclose(_pred(adapter, ["a photo of a cat"]), base, atol=1e-6)
     pipe.set_adapters([name], adapter_weights=[1.0])
     full = _pred(adapter, ["a photo of a cat"])

@@ -27,8 +27,9 @@ def test_erase_info_generate_merge(saved_models, tmp_path, capsys) -> None:
     assert code == 0, err
     manifest = json.loads((tmp_path / "e" / "erasure.json").read_text())
     assert manifest["method"] == "uce"
-    assert manifest["config"]["lambda_reg"] == 0.5 and manifest["config"]["lambda_preserve"] == 3
-    assert manifest["config"]["token_selection"] == "last"
+    cf = manifest["config"]["closed_form"]
+    assert cf["lambda_reg"] == 0.5 and cf["lambda_preserve"] == 3 and cf["token_selection"] == "last"
+    assert manifest["config"]["trajectory"] is None
     code, out, _ = run(["info", str(tmp_path / "e")], capsys)
     assert code == 0 and "uce" in out and "certificate" in out
     code, out, err = run(["generate", "--model", model, "--erasure", str(tmp_path / "e"), "--prompt", "a cat",
@@ -49,7 +50,7 @@ def test_erase_info_generate_merge(saved_models, tmp_path, capsys) -> None:
         (["--concept", ""], "concept is empty"),
         (["--concept", "cat", "--anchor", "cat"], "anchor equals the concept"),
         (["--concept", " ".join(["word"] * 80)], "shorten it"),
-        (["--concept", "cat", "--method", "nope"], "unknown method 'nope'; available: trace-closed-form"),
+        (["--concept", "cat", "--method", "nope"], "unknown method 'nope'; available: trace, trace-closed-form"),
         (["--concept", "cat", "--option", "bogus=1"], "unknown options for 'trace-closed-form' \\['bogus'\\]"),
         (["--concept", "cat", "--option", "lambda_reg=0"], "lambda_reg must be > 0"),
     ],

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import platform
 import resource
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .artifacts.erasure import FORMAT, FORMAT_VERSION, LORA_WEIGHT_NAME, Erasure
+from .artifacts.erasure import FORMAT, FORMAT_VERSION, GATED_WEIGHT_NAME, LORA_WEIGHT_NAME, Erasure
 from .artifacts.fingerprint import fingerprint
-from .artifacts.lora import deltas_to_state_dict
+from .artifacts.lora import concat_loras, deltas_to_state_dict
 from .config import Concept, config_from_dict, make_concepts
 from .engines.closed_form import ClosedFormConfig, ClosedFormEngine
+from .engines.trajectory import TrajectoryConfig, TrajectoryEngine
 from .errors import TraceEraseError
-from .methods import get_method
-from .models import ModelHandle, get_adapter
+from .methods import MethodSpec, get_method
+from .models import FamilyAdapter, ModelHandle, get_adapter
 
 
 def library_versions() -> dict[str, str]:
@@ -51,6 +55,44 @@ def _summary(cert: dict[str, dict[str, float | None]]) -> dict[str, float | None
     return out
 
 
+def method_configs(spec: MethodSpec, options: dict[str, Any]) -> tuple[ClosedFormConfig | None,
+                                                                     TrajectoryConfig | None]:
+    """Route each option to the engine that owns it and build both typed configs (errors name the valid keys)."""
+    cf_keys = {f.name for f in dataclasses.fields(ClosedFormConfig)}
+    tr_keys = {f.name for f in dataclasses.fields(TrajectoryConfig)}
+    cf_opts, tr_opts = {}, {}
+    for key, value in options.items():
+        if key in cf_keys and spec.uses_closed_form:
+            cf_opts[key] = value
+        elif key in tr_keys and spec.uses_trajectory:
+            tr_opts[key] = value
+        else:
+            valid = sorted((cf_keys if spec.uses_closed_form else set()) | (tr_keys if spec.uses_trajectory else set()))
+            raise TraceEraseError(f"unknown options for '{spec.name}' ['{key}']; valid keys: {', '.join(valid)}")
+    cf = config_from_dict(ClosedFormConfig, {**spec.defaults, **cf_opts}, f"options for '{spec.name}'") \
+        if spec.uses_closed_form else None
+    tr = config_from_dict(TrajectoryConfig, {**spec.trajectory, **tr_opts}, f"options for '{spec.name}'") \
+        if spec.uses_trajectory else None
+    return cf, tr
+
+
+@contextlib.contextmanager
+def temporarily_added(adapter: FamilyAdapter, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Add ΔW to the base layers for the duration (stage B trains on top of stage A); always restored after."""
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                w = adapter.module(name).weight
+                saved[name] = w.detach().clone()
+                w.add_(delta.to(w.dtype).to(w.device))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, w0 in saved.items():
+                adapter.module(name).weight.copy_(w0)
+
+
 def erase(
     pipe: Any,
     concepts: list[str | Concept | dict[str, Any]],
@@ -59,12 +101,14 @@ def erase(
     preserve: list[str] | None = None,
     model_id: str | None = None,
     progress: bool = True,
+    workdir: str | Path | None = None,
     **options: Any,
 ) -> Erasure:
     """Erase ``concepts`` from ``pipe`` (a diffusers pipeline or a :class:`ModelHandle`) with ``method``.
 
-    ``options`` are the method's engine options (see ``trace-erase erase --help`` / the YAML keys). The pipeline is
-    never modified; the result is an :class:`Erasure` to ``.save(dir)`` or ``.apply(pipe, scale)``.
+    ``options`` are engine options (the YAML keys; see ``trace-erase erase --help``). ``workdir`` holds stage-B
+    checkpoints so an interrupted run resumes. The pipeline's weights are the same afterwards; the result is an
+    :class:`Erasure` to ``.save(dir)`` or ``.apply(pipe, scale)``.
     """
     start = time.perf_counter()
     if isinstance(pipe, ModelHandle):
@@ -76,34 +120,68 @@ def erase(
     if adapter.family not in spec.families:
         raise TraceEraseError(f"method '{method}' does not support {adapter.family}; it supports {spec.families}")
     concept_list = make_concepts(concepts, anchor=anchor, preserve=preserve)
-    config = config_from_dict(ClosedFormConfig, {**spec.defaults, **options}, where=f"options for '{method}'")
+    cf_cfg, tr_cfg = method_configs(spec, options)
 
-    engine = ClosedFormEngine(adapter, config, progress=progress)
-    result = engine.run(concept_list)
-    base_print = fingerprint(adapter, list(result.deltas))
-    state, ranks = deltas_to_state_dict(result.deltas, adapter.denoiser_name, config.rank_tolerance)
+    cf_result = None
+    deltas: dict[str, torch.Tensor] = {}
+    if cf_cfg is not None:
+        cf_result = ClosedFormEngine(adapter, cf_cfg, progress=progress).run(concept_list)
+        deltas = cf_result.deltas
+    tr_engine = TrajectoryEngine(adapter, tr_cfg, progress=progress, workdir=workdir) if tr_cfg else None
+    modules = list(dict.fromkeys([*deltas, *(tr_engine.targets if tr_engine else [])]))
+    base_print = fingerprint(adapter, modules)
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    ranks: dict[str, int] = {}
+    if deltas:
+        parts["closed_form"], ranks = deltas_to_state_dict(deltas, adapter.denoiser_name, cf_cfg.rank_tolerance)
+    tr_log: dict[str, Any] = {}
+    if tr_engine is not None:
+        with temporarily_added(adapter, deltas):
+            tr_log = tr_engine.train(concept_list)
+        parts["trajectory"] = tr_log.pop("state_dict")
+    gate_tau = tr_cfg.gate_tau if tr_cfg else None
+    gated = parts.pop("trajectory") if gate_tau is not None else None
+    main_state = concat_loras(list(parts.values())) if parts else {}
     wall = time.perf_counter() - start
-    manifest = {
+
+    manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "method": spec.name,
         "engine": spec.engine,
-        "config": dataclasses.asdict(config),
+        "config": {
+            "closed_form": dataclasses.asdict(cf_cfg) if cf_cfg else None,
+            "trajectory": dataclasses.asdict(tr_cfg) if tr_cfg else None,
+        },
         "concepts": [dataclasses.asdict(c) for c in concept_list],
         "base_model": {"source": str(source), **adapter.describe(), "fingerprint": base_print},
         "lora": {
             "weight_name": LORA_WEIGHT_NAME,
             "prefix": adapter.denoiser_name,
-            "target_modules": list(result.deltas),
-            "rank": int(next(iter(state.values())).shape[0]) if state else 0,
-            "numerical_ranks": ranks,
+            "target_modules": modules,
+            "parts": [*parts] if gated is None else [*parts],
+            "rank": int(next(iter(main_state.values())).shape[0]) if main_state else 0,
+            "closed_form_numerical_ranks": ranks,
         },
-        "streams": result.streams,
-        "rows": result.counts,
-        "certificate": {"summary": _summary(result.certificate), "per_module": result.certificate},
-        "timings": {**result.timings, "wall_time_s": wall},
+        "gate": None if gated is None else {
+            "tau": gate_tau,
+            "weight_name": GATED_WEIGHT_NAME,
+            "time_kind": adapter.time_kind,
+            "time_scale": adapter.time_scale,
+            "rule": "gated LoRA active only while model time < tau × time_scale",
+        },
+        "timings": {"wall_time_s": wall},
         "memory": peak_memory_mb(),
         "versions": library_versions(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    return Erasure(state, manifest)
+    if cf_result is not None:
+        manifest["streams"] = cf_result.streams
+        manifest["rows"] = cf_result.counts
+        manifest["certificate"] = {"summary": _summary(cf_result.certificate), "per_module": cf_result.certificate}
+        manifest["timings"].update({f"stage_a_{k}": v for k, v in cf_result.timings.items()})
+    if tr_log:
+        manifest["trajectory_log"] = {"final_losses": tr_log["final_losses"], "steps": tr_log["steps"]}
+        manifest["timings"]["stage_b_s"] = tr_log["train_seconds"]
+    return Erasure(main_state, manifest, gated_state_dict=gated)

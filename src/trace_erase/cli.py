@@ -39,14 +39,16 @@ def erase(
     config: Annotated[Path | None, typer.Option(help="YAML file; flags override its values")] = None,
     option: Annotated[list[str] | None, typer.Option(help="engine option KEY=VALUE (repeatable)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run from OUTPUT.partial")] = False,
+    gate_tau: Annotated[float | None, typer.Option(help="stage-B LoRA active only for t < τ at inference")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="allow loading pickle (.bin/.ckpt) weights")] = False,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
 ) -> None:
     """Erase concepts from a model and write the erasure (LoRA + erasure.json)."""
     from . import erase as run_erase
     from .artifacts.erasure import atomic_folder
-    from .config import config_from_dict, load_yaml, make_concepts
-    from .engines.closed_form import ClosedFormConfig
+    from .api import method_configs
+    from .config import load_yaml, make_concepts
     from .methods import get_method
     from .models import load_model
 
@@ -62,6 +64,8 @@ def erase(
     anchor = anchor if anchor is not None else cfg.get("anchor")
     preserve = list(preserve) if preserve else cfg.get("preserve")
     options = {**(cfg.get("options") or {}), **_parse_options(option or [])}
+    if gate_tau is not None:
+        options["gate_tau"] = gate_tau
     if not model:
         raise TraceEraseError("no model given; pass --model (a diffusers folder, hub id, or toy-sd)")
     if not output:
@@ -74,10 +78,18 @@ def erase(
     # cheap checks before the (slow) model load
     spec = get_method(method)
     make_concepts(concepts, anchor=anchor, preserve=preserve)
-    config_from_dict(ClosedFormConfig, {**spec.defaults, **options}, where=f"options for '{method}'")
+    method_configs(spec, options)
+    workdir = final.parent / (final.name + ".partial")
+    if workdir.exists() and not resume:
+        if not overwrite:
+            raise TraceEraseError(f"an interrupted run left '{workdir}'; pass --resume to continue it "
+                                  "or --overwrite to start afresh")
+        shutil.rmtree(workdir)
     handle = load_model(model, allow_pickle=allow_pickle, device=device)
-    result = run_erase(handle, concepts, method=method, anchor=anchor, preserve=preserve, **options)
+    result = run_erase(handle, concepts, method=method, anchor=anchor, preserve=preserve,
+                       workdir=workdir if spec.uses_trajectory else None, **options)
     path = result.save(final, overwrite=overwrite)
+    shutil.rmtree(workdir, ignore_errors=True)
     summary = result.certificate.get("summary", {})
     typer.echo(
         f"erased {', '.join(c['name'] for c in result.manifest['concepts'])} with {method} "
@@ -120,7 +132,7 @@ def generate(
     er = load_erasure(erasure, allow_pickle=allow_pickle) if erasure else None
     handle = load_model(model, allow_pickle=allow_pickle, device=device)
     if er is not None:
-        er.apply(handle, scale=scale)
+        er.apply(handle, scale=scale)  # a gated erasure registers its per-step gate on the handle
     prompts = [p for p in prompt for _ in range(num_images)]
     seeds = [seed + i for _ in prompt for i in range(num_images)]
     images = generate_images(handle, prompts, seeds, steps, guidance)

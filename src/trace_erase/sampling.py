@@ -59,6 +59,14 @@ def generate_images(
             # no distilled guidance input (like our toy-flux): classifier-free guidance against the empty prompt
             kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale")
             kwargs["guidance_scale"] = 1.0
+    callbacks = list(handle.step_callbacks)
+    if callbacks:
+        def on_step_end(pipe_: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+            for cb in callbacks:
+                kw = cb(pipe_, i, t, kw)
+            return kw
+
+        kwargs["callback_on_step_end"] = on_step_end
     images: list[Any] = []
     device = handle.adapter.device
     for i in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
@@ -69,6 +77,9 @@ def generate_images(
             b, c, h, w = latents.shape
             latents = type(pipe)._pack_latents(latents, b, c, h, w)
         with torch.no_grad():
+            for cb in callbacks:
+                if hasattr(cb, "prepare"):
+                    cb.prepare(settings["steps"])
             if "true_cfg_scale" in kwargs:
                 kwargs["negative_prompt"] = [""] * len(chunk_p)
             out = pipe(prompt=chunk_p, latents=latents.to(device, handle.adapter.dtype), **kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ import torch
 
 from ..errors import TraceEraseError
 from .fingerprint import check_fingerprint, fingerprint
+from .gate import GateController
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+GATED_WEIGHT_NAME = "gated_lora_weights.safetensors"
 MANIFEST_NAME = "erasure.json"
 FORMAT = "trace-erase/erasure"
 FORMAT_VERSION = 1
@@ -54,11 +57,23 @@ def commit_folder(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
-class Erasure:
-    """An erasure: LoRA tensors in diffusers format plus its manifest."""
+@dataclass
+class Applied:
+    """What :meth:`Erasure.apply` loaded: adapter names and, for a gated erasure, the step callback to pass as
+    ``callback_on_step_end`` (a :class:`ModelHandle` target gets it registered automatically)."""
 
-    def __init__(self, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any]):
+    adapter_name: str | None
+    gated_adapter_name: str | None = None
+    callback: GateController | None = None
+
+
+class Erasure:
+    """An erasure: LoRA tensors in diffusers format (plus an optional gated part) and its manifest."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any],
+                 gated_state_dict: dict[str, torch.Tensor] | None = None):
         self.state_dict = state_dict
+        self.gated_state_dict = gated_state_dict
         self.manifest = manifest
 
     # ---- views --------------------------------------------------------------------------------------------------
@@ -91,11 +106,12 @@ class Erasure:
 
         final, tmp = atomic_folder(directory, overwrite, "erasure output")
         try:
-            save_file(
-                {k: v.contiguous() for k, v in self.state_dict.items()},
-                str(tmp / LORA_WEIGHT_NAME),
-                metadata={"format": "pt"},
-            )
+            if self.state_dict:
+                save_file({k: v.contiguous() for k, v in self.state_dict.items()}, str(tmp / LORA_WEIGHT_NAME),
+                          metadata={"format": "pt"})
+            if self.gated_state_dict is not None:
+                save_file({k: v.contiguous() for k, v in self.gated_state_dict.items()},
+                          str(tmp / GATED_WEIGHT_NAME), metadata={"format": "pt"})
             (tmp / MANIFEST_NAME).write_text(json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
             commit_folder(tmp, final)
         except BaseException:
@@ -122,34 +138,61 @@ class Erasure:
             ) from exc
         check_fingerprint(base["fingerprint"], actual, base["source"])
 
-    def apply(self, target: Any, scale: float = 1.0, adapter_name: str = "trace_erase", check: bool = True) -> str:
-        """Load the LoRA into ``target`` (a pipeline or ModelHandle) with strength ``scale``; returns the adapter name.
-
-        The base weights stay untouched: the edit lives in a peft adapter that can be scaled, disabled or unloaded.
-        """
-        pipe, _ = _pipe_and_adapter(target)
-        if check:
-            self.check_base(target)
-        existing = set(pipe.get_list_adapters().get(self.prefix, [])) if hasattr(pipe, "get_list_adapters") else set()
-        name, i = adapter_name, 1
-        while name in existing:
-            name, i = f"{adapter_name}_{i}", i + 1
+    def _load_adapter(self, pipe: Any, state: dict[str, torch.Tensor], name: str) -> str:
         from diffusers.utils import logging as dlogging
 
+        existing = set(pipe.get_list_adapters().get(self.prefix, []))
+        base, i = name, 1
+        while name in existing:
+            name, i = f"{base}_{i}", i + 1
         verbosity = dlogging.get_verbosity()
         dlogging.set_verbosity_error()  # silence "no LoRA keys for text_encoder": ours only edit the denoiser
         try:
-            pipe.load_lora_weights({k: v.clone() for k, v in self.state_dict.items()}, adapter_name=name)
+            pipe.load_lora_weights({k: v.clone() for k, v in state.items()}, adapter_name=name)
         finally:
             dlogging.set_verbosity(verbosity)
-        active = [n for n in pipe.get_active_adapters() if n != name] if existing else []
-        weights = [1.0] * len(active)
-        pipe.set_adapters([*active, name], adapter_weights=[*weights, scale])
         return name
+
+    def apply(self, target: Any, scale: float = 1.0, adapter_name: str = "trace_erase", check: bool = True) -> Applied:
+        """Load the LoRA(s) into ``target`` (a pipeline or ModelHandle) at strength ``scale``.
+
+        The base weights stay untouched: the edit lives in peft adapters that can be scaled, disabled or unloaded.
+        A gated erasure's LATE-only part is switched per step by the returned ``callback``.
+        """
+        from ..models import ModelHandle
+
+        pipe, adapter = _pipe_and_adapter(target)
+        if check:
+            self.check_base(target)
+        before = list(pipe.get_active_adapters()) if pipe.get_list_adapters() else []
+        names, weights = [], []
+        main = None
+        if self.state_dict:
+            main = self._load_adapter(pipe, self.state_dict, adapter_name)
+            names.append(main)
+            weights.append(scale)
+        gated = None
+        if self.gated_state_dict is not None:
+            gated = self._load_adapter(pipe, self.gated_state_dict, adapter_name + "_gated")
+            names.append(gated)
+            weights.append(scale)
+        all_names = [*before, *names]
+        all_weights = [1.0] * len(before) + weights
+        pipe.set_adapters(all_names, adapter_weights=all_weights)
+        callback = None
+        if gated is not None:
+            callback = GateController(pipe, adapter, all_names, all_weights, all_names.index(gated),
+                                      float(self.manifest["gate"]["tau"]))
+            if isinstance(target, ModelHandle):
+                target.step_callbacks.append(callback)
+        return Applied(main, gated, callback)
 
     def merge_into(self, target: Any, scale: float = 1.0) -> Any:
         """Fuse the erasure into the pipeline's weights (for ``trace-erase merge``); returns the pipeline."""
         pipe, adapter = _pipe_and_adapter(target)
+        if self.gated_state_dict is not None:
+            raise TraceEraseError("a gated erasure acts only in late steps and cannot be fused into the weights; "
+                                  "use `generate --erasure` instead of merge")
         self.apply(target, scale=scale)
         pipe.fuse_lora(components=[adapter.denoiser_name], lora_scale=1.0)
         pipe.unload_lora_weights()
@@ -158,9 +201,6 @@ class Erasure:
 
 def load_erasure(directory: str | Path, allow_pickle: bool = False) -> Erasure:
     """Read an erasure folder written by :meth:`Erasure.save`, with one-line errors for bad folders/files."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     d = Path(directory)
     if not d.is_dir():
         raise TraceEraseError(f"erasure folder '{directory}' does not exist; pass the --output of `trace-erase erase`")
@@ -175,19 +215,31 @@ def load_erasure(directory: str | Path, allow_pickle: bool = False) -> Erasure:
         raise TraceEraseError(f"'{mpath}' is not a trace-erase manifest; pass an erase output")
     weight_name = manifest.get("lora", {}).get("weight_name", LORA_WEIGHT_NAME)
     wpath = d / weight_name
+    gate = manifest.get("gate")
+    gated = _read_safetensors(d / gate["weight_name"]) if gate else None
+    if not wpath.is_file() and gate and manifest["lora"].get("rank", 0) == 0:
+        return Erasure({}, manifest, gated_state_dict=gated)
     if not wpath.is_file():
         pickles = sorted(d.glob("*.bin"))
         if pickles and allow_pickle:
             state = torch.load(pickles[0], map_location="cpu", weights_only=True)
-            return Erasure(state, manifest)
+            return Erasure(state, manifest, gated_state_dict=gated)
         if pickles:
             raise TraceEraseError(
                 f"'{directory}' holds its LoRA only as pickle ({pickles[0].name}); convert it to safetensors "
                 "or pass --allow-pickle if you trust it"
             )
         raise TraceEraseError(f"'{directory}' has no {weight_name}; re-run the erasure")
+    return Erasure(_read_safetensors(wpath), manifest, gated_state_dict=gated)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise TraceEraseError(f"'{path}' is missing; re-run the erasure")
     try:
-        state = load_file(str(wpath))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise TraceEraseError(f"'{wpath}' is corrupt or truncated ({type(exc).__name__}); re-run the erasure") from exc
-    return Erasure(state, manifest)
+        raise TraceEraseError(f"'{path}' is corrupt or truncated ({type(exc).__name__}); re-run the erasure") from exc

@@ -54,3 +54,23 @@ def lora_to_delta(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
             b = state[f"{head}{name}.lora_B.weight"]
             out[name] = b.double() @ a.double()
     return out
+
+
+def _module_of(key: str) -> str:
+    return key.rsplit(".lora_", 1)[0]
+
+
+def concat_loras(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One LoRA equal to the sum of several: per module A = [A₁; A₂], B = [B₁, B₂], then one common rank."""
+    modules = list(dict.fromkeys(_module_of(k) for s in states for k in s))
+    pairs = {}
+    for m in modules:
+        parts = [(s[f"{m}.lora_A.weight"], s[f"{m}.lora_B.weight"]) for s in states if f"{m}.lora_A.weight" in s]
+        pairs[m] = (torch.cat([a for a, _ in parts], 0), torch.cat([b for _, b in parts], 1))
+    rank = max(a.shape[0] for a, _ in pairs.values())
+    out = {}
+    for m, (a, b) in pairs.items():
+        a, b = pad_rank(a, b, rank)
+        out[f"{m}.lora_A.weight"] = a.float().contiguous()
+        out[f"{m}.lora_B.weight"] = b.float().contiguous()
+    return out

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from ..errors import TraceEraseError
+from .ant import ANT
 from .base import MethodSpec
+from .esd import ESD_U, ESD_X
 from .mace_cfr import MACE_CFR
-from .trace import TRACE_CLOSED_FORM
+from .trace import TRACE, TRACE_CLOSED_FORM, TRACE_LATE_ONLY
 from .uce import UCE
 
-METHODS: dict[str, MethodSpec] = {m.name: m for m in (TRACE_CLOSED_FORM, UCE, MACE_CFR)}
+METHODS: dict[str, MethodSpec] = {
+    m.name: m for m in (TRACE, TRACE_CLOSED_FORM, TRACE_LATE_ONLY, UCE, MACE_CFR, ESD_X, ESD_U, ANT)
+}
 
 
 def get_method(name: str) -> MethodSpec:

@@ -11,7 +11,16 @@ class MethodSpec:
     """A registered erasure method: a small configuration of one (or both) engines."""
 
     name: str
-    engine: str  # "closed_form" (stage A) — the trajectory engine joins in the stage-B issue
+    engine: str  # "closed_form" (stage A), "trajectory" (stage B) or "both" (stage A, then stage B on top)
     summary: str
-    defaults: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)  # closed-form engine options
+    trajectory: dict[str, Any] = field(default_factory=dict)  # trajectory engine options
     families: tuple[str, ...] = ("sd", "sdxl", "flux")
+
+    @property
+    def uses_closed_form(self) -> bool:
+        return self.engine in ("closed_form", "both")
+
+    @property
+    def uses_trajectory(self) -> bool:
+        return self.engine in ("trajectory", "both")

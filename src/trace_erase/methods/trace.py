@@ -1,14 +1,36 @@
-"""TRACE (arXiv 2505.23312). Stage A alone: ``trace-closed-form``.
+"""TRACE (arXiv 2505.23312): ``trace`` (stage A then stage B), ``trace-closed-form`` (stage A alone) and
+``trace-late-only`` (stage B reading (a): states sampled only from the LATE window).
 
 Stage A's exact form is our reconstruction (spec [R]): MACE-style surrounding tokens — the concept's tokens and
-every position after it, padding included — over ~30 augmented prompts, aligned with the anchor prompt.
+every position after it, padding included — over ~30 augmented prompts, aligned with the anchor prompt. Stage B's
+defaults are the spec's starting point (η=1, τ=0.5, β=0.5, γ=0.5, lr 1e-4, rank 4 on K/V, rollout guidance 3).
 """
 
 from .base import MethodSpec
+
+STAGE_A = {"token_selection": "surrounding", "templates": None, "lambda_reg": 0.1, "lambda_preserve": 1.0}
+STAGE_B = {"window": "two", "early_mode": "keep", "tau": 0.5, "eta": 1.0, "beta": 0.5, "gamma": 0.5,
+           "lora_targets": "kv", "rank": 4, "lr": 1e-4, "steps": 1000, "rollout_guidance": 3.0}
 
 TRACE_CLOSED_FORM = MethodSpec(
     name="trace-closed-form",
     engine="closed_form",
     summary="TRACE stage A: closed-form K/V refinement on the concept and surrounding tokens of ~30 prompts",
-    defaults={"token_selection": "surrounding", "templates": None, "lambda_reg": 0.1, "lambda_preserve": 1.0},
+    defaults=STAGE_A,
+)
+
+TRACE = MethodSpec(
+    name="trace",
+    engine="both",
+    summary="TRACE: stage A, then a LoRA that reverses guidance only in LATE steps and keeps EARLY steps",
+    defaults=STAGE_A,
+    trajectory=STAGE_B,
+)
+
+TRACE_LATE_ONLY = MethodSpec(
+    name="trace-late-only",
+    engine="both",
+    summary="TRACE with stage B trained only on LATE states (reading (a))",
+    defaults=STAGE_A,
+    trajectory={**STAGE_B, "window": "late"},
 )

@@ -168,6 +168,29 @@ class FamilyAdapter(ABC):
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         """Latent shape for the model's default resolution."""
 
+    # ---- time ------------------------------------------------------------------------------------------------------
+    @property
+    def time_scale(self) -> float:
+        """The model's time range: DDPM timesteps run over [0, num_train_timesteps), flow σ over [0, 1]."""
+        return 1.0 if self.time_kind == "flow" else float(self.pipe.scheduler.config.num_train_timesteps)
+
+    def is_late(self, t: torch.Tensor, tau: float) -> torch.Tensor:
+        """LATE = low noise: model time below ``tau`` × the time range (τ is a fraction, the same for all families)."""
+        return t.float() < tau * self.time_scale
+
+    @abstractmethod
+    def rollout_scheduler(self, num_steps: int) -> Any:
+        """A copy of the pipeline's own scheduler, set to ``num_steps`` (for trajectories outside the pipeline)."""
+
+    @abstractmethod
+    def model_time(self, scheduler_t: torch.Tensor) -> torch.Tensor:
+        """Scheduler timestep → the time value the denoiser takes (DDPM t, or flow σ)."""
+
+    def initial_noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """x_T for a trajectory (CPU generator, so seeds reproduce across devices)."""
+        x = torch.randn(self.latent_shape(batch), generator=generator)
+        return (x * getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)).to(self.device, self.dtype)
+
     # ---- LoRA ---------------------------------------------------------------------------------------------------
     @abstractmethod
     def lora_target_modules(self, preset: str = "kv") -> list[str]:

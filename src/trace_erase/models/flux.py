@@ -98,6 +98,25 @@ class FluxAdapter(FamilyAdapter):
         side = 2 * (self.resolution // (scale * 2))
         return (batch, int(self.denoiser.config.in_channels) // 4, side, side)
 
+    def rollout_scheduler(self, num_steps: int) -> Any:
+        """The flow-match Euler scheduler as FluxPipeline sets it (σ from 1 to 1/N, resolution-dependent shift)."""
+        import copy
+
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        seq_len = (self.latent_shape(1)[-1] // 2) ** 2
+        cfg = scheduler.config
+        mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
+        return scheduler
+
+    def model_time(self, scheduler_t: torch.Tensor) -> torch.Tensor:
+        return scheduler_t / 1000.0  # FluxPipeline passes timestep / 1000, i.e. σ
+
     def lora_target_modules(self, preset: str = "kv") -> list[str]:
         if preset not in FLUX_LORA_PRESETS:
             raise TraceEraseError(f"unknown LoRA target preset '{preset}'; choose one of {sorted(FLUX_LORA_PRESETS)}")

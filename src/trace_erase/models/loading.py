@@ -29,6 +29,7 @@ class ModelHandle:
     adapter: FamilyAdapter
     source: str
     defaults: dict[str, Any] = field(default_factory=dict)
+    step_callbacks: list[Any] = field(default_factory=list)  # e.g. gates of applied gated erasures
 
 
 def resolve_model(model: str) -> str:

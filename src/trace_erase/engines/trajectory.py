@@ -1,0 +1,363 @@
+"""The trajectory engine: TRACE stage B, ESD and ANT are configurations of it.
+
+A LoRA θ = θ* + ΔW is trained on states x_t taken from trajectories of the frozen model θ* under the target
+prompt. The frozen predictions come from the same network with the LoRA disabled (no second copy of the model).
+With τ splitting the model's time into EARLY (t ≥ τ, layout) and LATE (t < τ, details):
+
+    LATE:  L_erase = ||ε_θ(x,t,c) − [ε*(x,t,∅) − η(ε*(x,t,c) − ε*(x,t,∅))]||²   (reversed guidance)
+    EARLY: L_keep  = ||ε_θ(x,t,c) − ε*(x,t,c)||²                               (trajectory constraint)
+           (ANT: L_pos = ||ε_θ(x,t,c) − [ε*(∅) + η(ε*(c) − ε*(∅))]||², positive guidance before its cut-off)
+    ALL:   L_unc   = ||ε_θ(x,t,∅) − ε*(x,t,∅)||² ;  L_pres over preserve prompts likewise.
+
+ε stands for whatever the family predicts (ε, v or flow velocity): the losses are the same in each.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import Concept
+from ..errors import NonFiniteLossError, TraceEraseError
+from ..models.base import Conditioning, FamilyAdapter
+
+WINDOWS = ("two", "late", "all")
+EARLY_MODES = ("keep", "positive", "none")
+ADAPTER_NAME = "trace_erase_train"
+
+
+@dataclass
+class TrajectoryConfig:
+    """Knobs of the trajectory engine (defaults are TRACE stage B's; methods override a few)."""
+
+    lora_targets: str = "kv"  # preset: kv | cross-attn | attn | non-cross (ESD-u) | kq (FLUX)
+    rank: int = 4
+    steps: int = 1000
+    lr: float = 1e-4
+    batch_size: int = 2  # states per optimizer micro-step
+    grad_accum: int = 1
+    eta: float = 1.0  # strength of the reversed (or positive, ANT-early) guidance target
+    tau: float = 0.5  # EARLY/LATE split as a fraction of the model's time (DDPM t/T, flow σ)
+    window: str = "two"  # two: EARLY keep + LATE erase | late: sample only LATE states | all: erase everywhere (ESD)
+    early_mode: str = "keep"  # what EARLY states learn: keep (TRACE) | positive (ANT) | none
+    beta: float = 0.5  # weight of the EARLY term
+    gamma: float = 0.5  # weight of L_unc (unconditional field kept)
+    rho: float = 0.0  # weight of L_pres over preserve prompts
+    rollout_steps: int = 25  # sampler steps of the frozen model's trajectories
+    rollout_guidance: float = 3.0
+    pool_trajectories: int = 4  # trajectories held in the replay pool
+    refresh_every: int = 25  # iterations between replacing the oldest trajectory
+    train_templates: list[str] = field(
+        default_factory=lambda: ["{}", "a photo of {}", "an image of {}", "a drawing of {}"]
+    )  # prompts the trajectories are sampled under
+    gate_tau: float | None = None  # (c) gated adapter: at inference the stage-B LoRA acts only for t < gate_tau
+    checkpoint_every: int = 100
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.window not in WINDOWS:
+            raise TraceEraseError(f"unknown window '{self.window}'; choose one of {', '.join(WINDOWS)}")
+        if self.early_mode not in EARLY_MODES:
+            raise TraceEraseError(f"unknown early_mode '{self.early_mode}'; choose one of {', '.join(EARLY_MODES)}")
+        if not 0.0 < self.tau <= 1.0:
+            raise TraceEraseError("tau must be in (0, 1]: a fraction of the model's time range")
+        if self.gate_tau is not None and not 0.0 < self.gate_tau <= 1.0:
+            raise TraceEraseError("gate_tau must be in (0, 1]")
+        if self.rank < 1 or self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise TraceEraseError("rank, steps, batch_size and grad_accum must be ≥ 1")
+        if not self.train_templates:
+            raise TraceEraseError("train_templates is empty; give at least '{}'")
+
+
+@dataclass
+class Pool:
+    """Replay pool: states x_t (and their model times) from trajectories of the frozen model."""
+
+    states: list[torch.Tensor] = field(default_factory=list)  # one [steps, C, H, W] tensor per trajectory
+    times: list[torch.Tensor] = field(default_factory=list)  # one [steps] tensor per trajectory
+    prompts: list[str] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"states": self.states, "times": self.times, "prompts": self.prompts}
+
+    @staticmethod
+    def from_state(d: dict[str, Any]) -> Pool:
+        return Pool(list(d["states"]), list(d["times"]), list(d["prompts"]))
+
+
+class TrajectoryEngine:
+    """Trains a LoRA on the adapter's denoiser; the pipeline's own weights are never changed."""
+
+    def __init__(self, adapter: FamilyAdapter, config: TrajectoryConfig, progress: bool = True,
+                 workdir: str | Path | None = None):
+        self.adapter = adapter
+        self.config = config
+        self.progress = progress
+        self.workdir = Path(workdir) if workdir else None
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.targets = adapter.lora_target_modules(config.lora_targets)
+        self._cond_cache: dict[str, Conditioning] = {}
+
+    # ---- adapter on/off (the same network gives θ and θ*) -------------------------------------------------------
+    def attach(self) -> None:
+        from peft import LoraConfig
+
+        den = self.adapter.denoiser
+        if ADAPTER_NAME in getattr(den, "peft_config", {}):
+            raise TraceEraseError("the denoiser already carries a training adapter; use a fresh pipeline")
+        den.requires_grad_(False)
+        torch.manual_seed(self.config.seed)
+        den.add_adapter(
+            LoraConfig(r=self.config.rank, lora_alpha=self.config.rank, init_lora_weights=True,
+                       target_modules=self.targets),
+            adapter_name=ADAPTER_NAME,
+        )
+        den.set_adapter(ADAPTER_NAME)
+        if self.config.gradient_checkpointing and hasattr(den, "enable_gradient_checkpointing"):
+            den.enable_gradient_checkpointing()
+
+    def detach(self) -> None:
+        den = self.adapter.denoiser
+        if self.config.gradient_checkpointing and hasattr(den, "disable_gradient_checkpointing"):
+            den.disable_gradient_checkpointing()
+        den.delete_adapters(ADAPTER_NAME)
+        den.requires_grad_(False)
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.adapter.denoiser.named_parameters() if ADAPTER_NAME in n]
+
+    def frozen(self) -> Any:
+        """Context in which the denoiser is θ* (adapter disabled)."""
+        engine = self
+
+        class _Frozen:
+            def __enter__(self) -> None:
+                engine.adapter.denoiser.disable_adapters()
+
+            def __exit__(self, *exc: Any) -> None:
+                engine.adapter.denoiser.enable_adapters()
+
+        return _Frozen()
+
+    # ---- conditioning and trajectories -----------------------------------------------------------------------------
+    def cond(self, prompts: list[str]) -> Conditioning:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
+        if missing:
+            with torch.no_grad():
+                c = self.adapter.conditioning(missing)
+            for i, p in enumerate(missing):
+                self._cond_cache[p] = c.select([i])
+        return Conditioning.cat([self._cond_cache[p] for p in prompts])
+
+    def rollout(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A trajectory of θ* under ``prompt`` with guidance ``rollout_guidance``: states before each step, times."""
+        cfg = self.config
+        scheduler = self.adapter.rollout_scheduler(cfg.rollout_steps)
+        x = self.adapter.initial_noise(1, self.gen)
+        both = self.cond([prompt, ""])
+        states, times = [], []
+        with torch.no_grad(), self.frozen():
+            for t in scheduler.timesteps:
+                tm = self.adapter.model_time(t.reshape(1)).to(self.adapter.device)
+                states.append(x[0].detach().cpu())
+                times.append(tm[0].detach().cpu().float())
+                xin = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+                out = self.adapter.predict(torch.cat([xin, xin]), tm.repeat(2), both)
+                guided = out[1:] + cfg.rollout_guidance * (out[:1] - out[1:])
+                x = scheduler.step(guided, t, x, return_dict=False)[0]
+        return torch.stack(states), torch.stack(times)
+
+    def _target_prompt(self, concepts: list[Concept]) -> str:
+        templates = self.config.train_templates
+        i = int(torch.randint(0, len(concepts) * len(templates), (1,), generator=self.gen))
+        return templates[i % len(templates)].format(concepts[i // len(templates)].name)
+
+    def fill_pool(self, pool: Pool, concepts: list[Concept]) -> None:
+        while len(pool.states) < self.config.pool_trajectories:
+            prompt = self._target_prompt(concepts)
+            s, t = self.rollout(prompt)
+            pool.states.append(s)
+            pool.times.append(t)
+            pool.prompts.append(prompt)
+
+    def refresh(self, pool: Pool, concepts: list[Concept]) -> None:
+        """Replace the oldest trajectory with a fresh one."""
+        pool.states.pop(0)
+        pool.times.pop(0)
+        pool.prompts.pop(0)
+        self.fill_pool(pool, concepts)
+
+    def sample(self, pool: Pool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """A batch of (x_t, t, prompt) from the pool; with window='late' only LATE states."""
+        cfg = self.config
+        xs, ts, ps = [], [], []
+        for _ in range(cfg.batch_size):
+            j = int(torch.randint(0, len(pool.states), (1,), generator=self.gen))
+            times = pool.times[j]
+            allowed = torch.arange(len(times))
+            if cfg.window == "late":
+                allowed = allowed[self.adapter.is_late(times, cfg.tau)]
+                if len(allowed) == 0:
+                    raise TraceEraseError("no sampler step falls in the LATE window; raise tau or rollout_steps")
+            k = int(allowed[torch.randint(0, len(allowed), (1,), generator=self.gen)])
+            xs.append(pool.states[j][k])
+            ts.append(times[k])
+            ps.append(pool.prompts[j])
+        return (torch.stack(xs).to(self.adapter.device, self.adapter.dtype),
+                torch.stack(ts).to(self.adapter.device), ps)
+
+    # ---- losses ----
+    def loss_terms(self, x: torch.Tensor, t: torch.Tensor, prompts: list[str],
+                   preserve: list[str]) -> dict[str, torch.Tensor]:
+        """Each loss term (mean over the batch, masked by window) and the weighted total."""
+        cfg = self.config
+        n = x.shape[0]
+        c, u = self.cond(prompts), self.cond([""] * n)
+        with torch.no_grad(), self.frozen():
+            both = self.adapter.predict(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([c, u]))
+            e_c, e_u = both[:n], both[n:]
+        pred_c = self.adapter.predict(x, t, c)
+        late = self.adapter.is_late(t, cfg.tau) if cfg.window != "all" else torch.ones(n, dtype=torch.bool,
+                                                                                          device=x.device)
+        per = lambda a, b: (a.float() - b.float()).pow(2).flatten(1).mean(1)  # noqa: E731
+        erase_target = e_u - cfg.eta * (e_c - e_u)
+        l_erase = per(pred_c, erase_target)
+        if cfg.early_mode == "positive":
+            l_early = per(pred_c, e_u + cfg.eta * (e_c - e_u))
+        else:
+            l_early = per(pred_c, e_c)
+        zero = torch.zeros((), device=x.device)
+        late_f = late.float()
+        terms = {
+            "erase": (l_erase * late_f).sum() / n,
+            "early": (l_early * (1 - late_f)).sum() / n if cfg.early_mode != "none" else zero,
+        }
+        if cfg.gamma > 0:
+            terms["unc"] = per(self.adapter.predict(x, t, u), e_u).mean()
+        else:
+            terms["unc"] = zero
+        if cfg.rho > 0 and preserve:
+            i = int(torch.randint(0, len(preserve), (1,), generator=self.gen))
+            p = self.cond([preserve[i]] * n)
+            with torch.no_grad(), self.frozen():
+                e_p = self.adapter.predict(x, t, p)
+            terms["pres"] = per(self.adapter.predict(x, t, p), e_p).mean()
+        else:
+            terms["pres"] = zero
+        terms["total"] = terms["erase"] + cfg.beta * terms["early"] + cfg.gamma * terms["unc"] + cfg.rho * terms["pres"]
+        return terms
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------------
+    def _ckpt(self) -> Path | None:
+        return self.workdir / "trajectory_checkpoint.pt" if self.workdir else None
+
+    def save_checkpoint(self, step: int, opt: torch.optim.Optimizer, pool: Pool) -> None:
+        path = self._ckpt()
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": step,
+            "lora": {n: p.detach().cpu().clone() for n, p in self.adapter.denoiser.named_parameters()
+                     if ADAPTER_NAME in n},
+            "opt": opt.state_dict(),
+            "gen": self.gen.get_state(),
+            "pool": pool.state_dict(),
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)  # atomic: a SIGKILL mid-write keeps the previous checkpoint
+
+    def load_checkpoint(self, opt: torch.optim.Optimizer) -> tuple[int, Pool] | None:
+        path = self._ckpt()
+        if path is None or not path.exists():
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        params = dict(self.adapter.denoiser.named_parameters())
+        with torch.no_grad():
+            for n, v in state["lora"].items():
+                params[n].copy_(v)
+        opt.load_state_dict(state["opt"])
+        self.gen.set_state(state["gen"])
+        return int(state["step"]), Pool.from_state(state["pool"])
+
+    # ---- training ----
+    def train(self, concepts: list[Concept]) -> dict[str, Any]:
+        """Run (or resume) training; returns the LoRA tensors in diffusers keys and a log. Detaches the adapter."""
+        cfg = self.config
+        preserve = [p for c in concepts for p in c.preserve]
+        start = time.perf_counter()
+        self.attach()
+        try:
+            params = self.lora_parameters()
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+            resumed = self.load_checkpoint(opt)
+            step, pool = resumed if resumed else (0, Pool())
+            self.fill_pool(pool, concepts)
+            history: list[dict[str, float]] = []
+            bar = tqdm(total=cfg.steps, initial=step, desc="trajectory fine-tuning", disable=not self.progress)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.adapter.device.type == "cuda" else None
+            while step < cfg.steps:
+                if step > 0 and step % cfg.refresh_every == 0:
+                    self.refresh(pool, concepts)
+                opt.zero_grad(set_to_none=True)
+                logged: dict[str, float] = {}
+                for _ in range(cfg.grad_accum):
+                    x, t, prompts = self.sample(pool)
+                    if autocast is not None:
+                        with autocast:
+                            terms = self.loss_terms(x, t, prompts, preserve)
+                    else:
+                        terms = self.loss_terms(x, t, prompts, preserve)
+                    loss = terms["total"] / cfg.grad_accum
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"loss became {loss.item()} at step {step}; the last checkpoint is kept — lower lr "
+                            "(or eta) and rerun with --resume"
+                        )
+                    loss.backward()
+                    for k, v in terms.items():
+                        logged[k] = logged.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                opt.step()
+                step += 1
+                history.append(logged)
+                bar.update(1)
+                bar.set_postfix(loss=f"{logged['total']:.4f}", erase=f"{logged['erase']:.4f}")
+                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    self.save_checkpoint(step, opt, pool)
+            bar.close()
+            state = self.export()
+        finally:
+            self.detach()
+        window = history[-min(len(history), 50):] if history else []
+        final = {k: sum(h[k] for h in window) / len(window) for k in window[0]} if window else {}
+        return {"state_dict": state, "final_losses": final, "train_seconds": time.perf_counter() - start,
+                "steps": cfg.steps, "target_modules": self.targets}
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """The trained LoRA in diffusers keys (``{prefix}.{module}.lora_A.weight``), scale folded into B."""
+        out = {}
+        prefix = self.adapter.denoiser_name
+        for name in self.targets:
+            layer = self.adapter.denoiser.get_submodule(name)
+            a = layer.lora_A[ADAPTER_NAME].weight.detach().float().cpu().clone()
+            b = layer.lora_B[ADAPTER_NAME].weight.detach().float().cpu().clone() * layer.scaling[ADAPTER_NAME]
+            out[f"{prefix}.{name}.lora_A.weight"] = a
+            out[f"{prefix}.{name}.lora_B.weight"] = b
+        return out
+
+
+def late_fraction(adapter: FamilyAdapter, tau: float, steps: int) -> float:
+    """Fraction of a ``steps``-step sampling schedule that falls in the LATE window (for reports)."""
+    sched = adapter.rollout_scheduler(steps)
+    times = adapter.model_time(sched.timesteps.float())
+    return float(adapter.is_late(times, tau).float().mean()) if len(times) else math.nan
