@@ -46,8 +46,8 @@ def erase(
 ) -> None:
     """Erase concepts from a model and write the erasure (LoRA + erasure.json)."""
     from . import erase as run_erase
-    from .artifacts.erasure import atomic_folder
     from .api import method_configs
+    from .artifacts.erasure import atomic_folder
     from .config import load_yaml, make_concepts
     from .methods import get_method
     from .models import load_model

@@ -128,6 +128,8 @@ class TrajectoryEngine:
         if self.config.gradient_checkpointing and hasattr(den, "disable_gradient_checkpointing"):
             den.disable_gradient_checkpointing()
         den.delete_adapters(ADAPTER_NAME)
+        if not getattr(den, "peft_config", None):  # nothing else loaded: remove the now-empty LoRA wrappers too
+            den.unload_lora()
         den.requires_grad_(False)
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:

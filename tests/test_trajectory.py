@@ -1,0 +1,195 @@
+"""Stage B: the trajectory engine on tiny SD1.x / SD2.x-v / SDXL / FLUX fixtures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from trace_erase import erase, get_adapter, load_erasure
+from trace_erase.artifacts.erasure import Erasure
+from trace_erase.config import Concept
+from trace_erase.engines.trajectory import TrajectoryConfig, TrajectoryEngine
+from trace_erase.errors import NonFiniteLossError, TraceEraseError
+from trace_erase.models import ModelHandle
+from trace_erase.sampling import generate_images
+
+from .conftest import BUILDERS
+from .test_closed_form import _pred
+
+FAST = {"steps": 2, "rollout_steps": 4, "pool_trajectories": 1, "batch_size": 1, "checkpoint_every": 1000}
+FAST_A = {"templates": ["{}", "a photo of {}"]}
+
+
+@pytest.mark.parametrize("method", ["trace", "trace-late-only", "esd-x", "esd-u", "ant"])
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_every_method_runs_and_loads(method, name, tmp_path, saved_models) -> None:
+    pipe = DiffusionPipeline.from_pretrained(saved_models[name])
+    extra = FAST_A if method.startswith("trace") else {}
+    er = erase(pipe, ["cat"], method=method, anchor="dog", progress=False, **FAST, **extra)
+    er.save(tmp_path / "e")
+    assert not pipe.get_list_adapters(), "training adapter must be removed"
+    fresh = DiffusionPipeline.from_pretrained(saved_models[name])
+    fresh.load_lora_weights(str(tmp_path / "e"))  # plain diffusers
+    base = _pred(get_adapter(DiffusionPipeline.from_pretrained(saved_models[name])), ["a photo of a cat"])
+    assert torch.isfinite(_pred(get_adapter(fresh), ["a photo of a cat"])).all()
+    m = load_erasure(tmp_path / "e").manifest
+    assert m["method"] == method and m["trajectory_log"]["steps"] == 2
+    assert (m["certificate"] is not None) == method.startswith("trace") if "certificate" in m else True
+    assert base.shape == _pred(get_adapter(pipe), ["a photo of a cat"]).shape
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_late_window_is_low_noise(name) -> None:
+    adapter = get_adapter(BUILDERS[name]())
+    sched = adapter.rollout_scheduler(20)
+    times = adapter.model_time(sched.timesteps.float())
+    late = adapter.is_late(times, 0.5)
+    k = int((~late).sum())
+    assert 0 < k < 20 and not late[:k].any() and late[k:].all()  # sampling order: EARLY first, then LATE
+    if adapter.time_kind == "ddpm":
+        noise = (1 - adapter.pipe.scheduler.alphas_cumprod[sched.timesteps.long()]).sqrt()
+        assert noise[late].max() < noise[~late].min()
+    else:
+        assert times[late].max() < 0.5 <= times[~late].min()  # σ: the weight of the noise in x_t
+
+
+def _engine(name: str, **kw) -> TrajectoryEngine:
+    adapter = get_adapter(BUILDERS[name]())
+    return TrajectoryEngine(adapter, TrajectoryConfig(**{**FAST, **kw}), progress=False)
+
+
+@pytest.mark.parametrize("name", ["sd", "flux"])
+def test_frozen_branch_is_the_base_model_and_terms_vanish_at_init(name) -> None:
+    eng = _engine(name, rho=1.0, gamma=1.0, window="two")
+    reference = get_adapter(BUILDERS[name]())
+    eng.attach()
+    try:
+        x = torch.randn(eng.adapter.latent_shape(2), generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([900, 100]) if eng.adapter.time_kind == "ddpm" else torch.tensor([0.9, 0.1])
+        terms = eng.loss_terms(x, t, ["a photo of a cat"] * 2, ["a red car"])
+        assert terms["erase"] > 0  # LATE sample: reversed guidance differs from θ*
+        for k in ("early", "unc", "pres"):
+            assert terms[k].abs() < 1e-10, (k, float(terms[k]))
+        with torch.no_grad():  # make the LoRA non-zero, then compare the frozen branch with the plain model
+            for p in eng.lora_parameters():
+                p.add_(0.1)
+        cond = eng.cond(["a photo of a cat", ""])
+        with torch.no_grad(), eng.frozen():
+            frozen = eng.adapter.predict(x, t, cond)
+        with torch.no_grad():
+            live = eng.adapter.predict(x, t, cond)
+            ref = reference.predict(x, t, reference.conditioning(["a photo of a cat", ""]))
+        assert (frozen - ref).abs().max() < 1e-6
+        assert (live - ref).abs().max() > 1e-4
+    finally:
+        eng.detach()
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypatch) -> None:
+    pipe = BUILDERS["sd"]()
+    calls = {"n": 0}
+    original = TrajectoryEngine.loss_terms
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        terms = original(self, *a, **k)
+        if calls["n"] >= 4:
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(TrajectoryEngine, "loss_terms", flaky)
+    w0 = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 3.*--resume"):
+        erase(pipe, ["cat"], method="esd-x", progress=False, workdir=tmp_path / "w",
+              **{**FAST, "steps": 6, "checkpoint_every": 2})
+    assert (tmp_path / "w" / "trajectory_checkpoint.pt").exists()
+    assert not pipe.get_list_adapters()
+    assert all(torch.equal(p, w0[n]) for n, p in pipe.unet.named_parameters())
+
+
+KILL_SCRIPT = textwrap.dedent('''
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from tests.conftest import BUILDERS
+    from trace_erase import erase
+    from trace_erase.engines.trajectory import TrajectoryEngine
+    original = TrajectoryEngine.save_checkpoint
+    def save_then_die(self, step, opt, pool):
+        original(self, step, opt, pool)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+    TrajectoryEngine.save_checkpoint = save_then_die
+    erase(BUILDERS["sd"](), ["cat"], method="trace", anchor="dog", progress=False, workdir={workdir!r},
+          templates=["{{}}"], steps=7, rollout_steps=4, pool_trajectories=2, refresh_every=3, batch_size=2,
+          checkpoint_every=2)
+''')
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path) -> None:
+    import pathlib
+
+    opts = dict(templates=["{}"], steps=7, rollout_steps=4, pool_trajectories=2, refresh_every=3, batch_size=2,
+                checkpoint_every=2)
+    full = erase(BUILDERS["sd"](), ["cat"], method="trace", anchor="dog", progress=False, **opts)
+    workdir = tmp_path / "w"
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(root=root, workdir=str(workdir))],
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert torch.load(workdir / "trajectory_checkpoint.pt", weights_only=True)["step"] == 4
+    resumed = erase(BUILDERS["sd"](), ["cat"], method="trace", anchor="dog", progress=False, workdir=workdir,
+                    **opts)
+    for k, v in full.state_dict.items():
+        assert (resumed.state_dict[k] - v).abs().max() <= 1e-6, k
+
+
+def test_gated_adapter_leaves_early_latents_identical(tmp_path) -> None:
+    er = erase(BUILDERS["sd"](), ["cat"], method="trace", anchor="dog", progress=False, gate_tau=0.5,
+               **{**FAST, **FAST_A, "steps": 3})
+    assert er.gated_state_dict is not None and er.manifest["gate"]["tau"] == 0.5
+    er.save(tmp_path / "e")
+    gated = load_erasure(tmp_path / "e")
+    stage_a_only = Erasure(gated.state_dict, {**gated.manifest, "gate": None})
+
+    def latents_of(erasure: Erasure) -> tuple[list[torch.Tensor], ModelHandle]:
+        pipe = BUILDERS["sd"]()
+        handle = ModelHandle(pipe, get_adapter(pipe), "tiny")
+        erasure.apply(handle)
+        seen: list[torch.Tensor] = []
+
+        def grab(p, i, t, kw):
+            seen.append(kw["latents"].clone())
+            return kw
+
+        handle.step_callbacks.append(grab)
+        generate_images(handle, ["a photo of a cat"], [0], steps=10, guidance=3.0, progress=False,
+                        callback_on_step_end_tensor_inputs=["latents"])
+        return seen, handle
+
+    with_gate, handle = latents_of(gated)
+    without, _ = latents_of(stage_a_only)
+    gate = handle.step_callbacks[0]
+    weights = [w for _, w in gate.history]
+    n_early = weights.index(1.0)
+    assert n_early > 0 and all(w == 0.0 for w in weights[:n_early]) and all(w == 1.0 for w in weights[n_early:])
+    assert all(t >= 500 for t, _ in gate.history[:n_early]) and all(t < 500 for t, _ in gate.history[n_early:])
+    for i in range(n_early):  # latents after each EARLY step: bit-identical to the stage-A model
+        assert torch.equal(with_gate[i], without[i]), i
+    assert not torch.equal(with_gate[-1], without[-1])  # the gated LoRA does act in LATE steps
+
+
+def test_bad_trajectory_options() -> None:
+    with pytest.raises(TraceEraseError, match="unknown window"):
+        TrajectoryConfig(window="middle")
+    with pytest.raises(TraceEraseError, match="tau must be in"):
+        TrajectoryConfig(tau=0.0)
+    with pytest.raises(TraceEraseError, match="unknown options for 'esd-x' \\['lambda_reg'\\]"):
+        erase(BUILDERS["sd"](), ["cat"], method="esd-x", lambda_reg=1.0, progress=False)
+    with pytest.raises(TraceEraseError, match="cannot be fused"):
+        er = erase(BUILDERS["sd"](), [Concept("cat")], method="esd-x", gate_tau=0.5, progress=False, **FAST)
+        er.merge_into(BUILDERS["sd"]())
