@@ -222,15 +222,26 @@ class TrajectoryEngine:
         cfg = self.config
         n = x.shape[0]
         c, u = self.cond(prompts), self.cond([""] * n)
+        use_unc = cfg.gamma > 0
+        use_pres = cfg.rho > 0 and bool(preserve)
+        frozen_conds, live_conds = [c, u], [c] + ([u] if use_unc else [])
+        if use_pres:
+            i = int(torch.randint(0, len(preserve), (1,), generator=self.gen))
+            p = self.cond([preserve[i]] * n)
+            frozen_conds.append(p)
+            live_conds.append(p)
+        # one batched call per branch: frozen θ* for (c, ∅[, p]) and trained θ for (c[, ∅][, p])
         with torch.no_grad(), self.frozen():
-            both = self.adapter.predict(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([c, u]))
-            e_c, e_u = both[:n], both[n:]
-        pred_c = self.adapter.predict(x, t, c)
+            k = len(frozen_conds)
+            ref = self.adapter.predict(x.repeat(k, 1, 1, 1), t.repeat(k), Conditioning.cat(frozen_conds)).chunk(k)
+        k = len(live_conds)
+        live = self.adapter.predict(x.repeat(k, 1, 1, 1), t.repeat(k), Conditioning.cat(live_conds)).chunk(k)
+        e_c, e_u = ref[0], ref[1]
+        pred_c = live[0]
         late = self.adapter.is_late(t, cfg.tau) if cfg.window != "all" else torch.ones(n, dtype=torch.bool,
                                                                                           device=x.device)
         per = lambda a, b: (a.float() - b.float()).pow(2).flatten(1).mean(1)  # noqa: E731
-        erase_target = e_u - cfg.eta * (e_c - e_u)
-        l_erase = per(pred_c, erase_target)
+        l_erase = per(pred_c, e_u - cfg.eta * (e_c - e_u))
         if cfg.early_mode == "positive":
             l_early = per(pred_c, e_u + cfg.eta * (e_c - e_u))
         else:
@@ -240,19 +251,9 @@ class TrajectoryEngine:
         terms = {
             "erase": (l_erase * late_f).sum() / n,
             "early": (l_early * (1 - late_f)).sum() / n if cfg.early_mode != "none" else zero,
+            "unc": per(live[1], e_u).mean() if use_unc else zero,
+            "pres": per(live[-1], ref[-1]).mean() if use_pres else zero,
         }
-        if cfg.gamma > 0:
-            terms["unc"] = per(self.adapter.predict(x, t, u), e_u).mean()
-        else:
-            terms["unc"] = zero
-        if cfg.rho > 0 and preserve:
-            i = int(torch.randint(0, len(preserve), (1,), generator=self.gen))
-            p = self.cond([preserve[i]] * n)
-            with torch.no_grad(), self.frozen():
-                e_p = self.adapter.predict(x, t, p)
-            terms["pres"] = per(self.adapter.predict(x, t, p), e_p).mean()
-        else:
-            terms["pres"] = zero
         terms["total"] = terms["erase"] + cfg.beta * terms["early"] + cfg.gamma * terms["unc"] + cfg.rho * terms["pres"]
         return terms
 

@@ -1,0 +1,124 @@
+"""Stage-B cost on an SD-1.4-architecture UNet (random weights): per-iteration time and peak RSS.
+
+Setups, each in its own process (peak RSS is per process):
+  trace     — our TRACE stage B: LoRA on K/V, frozen branch = same UNet with the adapter disabled
+  esd-x     — our ESD-x: LoRA on cross-attention, same single-UNet design
+  two-copy  — an ESD-style setup as in the original repos: a frozen deepcopy of the UNet beside the trained one
+              (full fine-tuning of cross-attention, as ESD-x does)
+  trace-gc  — trace with gradient checkpointing
+
+    python benchmarks/trajectory_cost.py [--iters 3] [--setups trace,esd-x,two-copy,trace-gc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def run_setup(setup: str, iters: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from trace_erase.config import Concept
+    from trace_erase.engines.trajectory import TrajectoryConfig, TrajectoryEngine
+    from trace_erase.methods import get_method
+    from trace_erase.models import get_adapter
+    from trace_erase.models.builders import sd14_architecture_pipeline
+
+    pipe = sd14_architecture_pipeline()
+    adapter = get_adapter(pipe)
+    model_bytes = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
+    method = "esd-x" if setup == "esd-x" else "trace"
+    opts = dict(get_method(method).trajectory)
+    opts.update(steps=iters, rollout_steps=4, pool_trajectories=1, batch_size=1, checkpoint_every=10**9,
+                gradient_checkpointing=setup == "trace-gc")
+    engine = TrajectoryEngine(adapter, TrajectoryConfig(**opts), progress=False)
+    concepts = [Concept("van gogh")]
+    if setup == "two-copy":
+        frozen = copy.deepcopy(pipe.unet).requires_grad_(False)
+        unet = pipe.unet
+        unet.requires_grad_(False)
+        params = [p for n, p in unet.named_parameters() if "attn2" in n]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=1e-5)
+        cond = adapter.conditioning(["van gogh", ""])
+        times = []
+        for _ in range(iters + 1):
+            x = torch.randn(adapter.latent_shape(1))
+            t = torch.tensor([500])
+            start = time.perf_counter()
+            with torch.no_grad():
+                ctx = cond.tensors["encoder_hidden_states"]
+                e = frozen(torch.cat([x, x]), t.repeat(2), encoder_hidden_states=ctx).sample
+            target = e[1:] - (e[:1] - e[1:])
+            pred = unet(x, t, encoder_hidden_states=cond.tensors["encoder_hidden_states"][:1]).sample
+            loss = (pred - target).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - start)
+        per_iter = sum(times[1:]) / iters
+    else:
+        engine.attach()
+        params = engine.lora_parameters()
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        x = torch.randn(adapter.latent_shape(1))
+        times = []
+        for i in range(iters + 1):
+            t = torch.tensor([300 if i % 2 else 700])
+            start = time.perf_counter()
+            terms = engine.loss_terms(x, t, ["van gogh"], [])
+            opt.zero_grad()
+            terms["total"].backward()
+            opt.step()
+            times.append(time.perf_counter() - start)
+        per_iter = sum(times[1:]) / iters
+        _ = concepts
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"setup": setup, "per_iter_s": per_iter, "peak_rss_gib": peak / 2**30, "unet_gib": model_bytes / 2**30,
+            "threads": threads, "iters": iters}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--setups", default="trace,esd-x,two-copy,trace-gc")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_setup(args.child, args.iters, args.threads)))
+        return
+    rows = []
+    for setup in args.setups.split(","):
+        out = subprocess.run([sys.executable, __file__, "--child", setup, "--iters", str(args.iters),
+                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    by = {r["setup"]: r for r in rows}
+    print("\n| setup | s / iteration | peak RSS GiB |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['setup']} | {r['per_iter_s']:.2f} | {r['peak_rss_gib']:.2f} |")
+    if "trace" in by and "two-copy" in by:
+        print(f"\ntrace / two-copy: time {by['trace']['per_iter_s'] / by['two-copy']['per_iter_s']:.2f}×, "
+              f"peak RSS {by['trace']['peak_rss_gib'] / by['two-copy']['peak_rss_gib']:.2f}×")
+    if "trace" in by and "esd-x" in by:
+        print(f"trace / esd-x (ours): time {by['trace']['per_iter_s'] / by['esd-x']['per_iter_s']:.2f}×")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
