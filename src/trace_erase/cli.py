@@ -222,6 +222,87 @@ def merge(
     typer.echo(f"wrote merged pipeline to {final}")
 
 
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="base model (toy-sd, toy-flux, or a toy pipeline folder)")],
+    output: Annotated[str, typer.Option(help="folder for results.json, report.html and the images")],
+    suite: Annotated[str, typer.Option(help="toy-objects or toy-styles")] = "toy-objects",
+    erasure: Annotated[str | None, typer.Option(help="erasure folder to evaluate (omit: the base model)")] = None,
+    concept: Annotated[str | None, typer.Option(help="erased concept (default: the erasure's first)")] = None,
+    seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 10,
+    scale: Annotated[float, typer.Option(help="erasure strength")] = 1.0,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+) -> None:
+    """Evaluate an erasure (before/after on the same seeds) and write results.json + report.html."""
+    from .artifacts.erasure import atomic_folder, load_erasure
+    from .evaluation.run import evaluate
+    from .evaluation.suites import SUITES
+    from .models import load_model
+
+    if suite not in SUITES:
+        raise TraceEraseError(f"unknown suite '{suite}'; available: {', '.join(SUITES)}")
+    if Path(output).exists() and not overwrite:
+        atomic_folder(output, overwrite, "evaluation output")
+    er = load_erasure(erasure) if erasure else None
+    concept = concept or (er.manifest["concepts"][0]["name"] if er else None)
+    if not concept:
+        raise TraceEraseError("no concept to score; pass --concept (or --erasure)")
+    handle = load_model(model)
+    res = evaluate(handle, er, suite, concept, output, seeds=seeds, scale=scale, overwrite=overwrite)
+    _print_headline(res)
+
+
+def _print_headline(res: dict[str, Any]) -> None:
+    b, e = res["metrics"]["base"], res["metrics"]["erased"]
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    typer.echo(f"{res['method']} on '{res['concept']}' ({res['suite']}, {res['settings']['seeds_per_prompt']} seeds):")
+    for key, label in (("acc_e", "Acc_e (erased, lower is better)"), ("acc_s", "Acc_s (others, higher is better)"),
+                       ("acc_g", "Acc_g (synonyms, lower is better)"), ("h_o", "H_o")):
+        typer.echo(f"  {label:36s} base {f(b[key])}  →  erased {f(e[key])}")
+    typer.echo(f"  drift on other prompts: pixel L2 {e['drift_l2']:.4f}, SSIM {e['drift_ssim']:.3f}")
+    typer.echo(f"report: {res['report']}")
+
+
+@app.command()
+def demo(
+    output: Annotated[str, typer.Option(help="folder for the erasure and the evaluation")] = "out/demo",
+    model: Annotated[str, typer.Option(help="toy model")] = "toy-sd",
+    concept: Annotated[str, typer.Option(help="toy class to erase")] = "circle",
+    method: Annotated[str, typer.Option(help="erasure method")] = "trace",
+    seeds: Annotated[int, typer.Option(help="seeds per prompt in the evaluation")] = 10,
+    option: Annotated[list[str] | None, typer.Option(help="engine option KEY=VALUE (repeatable)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+) -> None:
+    """The main job on the embedded toy world: erase a class from toy-sd, evaluate before/after, write a report."""
+    from . import erase as run_erase
+    from .artifacts.erasure import atomic_folder
+    from .evaluation.run import evaluate
+    from .evaluation.suites import toy_class_of
+    from .methods import get_method
+    from .models import load_model
+
+    out = Path(output)
+    if out.exists() and not overwrite:
+        atomic_folder(out, overwrite, "demo output")
+    toy_class_of(concept)
+    spec = get_method(method)
+    options = {**(DEMO_OPTIONS if spec.uses_trajectory else {}), **_parse_options(option or [])}
+    handle = load_model(model)
+    typer.echo(f"erasing '{concept}' from {model} with {method} ({options or 'defaults'})")
+    er = run_erase(handle, [concept], method=method, **options)
+    er.save(out / "erasure", overwrite=True)
+    typer.echo(f"erasure: {out / 'erasure'} ({er.manifest['timings']['wall_time_s']:.0f}s)")
+    res = evaluate(handle, er, "toy-objects", concept, out / "eval", seeds=seeds, overwrite=True)
+    _print_headline(res)
+
+
+# the demo's stage-B budget on a 2-core CPU (the method defaults are the spec's 1000 steps)
+DEMO_OPTIONS: dict[str, Any] = {"steps": 300}
+
+
 toyworld_app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="The embedded toy world (toy-sd, toy-flux)."
 )

@@ -1,0 +1,127 @@
+"""Run an evaluation: generate the suite's images before and after an erasure on the same seeds, score them,
+and write ``results.json``, ``report.html`` and the PNGs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifacts.erasure import Erasure, atomic_folder, commit_folder
+from ..models import ModelHandle
+from ..sampling import generate_images, sampler_settings
+from ..toyworld.classifier import CLASSIFIER_DIR, ToyClassifier, load_classifier
+from ..toyworld.render import CLASSES, STYLES
+from .metrics import h_objects, pixel_drift, ssim
+from .report import write_report
+from .suites import PromptItem, build_suite
+
+LABELS = {"class": CLASSES, "style": STYLES}
+
+
+def classifier_identity(folder: Path = CLASSIFIER_DIR) -> dict[str, Any]:
+    """Which classifier scored the images: path, weight hash and its recorded held-out accuracy."""
+    weights = folder / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+    cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    return {"backend": "toy-classifier", "path": str(folder), "sha256": digest,
+            "heldout_accuracy": cfg.get("heldout_accuracy")}
+
+
+def images_for(handle: ModelHandle, items: list[PromptItem], progress: bool, **kw: Any) -> np.ndarray:
+    imgs = generate_images(handle, [i.prompt for i in items], [i.seed for i in items], batch_size=64,
+                           progress=progress, **kw)
+    return np.stack([np.asarray(im.convert("RGB")) for im in imgs])
+
+
+def score(items: list[PromptItem], images: np.ndarray, clf: ToyClassifier) -> dict[str, float | None]:
+    """Accuracy per group (erased / synonym / other) and H_o."""
+    pred = clf.predict(images)
+    correct = np.array([LABELS[i.head][pred[i.head][k]] == i.label for k, i in enumerate(items)])
+    groups = np.array([i.group for i in items])
+    acc = {g: (float(correct[groups == g].mean()) if (groups == g).any() else None)
+           for g in ("erased", "synonym", "other")}
+    out: dict[str, float | None] = {"acc_e": acc["erased"], "acc_s": acc["other"], "acc_g": acc["synonym"]}
+    out["h_o"] = h_objects(acc["erased"], acc["other"], acc["synonym"] if acc["synonym"] is not None else 0.0)
+    return out
+
+
+def evaluate(
+    handle: ModelHandle,
+    erasure: Erasure | None,
+    suite: str,
+    concept: str,
+    output: str | Path,
+    seeds: int = 10,
+    scale: float = 1.0,
+    overwrite: bool = False,
+    progress: bool = True,
+    base_images: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``erasure`` (or the base model alone) on ``suite``; returns the results dict it also writes."""
+    from ..api import library_versions
+
+    final = Path(output)
+    if final.exists() and not overwrite:
+        atomic_folder(final, overwrite, "evaluation output")
+    items = build_suite(suite, concept, seeds)
+    clf = load_classifier()
+    t0 = time.perf_counter()
+    base = base_images if base_images is not None else images_for(handle, items, progress)
+    t_base = time.perf_counter() - t0
+    erased = base
+    if erasure is not None:
+        erasure.apply(handle, scale=scale)
+        erased = images_for(handle, items, progress)
+    t_erased = time.perf_counter() - t0 - t_base
+    m_base, m_erased = score(items, base, clf), score(items, erased, clf)
+    other = np.array([i.group == "other" for i in items])
+    m_erased["drift_l2"] = pixel_drift(base[other], erased[other])
+    m_erased["drift_ssim"] = ssim(base[other], erased[other])
+    m_base["drift_l2"], m_base["drift_ssim"] = 0.0, 1.0
+    results = {
+        "model": handle.source,
+        "suite": suite,
+        "concept": concept,
+        "method": erasure.method if erasure else "base",
+        "metrics": {"base": m_base, "erased": m_erased},
+        "settings": {
+            "seeds_per_prompt": seeds,
+            "seeds": list(range(seeds)),
+            "sampler": sampler_settings(handle),
+            "erasure_scale": scale if erasure else None,
+            "erasure_config": erasure.manifest.get("config") if erasure else None,
+            "classifier": classifier_identity(),
+            "drift": "over the 'other' prompts: mean per-pixel RGB L2 in [0,1] and 7×7 luminance SSIM vs base",
+            "h_o": "3 / (1/(1-acc_e) + 1/acc_s + 1/(1-acc_g))",
+            "versions": library_versions(),
+        },
+        "timings": {"generate_base_s": t_base, "generate_erased_s": t_erased},
+        "prompts": [{"prompt": i.prompt, "seed": i.seed, "group": i.group, "label": i.label} for i in items],
+    }
+    final, tmp = atomic_folder(final, overwrite, "evaluation output")
+    try:
+        from PIL import Image
+
+        grid: dict[str, dict[str, Any]] = {}
+        for k, item in enumerate(items):
+            for kind, arr in (("base", base), ("erased", erased)):
+                rel = f"images/{kind}/{k:05d}.png"
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr[k]).save(tmp / rel)
+                entry = grid.setdefault(item.prompt, {"prompt": item.prompt, "group": item.group,
+                                                      "base": [], "erased": []})
+                entry[kind].append(rel)
+        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_report(tmp, results, list(grid.values()))
+        commit_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    results["report"] = str(final / "report.html")
+    return results

@@ -1,0 +1,83 @@
+"""Evaluation: metric formulas, the toy suites, results.json / report.html, and the demo on a micro model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from trace_erase import TraceEraseError, erase
+from trace_erase.cli import main
+from trace_erase.evaluation import h_identities, h_objects, h_styles, pixel_drift, ssim
+from trace_erase.evaluation.run import evaluate
+from trace_erase.evaluation.suites import build_suite, toy_class_of
+from trace_erase.models import load_model
+from trace_erase.toyworld.train import ToyTrainer, preset
+
+
+@pytest.fixture(scope="module")
+def micro_sd(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("micro") / "toy-sd"
+    return str(ToyTrainer(preset("sd", micro=True), out, progress=False).run())
+
+
+def test_metric_formulas() -> None:
+    assert h_identities(0.0430, 0.8456) == pytest.approx(0.8979, abs=1e-4)
+    assert h_objects(0.1, 0.9, 0.2) == pytest.approx(3 / (1 / 0.9 + 1 / 0.9 + 1 / 0.8))
+    assert h_objects(1.0, 0.9, 0.0) == 0.0 and h_objects(0.0, 0.0, 0.0) == 0.0
+    assert h_styles(0.31, 0.25) == pytest.approx(0.06)
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    assert pixel_drift(a, a) == 0.0 and ssim(a, a) == pytest.approx(1.0)
+    b = np.clip(a.astype(int) + 40, 0, 255).astype(np.uint8)
+    assert 0 < pixel_drift(a, b) < np.sqrt(3) and ssim(a, b) < 1.0
+    white, black = np.full((1, 4, 4, 3), 255, np.uint8), np.zeros((1, 4, 4, 3), np.uint8)
+    assert pixel_drift(white, black) == pytest.approx(np.sqrt(3))
+
+
+def test_suites() -> None:
+    items = build_suite("toy-objects", "disc", seeds=2)  # a synonym names its class
+    assert toy_class_of("disc") == "circle"
+    groups = [i.group for i in items]
+    assert groups.count("erased") == 2 and groups.count("synonym") == 6 and groups.count("other") == 18
+    assert all(i.label == "circle" for i in items if i.group != "other")
+    styles = build_suite("toy-styles", "striped", seeds=3)
+    assert sum(i.group == "erased" for i in styles) == 3 and all(i.head == "style" for i in styles)
+    with pytest.raises(TraceEraseError, match="unknown suite 'nope'"):
+        build_suite("nope", "circle", 1)
+    with pytest.raises(TraceEraseError, match="not a toy object class"):
+        build_suite("toy-objects", "zebra", 1)
+
+
+def test_evaluate_writes_results_and_report(micro_sd, tmp_path) -> None:
+    handle = load_model(micro_sd)
+    er = erase(handle, ["circle"], method="uce", progress=False)
+    res = evaluate(handle, er, "toy-objects", "circle", tmp_path / "ev", seeds=2, progress=False)
+    saved = json.loads((tmp_path / "ev" / "results.json").read_text())
+    for key in ("seeds", "sampler", "classifier", "versions", "erasure_config", "h_o"):
+        assert key in saved["settings"], key
+    assert saved["settings"]["sampler"]["steps"] == 2 and saved["settings"]["classifier"]["sha256"]
+    assert set(saved["metrics"]["erased"]) >= {"acc_e", "acc_s", "acc_g", "h_o", "drift_l2", "drift_ssim"}
+    assert (tmp_path / "ev" / "report.html").read_text().count("<img") == 2 * 2 * 13
+    assert len(list((tmp_path / "ev" / "images" / "erased").glob("*.png"))) == 26
+    assert res["metrics"]["base"]["drift_l2"] == 0.0
+    with pytest.raises(TraceEraseError, match="already exists"):
+        evaluate(handle, None, "toy-objects", "circle", tmp_path / "ev", seeds=1, progress=False)
+
+
+def test_demo_and_eval_cli(micro_sd, tmp_path, capsys) -> None:
+    code = main(["demo", "--model", micro_sd, "--output", str(tmp_path / "d"), "--seeds", "1",
+                 "--option", "steps=2", "--option", "rollout_steps=2", "--option", "pool_trajectories=1",
+                 "--option", "templates=['{}']"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "H_o" in out and "report:" in out
+    assert (tmp_path / "d" / "erasure" / "erasure.json").is_file()
+    assert (tmp_path / "d" / "eval" / "report.html").is_file()
+    assert main(["eval", "--model", micro_sd, "--output", str(tmp_path / "d" / "eval"), "--concept",
+                 "circle"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["eval", "--model", micro_sd, "--output", str(tmp_path / "e2"), "--suite", "bad",
+                 "--concept", "circle"]) == 2
+    assert "unknown suite 'bad'" in capsys.readouterr().err
