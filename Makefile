@@ -26,7 +26,7 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
 demo: setup
-	$(VENV)/bin/trace-erase demo
+	$(VENV)/bin/trace-erase demo --output out/demo --overwrite
 
 bench: setup
 	$(PY) benchmarks/closed_form.py
