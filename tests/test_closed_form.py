@@ -175,3 +175,18 @@ def test_saved_lora_loads_with_plain_diffusers_and_matches_in_memory_edit(tmp_pa
         diff = (_pred(ad_edit, prompts) - _pred(ad_fresh, prompts)).abs().max()
         assert diff <= 1e-4, (name, float(diff))
         assert (_pred(adapter, prompts) - _pred(ad_fresh, prompts)).abs().max() > 1e-4  # the edit does something
+
+
+def test_flux_add_kv_option_uses_hooked_block_inputs() -> None:
+    pipe = tiny_flux_pipeline(max_length=8)
+    adapter = get_adapter(pipe)
+    cfg = ClosedFormConfig(targets="add_kv", token_selection="target", templates=["a photo of a {}"],
+                           lambda_reg=1e-6, probe_prompts=[])
+    engine = ClosedFormEngine(adapter, cfg, progress=False)
+    assert [s.modules for s in engine.streams] == [["transformer_blocks.0.attn.add_k_proj",
+                                                    "transformer_blocks.0.attn.add_v_proj"]]
+    result = engine.run([Concept("cat", "dog")])
+    # one row per concept token per observed σ (3 states)
+    assert result.counts["block0"]["erase"] == 3
+    assert max(c["erasure_residual"] for c in result.certificate.values()) < 1e-3
+    assert set(result.deltas) == {"transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.add_v_proj"}

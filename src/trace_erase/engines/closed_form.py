@@ -157,6 +157,14 @@ def aligned_positions(
     return tgt, anc
 
 
+def _rows(features: torch.Tensor, positions: list[int] | None = None) -> torch.Tensor:
+    """Feature rows ``[n, d]`` at token ``positions`` (all when None); a leading axis of denoiser states
+    (hooked streams, ``[K, L, d]``) contributes each state's rows."""
+    if positions is not None:
+        features = features[..., positions, :]
+    return features.reshape(-1, features.shape[-1])
+
+
 def _read_corpus(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
@@ -207,7 +215,7 @@ class ClosedFormEngine:
         bs = self.config.batch_size
         for i in tqdm(range(0, len(unique), bs), desc=desc, disable=not self.progress or len(unique) <= bs):
             chunk = unique[i : i + bs]
-            feats = self.adapter.encode_text(chunk)
+            feats = self.adapter.stream_features(chunk, self.streams)
             for k, p in enumerate(chunk):
                 out[p] = {name: f[k].float().cpu() for name, f in feats.items()}
         self.encode_seconds += time.perf_counter() - start
@@ -250,11 +258,11 @@ class ClosedFormEngine:
                         ti, ai = aligned_positions(
                             layout(pt, st), layout(pa, sa), cfg.token_selection, cfg.suffix_tokens
                         )
-                        es.append(ft[ti])
-                        as_.append(fa[ai])
+                        es.append(_rows(ft, ti))
+                        as_.append(_rows(fa, ai))
                     else:
-                        es.append(ft[None])
-                        as_.append(fa[None])
+                        es.append(_rows(ft))
+                        as_.append(_rows(fa))
                 yield RowBatch(stream.name, "erase", torch.cat(es), torch.cat(as_))
         for stream in self.streams:
             rows = []
@@ -262,15 +270,14 @@ class ClosedFormEngine:
                 f = fixed[prompt][stream.name]
                 if stream.per_token:
                     lp = layout(prompt, span)
-                    rows.append(f[aligned_positions(lp, lp, cfg.token_selection, cfg.suffix_tokens)[0]])
+                    rows.append(_rows(f, aligned_positions(lp, lp, cfg.token_selection, cfg.suffix_tokens)[0]))
                 else:
-                    rows.append(f[None])
+                    rows.append(_rows(f))
             for caption in corpus:
-                f = fixed[caption][stream.name]
-                rows.append(f if stream.per_token else f[None])
+                rows.append(_rows(fixed[caption][stream.name]))
             if rows:
                 yield RowBatch(stream.name, "preserve", torch.cat(rows))
-            probe_rows = [fixed[p][stream.name] if stream.per_token else fixed[p][stream.name][None] for p in probes]
+            probe_rows = [_rows(fixed[p][stream.name]) for p in probes]
             if probe_rows:
                 yield RowBatch(stream.name, "probe", torch.cat(probe_rows))
 

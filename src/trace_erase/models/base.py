@@ -33,6 +33,8 @@ class TextStream:
     per_token: bool = True
     # input columns the stream occupies when a module reads more than text (SDXL's add_embedding: pooled ⊕ time ids)
     columns: tuple[int, int] | None = None
+    # features are the module's own inputs captured inside the denoiser (FLUX add_k/add_v), not encoder outputs
+    hooked: bool = False
 
 
 @dataclass
@@ -125,6 +127,11 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def text_streams(self, targets: str = "default") -> list[TextStream]:
         """The text-carrying projections stage A edits, grouped by the features they read."""
+
+    def stream_features(self, prompts: list[str], streams: list[TextStream]) -> dict[str, torch.Tensor]:
+        """Features per stream for ``prompts``: ``[B, L, d]`` / ``[B, d]``, or ``[B, K, L, d]`` when a stream is
+        observed at K denoiser states (hooked streams). Default: the text encoders' outputs."""
+        return self.encode_text(prompts)
 
     def token_layout(self, prompt: str, span: tuple[int, int]) -> TokenLayout:
         """Token positions of the character span ``span`` of ``prompt`` in the per-token features."""

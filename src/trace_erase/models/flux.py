@@ -61,10 +61,44 @@ class FluxAdapter(FamilyAdapter):
             )
         return {"tokens": embeds, "pooled": pooled}
 
+    HOOK_SIGMAS = (0.25, 0.5, 0.75)  # denoiser states at which add_k/add_v inputs are observed (ours)
+
     def text_streams(self, targets: str = "default") -> list[TextStream]:
-        if targets not in ("default", "context"):
-            raise TraceEraseError(f"unknown stage-A targets '{targets}' for flux; use 'context'")
-        return [TextStream("tokens", [CONTEXT_EMBEDDER]), TextStream("pooled", [POOLED_PROJECTION], per_token=False)]
+        if targets in ("default", "context"):
+            return [TextStream("tokens", [CONTEXT_EMBEDDER]),
+                    TextStream("pooled", [POOLED_PROJECTION], per_token=False)]
+        if targets == "add_kv":  # the text-side K/V of each double-stream block; inputs depend on x_t and σ
+            return [
+                TextStream(f"block{i}", [f"transformer_blocks.{i}.attn.add_k_proj",
+                                         f"transformer_blocks.{i}.attn.add_v_proj"], hooked=True)
+                for i in range(len(self.denoiser.transformer_blocks))
+            ]
+        raise TraceEraseError(f"unknown stage-A targets '{targets}' for flux; use 'context' or 'add_kv'")
+
+    def stream_features(self, prompts: list[str], streams: list[TextStream]) -> dict[str, torch.Tensor]:
+        if not any(s.hooked for s in streams):
+            return self.encode_text(prompts)
+        captured: dict[str, list[torch.Tensor]] = {s.name: [] for s in streams}
+        handles = []
+        for stream in streams:
+            module = self.module(stream.modules[0])
+
+            def grab(mod: torch.nn.Module, args: tuple, name: str = stream.name) -> None:
+                captured[name].append(args[0].detach().float().cpu())
+
+            handles.append(module.register_forward_pre_hook(grab))
+        try:
+            cond = self.conditioning(prompts)
+            gen = torch.Generator().manual_seed(0)  # the same latents for every prompt: rows stay aligned
+            noise = torch.randn(self.latent_shape(1), generator=gen).to(self.device, self.dtype)
+            with torch.no_grad():
+                for sigma in self.HOOK_SIGMAS:
+                    x = noise.repeat(len(prompts), 1, 1, 1)
+                    self.predict(x, torch.full((len(prompts),), sigma, device=self.device), cond)
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: torch.stack(feats, dim=1) for name, feats in captured.items()}  # [B, K, L, d]
 
     def conditioning(self, prompts: list[str]) -> Conditioning:
         feats = self.encode_text(prompts)
