@@ -1,0 +1,74 @@
+"""Loaders for the prompt files users bring: I2P, MACE-style object/celebrity/art CSVs, COCO captions."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import TraceEraseError
+
+FORMATS: dict[str, tuple[str, ...]] = {
+    # I2P (Schramowski et al.): per-prompt seed and guidance
+    "i2p": ("prompt", "evaluation_seed", "evaluation_guidance", "categories"),
+    # MACE's evaluation CSVs: prompt, evaluation_seed, class/celebrity/artist column
+    "mace": ("prompt", "evaluation_seed"),
+    # a caption file: one prompt per row
+    "captions": ("prompt",),
+}
+
+
+@dataclass
+class PromptRecord:
+    """One prompt from a file, with its own seed/guidance when the file gives them."""
+
+    prompt: str
+    seed: int | None = None
+    guidance: float | None = None
+    label: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def read_prompts(path: str | Path, kind: str = "auto") -> list[PromptRecord]:
+    """Read a CSV (I2P / MACE-style / captions) or a COCO captions JSON; missing columns are named in the error."""
+    p = Path(path)
+    if not p.is_file():
+        raise TraceEraseError(f"prompts file '{path}' does not exist")
+    if p.suffix == ".json":
+        return _coco_json(p)
+    with p.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    if kind == "auto":
+        kind = "i2p" if "categories" in columns else "mace" if "evaluation_seed" in columns else "captions"
+    if kind not in FORMATS:
+        raise TraceEraseError(f"unknown prompts format '{kind}'; choose one of {', '.join(FORMATS)}")
+    missing = [c for c in FORMATS[kind] if c not in columns]
+    if missing:
+        raise TraceEraseError(f"'{path}' lacks the column(s) {', '.join(missing)} that a {kind} file needs "
+                              f"(it has: {', '.join(columns) or 'none'})")
+    if not rows:
+        raise TraceEraseError(f"'{path}' has no rows")
+    label_col = next((c for c in ("class", "celebrity", "artist", "categories", "label") if c in columns), None)
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            seed = int(float(row["evaluation_seed"])) if row.get("evaluation_seed") else None
+            guidance = float(row["evaluation_guidance"]) if row.get("evaluation_guidance") else None
+        except ValueError as exc:
+            raise TraceEraseError(f"'{path}' row {i + 2}: bad number ({exc}); fix the seed/guidance value") from exc
+        out.append(PromptRecord(row["prompt"], seed, guidance, row.get(label_col) if label_col else None,
+                                {k: v for k, v in row.items() if k not in ("prompt",)}))
+    return out
+
+
+def _coco_json(p: Path) -> list[PromptRecord]:
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise TraceEraseError(f"'{p}' is not valid JSON ({exc.msg})") from exc
+    if not isinstance(data, dict) or "annotations" not in data:
+        raise TraceEraseError(f"'{p}' lacks 'annotations' (a COCO captions file has annotations[].caption)")
+    return [PromptRecord(a["caption"].strip(), None, None, str(a.get("image_id"))) for a in data["annotations"]]
