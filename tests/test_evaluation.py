@@ -81,3 +81,30 @@ def test_demo_and_eval_cli(micro_sd, tmp_path, capsys) -> None:
     assert main(["eval", "--model", micro_sd, "--output", str(tmp_path / "e2"), "--suite", "bad",
                  "--concept", "circle"]) == 2
     assert "unknown suite 'bad'" in capsys.readouterr().err
+
+
+def test_bench_micro(micro_sd, tmp_path, capsys) -> None:
+    code = main(["bench", "--model", micro_sd, "--output", str(tmp_path / "b"), "--methods", "uce,esd-x",
+                 "--concepts", "circle", "--seeds", "1", "--sweep", "tau=0.3",
+                 "--option", "steps=2", "--option", "rollout_steps=2", "--option", "pool_trajectories=1",
+                 "--option", "templates=['{}']"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "b" / "bench.json").read_text())
+    methods = [e["method"] for e in result["means"]]
+    assert methods == ["base", "uce", "esd-x", "trace[tau=0.3]"]
+    assert result["rows"][0]["status"] == "ok" and "h_o" in result["means"][1]
+    md = (tmp_path / "b" / "bench.md").read_text()
+    assert "| uce |" in md and "H_o" in md
+    assert (tmp_path / "b" / "runs" / "circle" / "esd-x" / "report.html").is_file()
+
+
+def test_bench_lists_unsupported_methods() -> None:
+    from trace_erase.evaluation.bench import markdown, summarize
+
+    rows = [{"concept": "circle", "method": "base", "status": "ok", "acc_e": 1.0, "acc_s": 1.0, "acc_g": 1.0,
+             "h_o": 0.0, "drift_l2": 0.0, "drift_ssim": 1.0, "erase_s": 0.0},
+            {"concept": "circle", "method": "sd-only", "status": "unsupported"}]
+    table = summarize(rows)
+    assert table[1] == {"method": "sd-only", "status": "unsupported"}
+    assert "sd-only | unsupported" in markdown({"means": table, "model": "m", "suite": "s", "concepts": ["circle"],
+                                                "seeds_per_prompt": 1, "options": {}})

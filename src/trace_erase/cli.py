@@ -299,6 +299,42 @@ def demo(
     _print_headline(res)
 
 
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option(help="toy-sd or toy-flux (or a toy pipeline folder)")],
+    output: Annotated[str, typer.Option(help="folder for bench.md, bench.json and per-run reports")],
+    methods: Annotated[str, typer.Option(help="comma-separated methods")] =
+        "trace,trace-closed-form,uce,mace-cfr,esd-x,esd-u,ant",
+    concepts: Annotated[str, typer.Option(help="'all' or comma-separated toy classes")] = "all",
+    suite: Annotated[str, typer.Option(help="toy-objects or toy-styles")] = "toy-objects",
+    seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 10,
+    option: Annotated[list[str] | None, typer.Option(help="engine option KEY=VALUE for every method")] = None,
+    sweep: Annotated[str | None, typer.Option(help="extra trace runs, e.g. tau=0.3,0.5,0.7,0.86")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+) -> None:
+    """Erase each concept with each method on the same seeds; write the comparison table."""
+    from .artifacts.erasure import atomic_folder
+    from .evaluation.bench import parse_sweep, run_bench
+    from .methods import get_method
+    from .models import load_model
+    from .toyworld.render import CLASSES, STYLES
+
+    if Path(output).exists() and not overwrite:
+        atomic_folder(output, overwrite, "bench output")
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in method_list:
+        get_method(m)
+    pool = CLASSES if suite == "toy-objects" else STYLES[1:]
+    concept_list = list(pool) if concepts == "all" else [c.strip() for c in concepts.split(",") if c.strip()]
+    handle = load_model(model)
+    result = run_bench(handle, method_list, concept_list, output, suite=suite, seeds=seeds,
+                       options=_parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite)
+    from .evaluation.bench import markdown
+
+    typer.echo(markdown(result))
+    typer.echo(f"wrote {Path(output) / 'bench.md'}")
+
+
 # the demo's stage-B budget on a 2-core CPU (the method defaults are the spec's 1000 steps)
 DEMO_OPTIONS: dict[str, Any] = {"steps": 300}
 

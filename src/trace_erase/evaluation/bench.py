@@ -1,0 +1,152 @@
+"""Side-by-side benchmark: every method erases every concept on the same seeds; one table of means per method."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifacts.erasure import atomic_folder, commit_folder
+from ..errors import TraceEraseError
+from ..methods import get_method
+from ..models import ModelHandle
+from .run import evaluate, images_for
+from .suites import build_suite
+
+METRICS = ("acc_e", "acc_s", "acc_g", "h_o", "drift_l2", "drift_ssim")
+
+
+def parse_sweep(text: str | None) -> list[tuple[str, Any]]:
+    """``tau=0.3,0.5`` → [("tau", 0.3), ("tau", 0.5)]."""
+    if not text:
+        return []
+    if "=" not in text:
+        raise TraceEraseError(f"--sweep '{text}' must look like tau=0.3,0.5,0.7")
+    key, values = text.split("=", 1)
+    return [(key.strip(), float(v)) for v in values.split(",") if v.strip()]
+
+
+def _reset(handle: ModelHandle) -> None:
+    """Remove every adapter an earlier run loaded, so each method starts from the base model."""
+    if handle.pipe.get_list_adapters():
+        handle.pipe.unload_lora_weights()
+    handle.step_callbacks.clear()
+
+
+def run_bench(
+    handle: ModelHandle,
+    methods: list[str],
+    concepts: list[str],
+    output: str | Path,
+    suite: str = "toy-objects",
+    seeds: int = 10,
+    options: dict[str, Any] | None = None,
+    sweep: list[tuple[str, Any]] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Erase each concept with each method (plus the sweep's variants of ``trace``), evaluate, write the tables."""
+    from ..api import erase, library_versions
+
+    final, tmp = atomic_folder(output, overwrite, "bench output")
+    try:
+        runs = [(m, {}) for m in methods]
+        runs += [("trace", {k: v}) for k, v in (sweep or [])]
+        rows: list[dict[str, Any]] = []
+        for concept in concepts:
+            items = build_suite(suite, concept, seeds)
+            _reset(handle)
+            base = images_for(handle, items, progress=False)
+            for method, extra in runs:
+                label = method + "".join(f"[{k}={v}]" for k, v in extra.items())
+                spec = get_method(method)
+                if handle.adapter.family not in spec.families:
+                    rows.append({"concept": concept, "method": label, "status": "unsupported"})
+                    continue
+                _reset(handle)
+                opts = {k: v for k, v in (options or {}).items() if _accepts(spec, k)}
+                t0 = time.perf_counter()
+                er = erase(handle, [concept], method=method, progress=progress, **opts, **extra)
+                wall = time.perf_counter() - t0
+                res = evaluate(handle, er, suite, concept, tmp / "runs" / concept / label, seeds=seeds,
+                               progress=False, base_images=base)
+                er.save(tmp / "runs" / concept / label / "erasure")
+                rows.append({"concept": concept, "method": label, "status": "ok", **res["metrics"]["erased"],
+                             "erase_s": wall,
+                             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                if progress:
+                    print(f"  {concept:10s} {label:24s} " + " ".join(f"{k} {res['metrics']['erased'][k]:.3f}"
+                                                                    for k in METRICS), flush=True)
+            rows.append({"concept": concept, "method": "base", "status": "ok",
+                         **evaluate(handle, None, suite, concept, tmp / "runs" / concept / "base", seeds=seeds,
+                                    progress=False, base_images=base)["metrics"]["erased"]} | {"erase_s": 0.0})
+        table = summarize(rows)
+        result = {
+            "model": handle.source, "suite": suite, "concepts": concepts, "methods": [r[0] for r in runs],
+            "seeds_per_prompt": seeds, "options": options or {}, "sweep": sweep or [], "rows": rows, "means": table,
+            "versions": library_versions(),
+            "method_configs": {m: dataclasses.asdict(get_method(m)) for m in dict.fromkeys(r[0] for r in runs)},
+        }
+        (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        (tmp / "bench.md").write_text(markdown(result))
+        commit_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def _accepts(spec: Any, key: str) -> bool:
+    from ..engines.closed_form import ClosedFormConfig
+    from ..engines.trajectory import TrajectoryConfig
+
+    cf = {f.name for f in dataclasses.fields(ClosedFormConfig)}
+    tr = {f.name for f in dataclasses.fields(TrajectoryConfig)}
+    return (key in cf and spec.uses_closed_form) or (key in tr and spec.uses_trajectory)
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Means over concepts per method (base first); unsupported methods are listed as such."""
+    order = ["base"] + list(dict.fromkeys(r["method"] for r in rows if r["method"] != "base"))
+    out = []
+    for method in order:
+        mine = [r for r in rows if r["method"] == method]
+        if mine and all(r["status"] == "unsupported" for r in mine):
+            out.append({"method": method, "status": "unsupported"})
+            continue
+        ok = [r for r in mine if r["status"] == "ok"]
+        entry = {"method": method, "status": "ok", "concepts": len(ok)}
+        for k in (*METRICS, "erase_s", "peak_rss_mb"):
+            vals = [r[k] for r in ok if r.get(k) is not None]
+            entry[k] = float(np.mean(vals)) if vals else None
+        out.append(entry)
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The bench table (means over concepts) and the command-relevant settings."""
+    head = ("| method | Acc_e ↓ | Acc_s ↑ | Acc_g ↓ | H_o ↑ | drift L2 ↓ | SSIM ↑ | erase s | peak RSS MiB |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+
+    def f(v: Any, d: int = 3) -> str:
+        return "-" if v is None else f"{v:.{d}f}"
+
+    lines = []
+    for e in result["means"]:
+        if e["status"] == "unsupported":
+            lines.append(f"| {e['method']} | unsupported on this family | | | | | | | |")
+            continue
+        lines.append(f"| {e['method']} | {f(e['acc_e'])} | {f(e['acc_s'])} | {f(e['acc_g'])} | {f(e['h_o'])} | "
+                     f"{f(e['drift_l2'], 4)} | {f(e['drift_ssim'])} | {f(e['erase_s'], 1)} | "
+                     f"{f(e.get('peak_rss_mb'), 0)} |")
+    settings = (f"\nmodel {result['model']}, suite {result['suite']}, concepts {', '.join(result['concepts'])}, "
+                f"{result['seeds_per_prompt']} seeds per prompt (0..{result['seeds_per_prompt'] - 1}), "
+                f"options {result['options'] or 'method defaults'}; base row = no erasure. Peak RSS is the "
+                "process peak so far (monotone across rows).\n")
+    return head + "\n".join(lines) + "\n" + settings
