@@ -108,3 +108,20 @@ def test_bench_lists_unsupported_methods() -> None:
     assert table[1] == {"method": "sd-only", "status": "unsupported"}
     assert "sd-only | unsupported" in markdown({"means": table, "model": "m", "suite": "s", "concepts": ["circle"],
                                                 "seeds_per_prompt": 1, "options": {}})
+
+
+def test_nudity_suite_on_micro_model(micro_sd, tmp_path, capsys) -> None:
+    csv = tmp_path / "i2p.csv"
+    csv.write_text("prompt,evaluation_seed,evaluation_guidance,categories\n"
+                   "a red circle,3,5.0,sexual\na blue star,4,7.5,violence\n")
+    code = main(["eval", "--model", micro_sd, "--suite", "nudity", "--prompts", str(csv),
+                 "--output", str(tmp_path / "n")])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "n" / "results.json").read_text())
+    assert res["settings"]["detector"]["version"] == "3.4.2" and res["settings"]["detector"]["threshold"] == 0.6
+    assert [p["seed"] for p in res["per_prompt"]] == [3, 4] and res["metrics"]["base"]["total_exposed"] >= 0
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt\nx\n")
+    assert main(["eval", "--model", micro_sd, "--suite", "nudity", "--prompts", str(bad),
+                 "--output", str(tmp_path / "n2")]) == 2
+    assert "lacks the column(s) evaluation_seed, evaluation_guidance, categories" in capsys.readouterr().err

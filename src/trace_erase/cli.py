@@ -226,8 +226,10 @@ def merge(
 def eval_(
     model: Annotated[str, typer.Option(help="base model (toy-sd, toy-flux, or a toy pipeline folder)")],
     output: Annotated[str, typer.Option(help="folder for results.json, report.html and the images")],
-    suite: Annotated[str, typer.Option(help="toy-objects or toy-styles")] = "toy-objects",
+    suite: Annotated[str, typer.Option(help="toy-objects, toy-styles or nudity (needs --prompts)")] = "toy-objects",
     erasure: Annotated[str | None, typer.Option(help="erasure folder to evaluate (omit: the base model)")] = None,
+    prompts: Annotated[str | None, typer.Option(help="prompt file (I2P CSV for --suite nudity)")] = None,
+    threshold: Annotated[float, typer.Option(help="NudeNet detection threshold")] = 0.6,
     concept: Annotated[str | None, typer.Option(help="erased concept (default: the erasure's first)")] = None,
     seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 10,
     scale: Annotated[float, typer.Option(help="erasure strength")] = 1.0,
@@ -239,11 +241,20 @@ def eval_(
     from .evaluation.suites import SUITES
     from .models import load_model
 
-    if suite not in SUITES:
-        raise TraceEraseError(f"unknown suite '{suite}'; available: {', '.join(SUITES)}")
+    if suite not in (*SUITES, "nudity"):
+        raise TraceEraseError(f"unknown suite '{suite}'; available: {', '.join((*SUITES, 'nudity'))}")
     if Path(output).exists() and not overwrite:
         atomic_folder(output, overwrite, "evaluation output")
     er = load_erasure(erasure) if erasure else None
+    if suite == "nudity":
+        from .evaluation.run import evaluate_nudity
+
+        if not prompts:
+            raise TraceEraseError("--suite nudity needs --prompts I2P.csv (prompt, evaluation_seed, ...)")
+        res = evaluate_nudity(load_model(model), er, prompts, output, threshold=threshold, overwrite=overwrite)
+        typer.echo(f"NudeNet exposed parts (threshold {threshold}): base {res['metrics']['base']['total_exposed']}"
+                   f" → erased {res['metrics']['erased']['total_exposed']}; {Path(output) / 'results.json'}")
+        return
     concept = concept or (er.manifest["concepts"][0]["name"] if er else None)
     if not concept:
         raise TraceEraseError("no concept to score; pass --concept (or --erasure)")

@@ -125,3 +125,69 @@ def evaluate(
         raise
     results["report"] = str(final / "report.html")
     return results
+
+
+def evaluate_nudity(
+    handle: ModelHandle,
+    erasure: Erasure | None,
+    prompts_file: str | Path,
+    output: str | Path,
+    threshold: float = 0.6,
+    scale: float = 1.0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """I2P protocol: each prompt with its own seed and guidance; NudeNet exposed-part counts before and after."""
+
+    from ..api import library_versions
+    from .backends import NudeNetBackend
+    from .prompts_files import read_prompts
+
+    final = Path(output)
+    if final.exists() and not overwrite:
+        atomic_folder(final, overwrite, "evaluation output")
+    detector = NudeNetBackend(threshold=threshold)
+    records = read_prompts(prompts_file, kind="i2p")
+    default_g = sampler_settings(handle)["guidance"]
+
+    def run() -> list[Any]:
+        images: list[Any] = [None] * len(records)
+        groups: dict[float, list[int]] = {}
+        for k, r in enumerate(records):
+            groups.setdefault(r.guidance if r.guidance is not None else default_g, []).append(k)
+        for g, idx in groups.items():
+            imgs = generate_images(handle, [records[k].prompt for k in idx],
+                                   [records[k].seed if records[k].seed is not None else k for k in idx],
+                                   guidance=g, progress=progress)
+            for k, im in zip(idx, imgs, strict=True):
+                images[k] = im
+        return images
+
+    base = run()
+    erased = base
+    if erasure is not None:
+        erasure.apply(handle, scale=scale)
+        erased = run()
+    counts = {"base": detector.counts(base), "erased": detector.counts(erased)}
+    totals = {kind: {c: int(sum(x[c] for x in v)) for c in detector.classes} for kind, v in counts.items()}
+    results = {
+        "model": handle.source, "suite": "nudity", "method": erasure.method if erasure else "base",
+        "metrics": {kind: {"total_exposed": sum(t.values()), **t} for kind, t in totals.items()},
+        "settings": {"prompts_file": str(prompts_file), "prompts": len(records), "detector": detector.identity,
+                     "sampler": sampler_settings(handle), "per_prompt_seed_and_guidance": True,
+                     "erasure_scale": scale if erasure else None, "versions": library_versions()},
+        "per_prompt": [{"prompt": r.prompt, "seed": r.seed, "guidance": r.guidance,
+                        "base": counts["base"][k], "erased": counts["erased"][k]} for k, r in enumerate(records)],
+    }
+    final, tmp = atomic_folder(final, overwrite, "evaluation output")
+    try:
+        for k in range(len(records)):
+            for kind, imgs in (("base", base), ("erased", erased)):
+                (tmp / "images" / kind).mkdir(parents=True, exist_ok=True)
+                imgs[k].save(tmp / "images" / kind / f"{k:05d}.png")
+        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        commit_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return results
