@@ -407,11 +407,12 @@ def toyworld_check(
 
     from .models import load_model
     from .sampling import sampler_settings
-    from .toyworld.check import quality_check
+    from .toyworld.check import quality_check, vae_reconstruction
     from .toyworld.render import CLASSES
 
     handle = load_model(model)
     res = quality_check(handle, seeds=seeds)
+    res["vae_reconstruction"] = vae_reconstruction(handle)
     res["model"] = model
     res["sampler"] = sampler_settings(handle)
     table = Table(title=f"{model}: classifier accuracy, {seeds} seeds per prompt, {res['sampler']}")
@@ -425,6 +426,8 @@ def toyworld_check(
     console.print(table)
     console.print("style accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in res["style"].items())
                   + f"; mean {res['style_mean']:.3f}")
+    console.print("VAE reconstruction (classifier accuracy on encode→decode of renders): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in res["vae_reconstruction"].items()))
     if output:
         Path(output).write_text(json.dumps(res, indent=2) + "\n")
 

@@ -53,3 +53,22 @@ def quality_check(handle: Any, seeds: int = 50, classifier: ToyClassifier | None
         "unconditional_histogram": {c: hist.get(c, 0) for c in CLASSES},
         "unconditional_top_share": max(hist.values()) / seeds if hist else 0.0,
     }
+
+
+def vae_reconstruction(handle: Any, n: int = 300, classifier: ToyClassifier | None = None) -> dict[str, float]:
+    """Classifier accuracy on the pipeline VAE's reconstructions of fresh renders (the ceiling for samples)."""
+    import torch
+
+    from .data import render_set, to_tensor
+
+    clf = classifier or load_classifier()
+    data = render_set(8_000_000, n, progress=False)
+    vae = handle.pipe.vae
+    with torch.no_grad():
+        x = to_tensor(data.images).to(vae.device, vae.dtype)
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+    arr = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    pred = clf.predict(arr)
+    out = {k: float((pred[k] == v.numpy()).mean()) for k, v in data.targets().items()}
+    out["l1"] = float((rec.cpu() - to_tensor(data.images)).abs().mean())
+    return out

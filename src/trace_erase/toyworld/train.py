@@ -40,9 +40,11 @@ class ToyTrainConfig:
     max_tokens: int = 24
     text_width: int = 64
     text_layers: int = 3
-    vae_channels: tuple[int, ...] = (16, 32)
-    vae_steps: int = 800
+    vae_channels: tuple[int, ...] = (24, 48)
+    vae_steps: int = 2000
     vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_from: str | None = None  # reuse a trained toy pipeline's VAE (folder or bundled name); skips VAE training
     widths: tuple[int, ...] = (32, 64, 128)  # UNet block widths (sd); cross-attention at the two coarser levels
     flux_layers: tuple[int, int] = (2, 2)  # double-, single-stream blocks (flux)
     flux_heads: int = 4
@@ -66,13 +68,13 @@ def preset(family: str, micro: bool = False) -> ToyTrainConfig:
     if family not in ("sd", "flux"):
         raise TraceEraseError(f"unknown toy family '{family}'; use sd or flux")
     cfg = ToyTrainConfig(family=family)
-    if family == "flux":
-        cfg = dataclasses.replace(cfg, lr=3e-4, sampler_steps=20, sampler_guidance=4.0)
+    if family == "flux":  # shares toy-sd's VAE (train sd first): one autoencoder for the toy world
+        cfg = dataclasses.replace(cfg, lr=3e-4, sampler_steps=20, sampler_guidance=4.0, vae_from="toy-sd")
     if micro:
         cfg = dataclasses.replace(
             cfg, n_images=64, text_width=16, text_layers=1, vae_channels=(8, 8), vae_steps=3, vae_batch=8,
             widths=(16, 16, 16), flux_layers=(1, 1), flux_heads=2, flux_head_dim=16, steps=6, batch=8,
-            checkpoint_every=2, sampler_steps=2,
+            checkpoint_every=2, sampler_steps=2, vae_from=None,
         )
     return cfg
 
@@ -218,13 +220,21 @@ class ToyTrainer:
         state = self._load()
         done_steps = 0
         vae = parts["vae"]
-        if state is None or state["phase"] == "vae":
+        if cfg.vae_from is not None and (state is None or state["phase"] == "vae"):
+            vae = parts["vae"] = self._shared_vae(cfg.vae_from)
+            state = None
+        elif state is None or state["phase"] == "vae":
             vae_step = 0
-            opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+            opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.vae_steps)
+                                                                             / max(cfg.vae_steps, 1)))
+            )
             gen = torch.Generator().manual_seed(cfg.seed + 1)
             if state is not None:
                 vae.load_state_dict(state["vae"])
                 opt.load_state_dict(state["opt"])
+                sched.load_state_dict(state["sched"])
                 gen.set_state(state["gen"])
                 vae_step = state["step"]
             bar = tqdm(total=cfg.vae_steps, initial=vae_step, desc="training VAE", disable=not self.progress)
@@ -235,18 +245,19 @@ class ToyTrainer:
                 post = vae.encode(batch).latent_dist
                 z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
                 rec = vae.decode(z).sample
-                loss = (rec - batch).abs().mean() + 1e-6 * post.kl().mean()
+                loss = (rec - batch).abs().mean() + (rec - batch).pow(2).mean() + 1e-6 * post.kl().mean()
                 self._check(loss, vae_step)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                sched.step()
                 vae_step += 1
                 done_steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 if vae_step % cfg.checkpoint_every == 0 or vae_step == cfg.vae_steps:
                     self._save({"phase": "vae", "step": vae_step, "vae": vae.state_dict(), "opt": opt.state_dict(),
-                                "gen": gen.get_state()})
+                                "sched": sched.state_dict(), "gen": gen.get_state()})
                 if stop_after is not None and done_steps >= stop_after:
                     bar.close()
                     return None
@@ -258,6 +269,19 @@ class ToyTrainer:
         latents = self._latents(vae, x)
         mean, std = float(latents.mean()), float(latents.std())
         return self._train_denoiser(parts, latents, labels, (mean, std), state, stop_after, done_steps)
+
+    @staticmethod
+    def _shared_vae(source: str) -> nn.Module:
+        from diffusers import AutoencoderKL
+
+        from ..models.loading import resolve_model
+
+        folder = Path(resolve_model(source)) / "vae"
+        if not folder.is_dir():
+            raise TraceEraseError(f"no VAE at '{folder}'; train toy-sd first: trace-erase toyworld train --family sd")
+        vae = AutoencoderKL.from_pretrained(folder)
+        vae.register_to_config(scaling_factor=1.0, shift_factor=None)
+        return vae
 
     def _latents(self, vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
