@@ -34,6 +34,21 @@ def classifier_identity(folder: Path = CLASSIFIER_DIR) -> dict[str, Any]:
 
 
 def images_for(handle: ModelHandle, items: list[PromptItem], progress: bool, **kw: Any) -> np.ndarray:
+    """Images for ``items`` (each from its own seed). Under ``accelerate launch`` the items are split across the
+    processes and the images gathered, in order, on every process."""
+    state = process_state()
+    if state.num_processes == 1:
+        return _images(handle, items, progress, **kw)
+    from accelerate.utils import gather_object
+
+    with state.split_between_processes(list(range(len(items)))) as mine:
+        imgs = _images(handle, [items[i] for i in mine], progress and state.is_main_process, **kw) if mine else []
+        pairs = list(zip(mine, list(imgs), strict=True))
+    gathered = dict(gather_object(pairs))
+    return np.stack([gathered[i] for i in range(len(items))])
+
+
+def _images(handle: ModelHandle, items: list[PromptItem], progress: bool, **kw: Any) -> np.ndarray:
     imgs = generate_images(handle, [i.prompt for i in items], [i.seed for i in items], batch_size=64,
                            progress=progress, **kw)
     return np.stack([np.asarray(im.convert("RGB")) for im in imgs])
@@ -104,6 +119,10 @@ def evaluate(
         "timings": {"generate_base_s": t_base, "generate_erased_s": t_erased},
         "prompts": [{"prompt": i.prompt, "seed": i.seed, "group": i.group, "label": i.label} for i in items],
     }
+    results["settings"]["processes"] = process_state().num_processes
+    if not _is_main_process():  # under accelerate, the main process writes the folder
+        results["report"] = str(final / "report.html")
+        return results
     final, tmp = atomic_folder(final, overwrite, "evaluation output")
     try:
         from PIL import Image
@@ -125,6 +144,19 @@ def evaluate(
         raise
     results["report"] = str(final / "report.html")
     return results
+
+
+def process_state() -> Any:
+    """accelerate's process state; on a CPU-only machine the processes talk over gloo (launch them with
+    ``accelerate launch --multi_gpu --num_processes N``, which starts them through torchrun)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _is_main_process() -> bool:
+    return process_state().is_main_process
 
 
 def evaluate_nudity(
