@@ -56,7 +56,7 @@ class ToyTrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     sampler_steps: int = 25
-    sampler_guidance: float = 5.0
+    sampler_guidance: float = 8.0
 
     def key(self) -> str:
         """Hash of the settings: a partial run only resumes with identical settings."""
