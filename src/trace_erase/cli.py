@@ -347,7 +347,7 @@ def bench(
 
 
 # the demo's stage-B budget on a 2-core CPU (the method defaults are the spec's 1000 steps)
-DEMO_OPTIONS: dict[str, Any] = {"steps": 300}
+DEMO_OPTIONS: dict[str, Any] = {"steps": 150}
 
 
 toyworld_app = typer.Typer(
