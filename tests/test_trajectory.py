@@ -39,7 +39,7 @@ def test_every_method_runs_and_loads(method, name, tmp_path, saved_models) -> No
     assert torch.isfinite(_pred(get_adapter(fresh), ["a photo of a cat"])).all()
     m = load_erasure(tmp_path / "e").manifest
     assert m["method"] == method and m["trajectory_log"]["steps"] == 2
-    assert (m["certificate"] is not None) == method.startswith("trace") if "certificate" in m else True
+    assert ("certificate" in m) == method.startswith("trace")  # only methods with stage A certify
     assert base.shape == _pred(get_adapter(pipe), ["a photo of a cat"]).shape
 
 

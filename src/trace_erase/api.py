@@ -160,7 +160,7 @@ def erase(
             "weight_name": LORA_WEIGHT_NAME,
             "prefix": adapter.denoiser_name,
             "target_modules": modules,
-            "parts": [*parts] if gated is None else [*parts],
+            "parts": list(parts),
             "rank": int(next(iter(main_state.values())).shape[0]) if main_state else 0,
             "closed_form_numerical_ranks": ranks,
         },
