@@ -190,3 +190,25 @@ def test_flux_add_kv_option_uses_hooked_block_inputs() -> None:
     assert result.counts["block0"]["erase"] == 3
     assert max(c["erasure_residual"] for c in result.certificate.values()) < 1e-3
     assert set(result.deltas) == {"transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.add_v_proj"}
+
+
+def test_certificate_from_grams_matches_row_norms() -> None:
+    """The Gram-based certificate equals the norms computed directly on the rows."""
+    from trace_erase.engines.closed_form import GramStats, StreamCertifier
+
+    torch.manual_seed(0)
+    d, out = 12, 7
+    e, a, p, q = (torch.randn(n, d, dtype=torch.float64) for n in (20, 20, 30, 15))
+    st = GramStats(d)
+    st.add_erase(e, a)
+    st.add_preserve(p)
+    st.add_probe(q)
+    s = torch.eye(d, dtype=torch.float64) + 0.1 * torch.randn(d, d, dtype=torch.float64)
+    w = torch.randn(out, d, dtype=torch.float64)
+    cert = StreamCertifier(st, s)(w)
+    w_new, delta = w @ s, w @ s - w
+    wa = a @ w.T
+    assert cert["erasure_residual"] == pytest.approx(float((e @ w_new.T - wa).norm() / wa.norm()), rel=1e-9)
+    assert cert["erasure_residual_before"] == pytest.approx(float((e @ w.T - wa).norm() / wa.norm()), rel=1e-9)
+    assert cert["collateral_preserve"] == pytest.approx(float((p @ delta.T).norm() / (p @ w.T).norm()), rel=1e-9)
+    assert cert["collateral_probe"] == pytest.approx(float((q @ delta.T).norm() / (q @ w.T).norm()), rel=1e-9)

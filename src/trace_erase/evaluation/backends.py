@@ -92,6 +92,81 @@ class ClipBackend:
         return (img @ txt.T).argmax(dim=1).cpu().numpy()
 
     def score(self, images: Sequence[Any], prompts: list[str]) -> np.ndarray:
-        """CLIP score per (image, prompt) pair: 100 · max(cos, 0), as torchmetrics defines it."""
+        """CLIP score per (image, prompt) pair: 100 · max(cos, 0) (Hessel et al.). torchmetrics clamps the batch
+        mean instead; the two agree whenever every cosine is positive, as with any trained CLIP."""
         img, txt = self._embed(images, prompts)
         return (100 * (img * txt).sum(-1).clamp(min=0)).cpu().numpy()
+
+
+class ImageNetBackend:
+    """An ImageNet-style classifier loaded by path: a TorchScript file, or a torchvision architecture name plus a
+    weights file (safetensors; a pickled ``.pth`` state dict only with ``allow_pickle``). Nothing is downloaded.
+
+    Used for object-class erasure on real models (e.g. "is it still a church?"): top-1 index, and a label name when
+    a labels file (one class name per line, in output order) is given.
+    """
+
+    MEAN = (0.485, 0.456, 0.406)
+    STD = (0.229, 0.224, 0.225)
+
+    def __init__(self, weights: str | Path, arch: str | None = None, labels: str | Path | None = None,
+                 image_size: int = 224, allow_pickle: bool = False):
+        path = Path(weights)
+        if not path.is_file():
+            raise TraceEraseError(f"classifier weights '{path}' not found; pass the path of a TorchScript file or, "
+                                  "with --arch, a safetensors state dict")
+        if arch is None:
+            try:
+                self.model = torch.jit.load(str(path), map_location="cpu").eval()
+            except RuntimeError as exc:
+                raise TraceEraseError(f"'{path}' is not a TorchScript file; save it with torch.jit.save, or pass "
+                                      "--arch NAME with a safetensors state dict") from exc
+        else:
+            self.model = self._torchvision(arch, path, allow_pickle)
+        self.labels = Path(labels).read_text().splitlines() if labels else None
+        self.size = image_size
+        import hashlib
+
+        self.identity = {"backend": "imagenet-classifier", "weights": str(path), "arch": arch or "torchscript",
+                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "image_size": image_size}
+
+    @staticmethod
+    def _torchvision(arch: str, path: Path, allow_pickle: bool) -> torch.nn.Module:
+        if path.suffix != ".safetensors" and not allow_pickle:
+            raise TraceEraseError(f"'{path}' is a pickle checkpoint; convert it to safetensors or pass "
+                                  "--allow-pickle if you trust it")
+        try:
+            import torchvision
+        except Exception as exc:  # torchvision's wheel can fail at import beside another torch build
+            raise TraceEraseError(f"--arch {arch} needs a working torchvision ({type(exc).__name__}: {exc}); "
+                                  "install the torchvision matching your torch, or export the model to TorchScript"
+                                  ) from exc
+        model = torchvision.models.get_model(arch, weights=None)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        return model.eval()
+
+    @torch.no_grad()
+    def logits(self, images: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
+        """Classifier logits for RGB images (PIL or uint8 arrays), resized to ``image_size`` and normalised."""
+        arr = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
+                                            align_corners=False)
+        x = (x - torch.tensor(self.MEAN)[:, None, None]) / torch.tensor(self.STD)[:, None, None]
+        return torch.cat([self.model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+    def predict(self, images: Sequence[Any]) -> list[int]:
+        """Top-1 class index per image."""
+        return self.logits(images).argmax(dim=1).tolist()
+
+    def predict_names(self, images: Sequence[Any]) -> list[str]:
+        """Top-1 class name per image (needs ``labels``)."""
+        if self.labels is None:
+            raise TraceEraseError("no labels file given; pass --labels FILE (one class name per line)")
+        return [self.labels[i] for i in self.predict(images)]
