@@ -1,13 +1,16 @@
 """Stage-B cost on an SD-1.4-architecture UNet (random weights): per-iteration time and peak RSS.
 
 Setups, each in its own process (peak RSS is per process):
-  trace     — our TRACE stage B: LoRA on K/V, frozen branch = same UNet with the adapter disabled
-  esd-x     — our ESD-x: LoRA on cross-attention, same single-UNet design
-  two-copy  — an ESD-style setup as in the original repos: a frozen deepcopy of the UNet beside the trained one
-              (full fine-tuning of cross-attention, as ESD-x does)
-  trace-gc  — trace with gradient checkpointing
+  trace         — our TRACE stage B: LoRA on K/V, frozen branch = same UNet with the adapter disabled, states
+                  from the replay pool, trained branches (c, ∅) backpropagated one at a time
+  esd-x         — our ESD-x: the same engine (one trained branch, no L_unc)
+  two-copy      — ESD-style memory layout as in the original repos: a frozen deepcopy of the UNet beside the trained
+                  one (full fine-tuning of cross-attention, as ESD-x does); states given, not sampled
+  esd-original  — two-copy plus what the original ESD does every iteration: DDIM-sample x_t with the trained UNet
+                  (classifier-free guidance) from noise to a random step of 50 (here the mean, 25 steps)
+  trace-gc      — trace with gradient checkpointing
 
-    python benchmarks/trajectory_cost.py [--iters 3] [--setups trace,esd-x,two-copy,trace-gc]
+    python benchmarks/trajectory_cost.py [--iters 3] [--setups trace,esd-x,two-copy,esd-original,trace-gc]
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def run_setup(setup: str, iters: int, threads: int) -> dict:
                 gradient_checkpointing=setup == "trace-gc")
     engine = TrajectoryEngine(adapter, TrajectoryConfig(**opts), progress=False)
     concepts = [Concept("van gogh")]
-    if setup == "two-copy":
+    if setup in ("two-copy", "esd-original"):
         frozen = copy.deepcopy(pipe.unet).requires_grad_(False)
         unet = pipe.unet
         unet.requires_grad_(False)
@@ -50,10 +53,18 @@ def run_setup(setup: str, iters: int, threads: int) -> dict:
         opt = torch.optim.AdamW(params, lr=1e-5)
         cond = adapter.conditioning(["van gogh", ""])
         times = []
+        ddim = adapter.rollout_scheduler(50)
         for _ in range(iters + 1):
             x = torch.randn(adapter.latent_shape(1))
             t = torch.tensor([500])
             start = time.perf_counter()
+            if setup == "esd-original":  # x_t by sampling with the trained UNet, 25 of 50 DDIM steps with CFG
+                with torch.no_grad():
+                    ctx = cond.tensors["encoder_hidden_states"]
+                    for step_t in ddim.timesteps[:25]:
+                        e = unet(torch.cat([x, x]), step_t.repeat(2), encoder_hidden_states=ctx).sample
+                        x = ddim.step(e[1:] + 3.0 * (e[:1] - e[1:]), step_t, x).prev_sample
+                    t = ddim.timesteps[25:26]
             with torch.no_grad():
                 ctx = cond.tensors["encoder_hidden_states"]
                 e = frozen(torch.cat([x, x]), t.repeat(2), encoder_hidden_states=ctx).sample
@@ -76,9 +87,8 @@ def run_setup(setup: str, iters: int, threads: int) -> dict:
         for i in range(iters + 1):
             t = torch.tensor([300 if i % 2 else 700])
             start = time.perf_counter()
-            terms = engine.loss_terms(x, t, ["van gogh"], [])
             opt.zero_grad()
-            terms["total"].backward()
+            engine.loss_terms(x, t, ["van gogh"], [], backward_scale=1.0)
             opt.step()
             times.append(time.perf_counter() - start)
         per_iter = sum(times[1:]) / iters
@@ -92,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--setups", default="trace,esd-x,two-copy,trace-gc")
+    parser.add_argument("--setups", default="trace,esd-x,two-copy,esd-original,trace-gc")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -113,8 +123,10 @@ def main() -> None:
     if "trace" in by and "two-copy" in by:
         print(f"\ntrace / two-copy: time {by['trace']['per_iter_s'] / by['two-copy']['per_iter_s']:.2f}×, "
               f"peak RSS {by['trace']['peak_rss_gib'] / by['two-copy']['peak_rss_gib']:.2f}×")
-    if "trace" in by and "esd-x" in by:
-        print(f"trace / esd-x (ours): time {by['trace']['per_iter_s'] / by['esd-x']['per_iter_s']:.2f}×")
+    for other in ("esd-x", "esd-original"):
+        if "trace" in by and other in by:
+            print(f"trace / {other}: time {by['trace']['per_iter_s'] / by[other]['per_iter_s']:.2f}×, "
+                  f"peak RSS {by['trace']['peak_rss_gib'] / by[other]['peak_rss_gib']:.2f}×")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

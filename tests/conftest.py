@@ -15,6 +15,7 @@ from trace_erase.models.builders import (  # noqa: E402
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
 )
+from trace_erase.models.tokenizers import build_clip_tokenizer  # noqa: E402
 
 BUILDERS = {
     "sd": lambda seed=0: tiny_sd_pipeline(seed),
@@ -46,3 +47,24 @@ def saved_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def family_pipe(request: pytest.FixtureRequest):
     """(fixture name, fresh tiny pipeline) for each family."""
     return request.param, BUILDERS[request.param]()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """A CLIPModel folder (random weights, 32-px images) with its tokenizer: the offline stand-in for a CLIP id."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    tok = build_clip_tokenizer(("a", "photo", "of", "cat", "dog", "red", "blue"), max_length=16)
+    cfg = CLIPConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": 16, "bos_token_id": tok.bos_token_id,
+                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    CLIPModel(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)

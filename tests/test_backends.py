@@ -12,7 +12,6 @@ from PIL import Image
 from trace_erase import TraceEraseError
 from trace_erase.evaluation.backends import NUDENET_EXPOSED, ClipBackend, NudeNetBackend
 from trace_erase.evaluation.prompts_files import read_prompts
-from trace_erase.models.tokenizers import build_clip_tokenizer
 
 
 def test_nudenet_backend_on_synthetic_images() -> None:
@@ -38,26 +37,6 @@ def test_nudenet_missing_names_the_extra(monkeypatch) -> None:
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(TraceEraseError, match=r"trace-erase\[nudity\]"):
         NudeNetBackend()
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> str:
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(0)
-    tok = build_clip_tokenizer(("a", "photo", "of", "cat", "dog", "red", "blue"), max_length=16)
-    cfg = CLIPConfig(
-        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "max_position_embeddings": 16, "bos_token_id": tok.bos_token_id,
-                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    CLIPModel(cfg).eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
 
 
 def test_clip_backend_on_tiny_model(tiny_clip) -> None:

@@ -58,12 +58,35 @@ def test_evaluate_writes_results_and_report(micro_sd, tmp_path) -> None:
     for key in ("seeds", "sampler", "classifier", "versions", "erasure_config", "h_o"):
         assert key in saved["settings"], key
     assert saved["settings"]["sampler"]["steps"] == 2 and saved["settings"]["classifier"]["sha256"]
-    assert set(saved["metrics"]["erased"]) >= {"acc_e", "acc_s", "acc_g", "h_o", "drift_l2", "drift_ssim"}
+    assert set(saved["metrics"]["erased"]) >= {"acc_e", "acc_s", "acc_g", "h_o", "drift_l2", "drift_ssim",
+                                               "fid_vs_base"}
     assert (tmp_path / "ev" / "report.html").read_text().count("<img") == 2 * 2 * 13
     assert len(list((tmp_path / "ev" / "images" / "erased").glob("*.png"))) == 26
     assert res["metrics"]["base"]["drift_l2"] == 0.0
     with pytest.raises(TraceEraseError, match="already exists"):
         evaluate(handle, None, "toy-objects", "circle", tmp_path / "ev", seeds=1, progress=False)
+
+
+def test_evaluate_quality_metrics(micro_sd, tiny_clip, tmp_path) -> None:
+    from PIL import Image
+
+    from trace_erase.toyworld.data import render_set
+
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    for k, img in enumerate(render_set(4_000_000, 8, progress=False).images):
+        Image.fromarray(img).save(ref / f"{k}.png")
+    handle = load_model(micro_sd)
+    er = erase(handle, ["circle"], method="uce", progress=False)
+    res = evaluate(handle, er, "toy-objects", "circle", tmp_path / "ev", seeds=1, progress=False, reference=ref,
+                   clip_model=tiny_clip)
+    base, erased = res["metrics"]["base"], res["metrics"]["erased"]
+    assert base["fid_vs_base"] == 0.0 and erased["fid_vs_base"] >= 0.0
+    assert base["fid_reference"] > 0 and erased["fid_reference"] > 0
+    assert 0 <= base["clip_score"] <= 100 and 0 <= erased["clip_score"] <= 100
+    q = json.loads((tmp_path / "ev" / "results.json").read_text())["settings"]["quality"]
+    assert q["library"].startswith("torchmetrics 1.9") and q["reference"] == str(ref)
+    assert q["clip_model"] == tiny_clip
 
 
 def test_demo_and_eval_cli(micro_sd, tmp_path, capsys) -> None:

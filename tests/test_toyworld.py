@@ -81,3 +81,33 @@ def test_training_refuses_existing_output_and_changed_settings(tmp_path) -> None
 def test_unknown_family() -> None:
     with pytest.raises(TraceEraseError, match="unknown toy family"):
         preset("sd3")
+
+
+def _weights(folder, name: str) -> dict:
+    from diffusers import DiffusionPipeline
+
+    return getattr(DiffusionPipeline.from_pretrained(folder), name).state_dict()
+
+
+def test_warm_restart_cycles_resume_and_start_from_a_finished_first_cycle(tmp_path) -> None:
+    """Two cosine cycles: interrupted exactly at the restart, or started from a pipeline trained with only the
+    first cycle, the run ends with the same weights as an uninterrupted one."""
+    import torch
+
+    cfg = dataclasses.replace(preset("sd", micro=True), steps=6, cycles=2, checkpoint_every=3)
+    full = ToyTrainer(cfg, tmp_path / "full", progress=False).run()
+    vae_steps = cfg.vae_steps
+    stopped = ToyTrainer(cfg, tmp_path / "stopped", progress=False)
+    assert stopped.run(stop_after=vae_steps + 3) is None  # the checkpoint at the cycle boundary
+    resumed = ToyTrainer(cfg, tmp_path / "stopped", progress=False).run()
+    first = ToyTrainer(dataclasses.replace(cfg, steps=3, cycles=1), tmp_path / "first", progress=False).run()
+    started = ToyTrainer(cfg, tmp_path / "started", progress=False, start_from=first).run()
+    ref = _weights(full, "unet")
+    for other in (resumed, started):
+        for k, v in _weights(other, "unet").items():
+            assert torch.allclose(ref[k], v, atol=1e-6), k
+    assert not torch.allclose(_weights(first, "unet")["conv_in.weight"], ref["conv_in.weight"])
+    with pytest.raises(TraceEraseError, match="not trained with the first cycles"):
+        ToyTrainer(dataclasses.replace(cfg, lr=1e-3), tmp_path / "x", progress=False, start_from=first).run()
+    with pytest.raises(TraceEraseError, match="multiple of cycles"):
+        ToyTrainer(dataclasses.replace(cfg, steps=7), tmp_path / "y")

@@ -233,6 +233,11 @@ def eval_(
     concept: Annotated[str | None, typer.Option(help="erased concept (default: the erasure's first)")] = None,
     seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 10,
     scale: Annotated[float, typer.Option(help="erasure strength")] = 1.0,
+    reference: Annotated[str | None, typer.Option(help="folder of reference images for FID")] = None,
+    fid_features: Annotated[str, typer.Option(help="FID features: toy, inception (--fid-weights FILE) or clip "
+                                                   "(--fid-weights CLIP_FOLDER)")] = "toy",
+    fid_weights: Annotated[str | None, typer.Option(help="weights path for the FID feature network")] = None,
+    clip_model: Annotated[str | None, typer.Option(help="local CLIPModel folder: adds the CLIP score")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
 ) -> None:
     """Evaluate an erasure (before/after on the same seeds) and write results.json + report.html."""
@@ -259,7 +264,8 @@ def eval_(
     if not concept:
         raise TraceEraseError("no concept to score; pass --concept (or --erasure)")
     handle = load_model(model)
-    res = evaluate(handle, er, suite, concept, output, seeds=seeds, scale=scale, overwrite=overwrite)
+    res = evaluate(handle, er, suite, concept, output, seeds=seeds, scale=scale, overwrite=overwrite,
+                   reference=reference, fid_features=fid_features, fid_weights=fid_weights, clip_model=clip_model)
     _print_headline(res)
 
 
@@ -273,7 +279,11 @@ def _print_headline(res: dict[str, Any]) -> None:
     for key, label in (("acc_e", "Acc_e (erased, lower is better)"), ("acc_s", "Acc_s (others, higher is better)"),
                        ("acc_g", "Acc_g (synonyms, lower is better)"), ("h_o", "H_o")):
         typer.echo(f"  {label:36s} base {f(b[key])}  →  erased {f(e[key])}")
-    typer.echo(f"  drift on other prompts: pixel L2 {e['drift_l2']:.4f}, SSIM {e['drift_ssim']:.3f}")
+    typer.echo(f"  drift on other prompts: pixel L2 {e['drift_l2']:.4f}, SSIM {e['drift_ssim']:.3f}"
+               + (f", FID vs base {e['fid_vs_base']:.2f}" if e.get("fid_vs_base") is not None else ""))
+    for key in ("fid_reference", "clip_score"):
+        if e.get(key) is not None:
+            typer.echo(f"  {key:36s} base {f(b[key])}  →  erased {f(e[key])}")
     typer.echo(f"report: {res['report']}")
 
 
@@ -362,6 +372,11 @@ def toyworld_train(
     output: Annotated[str | None, typer.Option(help="pipeline folder (default: the bundled location)")] = None,
     seed: Annotated[int, typer.Option(help="training seed")] = 0,
     steps: Annotated[int | None, typer.Option(help="denoiser steps (default: the bundled model's)")] = None,
+    cycles: Annotated[int | None, typer.Option(help="cosine cycles with warm restarts (default: the preset's)")]
+        = None,
+    start_from: Annotated[str | None, typer.Option(
+        help="skip the first cycles: a pipeline trained by this command with them (e.g. the previous bundle)")]
+        = None,
     micro: Annotated[bool, typer.Option(help="tiny sizes and a few steps (tests)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output / restart a partial run")] = False,
 ) -> None:
@@ -372,9 +387,10 @@ def toyworld_train(
     from .toyworld.train import ToyTrainer, preset
 
     cfg = preset(family, micro=micro)
-    cfg = dataclasses.replace(cfg, seed=seed, **({"steps": steps} if steps else {}))
+    cfg = dataclasses.replace(cfg, seed=seed, **({"steps": steps} if steps else {}),
+                              **({"cycles": cycles} if cycles else {}))
     out = output or str(BUNDLED_DIR / f"toy-{family}")
-    trainer = ToyTrainer(cfg, out, overwrite=overwrite)
+    trainer = ToyTrainer(cfg, out, overwrite=overwrite, start_from=start_from)
     if trainer.ckpt_path.exists():
         typer.echo(f"resuming from {trainer.ckpt_path}")
     path = trainer.run()

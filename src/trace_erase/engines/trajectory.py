@@ -59,6 +59,9 @@ class TrajectoryConfig:
     gate_tau: float | None = None  # (c) gated adapter: at inference the stage-B LoRA acts only for t < gate_tau
     checkpoint_every: int = 100
     gradient_checkpointing: bool = False
+    # "sequential": each trained branch (c, ∅, p) runs and backpropagates on its own — peak activation memory of
+    # one branch (ours; the default). "batched": one call for all branches (faster on a GPU with memory to spare).
+    branches: str = "sequential"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,6 +73,8 @@ class TrajectoryConfig:
             raise TraceEraseError("tau must be in (0, 1]: a fraction of the model's time range")
         if self.gate_tau is not None and not 0.0 < self.gate_tau <= 1.0:
             raise TraceEraseError("gate_tau must be in (0, 1]")
+        if self.branches not in ("sequential", "batched"):
+            raise TraceEraseError(f"branches must be 'sequential' or 'batched', not '{self.branches}'")
         if self.rank < 1 or self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise TraceEraseError("rank, steps, batch_size and grad_accum must be ≥ 1")
         if not self.train_templates:
@@ -216,45 +221,63 @@ class TrajectoryEngine:
                 torch.stack(ts).to(self.adapter.device), ps)
 
     # ---- losses ----
-    def loss_terms(self, x: torch.Tensor, t: torch.Tensor, prompts: list[str],
-                   preserve: list[str]) -> dict[str, torch.Tensor]:
-        """Each loss term (mean over the batch, masked by window) and the weighted total."""
+    def loss_terms(self, x: torch.Tensor, t: torch.Tensor, prompts: list[str], preserve: list[str],
+                   backward_scale: float | None = None) -> dict[str, torch.Tensor]:
+        """Each loss term (mean over the batch, masked by window) and the weighted total.
+
+        With ``backward_scale`` the gradients of ``backward_scale · total`` are accumulated here, branch by branch
+        when ``branches="sequential"`` (so only one branch's activations are alive), and the terms come back
+        detached."""
         cfg = self.config
         n = x.shape[0]
         c, u = self.cond(prompts), self.cond([""] * n)
         use_unc = cfg.gamma > 0
         use_pres = cfg.rho > 0 and bool(preserve)
-        frozen_conds, live_conds = [c, u], [c] + ([u] if use_unc else [])
+        frozen_conds, live = [c, u], {"c": c} | ({"u": u} if use_unc else {})
         if use_pres:
             i = int(torch.randint(0, len(preserve), (1,), generator=self.gen))
             p = self.cond([preserve[i]] * n)
             frozen_conds.append(p)
-            live_conds.append(p)
-        # one batched call per branch: frozen θ* for (c, ∅[, p]) and trained θ for (c[, ∅][, p])
+            live["p"] = p
+        # frozen θ* for (c, ∅[, p]) in one call without gradients
         with torch.no_grad(), self.frozen():
             k = len(frozen_conds)
             ref = self.adapter.predict(x.repeat(k, 1, 1, 1), t.repeat(k), Conditioning.cat(frozen_conds)).chunk(k)
-        k = len(live_conds)
-        live = self.adapter.predict(x.repeat(k, 1, 1, 1), t.repeat(k), Conditioning.cat(live_conds)).chunk(k)
         e_c, e_u = ref[0], ref[1]
-        pred_c = live[0]
         late = self.adapter.is_late(t, cfg.tau) if cfg.window != "all" else torch.ones(n, dtype=torch.bool,
                                                                                           device=x.device)
-        per = lambda a, b: (a.float() - b.float()).pow(2).flatten(1).mean(1)  # noqa: E731
-        l_erase = per(pred_c, e_u - cfg.eta * (e_c - e_u))
-        if cfg.early_mode == "positive":
-            l_early = per(pred_c, e_u + cfg.eta * (e_c - e_u))
-        else:
-            l_early = per(pred_c, e_c)
-        zero = torch.zeros((), device=x.device)
         late_f = late.float()
-        terms = {
-            "erase": (l_erase * late_f).sum() / n,
-            "early": (l_early * (1 - late_f)).sum() / n if cfg.early_mode != "none" else zero,
-            "unc": per(live[1], e_u).mean() if use_unc else zero,
-            "pres": per(live[-1], ref[-1]).mean() if use_pres else zero,
-        }
-        terms["total"] = terms["erase"] + cfg.beta * terms["early"] + cfg.gamma * terms["unc"] + cfg.rho * terms["pres"]
+        per = lambda a, b: (a.float() - b.float()).pow(2).flatten(1).mean(1)  # noqa: E731
+        zero = torch.zeros((), device=x.device)
+        weights = {"erase": 1.0, "early": cfg.beta, "unc": cfg.gamma, "pres": cfg.rho}
+
+        def branch_terms(name: str, pred: torch.Tensor) -> dict[str, torch.Tensor]:
+            if name == "u":
+                return {"unc": per(pred, e_u).mean()}
+            if name == "p":
+                return {"pres": per(pred, ref[-1]).mean()}
+            l_erase = per(pred, e_u - cfg.eta * (e_c - e_u))
+            sign = 1.0 if cfg.early_mode == "positive" else 0.0  # ANT: positive guidance; TRACE: keep θ*
+            l_early = per(pred, e_u + cfg.eta * (e_c - e_u)) if sign else per(pred, e_c)
+            return {"erase": (l_erase * late_f).sum() / n,
+                    "early": (l_early * (1 - late_f)).sum() / n if cfg.early_mode != "none" else zero}
+
+        terms: dict[str, torch.Tensor] = {"erase": zero, "early": zero, "unc": zero, "pres": zero}
+        if cfg.branches == "batched" or backward_scale is None:
+            k = len(live)
+            preds = self.adapter.predict(x.repeat(k, 1, 1, 1), t.repeat(k), Conditioning.cat(list(live.values())))
+            for name, pred in zip(live, preds.chunk(k), strict=True):
+                terms.update(branch_terms(name, pred))
+            terms["total"] = sum(weights[key] * terms[key] for key in weights)
+            if backward_scale is not None:
+                (backward_scale * terms["total"]).backward()
+                terms = {key: v.detach() for key, v in terms.items()}
+            return terms
+        for name, cond in live.items():
+            part = branch_terms(name, self.adapter.predict(x, t, cond))
+            (backward_scale * sum(weights[key] * v for key, v in part.items())).backward()
+            terms.update({key: v.detach() for key, v in part.items()})
+        terms["total"] = sum(weights[key] * terms[key] for key in weights)
         return terms
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
@@ -318,16 +341,14 @@ class TrajectoryEngine:
                     x, t, prompts = self.sample(pool)
                     if autocast is not None:
                         with autocast:
-                            terms = self.loss_terms(x, t, prompts, preserve)
+                            terms = self.loss_terms(x, t, prompts, preserve, backward_scale=1.0 / cfg.grad_accum)
                     else:
-                        terms = self.loss_terms(x, t, prompts, preserve)
-                    loss = terms["total"] / cfg.grad_accum
-                    if not torch.isfinite(loss):
+                        terms = self.loss_terms(x, t, prompts, preserve, backward_scale=1.0 / cfg.grad_accum)
+                    if not torch.isfinite(terms["total"]):  # checked before opt.step: the weights stay finite
                         raise NonFiniteLossError(
-                            f"loss became {loss.item()} at step {step}; the last checkpoint is kept — lower lr "
-                            "(or eta) and rerun with --resume"
+                            f"loss became {terms['total'].item()} at step {step}; the last checkpoint is kept — "
+                            "lower lr (or eta) and rerun with --resume"
                         )
-                    loss.backward()
                     for k, v in terms.items():
                         logged[k] = logged.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
                 opt.step()

@@ -19,7 +19,7 @@ from ..models import ModelHandle
 from .run import evaluate, images_for
 from .suites import build_suite
 
-METRICS = ("acc_e", "acc_s", "acc_g", "h_o", "drift_l2", "drift_ssim")
+METRICS = ("acc_e", "acc_s", "acc_g", "h_o", "drift_l2", "drift_ssim", "fid_vs_base")
 
 
 def parse_sweep(text: str | None) -> list[tuple[str, Any]]:
@@ -81,8 +81,9 @@ def run_bench(
                              "erase_s": wall,
                              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
                 if progress:
-                    print(f"  {concept:10s} {label:24s} " + " ".join(f"{k} {res['metrics']['erased'][k]:.3f}"
-                                                                    for k in METRICS), flush=True)
+                    m = res["metrics"]["erased"]
+                    print(f"  {concept:10s} {label:24s} " + " ".join(f"{k} {m[k]:.3f}" for k in METRICS
+                                                                    if m.get(k) is not None), flush=True)
             rows.append({"concept": concept, "method": "base", "status": "ok",
                          **evaluate(handle, None, suite, concept, tmp / "runs" / concept / "base", seeds=seeds,
                                     progress=False, base_images=base)["metrics"]["erased"]} | {"erase_s": 0.0})
@@ -131,8 +132,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(result: dict[str, Any]) -> str:
     """The bench table (means over concepts) and the command-relevant settings."""
-    head = ("| method | Acc_e ↓ | Acc_s ↑ | Acc_g ↓ | H_o ↑ | drift L2 ↓ | SSIM ↑ | erase s | peak RSS MiB |\n"
-            "|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| method | Acc_e ↓ | Acc_s ↑ | Acc_g ↓ | H_o ↑ | drift L2 ↓ | SSIM ↑ | FID vs base ↓ | erase s | "
+            "peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|\n")
 
     def f(v: Any, d: int = 3) -> str:
         return "-" if v is None else f"{v:.{d}f}"
@@ -140,13 +141,15 @@ def markdown(result: dict[str, Any]) -> str:
     lines = []
     for e in result["means"]:
         if e["status"] == "unsupported":
-            lines.append(f"| {e['method']} | unsupported on this family | | | | | | | |")
+            lines.append(f"| {e['method']} | unsupported on this family | | | | | | | | |")
             continue
         lines.append(f"| {e['method']} | {f(e['acc_e'])} | {f(e['acc_s'])} | {f(e['acc_g'])} | {f(e['h_o'])} | "
-                     f"{f(e['drift_l2'], 4)} | {f(e['drift_ssim'])} | {f(e['erase_s'], 1)} | "
+                     f"{f(e['drift_l2'], 4)} | {f(e['drift_ssim'])} | {f(e.get('fid_vs_base'), 2)} | "
+                     f"{f(e['erase_s'], 1)} | "
                      f"{f(e.get('peak_rss_mb'), 0)} |")
     settings = (f"\nmodel {result['model']}, suite {result['suite']}, concepts {', '.join(result['concepts'])}, "
                 f"{result['seeds_per_prompt']} seeds per prompt (0..{result['seeds_per_prompt'] - 1}), "
                 f"options {result['options'] or 'method defaults'}; base row = no erasure. Peak RSS is the "
-                "process peak so far (monotone across rows).\n")
+                "process peak so far (monotone across rows). FID vs base: torchmetrics FID with the toy classifier's "
+                "features, erased vs base images of the other prompts (same seeds).\n")
     return head + "\n".join(lines) + "\n" + settings

@@ -77,8 +77,16 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = True,
     base_images: np.ndarray | None = None,
+    reference: str | Path | None = None,
+    fid_features: str = "toy",
+    fid_weights: str | Path | None = None,
+    clip_model: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``erasure`` (or the base model alone) on ``suite``; returns the results dict it also writes."""
+    """Evaluate ``erasure`` (or the base model alone) on ``suite``; returns the results dict it also writes.
+
+    Quality: ``fid_vs_base`` (FID of the erased model's images for the other prompts against the base model's,
+    toy features) always; ``fid_reference`` against a folder of reference images and ``clip_score`` with a local
+    CLIP model when given."""
     from ..api import library_versions
 
     final = Path(output)
@@ -99,6 +107,9 @@ def evaluate(
     m_erased["drift_l2"] = pixel_drift(base[other], erased[other])
     m_erased["drift_ssim"] = ssim(base[other], erased[other])
     m_base["drift_l2"], m_base["drift_ssim"] = 0.0, 1.0
+    quality = quality_metrics(items, base, erased, other, reference, fid_features, fid_weights, clip_model)
+    for key, (b_val, e_val) in quality.items():
+        m_base[key], m_erased[key] = b_val, e_val
     results = {
         "model": handle.source,
         "suite": suite,
@@ -113,6 +124,10 @@ def evaluate(
             "erasure_config": erasure.manifest.get("config") if erasure else None,
             "classifier": classifier_identity(),
             "drift": "over the 'other' prompts: mean per-pixel RGB L2 in [0,1] and 7×7 luminance SSIM vs base",
+            "quality": {"library": "torchmetrics " + _version("torchmetrics"), "fid_vs_base": "toy features, "
+                        "'other' prompts", "reference": str(reference) if reference else None,
+                        "fid_features": fid_features, "fid_weights": str(fid_weights) if fid_weights else None,
+                        "clip_model": str(clip_model) if clip_model else None},
             "h_o": "3 / (1/(1-acc_e) + 1/acc_s + 1/(1-acc_g))",
             "versions": library_versions(),
         },
@@ -144,6 +159,34 @@ def evaluate(
         raise
     results["report"] = str(final / "report.html")
     return results
+
+
+def _version(package: str) -> str | None:
+    import importlib.metadata as md
+
+    try:
+        return md.version(package)
+    except md.PackageNotFoundError:
+        return None
+
+
+def quality_metrics(items: list[PromptItem], base: np.ndarray, erased: np.ndarray, other: np.ndarray,
+                    reference: str | Path | None, fid_features: str, fid_weights: str | Path | None,
+                    clip_model: str | Path | None) -> dict[str, tuple[float | None, float | None]]:
+    """(base, erased) values of the quality metrics (torchmetrics); skipped where torchmetrics is missing only for
+    the always-on ``fid_vs_base`` — explicitly requested metrics raise instead."""
+    from .quality import clip_score, fid, read_images
+
+    out: dict[str, tuple[float | None, float | None]] = {}
+    if _version("torchmetrics") is not None and int(other.sum()) >= 2:
+        out["fid_vs_base"] = (0.0, fid(base[other], erased[other], features="toy"))
+    if reference is not None:
+        ref = read_images(reference, size=base.shape[1])
+        out["fid_reference"] = (fid(ref, base, fid_features, fid_weights), fid(ref, erased, fid_features, fid_weights))
+    if clip_model is not None:
+        prompts = [i.prompt for i in items]
+        out["clip_score"] = (clip_score(base, prompts, clip_model), clip_score(erased, prompts, clip_model))
+    return out
 
 
 def process_state() -> Any:

@@ -50,6 +50,7 @@ class ToyTrainConfig:
     flux_heads: int = 4
     flux_head_dim: int = 32
     steps: int = 4000
+    cycles: int = 1  # cosine cycles; each restart continues from the EMA weights with a fresh optimizer
     batch: int = 64
     lr: float = 4e-4
     caption_dropout: float = 0.1
@@ -57,6 +58,10 @@ class ToyTrainConfig:
     checkpoint_every: int = 500
     sampler_steps: int = 25
     sampler_guidance: float = 8.0
+
+    @property
+    def cycle_steps(self) -> int:
+        return self.steps // self.cycles
 
     def key(self) -> str:
         """Hash of the settings: a partial run only resumes with identical settings."""
@@ -68,12 +73,15 @@ def preset(family: str, micro: bool = False) -> ToyTrainConfig:
     if family not in ("sd", "flux"):
         raise TraceEraseError(f"unknown toy family '{family}'; use sd or flux")
     cfg = ToyTrainConfig(family=family)
+    if family == "sd":  # two cosine cycles: the second restarts from the first's EMA weights
+        cfg = dataclasses.replace(cfg, steps=8000, cycles=2)
     if family == "flux":  # shares toy-sd's VAE (train sd first): one autoencoder for the toy world
-        cfg = dataclasses.replace(cfg, lr=3e-4, sampler_steps=20, sampler_guidance=4.0, vae_from="toy-sd")
+        cfg = dataclasses.replace(cfg, lr=5e-4, steps=4000, sampler_steps=20, sampler_guidance=4.0,
+                                  vae_from="toy-sd")
     if micro:
         cfg = dataclasses.replace(
             cfg, n_images=64, text_width=16, text_layers=1, vae_channels=(8, 8), vae_steps=3, vae_batch=8,
-            widths=(16, 16, 16), flux_layers=(1, 1), flux_heads=2, flux_head_dim=16, steps=6, batch=8,
+            widths=(16, 16, 16), flux_layers=(1, 1), flux_heads=2, flux_head_dim=16, steps=6, cycles=1, batch=8,
             checkpoint_every=2, sampler_steps=2, vae_from=None,
         )
     return cfg
@@ -171,8 +179,12 @@ def assemble_pipeline(cfg: ToyTrainConfig, parts: dict[str, Any], latent_stats: 
 class ToyTrainer:
     """Runs (or resumes) one toy training; all state lives in ``OUTPUT.partial``."""
 
-    def __init__(self, cfg: ToyTrainConfig, output: str | Path, overwrite: bool = False, progress: bool = True):
+    def __init__(self, cfg: ToyTrainConfig, output: str | Path, overwrite: bool = False, progress: bool = True,
+                 start_from: str | Path | None = None):
+        if cfg.cycles < 1 or cfg.steps % cfg.cycles:
+            raise TraceEraseError(f"steps ({cfg.steps}) must be a multiple of cycles ({cfg.cycles})")
         self.cfg = cfg
+        self.start_from = start_from
         self.output = Path(output)
         self.partial = self.output.parent / (self.output.name + ".partial")
         self.progress = progress
@@ -207,9 +219,48 @@ class ToyTrainer:
         tmp.replace(self.ckpt_path)  # atomic: a kill mid-write keeps the previous checkpoint
 
     def _load(self) -> dict[str, Any] | None:
-        if not self.ckpt_path.exists():
-            return None
-        return torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        if self.ckpt_path.exists():
+            return torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        if self.start_from is not None:
+            state = self._state_from_pipeline(self.start_from)
+            self._save(state)
+            return state
+        return None
+
+    def _state_from_pipeline(self, source: str | Path) -> dict[str, Any]:
+        """The state at a cycle boundary, taken from a finished toy pipeline trained with the first k cycles of
+        this very configuration (a boundary depends only on the EMA weights, which that pipeline holds)."""
+        from safetensors.torch import load_file
+
+        from ..models.loading import SIDECAR, resolve_model
+
+        folder = Path(resolve_model(str(source)))
+        sidecar = folder / SIDECAR
+        if not sidecar.is_file():
+            raise TraceEraseError(f"'{folder}' has no {SIDECAR}; --start-from takes a pipeline made by "
+                                  "`trace-erase toyworld train`")
+        done = json.loads(sidecar.read_text())["training"]
+        done.setdefault("cycles", 1)
+        ignore = ("steps", "cycles", "sampler_steps", "sampler_guidance", "checkpoint_every")
+        ours = dataclasses.asdict(self.cfg)
+        diff = sorted(k for k in ours if k not in ignore and json.loads(json.dumps(ours[k])) != done.get(k))
+        k = done["cycles"]
+        if diff or done["steps"] != k * self.cfg.cycle_steps or k >= self.cfg.cycles:
+            raise TraceEraseError(
+                f"'{folder}' was not trained with the first cycles of this configuration (differs in "
+                f"{', '.join(diff) or 'steps/cycles'}); start without --start-from"
+            )
+        weights = {}
+        names = ["text_encoder", "transformer", "text_encoder_2"] if self.cfg.family == "flux" else \
+            ["text_encoder", "unet"]
+        for name in [*names, "vae"]:
+            files = sorted((folder / name).glob("*.safetensors"))
+            if not files:
+                raise TraceEraseError(f"no safetensors weights in '{folder / name}'")
+            weights[name] = {key: v for f in files for key, v in load_file(str(f)).items()}
+        models = {n: weights[n] for n in names}
+        return {"phase": "denoiser", "step": done["steps"], "vae": weights["vae"], "models": models,
+                "ema": copy.deepcopy(models), "started_from": str(folder)}
 
     def run(self, stop_after: int | None = None) -> Path | None:
         """Train to the end (or until ``stop_after`` optimizer steps in this call, for tests); returns the folder."""
@@ -304,22 +355,30 @@ class ToyTrainer:
         if flux:
             trainable["text_encoder_2"] = parts["text_encoder_2"]
         params = [p for m in trainable.values() for p in m.parameters()]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
-        warmup = max(1, min(200, cfg.steps // 10))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
-        )
+        length = cfg.cycle_steps
+        warmup = max(1, min(200, length // 10))
+
+        def new_cycle(cycle: int) -> tuple[torch.optim.Optimizer, Any, torch.Generator]:
+            """Optimizer, warmup+cosine schedule and data generator of one cycle (cycle 0: the plain run)."""
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, length) / length))
+            )
+            return opt, sched, torch.Generator().manual_seed(cfg.seed + 2 + 1000 * cycle)
+
         ema = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in trainable.items()}
-        gen = torch.Generator().manual_seed(cfg.seed + 2)
+        opt, sched, gen = new_cycle(0)
         step = 0
         if state is not None:
             for k, m in trainable.items():
                 m.load_state_dict(state["models"][k])
                 ema[k].load_state_dict(state["ema"][k])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-            gen.set_state(state["gen"])
             step = state["step"]
+            if "opt" in state:  # absent at a cycle boundary (--start-from): the loop starts the cycle afresh
+                opt, sched, gen = new_cycle(step // length)
+                opt.load_state_dict(state["opt"])
+                sched.load_state_dict(state["sched"])
+                gen.set_state(state["gen"])
         pipe = assemble_pipeline(cfg, parts, stats)
         if not flux:
             alphas = pipe.scheduler.alphas_cumprod
@@ -327,6 +386,11 @@ class ToyTrainer:
             m.train()
         bar = tqdm(total=cfg.steps, initial=step, desc=f"training toy-{cfg.family}", disable=not self.progress)
         while step < cfg.steps:
+            if step and step % length == 0:  # visited once per boundary, also when a run resumes exactly here
+                # warm restart: continue from the EMA weights, fresh optimizer, schedule and data order
+                for k, m in trainable.items():
+                    m.load_state_dict(ema[k].state_dict())
+                opt, sched, gen = new_cycle(step // length)
             idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen)
             drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
             captions = ["" if d else caption_for(labels[i], seed=step * cfg.batch + j + 7)
