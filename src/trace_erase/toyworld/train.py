@@ -76,7 +76,7 @@ def preset(family: str, micro: bool = False) -> ToyTrainConfig:
     if family == "sd":  # two cosine cycles: the second restarts from the first's EMA weights
         cfg = dataclasses.replace(cfg, steps=8000, cycles=2)
     if family == "flux":  # shares toy-sd's VAE (train sd first): one autoencoder for the toy world
-        cfg = dataclasses.replace(cfg, lr=5e-4, steps=4000, sampler_steps=20, sampler_guidance=4.0,
+        cfg = dataclasses.replace(cfg, lr=5e-4, steps=8000, cycles=2, sampler_steps=20, sampler_guidance=4.0,
                                   vae_from="toy-sd")
     if micro:
         cfg = dataclasses.replace(
@@ -230,8 +230,6 @@ class ToyTrainer:
     def _state_from_pipeline(self, source: str | Path) -> dict[str, Any]:
         """The state at a cycle boundary, taken from a finished toy pipeline trained with the first k cycles of
         this very configuration (a boundary depends only on the EMA weights, which that pipeline holds)."""
-        from safetensors.torch import load_file
-
         from ..models.loading import SIDECAR, resolve_model
 
         folder = Path(resolve_model(str(source)))
@@ -250,16 +248,13 @@ class ToyTrainer:
                 f"'{folder}' was not trained with the first cycles of this configuration (differs in "
                 f"{', '.join(diff) or 'steps/cycles'}); start without --start-from"
             )
-        weights = {}
+        from diffusers import DiffusionPipeline
+
         names = ["text_encoder", "transformer", "text_encoder_2"] if self.cfg.family == "flux" else \
             ["text_encoder", "unet"]
-        for name in [*names, "vae"]:
-            files = sorted((folder / name).glob("*.safetensors"))
-            if not files:
-                raise TraceEraseError(f"no safetensors weights in '{folder / name}'")
-            weights[name] = {key: v for f in files for key, v in load_file(str(f)).items()}
-        models = {n: weights[n] for n in names}
-        return {"phase": "denoiser", "step": done["steps"], "vae": weights["vae"], "models": models,
+        pipe = DiffusionPipeline.from_pretrained(folder)  # the classes' own loading restores tied weights (T5)
+        models = {n: getattr(pipe, n).state_dict() for n in names}
+        return {"phase": "denoiser", "step": done["steps"], "vae": pipe.vae.state_dict(), "models": models,
                 "ema": copy.deepcopy(models), "started_from": str(folder)}
 
     def run(self, stop_after: int | None = None) -> Path | None:
