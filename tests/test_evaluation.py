@@ -175,4 +175,5 @@ def test_two_process_sharding_matches_one_process(micro_sd, tmp_path) -> None:
         a = np.asarray(Image.open(tmp_path / "one" / "images" / "base" / f"{k:05d}.png"), dtype=int)
         b = np.asarray(Image.open(tmp_path / "two" / "images" / "base" / f"{k:05d}.png"), dtype=int)
         assert np.abs(a - b).max() <= 2, k  # same seeds; batch composition may flip a rounding
-    assert one["metrics"] == two["metrics"]
+    for side in ("base", "erased"):  # accuracies exactly; FID (an eigen-decomposition) to numerical noise
+        assert one["metrics"][side] == pytest.approx(two["metrics"][side], abs=1e-3)
