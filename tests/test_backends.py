@@ -74,7 +74,7 @@ def test_prompt_files(tmp_path) -> None:
 
 # ---- quality (torchmetrics) and the ImageNet-classifier backend ---------------------------------------------------
 def test_fid_with_toy_features_separates_distributions(tmp_path) -> None:
-    from trace_erase.evaluation.quality import fid
+    from trace_erase.evaluation.quality import fid, fids
     from trace_erase.toyworld.data import render_set
 
     a = render_set(5_000_000, 120, progress=False).images
@@ -82,6 +82,7 @@ def test_fid_with_toy_features_separates_distributions(tmp_path) -> None:
     noise = np.random.default_rng(0).integers(0, 255, a.shape, dtype=np.uint8)
     same, renders, far = fid(a, a), fid(a, b), fid(a, noise)
     assert abs(same) < 1e-3 and renders < far / 10
+    assert fids(a, [b, noise]) == pytest.approx([renders, far], rel=1e-6)  # reference features kept across sets
     folder = tmp_path / "ref"
     folder.mkdir()
     for k, img in enumerate(a):

@@ -257,8 +257,8 @@ class TrajectoryEngine:
             if name == "p":
                 return {"pres": per(pred, ref[-1]).mean()}
             l_erase = per(pred, e_u - cfg.eta * (e_c - e_u))
-            sign = 1.0 if cfg.early_mode == "positive" else 0.0  # ANT: positive guidance; TRACE: keep θ*
-            l_early = per(pred, e_u + cfg.eta * (e_c - e_u)) if sign else per(pred, e_c)
+            # ANT: positive guidance before the cut-off; TRACE: keep θ*'s prediction
+            l_early = per(pred, e_u + cfg.eta * (e_c - e_u)) if cfg.early_mode == "positive" else per(pred, e_c)
             return {"erase": (l_erase * late_f).sum() / n,
                     "early": (l_early * (1 - late_f)).sum() / n if cfg.early_mode != "none" else zero}
 

@@ -18,6 +18,16 @@ NUDENET_EXPOSED = (
 )
 
 
+def normalized_pixels(images: Sequence[Any], size: int, mean: Sequence[float], std: Sequence[float],
+                      mode: str = "bicubic") -> torch.Tensor:
+    """RGB images (PIL or uint8 arrays) → a ``[N, 3, size, size]`` float batch, resized and normalised."""
+    arr = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode=mode, align_corners=False,
+                                        antialias=mode == "bilinear")
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
 class NudeNetBackend:
     """Counts exposed body parts per image with NudeNet's bundled ONNX detector (score ≥ ``threshold``)."""
 
@@ -70,11 +80,7 @@ class ClipBackend:
         self.identity = {"backend": "clip", "model": str(model)}
 
     def _pixels(self, images: Sequence[Any]) -> torch.Tensor:
-        arr = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
-        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
-        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
-        mean, std = torch.tensor(self.MEAN)[:, None, None], torch.tensor(self.STD)[:, None, None]
-        return ((x - mean) / std).to(self.device)
+        return normalized_pixels(images, self.size, self.MEAN, self.STD).to(self.device)
 
     @torch.no_grad()
     def _embed(self, images: Sequence[Any], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,11 +160,7 @@ class ImageNetBackend:
     @torch.no_grad()
     def logits(self, images: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
         """Classifier logits for RGB images (PIL or uint8 arrays), resized to ``image_size`` and normalised."""
-        arr = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
-        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
-        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
-                                            align_corners=False)
-        x = (x - torch.tensor(self.MEAN)[:, None, None]) / torch.tensor(self.STD)[:, None, None]
+        x = normalized_pixels(images, self.size, self.MEAN, self.STD, mode="bilinear")
         return torch.cat([self.model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
     def predict(self, images: Sequence[Any]) -> list[int]:

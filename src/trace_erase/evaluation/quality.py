@@ -87,24 +87,27 @@ class _ClipFeatures(nn.Module):
         return feats if isinstance(feats, torch.Tensor) else feats.pooler_output
 
 
-def fid_metric(features: str = "toy", weights: str | Path | None = None) -> Any:
-    """A torchmetrics ``FrechetInceptionDistance`` with the named feature network (see the module docstring)."""
+def fid_metric(features: str = "toy", weights: str | Path | None = None, keep_reference: bool = False) -> Any:
+    """A torchmetrics ``FrechetInceptionDistance`` with the named feature network (see the module docstring);
+    with ``keep_reference`` its ``reset()`` clears only the generated side."""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError as exc:
         raise TraceEraseError("FID needs torchmetrics; install the extra: pip install 'trace-erase[quality]'") from exc
     if features == "toy":
-        return FrechetInceptionDistance(feature=_ToyFeatures(), normalize=True)
+        return FrechetInceptionDistance(feature=_ToyFeatures(), normalize=True, reset_real_features=not keep_reference)
     if features == "clip":
         if weights is None:
             raise TraceEraseError("FID with CLIP features needs --fid-weights CLIP_MODEL_FOLDER")
-        return FrechetInceptionDistance(feature=_ClipFeatures(weights), normalize=True)
+        return FrechetInceptionDistance(feature=_ClipFeatures(weights), normalize=True,
+                                        reset_real_features=not keep_reference)
     if features == "inception":
         if weights is None or not Path(weights).is_file():
             raise TraceEraseError("FID with InceptionV3 needs --fid-weights PATH to torch-fidelity's "
                                   "pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
         try:
-            return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights))
+            return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights),
+                                            reset_real_features=not keep_reference)
         except ModuleNotFoundError as exc:
             raise TraceEraseError("FID with InceptionV3 needs torch-fidelity: pip install torch-fidelity") from exc
     raise TraceEraseError(f"unknown FID features '{features}'; use one of {', '.join(FID_FEATURES)}")
@@ -114,17 +117,29 @@ def _to_unit(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
+def fids(reference: np.ndarray | str | Path, generated: Sequence[np.ndarray], features: str = "toy",
+         weights: str | Path | None = None, batch_size: int = 64) -> list[float]:
+    """Fréchet distance of each set of generated uint8 ``[N, H, W, 3]`` images to the reference images (array or
+    folder); the reference features are extracted once."""
+    ref = read_images(reference) if isinstance(reference, str | Path) else reference
+    if len(ref) < 2 or any(len(g) < 2 for g in generated):
+        raise TraceEraseError("FID needs at least 2 reference and 2 generated images (hundreds for a stable value)")
+    metric = fid_metric(features, weights, keep_reference=True)
+    for i in range(0, len(ref), batch_size):
+        metric.update(_to_unit(ref[i : i + batch_size]), real=True)
+    out = []
+    for images in generated:
+        metric.reset()
+        for i in range(0, len(images), batch_size):
+            metric.update(_to_unit(images[i : i + batch_size]), real=False)
+        out.append(float(metric.compute()))
+    return out
+
+
 def fid(reference: np.ndarray | str | Path, generated: np.ndarray, features: str = "toy",
         weights: str | Path | None = None, batch_size: int = 64) -> float:
     """Fréchet distance between reference images (array or folder) and generated uint8 ``[N, H, W, 3]`` images."""
-    ref = read_images(reference) if isinstance(reference, str | Path) else reference
-    if len(ref) < 2 or len(generated) < 2:
-        raise TraceEraseError("FID needs at least 2 reference and 2 generated images (hundreds for a stable value)")
-    metric = fid_metric(features, weights)
-    for images, real in ((ref, True), (generated, False)):
-        for i in range(0, len(images), batch_size):
-            metric.update(_to_unit(images[i : i + batch_size]), real=real)
-    return float(metric.compute())
+    return fids(reference, [generated], features, weights, batch_size)[0]
 
 
 def clip_processor(model: str | Path) -> Any:

@@ -175,14 +175,15 @@ def quality_metrics(items: list[PromptItem], base: np.ndarray, erased: np.ndarra
                     clip_model: str | Path | None) -> dict[str, tuple[float | None, float | None]]:
     """(base, erased) values of the quality metrics (torchmetrics); skipped where torchmetrics is missing only for
     the always-on ``fid_vs_base`` — explicitly requested metrics raise instead."""
-    from .quality import clip_score, fid, read_images
+    from .quality import clip_score, fid, fids, read_images
 
     out: dict[str, tuple[float | None, float | None]] = {}
     if _version("torchmetrics") is not None and int(other.sum()) >= 2:
         out["fid_vs_base"] = (0.0, fid(base[other], erased[other], features="toy"))
     if reference is not None:
         ref = read_images(reference, size=base.shape[1])
-        out["fid_reference"] = (fid(ref, base, fid_features, fid_weights), fid(ref, erased, fid_features, fid_weights))
+        base_fid, erased_fid = fids(ref, [base, erased], fid_features, fid_weights)
+        out["fid_reference"] = (base_fid, erased_fid)
     if clip_model is not None:
         prompts = [i.prompt for i in items]
         out["clip_score"] = (clip_score(base, prompts, clip_model), clip_score(erased, prompts, clip_model))

@@ -87,6 +87,11 @@ def preset(family: str, micro: bool = False) -> ToyTrainConfig:
     return cfg
 
 
+def trained_components(family: str) -> list[str]:
+    """Pipeline components the denoiser phase trains (jointly with the text encoders)."""
+    return ["text_encoder", "transformer", "text_encoder_2"] if family == "flux" else ["text_encoder", "unet"]
+
+
 def toy_words() -> list[str]:
     """Vocabulary of the toy tokenizers: the toy captions, the erasure templates and common words."""
     template_words = " ".join(t.replace("{}", " ") for t in DEFAULT_TEMPLATES).split()
@@ -250,8 +255,7 @@ class ToyTrainer:
             )
         from diffusers import DiffusionPipeline
 
-        names = ["text_encoder", "transformer", "text_encoder_2"] if self.cfg.family == "flux" else \
-            ["text_encoder", "unet"]
+        names = trained_components(self.cfg.family)
         pipe = DiffusionPipeline.from_pretrained(folder)  # the classes' own loading restores tied weights (T5)
         models = {n: getattr(pipe, n).state_dict() for n in names}
         return {"phase": "denoiser", "step": done["steps"], "vae": pipe.vae.state_dict(), "models": models,
@@ -345,10 +349,7 @@ class ToyTrainer:
         cfg = self.cfg
         flux = cfg.family == "flux"
         mean, std = stats
-        trainable = {"text_encoder": parts["text_encoder"]}
-        trainable["transformer" if flux else "unet"] = parts["transformer" if flux else "unet"]
-        if flux:
-            trainable["text_encoder_2"] = parts["text_encoder_2"]
+        trainable = {name: parts[name] for name in trained_components(cfg.family)}
         params = [p for m in trainable.values() for p in m.parameters()]
         length = cfg.cycle_steps
         warmup = max(1, min(200, length // 10))
