@@ -132,7 +132,7 @@ def test_erasure_makes_target_predict_like_anchor_and_spares_unrelated(name: str
     target, anchor, unrelated = "a photo of a cat", "a photo of a dog", "a photo of a boat"
     before = _pred(adapter, [target, anchor, unrelated])
     er = erase(pipe, ["cat"], anchor="dog", preserve=["boat"], progress=False,
-               token_selection="all", templates=["a photo of a {}"], lambda_reg=1e-6)
+               token_selection="all", templates=["a photo of a {}"], lambda_reg=1e-6, preserve_corpus=None)
     assert er.certificate["summary"]["erasure_residual_max"] < 1e-3
     er.apply(pipe)
     after = _pred(adapter, [target, anchor, unrelated])
@@ -212,3 +212,46 @@ def test_certificate_from_grams_matches_row_norms() -> None:
     assert cert["erasure_residual_before"] == pytest.approx(float((e @ w.T - wa).norm() / wa.norm()), rel=1e-9)
     assert cert["collateral_preserve"] == pytest.approx(float((p @ delta.T).norm() / (p @ w.T).norm()), rel=1e-9)
     assert cert["collateral_probe"] == pytest.approx(float((q @ delta.T).norm() / (q @ w.T).norm()), rel=1e-9)
+
+
+def test_builtin_corpus_drops_captions_naming_the_concept_or_anchor() -> None:
+    from trace_erase.engines.closed_form import DEFAULT_PROBES, read_corpus
+
+    full = read_corpus("builtin")
+    assert len(full) >= 100
+    assert not set(full) & set(DEFAULT_PROBES)  # the collateral certificate's probes stay unseen by the solve
+    kept = read_corpus("builtin", [Concept("cat", "dog")])
+    dropped = set(full) - set(kept)
+    assert dropped and all(any(w in c.split() for w in ("cat", "dog", "dogs")) for c in dropped)
+    assert not any(w in c.split() for c in kept for w in ("cat", "dog", "dogs"))
+
+
+def test_preserve_corpus_lowers_collateral_on_unseen_probes(tmp_path) -> None:
+    """Preserving a corpus of unrelated captions moves unrelated (probe) prompts less; the erasure still happens.
+    (λ_p 0.3: the random tiny encoder's token features are nearly collinear, so at λ_p 1 the 24 preserved rows
+    outvote the 2 erased ones; on toy-sd the built-in corpus at λ_p 1 keeps Acc_e at 0.)"""
+    adapter = get_adapter(BUILDERS["sd"]())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a red car\na tree in the city\na house by the sea\n")
+    summaries = {}
+    for path in (None, str(corpus)):
+        cfg = ClosedFormConfig(preserve_corpus=path, token_selection="target", lambda_reg=0.01, lambda_preserve=0.3,
+                               templates=["a photo of a {}", "{} in a landscape"],
+                               probe_prompts=["a blue car", "a tree by the sea"])
+        cert = ClosedFormEngine(adapter, cfg, progress=False).run([Concept("cat", "dog")]).certificate.values()
+        summaries[path] = (max(c["collateral_probe"] for c in cert), max(c["erasure_residual"] for c in cert),
+                           min(c["erasure_residual_before"] for c in cert))
+    (probe_none, _, _), (probe_corpus, residual, before) = summaries[None], summaries[str(corpus)]
+    assert probe_corpus < 0.7 * probe_none, summaries
+    assert residual < 0.5 * before, summaries
+
+
+def test_missing_or_empty_corpus_is_one_line_error(tmp_path) -> None:
+    from trace_erase.engines.closed_form import read_corpus
+    from trace_erase.errors import TraceEraseError
+
+    with pytest.raises(TraceEraseError, match="does not exist"):
+        read_corpus(str(tmp_path / "nope.txt"))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(TraceEraseError, match="is empty"):
+        read_corpus(str(tmp_path / "empty.txt"))

@@ -28,12 +28,11 @@ def test_bundled_pipeline_loads_and_draws_the_class(name, cls) -> None:
 
 
 def test_trace_erases_a_class_on_toy_sd() -> None:
-    """Erase "circle" preserving one *other* class ("heart"): "square", which nothing names, must survive. (Without
-    any preserved concept stage A also moves the prompts' shared rows and squares fall to ~0.6.)"""
-    from trace_erase.config import Concept
-
+    """Erase "circle" with the defaults: the built-in preserve corpus (everyday captions, no toy class names) must
+    keep "square", which nothing names. (Without it stage A also moves the prompts' shared rows and squares fall to
+    ~0.6.)"""
     handle = load_model("toy-sd")
-    er = erase(handle, [Concept("circle", preserve=["heart"])], method="trace", progress=False, steps=150)
+    er = erase(handle, ["circle"], method="trace", progress=False, steps=150)
     er.apply(handle)
     items = _items("circle", 10, "erased") + _items("square", 10, "other")
     acc = score(items, images_for(handle, items, progress=False), load_classifier())

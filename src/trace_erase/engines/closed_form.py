@@ -13,6 +13,7 @@ projection that reads the same features (a *stream*) shares one d×d solve: 100 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ class ClosedFormConfig:
     suffix_tokens: int | None = None  # positions after the concept to map (None: all, padding included)
     lambda_reg: float = 0.1  # λ: pull towards the original weights (keeps the solve well-posed)
     lambda_preserve: float = 1.0  # λ_p: weight of each preserved feature row
-    preserve_corpus: str | None = None  # text file, one caption per line: all their tokens are preserved
+    preserve_corpus: str | None = None  # text file, one caption per line, or "builtin": all their tokens are preserved
     probe_prompts: list[str] | None = None  # unrelated prompts for the collateral certificate
     targets: str = "default"  # which projections (adapter-specific: 'kv' for UNets, 'context' for FLUX)
     rank_tolerance: float = 1e-6  # singular values below this × the largest are dropped in the LoRA export
@@ -165,14 +166,20 @@ def _rows(features: torch.Tensor, positions: list[int] | None = None) -> torch.T
     return features.reshape(-1, features.shape[-1])
 
 
-def _read_corpus(path: str) -> list[str]:
-    p = Path(path)
+BUILTIN_CORPUS = Path(__file__).parent / "data" / "preserve_captions.txt"
+
+
+def read_corpus(path: str, concepts: list[Concept] = ()) -> list[str]:
+    """Captions of a preserve corpus (``"builtin"``: our ~120 everyday scene captions), without the captions that
+    mention an erased concept or its anchor — preserving those would pull against the erasure."""
+    p = BUILTIN_CORPUS if path == "builtin" else Path(path)
     if not p.is_file():
         raise TraceEraseError(f"preserve corpus '{path}' does not exist; give a text file with one caption per line")
     lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
     if not lines:
         raise TraceEraseError(f"preserve corpus '{path}' is empty")
-    return lines
+    words = [c.name.lower() for c in concepts] + [c.anchor.lower() for c in concepts if c.anchor.strip()]
+    return [ln for ln in lines if not any(re.search(rf"\b{re.escape(w)}(s|es)?\b", ln.lower()) for w in words)]
 
 
 class ClosedFormEngine:
@@ -204,6 +211,13 @@ class ClosedFormEngine:
     def templates(self) -> list[str]:
         return list(self.config.templates or DEFAULT_TEMPLATES)
 
+    def _fit(self, caption: str) -> str:
+        """A corpus caption cut at a word boundary to what the text encoder reads (no truncation warnings)."""
+        words = caption.split()
+        while len(words) > 1 and self.adapter.count_tokens(" ".join(words)) > self.adapter.prompt_capacity():
+            words.pop()
+        return " ".join(words)
+
     # ---- rows -----------------------------------------------------------------------------------------------------
     def _encode(self, prompts: list[str], desc: str) -> dict[str, dict[str, torch.Tensor]]:
         """Encode each distinct prompt once, batched; features kept in float32 on the CPU."""
@@ -234,7 +248,7 @@ class ClosedFormEngine:
                 jobs.append((pt, st, pa, sa))
                 for p in c.preserve:
                     keep.append(fill(t, p))
-        corpus = _read_corpus(cfg.preserve_corpus) if cfg.preserve_corpus else []
+        corpus = [self._fit(c) for c in read_corpus(cfg.preserve_corpus, concepts)] if cfg.preserve_corpus else []
         probes = list(cfg.probe_prompts if cfg.probe_prompts is not None else DEFAULT_PROBES)
 
         fixed = self._encode([j[2] for j in jobs] + [k[0] for k in keep] + corpus + probes, "encoding anchors")

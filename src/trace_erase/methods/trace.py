@@ -2,13 +2,16 @@
 ``trace-late-only`` (stage B reading (a): states sampled only from the LATE window).
 
 Stage A's exact form is our reconstruction (spec [R]): MACE-style surrounding tokens — the concept's tokens and
-every position after it, padding included — over ~30 augmented prompts, aligned with the anchor prompt. Stage B's
+every position after it, padding included — over ~30 augmented prompts, aligned with the anchor prompt; every token
+of our built-in corpus of ~120 everyday captions is preserved (the spec's optional caption-corpus statistic; ours,
+not the paper's: without it, remapping the padding positions moved unrelated prompts too). Stage B's
 defaults are the spec's starting point (η=1, τ=0.5, β=0.5, γ=0.5, lr 1e-4, rank 4 on K/V, rollout guidance 3).
 """
 
 from .base import MethodSpec
 
-STAGE_A = {"token_selection": "surrounding", "templates": None, "lambda_reg": 0.1, "lambda_preserve": 1.0}
+STAGE_A = {"token_selection": "surrounding", "templates": None, "lambda_reg": 0.1, "lambda_preserve": 1.0,
+           "preserve_corpus": "builtin"}
 STAGE_B = {"window": "two", "early_mode": "keep", "tau": 0.5, "eta": 1.0, "beta": 0.5, "gamma": 0.5,
            "lora_targets": "kv", "rank": 4, "lr": 1e-4, "steps": 1000, "rollout_guidance": 3.0}
 

@@ -225,7 +225,11 @@ class ToyTrainer:
 
     def _load(self) -> dict[str, Any] | None:
         if self.ckpt_path.exists():
-            return torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+            if self.start_from is not None and self.progress:  # rerunning the same command resumes, not restarts
+                tqdm.write(f"resuming '{self.partial}' at {state['phase']} step {state['step']}; --start-from is "
+                           "only read by a fresh run (--overwrite starts afresh)")
+            return state
         if self.start_from is not None:
             state = self._state_from_pipeline(self.start_from)
             self._save(state)
