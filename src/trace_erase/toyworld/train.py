@@ -75,8 +75,8 @@ def preset(family: str, micro: bool = False) -> ToyTrainConfig:
     cfg = ToyTrainConfig(family=family)
     if family == "sd":  # two cosine cycles: the second restarts from the first's EMA weights
         cfg = dataclasses.replace(cfg, steps=8000, cycles=2)
-    if family == "flux":  # shares toy-sd's VAE (train sd first): one autoencoder for the toy world
-        cfg = dataclasses.replace(cfg, lr=5e-4, steps=8000, cycles=2, sampler_steps=20, sampler_guidance=4.0,
+    if family == "flux":  # shares toy-sd's VAE (train sd first): one autoencoder for the toy world; three cycles
+        cfg = dataclasses.replace(cfg, lr=5e-4, steps=12000, cycles=3, sampler_steps=20, sampler_guidance=4.0,
                                   vae_from="toy-sd")
     if micro:
         cfg = dataclasses.replace(
