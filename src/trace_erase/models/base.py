@@ -155,7 +155,8 @@ class FamilyAdapter(ABC):
 
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` takes without special tokens."""
-        return len(self.token_tokenizer(text, add_special_tokens=False)["input_ids"])
+        # verbose=False: counting an over-long text is the point here, not an indexing error to warn about
+        return len(self.token_tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def prompt_capacity(self) -> int:
         """How many content tokens fit in one prompt (the limit minus the special tokens)."""
