@@ -213,8 +213,8 @@ class ClosedFormEngine:
 
     def _fit(self, caption: str) -> str:
         """A corpus caption cut at a word boundary to what the text encoder reads (no truncation warnings)."""
-        words = caption.split()
-        while len(words) > 1 and self.adapter.count_tokens(" ".join(words)) > self.adapter.prompt_capacity():
+        words, capacity = caption.split(), self.adapter.prompt_capacity()
+        while len(words) > 1 and self.adapter.count_tokens(" ".join(words)) > capacity:
             words.pop()
         return " ".join(words)
 
