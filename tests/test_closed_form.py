@@ -215,7 +215,8 @@ def test_certificate_from_grams_matches_row_norms() -> None:
 
 
 def test_builtin_corpus_drops_captions_naming_the_concept_or_anchor() -> None:
-    from trace_erase.engines.closed_form import DEFAULT_PROBES, read_corpus
+    from trace_erase.engines.closed_form import DEFAULT_PROBES
+    from trace_erase.engines.prompts import read_corpus
 
     full = read_corpus("builtin")
     assert len(full) >= 100
@@ -247,7 +248,7 @@ def test_preserve_corpus_lowers_collateral_on_unseen_probes(tmp_path) -> None:
 
 
 def test_missing_or_empty_corpus_is_one_line_error(tmp_path) -> None:
-    from trace_erase.engines.closed_form import read_corpus
+    from trace_erase.engines.prompts import read_corpus
     from trace_erase.errors import TraceEraseError
 
     with pytest.raises(TraceEraseError, match="does not exist"):

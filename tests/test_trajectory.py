@@ -221,3 +221,31 @@ def test_bad_trajectory_options() -> None:
     with pytest.raises(TraceEraseError, match="cannot be fused"):
         er = erase(BUILDERS["sd"](), [Concept("cat")], method="esd-x", gate_tau=0.5, progress=False, **FAST)
         er.merge_into(BUILDERS["sd"]())
+
+
+def test_pres_corpus_feeds_l_pres_without_the_concepts_captions() -> None:
+    """With ``pres_corpus`` the L_pres term is trained on corpus captions (none naming the concept) even when the
+    concept lists no preserve prompts; without it the term stays zero."""
+    from trace_erase.engines.prompts import read_corpus
+
+    corpus = set(read_corpus("builtin"))
+    for options, expect_pres in (({"pres_corpus": "builtin"}, True), ({}, False)):
+        eng = _engine("sd", rho=1.0, steps=3, **options)
+        seen: list[str] = []
+        encode = eng.cond
+
+        def recording(prompts: list[str], seen: list[str] = seen, encode=encode):
+            seen.extend(prompts)
+            return encode(prompts)
+
+        eng.cond = recording  # type: ignore[method-assign]
+        log = eng.train([Concept("cat")])
+        used = {p for p in seen if p in corpus}
+        assert bool(used) == expect_pres
+        assert not any("cat" in p.split() for p in used)
+        assert (log["final_losses"]["pres"] > 0) == expect_pres
+
+
+def test_pres_corpus_needs_rho() -> None:
+    with pytest.raises(TraceEraseError, match="set rho > 0"):
+        TrajectoryConfig(pres_corpus="builtin")

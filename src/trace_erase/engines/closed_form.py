@@ -13,10 +13,8 @@ projection that reads the same features (a *stream*) shares one d×d solve: 100 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -24,7 +22,7 @@ from tqdm.auto import tqdm
 from ..config import Concept
 from ..errors import TraceEraseError
 from ..models.base import FamilyAdapter, TextStream, TokenLayout
-from .prompts import DEFAULT_TEMPLATES, check_templates, fill
+from .prompts import DEFAULT_TEMPLATES, check_templates, fill, load_corpus
 
 TOKEN_SELECTIONS = ("surrounding", "context", "target", "last", "all")
 
@@ -166,22 +164,6 @@ def _rows(features: torch.Tensor, positions: list[int] | None = None) -> torch.T
     return features.reshape(-1, features.shape[-1])
 
 
-BUILTIN_CORPUS = Path(__file__).parent / "data" / "preserve_captions.txt"
-
-
-def read_corpus(path: str, concepts: list[Concept] = ()) -> list[str]:
-    """Captions of a preserve corpus (``"builtin"``: our ~120 everyday scene captions), without the captions that
-    mention an erased concept or its anchor — preserving those would pull against the erasure."""
-    p = BUILTIN_CORPUS if path == "builtin" else Path(path)
-    if not p.is_file():
-        raise TraceEraseError(f"preserve corpus '{path}' does not exist; give a text file with one caption per line")
-    lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
-    if not lines:
-        raise TraceEraseError(f"preserve corpus '{path}' is empty")
-    words = [c.name.lower() for c in concepts] + [c.anchor.lower() for c in concepts if c.anchor.strip()]
-    return [ln for ln in lines if not any(re.search(rf"\b{re.escape(w)}(s|es)?\b", ln.lower()) for w in words)]
-
-
 class ClosedFormEngine:
     """Collects feature statistics through a family adapter, solves per stream and certifies per module."""
 
@@ -210,13 +192,6 @@ class ClosedFormEngine:
     @property
     def templates(self) -> list[str]:
         return list(self.config.templates or DEFAULT_TEMPLATES)
-
-    def _fit(self, caption: str) -> str:
-        """A corpus caption cut at a word boundary to what the text encoder reads (no truncation warnings)."""
-        words, capacity = caption.split(), self.adapter.prompt_capacity()
-        while len(words) > 1 and self.adapter.count_tokens(" ".join(words)) > capacity:
-            words.pop()
-        return " ".join(words)
 
     # ---- rows -----------------------------------------------------------------------------------------------------
     def _encode(self, prompts: list[str], desc: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -248,7 +223,7 @@ class ClosedFormEngine:
                 jobs.append((pt, st, pa, sa))
                 for p in c.preserve:
                     keep.append(fill(t, p))
-        corpus = [self._fit(c) for c in read_corpus(cfg.preserve_corpus, concepts)] if cfg.preserve_corpus else []
+        corpus = load_corpus(self.adapter, cfg.preserve_corpus, concepts) if cfg.preserve_corpus else []
         probes = list(cfg.probe_prompts if cfg.probe_prompts is not None else DEFAULT_PROBES)
 
         fixed = self._encode([j[2] for j in jobs] + [k[0] for k in keep] + corpus + probes, "encoding anchors")

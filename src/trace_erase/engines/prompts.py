@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from ..errors import TraceEraseError
+
+if TYPE_CHECKING:
+    from ..config import Concept
+    from ..models.base import FamilyAdapter
 
 # ~30 generic contexts (objects, styles, people); ours, in the spirit of MACE's and UCE's augmented prompts.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -55,3 +63,32 @@ def check_templates(templates: list[str] | tuple[str, ...]) -> list[str]:
     for t in templates:
         fill(t, "x")
     return list(templates)
+
+
+BUILTIN_CORPUS = Path(__file__).parent / "data" / "preserve_captions.txt"
+
+
+def read_corpus(path: str, concepts: list[Concept] = ()) -> list[str]:
+    """Captions of a preserve corpus (``"builtin"``: our ~120 everyday scene captions), without the captions that
+    mention an erased concept or its anchor — preserving those would pull against the erasure."""
+    p = BUILTIN_CORPUS if path == "builtin" else Path(path)
+    if not p.is_file():
+        raise TraceEraseError(f"preserve corpus '{path}' does not exist; give a text file with one caption per line")
+    lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise TraceEraseError(f"preserve corpus '{path}' is empty")
+    words = [c.name.lower() for c in concepts] + [c.anchor.lower() for c in concepts if c.anchor.strip()]
+    return [ln for ln in lines if not any(re.search(rf"\b{re.escape(w)}(s|es)?\b", ln.lower()) for w in words)]
+
+
+def fit_caption(adapter: FamilyAdapter, caption: str) -> str:
+    """A caption cut at a word boundary to what the adapter's text encoder reads (no truncation warnings)."""
+    words, capacity = caption.split(), adapter.prompt_capacity()
+    while len(words) > 1 and adapter.count_tokens(" ".join(words)) > capacity:
+        words.pop()
+    return " ".join(words)
+
+
+def load_corpus(adapter: FamilyAdapter, path: str, concepts: list[Concept] = ()) -> list[str]:
+    """:func:`read_corpus`, each caption fitted to the adapter's prompt capacity (both engines use this)."""
+    return [fit_caption(adapter, c) for c in read_corpus(path, concepts)]

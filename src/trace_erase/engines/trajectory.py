@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..config import Concept
 from ..errors import NonFiniteLossError, TraceEraseError
 from ..models.base import Conditioning, FamilyAdapter
+from .prompts import load_corpus
 
 WINDOWS = ("two", "late", "all")
 EARLY_MODES = ("keep", "positive", "none")
@@ -49,6 +50,9 @@ class TrajectoryConfig:
     beta: float = 0.5  # weight of the EARLY term
     gamma: float = 0.5  # weight of L_unc (unconditional field kept)
     rho: float = 0.0  # weight of L_pres over preserve prompts
+    # text file or "builtin": captions L_pres also samples, besides the concepts' preserve prompts (ours; the
+    # captions naming a concept or its anchor are dropped, as in the closed-form engine). Needs rho > 0.
+    pres_corpus: str | None = None
     rollout_steps: int = 25  # sampler steps of the frozen model's trajectories
     rollout_guidance: float = 3.0
     pool_trajectories: int = 4  # trajectories held in the replay pool
@@ -79,6 +83,8 @@ class TrajectoryConfig:
             raise TraceEraseError("rank, steps, batch_size and grad_accum must be ≥ 1")
         if not self.train_templates:
             raise TraceEraseError("train_templates is empty; give at least '{}'")
+        if self.pres_corpus and self.rho <= 0:
+            raise TraceEraseError("pres_corpus is only read by L_pres; set rho > 0 as well (e.g. rho=0.5)")
 
 
 @dataclass
@@ -319,6 +325,8 @@ class TrajectoryEngine:
         """Run (or resume) training; returns the LoRA tensors in diffusers keys and a log. Detaches the adapter."""
         cfg = self.config
         preserve = [p for c in concepts for p in c.preserve]
+        if cfg.pres_corpus:
+            preserve += load_corpus(self.adapter, cfg.pres_corpus, concepts)
         start = time.perf_counter()
         self.attach()
         try:
