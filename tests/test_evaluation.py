@@ -177,3 +177,23 @@ def test_two_process_sharding_matches_one_process(micro_sd, tmp_path) -> None:
         assert np.abs(a - b).max() <= 2, k  # same seeds; batch composition may flip a rounding
     for side in ("base", "erased"):  # accuracies exactly; FID (an eigen-decomposition) to numerical noise
         assert one["metrics"][side] == pytest.approx(two["metrics"][side], abs=1e-3)
+
+
+def test_merge_results_recomputes_means_over_disjoint_concepts() -> None:
+    from trace_erase.errors import TraceEraseError
+    from trace_erase.evaluation.bench import merge_results
+
+    def run(concept: str, acc_s: float) -> dict:
+        row = {"concept": concept, "method": "trace", "status": "ok", "acc_e": 0.0, "acc_s": acc_s, "acc_g": 0.0,
+               "h_o": 0.5, "drift_l2": 0.1, "drift_ssim": 0.9, "erase_s": 1.0}
+        return {"model": "toy-sd", "suite": "toy-objects", "seeds_per_prompt": 5, "options": {}, "sweep": [],
+                "methods": ["trace"], "concepts": [concept], "rows": [row], "means": []}
+
+    merged = merge_results([run("circle", 0.6), run("heart", 1.0)])
+    assert merged["concepts"] == ["circle", "heart"] and len(merged["rows"]) == 2
+    assert merged["means"][-1]["acc_s"] == pytest.approx(0.8) and merged["means"][-1]["concepts"] == 2
+    with pytest.raises(TraceEraseError, match="appears in two runs"):
+        merge_results([run("circle", 0.6), run("circle", 1.0)])
+    other = run("heart", 1.0) | {"seeds_per_prompt": 10}
+    with pytest.raises(TraceEraseError, match="differ in 'seeds_per_prompt'"):
+        merge_results([run("circle", 0.6), other])

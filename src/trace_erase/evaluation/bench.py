@@ -130,6 +130,25 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+MERGE_SHARED = ("model", "suite", "seeds_per_prompt", "options", "sweep", "methods")
+
+
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bench results of processes that split the concepts, as one result: all rows, means recomputed. The runs must
+    share model, suite, seeds, options, sweep and methods, and cover disjoint concepts."""
+    first = results[0]
+    for r in results[1:]:
+        for key in MERGE_SHARED:
+            if r[key] != first[key]:
+                raise TraceEraseError(f"the runs differ in '{key}' ({first[key]} vs {r[key]}); merge only runs made "
+                                      "with the same settings")
+    concepts = [c for r in results for c in r["concepts"]]
+    if len(set(concepts)) != len(concepts):
+        raise TraceEraseError("a concept appears in two runs; merge runs over disjoint --concepts")
+    rows = [row for r in results for row in r["rows"]]
+    return {**first, "concepts": concepts, "rows": rows, "means": summarize(rows)}
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The bench table (means over concepts) and the command-relevant settings."""
     head = ("| method | Acc_e ↓ | Acc_s ↑ | Acc_g ↓ | H_o ↑ | drift L2 ↓ | SSIM ↑ | FID vs base ↓ | erase s | "

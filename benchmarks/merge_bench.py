@@ -1,0 +1,40 @@
+"""Merge `trace-erase bench` outputs that split the concepts across processes into one bench.json + bench.md.
+
+Two 1-thread processes on disjoint concept lists finish in half the wall time of one; this recomputes the means
+over all their rows with the bench's own code. The runs must share model, suite, seeds, options and sweep.
+
+    python benchmarks/merge_bench.py out/sweep-a/bench.json out/sweep-b/bench.json --output out/sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from trace_erase.errors import TraceEraseError
+from trace_erase.evaluation.bench import markdown, merge_results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("inputs", nargs="+", type=Path, help="bench.json files")
+    ap.add_argument("--output", type=Path, required=True, help="folder for the merged bench.json and bench.md")
+    args = ap.parse_args(argv)
+    missing = [str(p) for p in args.inputs if not p.is_file()]
+    if missing:
+        raise SystemExit(f"error: not found: {', '.join(missing)}; give the bench.json files of finished runs")
+    try:
+        result = merge_results([json.loads(p.read_text()) for p in args.inputs])
+    except TraceEraseError as e:
+        raise SystemExit(f"error: {e}") from None
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.output / "bench.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
