@@ -246,6 +246,8 @@ def test_pres_corpus_feeds_l_pres_without_the_concepts_captions() -> None:
         assert (log["final_losses"]["pres"] > 0) == expect_pres
 
 
-def test_pres_corpus_needs_rho() -> None:
+def test_pres_corpus_needs_rho_and_an_existing_file(tmp_path) -> None:
     with pytest.raises(TraceEraseError, match="set rho > 0"):
         TrajectoryConfig(pres_corpus="builtin")
+    with pytest.raises(TraceEraseError, match="does not exist"):  # refused before stage A spends any time
+        TrajectoryConfig(rho=1.0, pres_corpus=str(tmp_path / "missing.txt"))

@@ -85,6 +85,9 @@ class TrajectoryConfig:
             raise TraceEraseError("train_templates is empty; give at least '{}'")
         if self.pres_corpus and self.rho <= 0:
             raise TraceEraseError("pres_corpus is only read by L_pres; set rho > 0 as well (e.g. rho=0.5)")
+        if self.pres_corpus and self.pres_corpus != "builtin" and not Path(self.pres_corpus).is_file():
+            raise TraceEraseError(f"pres_corpus '{self.pres_corpus}' does not exist; give a text file with one "
+                                  "caption per line, or 'builtin'")
 
 
 @dataclass
