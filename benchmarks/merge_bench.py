@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from trace_erase.artifacts.erasure import atomic_folder, commit_folder
 from trace_erase.errors import TraceEraseError
 from trace_erase.evaluation.bench import markdown, merge_results
 
@@ -21,17 +22,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("inputs", nargs="+", type=Path, help="bench.json files")
     ap.add_argument("--output", type=Path, required=True, help="folder for the merged bench.json and bench.md")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = ap.parse_args(argv)
     missing = [str(p) for p in args.inputs if not p.is_file()]
     if missing:
         raise SystemExit(f"error: not found: {', '.join(missing)}; give the bench.json files of finished runs")
     try:
         result = merge_results([json.loads(p.read_text()) for p in args.inputs])
+        final, tmp = atomic_folder(args.output, args.overwrite, "merged bench output")
     except TraceEraseError as e:
         raise SystemExit(f"error: {e}") from None
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.output / "bench.md").write_text(markdown(result))
+    (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (tmp / "bench.md").write_text(markdown(result))
+    commit_folder(tmp, final)
     print(markdown(result))
     return 0
 

@@ -68,12 +68,19 @@ def check_templates(templates: list[str] | tuple[str, ...]) -> list[str]:
 BUILTIN_CORPUS = Path(__file__).parent / "data" / "preserve_captions.txt"
 
 
+def corpus_path(path: str) -> Path:
+    """The file behind a corpus option (``"builtin"`` or a path); a missing one is refused here, before any work."""
+    p = BUILTIN_CORPUS if path == "builtin" else Path(path)
+    if not p.is_file():
+        raise TraceEraseError(f"preserve corpus '{path}' does not exist; give a text file with one caption per line, "
+                              "or 'builtin'")
+    return p
+
+
 def read_corpus(path: str, concepts: list[Concept] = ()) -> list[str]:
     """Captions of a preserve corpus (``"builtin"``: our ~120 everyday scene captions), without the captions that
     mention an erased concept or its anchor — preserving those would pull against the erasure."""
-    p = BUILTIN_CORPUS if path == "builtin" else Path(path)
-    if not p.is_file():
-        raise TraceEraseError(f"preserve corpus '{path}' does not exist; give a text file with one caption per line")
+    p = corpus_path(path)
     lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
     if not lines:
         raise TraceEraseError(f"preserve corpus '{path}' is empty")

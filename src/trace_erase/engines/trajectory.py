@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..config import Concept
 from ..errors import NonFiniteLossError, TraceEraseError
 from ..models.base import Conditioning, FamilyAdapter
-from .prompts import load_corpus
+from .prompts import corpus_path, load_corpus
 
 WINDOWS = ("two", "late", "all")
 EARLY_MODES = ("keep", "positive", "none")
@@ -85,9 +85,8 @@ class TrajectoryConfig:
             raise TraceEraseError("train_templates is empty; give at least '{}'")
         if self.pres_corpus and self.rho <= 0:
             raise TraceEraseError("pres_corpus is only read by L_pres; set rho > 0 as well (e.g. rho=0.5)")
-        if self.pres_corpus and self.pres_corpus != "builtin" and not Path(self.pres_corpus).is_file():
-            raise TraceEraseError(f"pres_corpus '{self.pres_corpus}' does not exist; give a text file with one "
-                                  "caption per line, or 'builtin'")
+        if self.pres_corpus:
+            corpus_path(self.pres_corpus)
 
 
 @dataclass
