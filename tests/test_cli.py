@@ -102,3 +102,13 @@ def test_bad_yaml_config(tmp_path, capsys) -> None:
     cfg.write_text("modle: x\n")
     code, _, err = run(["erase", "--config", str(cfg)], capsys)
     assert code == 2 and "unknown keys ['modle']" in err
+
+
+def test_toyworld_train_schedule_options_reach_the_recorded_config(tmp_path, capsys) -> None:
+    """--steps/--cycles/--batch override the preset, and the pipeline's sidecar records what was trained."""
+    out = tmp_path / "toy"
+    code, _, err = run(["toyworld", "train", "--family", "sd", "--micro", "--steps", "4", "--cycles", "2",
+                        "--batch", "4", "--output", str(out)], capsys)
+    assert code == 0, err
+    training = json.loads((out / "trace_erase.json").read_text())["training"]
+    assert (training["steps"], training["cycles"], training["batch"]) == (4, 2, 4)

@@ -374,6 +374,7 @@ def toyworld_train(
     steps: Annotated[int | None, typer.Option(help="denoiser steps (default: the bundled model's)")] = None,
     cycles: Annotated[int | None, typer.Option(help="cosine cycles with warm restarts (default: the preset's)")]
         = None,
+    batch: Annotated[int | None, typer.Option(help="denoiser batch size (default: the preset's)")] = None,
     start_from: Annotated[str | None, typer.Option(
         help="skip the first cycles: a pipeline trained by this command with them (e.g. the previous bundle)")]
         = None,
@@ -388,7 +389,7 @@ def toyworld_train(
 
     cfg = preset(family, micro=micro)
     cfg = dataclasses.replace(cfg, seed=seed, **({"steps": steps} if steps else {}),
-                              **({"cycles": cycles} if cycles else {}))
+                              **({"cycles": cycles} if cycles else {}), **({"batch": batch} if batch else {}))
     out = output or str(BUNDLED_DIR / f"toy-{family}")
     trainer = ToyTrainer(cfg, out, overwrite=overwrite, start_from=start_from)
     if trainer.ckpt_path.exists():
