@@ -112,3 +112,10 @@ def test_toyworld_train_schedule_options_reach_the_recorded_config(tmp_path, cap
     assert code == 0, err
     training = json.loads((out / "trace_erase.json").read_text())["training"]
     assert (training["steps"], training["cycles"], training["batch"]) == (4, 2, 4)
+
+
+def test_toyworld_train_refuses_a_zero_batch(tmp_path, capsys) -> None:
+    code, _, err = run(["toyworld", "train", "--family", "sd", "--micro", "--batch", "0", "--output",
+                        str(tmp_path / "toy")], capsys)
+    assert code == 2 and "--batch" in err and "greater than or equal to 1" in err
+    assert list(tmp_path.iterdir()) == []

@@ -371,10 +371,10 @@ def toyworld_train(
     family: Annotated[str, typer.Option(help="sd or flux")],
     output: Annotated[str | None, typer.Option(help="pipeline folder (default: the bundled location)")] = None,
     seed: Annotated[int, typer.Option(help="training seed")] = 0,
-    steps: Annotated[int | None, typer.Option(help="denoiser steps (default: the bundled model's)")] = None,
-    cycles: Annotated[int | None, typer.Option(help="cosine cycles with warm restarts (default: the preset's)")]
-        = None,
-    batch: Annotated[int | None, typer.Option(help="denoiser batch size (default: the preset's)")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="denoiser steps (default: the bundled model's)")] = None,
+    cycles: Annotated[int | None, typer.Option(
+        min=1, help="cosine cycles with warm restarts (default: the preset's)")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="denoiser batch size (default: the preset's)")] = None,
     start_from: Annotated[str | None, typer.Option(
         help="skip the first cycles: a pipeline trained by this command with them (e.g. the previous bundle)")]
         = None,
@@ -388,8 +388,8 @@ def toyworld_train(
     from .toyworld.train import ToyTrainer, preset
 
     cfg = preset(family, micro=micro)
-    cfg = dataclasses.replace(cfg, seed=seed, **({"steps": steps} if steps else {}),
-                              **({"cycles": cycles} if cycles else {}), **({"batch": batch} if batch else {}))
+    overrides = {k: v for k, v in {"steps": steps, "cycles": cycles, "batch": batch}.items() if v is not None}
+    cfg = dataclasses.replace(cfg, seed=seed, **overrides)
     out = output or str(BUNDLED_DIR / f"toy-{family}")
     trainer = ToyTrainer(cfg, out, overwrite=overwrite, start_from=start_from)
     if trainer.ckpt_path.exists():
@@ -464,10 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         return 130
-    except Exception as exc:  # click usage errors
+    except Exception as exc:  # usage errors: typer raises its own vendored click's exceptions
         import click
 
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, (click.ClickException, typer.TyperException)) and hasattr(exc, "show"):
             exc.show()
             return exc.exit_code
         raise
