@@ -119,3 +119,24 @@ def test_toyworld_train_refuses_a_zero_batch(tmp_path, capsys) -> None:
                         str(tmp_path / "toy")], capsys)
     assert code == 2 and "--batch" in err and "greater than or equal to 1" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_toyworld_train_set_overrides_any_recipe_field(tmp_path, capsys) -> None:
+    """--set reaches the model's shape (a 4×-downsampling VAE with 8 latent channels) and the sidecar; a bad
+    --set is one line and leaves nothing behind."""
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "toy"
+    code, _, err = run(["toyworld", "train", "--family", "flux", "--micro", "--set", "vae_channels=8,8,8",
+                        "--set", "latent_channels=8", "--output", str(out)], capsys)
+    assert code == 0, err
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert pipe.vae.config.latent_channels == 8 and pipe.transformer.config.in_channels == 32
+    assert pipe.vae_scale_factor == 4
+    training = json.loads((out / "trace_erase.json").read_text())["training"]
+    assert training["vae_channels"] == [8, 8, 8] and training["latent_channels"] == 8
+    for bad, message in (("latent=8", "KEY one of"), ("latent_channels=8.5", "takes a int")):
+        code, _, err = run(["toyworld", "train", "--family", "sd", "--micro", "--set", bad, "--output",
+                            str(tmp_path / "bad")], capsys)
+        assert code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from trace_erase import TraceEraseError
 from trace_erase.toyworld.classifier import heldout_accuracy, load_classifier
 from trace_erase.toyworld.render import CLASSES, COLORS, STYLES, SYNONYMS, TEMPLATES, render, vocabulary
-from trace_erase.toyworld.train import ToyTrainer, preset
+from trace_erase.toyworld.train import ToyTrainer, override, preset
 
 
 def test_render_is_deterministic_and_consistent() -> None:
@@ -111,3 +112,22 @@ def test_warm_restart_cycles_resume_and_start_from_a_finished_first_cycle(tmp_pa
         ToyTrainer(dataclasses.replace(cfg, lr=1e-3), tmp_path / "x", progress=False, start_from=first).run()
     with pytest.raises(TraceEraseError, match="multiple of cycles"):
         ToyTrainer(dataclasses.replace(cfg, steps=7), tmp_path / "y")
+    # a pipeline trained before a setting existed (its sidecar lacks the key) counts as trained with its default
+    sidecar = first / "trace_erase.json"
+    meta = json.loads(sidecar.read_text())
+    del meta["training"]["latent_channels"]
+    sidecar.write_text(json.dumps(meta))
+    assert ToyTrainer(cfg, tmp_path / "z", progress=False, start_from=first).run(stop_after=1) is None
+    with pytest.raises(TraceEraseError, match="latent_channels"):
+        ToyTrainer(dataclasses.replace(cfg, latent_channels=8), tmp_path / "w", start_from=first).run()
+
+
+def test_override_parses_each_field_type() -> None:
+    cfg = override(preset("flux"), ["vae_channels=24,48,64", "latent_channels=8", "lr=1e-3", "vae_from=none",
+                                    "flux-layers=3,1"])
+    assert cfg.vae_channels == (24, 48, 64) and cfg.latent_channels == 8 and cfg.lr == 1e-3
+    assert cfg.vae_from is None and cfg.flux_layers == (3, 1) and cfg.family == "flux"
+    assert override(cfg, ["vae_from=out/toy-sd"]).vae_from == "out/toy-sd"
+    for bad in ("family=sd", "steps", "widths=a,b"):
+        with pytest.raises(TraceEraseError):
+            override(cfg, [bad])

@@ -375,6 +375,9 @@ def toyworld_train(
     cycles: Annotated[int | None, typer.Option(
         min=1, help="cosine cycles with warm restarts (default: the preset's)")] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="denoiser batch size (default: the preset's)")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="override any other recipe setting, KEY=VALUE (repeatable), e.g. --set latent_channels=8")]
+        = None,
     start_from: Annotated[str | None, typer.Option(
         help="skip the first cycles: a pipeline trained by this command with them (e.g. the previous bundle)")]
         = None,
@@ -385,9 +388,9 @@ def toyworld_train(
     import dataclasses
 
     from .models.loading import BUNDLED_DIR
-    from .toyworld.train import ToyTrainer, preset
+    from .toyworld.train import ToyTrainer, override, preset
 
-    cfg = preset(family, micro=micro)
+    cfg = override(preset(family, micro=micro), set_ or [])
     overrides = {k: v for k, v in {"steps": steps, "cycles": cycles, "batch": batch}.items() if v is not None}
     cfg = dataclasses.replace(cfg, seed=seed, **overrides)
     out = output or str(BUNDLED_DIR / f"toy-{family}")

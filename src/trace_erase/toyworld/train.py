@@ -40,7 +40,8 @@ class ToyTrainConfig:
     max_tokens: int = 24
     text_width: int = 64
     text_layers: int = 3
-    vae_channels: tuple[int, ...] = (24, 48)
+    vae_channels: tuple[int, ...] = (24, 48)  # one level per entry; the latent side is image_size / 2**(levels-1)
+    latent_channels: int = 4
     vae_steps: int = 2000
     vae_batch: int = 32
     vae_lr: float = 2e-3
@@ -87,6 +88,34 @@ def preset(family: str, micro: bool = False) -> ToyTrainConfig:
     return cfg
 
 
+def override(cfg: ToyTrainConfig, assignments: list[str]) -> ToyTrainConfig:
+    """``cfg`` with ``KEY=VALUE`` settings applied, each parsed to the field's type (tuples as ``24,48,64``; ``none``
+    for an optional field); recipe experiments are run this way, so the command line records them."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields or key == "family":
+            raise TraceEraseError(f"cannot set '{item}'; use KEY=VALUE with KEY one of: "
+                                  + ", ".join(k for k in fields if k != "family"))
+        current = getattr(cfg, key)
+        raw = raw.strip()
+        try:
+            if current is None or isinstance(current, str):
+                value: Any = None if raw.lower() == "none" else raw
+            elif isinstance(current, tuple):
+                value = tuple(int(v) for v in raw.split(","))
+            elif isinstance(current, bool):
+                raise ValueError
+            else:
+                value = type(current)(raw)
+        except ValueError:
+            raise TraceEraseError(f"'{item}': {key} takes a {type(current).__name__} like {current!r}") from None
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes)
+
+
 def trained_components(family: str) -> list[str]:
     """Pipeline components the denoiser phase trains (jointly with the text encoders)."""
     return ["text_encoder", "transformer", "text_encoder_2"] if family == "flux" else ["text_encoder", "unet"]
@@ -109,7 +138,7 @@ def build_components(cfg: ToyTrainConfig) -> dict[str, Any]:
     tokenizer = build_clip_tokenizer(words, cfg.max_tokens)
     n = len(cfg.vae_channels)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=list(cfg.vae_channels),
+        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels, block_out_channels=list(cfg.vae_channels),
         down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
         layers_per_block=1, norm_num_groups=8, sample_size=cfg.image_size,
     )
@@ -126,7 +155,8 @@ def build_components(cfg: ToyTrainConfig) -> dict[str, Any]:
 
         k = len(cfg.widths)
         parts["unet"] = UNet2DConditionModel(
-            sample_size=latent, in_channels=4, out_channels=4, block_out_channels=cfg.widths, layers_per_block=1,
+            sample_size=latent, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+            block_out_channels=cfg.widths, layers_per_block=1,
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (k - 1),
             up_block_types=("CrossAttnUpBlock2D",) * (k - 1) + ("UpBlock2D",),
             cross_attention_dim=cfg.text_width, attention_head_dim=4, norm_num_groups=8,
@@ -147,7 +177,8 @@ def build_components(cfg: ToyTrainConfig) -> dict[str, Any]:
             tokenizer_2=tokenizer_2,
             text_encoder_2=T5EncoderModel(t5),
             transformer=FluxTransformer2DModel(
-                patch_size=1, in_channels=16, num_layers=cfg.flux_layers[0], num_single_layers=cfg.flux_layers[1],
+                patch_size=1, in_channels=4 * cfg.latent_channels,  # FluxPipeline packs 2×2 latent patches
+                num_layers=cfg.flux_layers[0], num_single_layers=cfg.flux_layers[1],
                 attention_head_dim=head, num_attention_heads=cfg.flux_heads, joint_attention_dim=cfg.text_width,
                 pooled_projection_dim=cfg.text_width, guidance_embeds=False, axes_dims_rope=rope,
             ),
@@ -250,7 +281,9 @@ class ToyTrainer:
         done.setdefault("cycles", 1)
         ignore = ("steps", "cycles", "sampler_steps", "sampler_guidance", "checkpoint_every")
         ours = dataclasses.asdict(self.cfg)
-        diff = sorted(k for k in ours if k not in ignore and json.loads(json.dumps(ours[k])) != done.get(k))
+        older = json.loads(json.dumps(dataclasses.asdict(ToyTrainConfig())))  # fields added since: their default
+        diff = sorted(k for k in ours if k not in ignore
+                      and json.loads(json.dumps(ours[k])) != done.get(k, older[k]))
         k = done["cycles"]
         if diff or done["steps"] != k * self.cfg.cycle_steps or k >= self.cfg.cycles:
             raise TraceEraseError(
