@@ -27,6 +27,15 @@ def test_bundled_pipeline_loads_and_draws_the_class(name, cls) -> None:
     assert (pred == CLASSES.index(cls)).mean() >= 0.8
 
 
+def test_bundled_vae_reconstructions_keep_every_style() -> None:
+    """The shared toy VAE is the ceiling for every sample; fine patterns (4-pixel stripes and dots) must survive it."""
+    from trace_erase.toyworld.check import vae_reconstruction
+
+    rec = vae_reconstruction(load_model("toy-sd").pipe.vae, n=200)
+    assert rec["class"] >= 0.98 and rec["color"] >= 0.95, rec
+    assert min(rec["style_by_style"].values()) >= 0.95, rec["style_by_style"]
+
+
 def test_trace_erases_a_class_on_toy_sd() -> None:
     """Erase "circle" with the defaults: the built-in preserve corpus (everyday captions, no toy class names) must
     keep "square", which nothing names. (Without it stage A also moves the prompts' shared rows and squares fall to

@@ -432,7 +432,7 @@ def toyworld_check(
 
     handle = load_model(model)
     res = quality_check(handle, seeds=seeds)
-    res["vae_reconstruction"] = vae_reconstruction(handle)
+    res["vae_reconstruction"] = vae_reconstruction(handle.pipe.vae)
     res["model"] = model
     res["sampler"] = sampler_settings(handle)
     table = Table(title=f"{model}: classifier accuracy, {seeds} seeds per prompt, {res['sampler']}")
@@ -447,7 +447,7 @@ def toyworld_check(
     console.print("style accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in res["style"].items())
                   + f"; mean {res['style_mean']:.3f}")
     console.print("VAE reconstruction (classifier accuracy on encode→decode of renders): "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in res["vae_reconstruction"].items()))
+                  + ", ".join(f"{k} {v:.3f}" for k, v in res["vae_reconstruction"].items() if isinstance(v, float)))
     if output:
         Path(output).write_text(json.dumps(res, indent=2) + "\n")
 
