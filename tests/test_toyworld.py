@@ -128,6 +128,6 @@ def test_override_parses_each_field_type() -> None:
     assert cfg.vae_channels == (24, 48, 64) and cfg.latent_channels == 8 and cfg.lr == 1e-3
     assert cfg.vae_from is None and cfg.flux_layers == (3, 1) and cfg.family == "flux"
     assert override(cfg, ["vae_from=out/toy-sd"]).vae_from == "out/toy-sd"
-    for bad in ("family=sd", "steps", "widths=a,b"):
+    for bad in ("family=sd", "steps=10", "seed=3", "latent", "widths=a,b", "latent_channels=0", "widths=32,0"):
         with pytest.raises(TraceEraseError):
             override(cfg, [bad])

@@ -88,17 +88,22 @@ def preset(family: str, micro: bool = False) -> ToyTrainConfig:
     return cfg
 
 
+OWN_OPTIONS = ("family", "seed", "steps", "cycles", "batch")  # settable by their own CLI options, not by --set
+
+
 def override(cfg: ToyTrainConfig, assignments: list[str]) -> ToyTrainConfig:
     """``cfg`` with ``KEY=VALUE`` settings applied, each parsed to the field's type (tuples as ``24,48,64``; ``none``
-    for an optional field); recipe experiments are run this way, so the command line records them."""
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for an optional field; counts and sizes ≥ 1); recipe experiments are run this way, so the command line records
+    them."""
+    settable = [f.name for f in dataclasses.fields(cfg) if f.name not in OWN_OPTIONS]
     changes: dict[str, Any] = {}
     for item in assignments:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in fields or key == "family":
-            raise TraceEraseError(f"cannot set '{item}'; use KEY=VALUE with KEY one of: "
-                                  + ", ".join(k for k in fields if k != "family"))
+        if key in OWN_OPTIONS:
+            raise TraceEraseError(f"'{item}': use --{key} instead of --set")
+        if not sep or key not in settable:
+            raise TraceEraseError(f"cannot set '{item}'; use KEY=VALUE with KEY one of: {', '.join(settable)}")
         current = getattr(cfg, key)
         raw = raw.strip()
         try:
@@ -110,8 +115,11 @@ def override(cfg: ToyTrainConfig, assignments: list[str]) -> ToyTrainConfig:
                 raise ValueError
             else:
                 value = type(current)(raw)
+            if any(isinstance(v, int) and v < 1 for v in (value if isinstance(value, tuple) else (value,))):
+                raise ValueError
         except ValueError:
-            raise TraceEraseError(f"'{item}': {key} takes a {type(current).__name__} like {current!r}") from None
+            raise TraceEraseError(f"'{item}': {key} takes a {type(current).__name__} like {current!r}"
+                                  + (" (each ≥ 1)" if isinstance(current, int | tuple) else "")) from None
         changes[key] = value
     return dataclasses.replace(cfg, **changes)
 
