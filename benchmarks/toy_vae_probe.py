@@ -53,4 +53,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from trace_erase.errors import TraceEraseError
+
+    try:
+        main()
+    except TraceEraseError as exc:  # bad --set or output: one line, as the CLI does
+        raise SystemExit(f"error: {exc}") from None
