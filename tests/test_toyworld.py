@@ -58,10 +58,15 @@ def test_micro_training_runs_and_resumes(family, tmp_path) -> None:
     out = ToyTrainer(cfg, tmp_path / "full", progress=False).run()
     assert (out / "model_index.json").is_file() and (out / "trace_erase.json").is_file()
     assert not (tmp_path / "full.partial").exists()
+    seconds = json.loads((out / "trace_erase.json").read_text())["training_seconds"]
+    assert {"render", "vae", "latents", "denoiser"} <= seconds.keys() and seconds["start_from"] is None
+    assert seconds["total"] == pytest.approx(sum(seconds[k] for k in ("render", "vae", "latents", "denoiser")), abs=0.3)
     # interrupted after 5 optimizer steps (inside the denoiser phase), then resumed: same final weights
     first = ToyTrainer(cfg, tmp_path / "resumed", progress=False)
     assert first.run(stop_after=5) is None and first.ckpt_path.exists()
     resumed = ToyTrainer(cfg, tmp_path / "resumed", progress=False).run()
+    # the resumed run reports the first call's rendering and VAE time too (it did neither itself)
+    assert {"render", "vae"} <= json.loads((resumed / "trace_erase.json").read_text())["training_seconds"].keys()
     a, b = DiffusionPipeline.from_pretrained(out), DiffusionPipeline.from_pretrained(resumed)
     name = "unet" if family == "sd" else "transformer"
     for (k, p), (_, q) in zip(getattr(a, name).state_dict().items(), getattr(b, name).state_dict().items(),

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,9 @@ class ToyTrainer:
             )
         key_file.write_text(json.dumps({"key": cfg.key(), "config": dataclasses.asdict(cfg)}, indent=2))
         self.ckpt_path = self.partial / "checkpoint.pt"
+        self.timing_path = self.partial / "timing.json"  # seconds per phase; a resumed run adds to them
+        self.timing: dict[str, float] = json.loads(self.timing_path.read_text()) if self.timing_path.exists() else {}
+        self._mark = time.monotonic()
 
     # data
     def dataset(self) -> tuple[np.ndarray, list[dict]]:
@@ -251,11 +255,23 @@ class ToyTrainer:
         if path.exists():
             data = np.load(path)
             return data["images"], json.loads(str(data["labels"]))
+        self._mark = time.monotonic()
         ds = render_set(self.cfg.seed * 10_000_000, self.cfg.n_images, self.cfg.image_size, self.progress)
         tmp = self.partial / "dataset.tmp.npz"
         np.savez(tmp, images=ds.images, labels=json.dumps(ds.labels))
         tmp.rename(path)
+        self._clock("render")
         return ds.images, ds.labels
+
+    def _clock(self, phase: str) -> None:
+        """Add the seconds since the last mark to ``phase``; the sidecar reports them, so the training time of a
+        recipe is measured by the command that trains it."""
+        now = time.monotonic()
+        self.timing[phase] = self.timing.get(phase, 0.0) + now - self._mark
+        self._mark = now
+        tmp = self.timing_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.timing))
+        tmp.replace(self.timing_path)
 
     def _save(self, state: dict[str, Any]) -> None:
         tmp = self.ckpt_path.with_suffix(".tmp")
@@ -334,6 +350,7 @@ class ToyTrainer:
                 vae_step = state["step"]
             bar = tqdm(total=cfg.vae_steps, initial=vae_step, desc="training VAE", disable=not self.progress)
             vae.train()
+            self._mark = time.monotonic()
             while vae_step < cfg.vae_steps:
                 idx = torch.randint(0, len(x), (cfg.vae_batch,), generator=gen)
                 batch = x[idx]
@@ -351,6 +368,7 @@ class ToyTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 if vae_step % cfg.checkpoint_every == 0 or vae_step == cfg.vae_steps:
+                    self._clock("vae")
                     self._save({"phase": "vae", "step": vae_step, "vae": vae.state_dict(), "opt": opt.state_dict(),
                                 "sched": sched.state_dict(), "gen": gen.get_state()})
                 if stop_after is not None and done_steps >= stop_after:
@@ -361,7 +379,9 @@ class ToyTrainer:
         else:
             vae.load_state_dict(state["vae"])
         vae.eval()
+        self._mark = time.monotonic()
         latents = self._latents(vae, x)
+        self._clock("latents")
         mean, std = float(latents.mean()), float(latents.std())
         return self._train_denoiser(parts, latents, labels, (mean, std), state, stop_after, done_steps)
 
@@ -426,6 +446,7 @@ class ToyTrainer:
         for m in trainable.values():
             m.train()
         bar = tqdm(total=cfg.steps, initial=step, desc=f"training toy-{cfg.family}", disable=not self.progress)
+        self._mark = time.monotonic()
         while step < cfg.steps:
             if step and step % length == 0:  # visited once per boundary, also when a run resumes exactly here
                 # warm restart: continue from the EMA weights, fresh optimizer, schedule and data order
@@ -470,6 +491,7 @@ class ToyTrainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                self._clock("denoiser")
                 self._save({
                     "phase": "denoiser", "step": step, "vae": parts["vae"].state_dict(),
                     "models": {k: m.state_dict() for k, m in trainable.items()},
@@ -513,6 +535,11 @@ class ToyTrainer:
                 "sampler": {"steps": self.cfg.sampler_steps, "guidance": self.cfg.sampler_guidance,
                             "resolution": self.cfg.image_size},
                 "training": dataclasses.asdict(self.cfg),
+                "training_seconds": {  # steps lost to an interruption are not counted; --start-from cycles neither
+                    **{k: round(v, 1) for k, v in self.timing.items()}, "total": round(sum(self.timing.values()), 1),
+                    "threads": torch.get_num_threads(), "start_from": None if self.start_from is None
+                    else str(self.start_from),
+                },
                 "note": "trace-erase toy world model; trained by `trace-erase toyworld train`",
             }
             (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
