@@ -133,6 +133,19 @@ def test_override_parses_each_field_type() -> None:
     assert cfg.vae_channels == (24, 48, 64) and cfg.latent_channels == 8 and cfg.lr == 1e-3
     assert cfg.vae_from is None and cfg.flux_layers == (3, 1) and cfg.family == "flux"
     assert override(cfg, ["vae_from=out/toy-sd"]).vae_from == "out/toy-sd"
-    for bad in ("family=sd", "steps=10", "seed=3", "latent", "widths=a,b", "latent_channels=0", "widths=32,0"):
+    for bad in ("family=sd", "steps=10", "seed=3", "latent", "widths=a,b", "latent_channels=0", "widths=32,0",
+                "lr=-1", "lr=nan", "snr_gamma=x"):
         with pytest.raises(TraceEraseError):
             override(cfg, [bad])
+    # an optional number is parsed as a number, not kept as the string (its default None says nothing of its type)
+    assert override(preset("sd"), ["snr_gamma=5"]).snr_gamma == 5.0
+    assert override(preset("sd"), ["snr_gamma=5", "snr_gamma=none"]).snr_gamma is None
+
+
+def test_min_snr_weighting_trains_sd_and_is_refused_for_flux(tmp_path) -> None:
+    with pytest.raises(TraceEraseError, match="snr_gamma"):
+        ToyTrainer(override(preset("flux", micro=True), ["snr_gamma=5"]), tmp_path / "flux", progress=False)
+    with pytest.raises(TraceEraseError, match="snr_gamma"):
+        ToyTrainer(override(preset("sd", micro=True), ["snr_gamma=0"]), tmp_path / "zero", progress=False)
+    out = ToyTrainer(override(preset("sd", micro=True), ["snr_gamma=5"]), tmp_path / "sd", progress=False).run()
+    assert json.loads((out / "trace_erase.json").read_text())["training"]["snr_gamma"] == 5.0

@@ -56,6 +56,7 @@ class ToyTrainConfig:
     batch: int = 64
     lr: float = 4e-4
     caption_dropout: float = 0.1
+    snr_gamma: float | None = None  # sd only: min-SNR loss weighting min(SNR, γ)/SNR (Hang et al. 2023); none: plain
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     sampler_steps: int = 25
@@ -96,31 +97,36 @@ def override(cfg: ToyTrainConfig, assignments: list[str]) -> ToyTrainConfig:
     """``cfg`` with ``KEY=VALUE`` settings applied, each parsed to the field's type (tuples as ``24,48,64``; ``none``
     for an optional field; counts and sizes ≥ 1); recipe experiments are run this way, so the command line records
     them."""
-    settable = [f.name for f in dataclasses.fields(cfg) if f.name not in OWN_OPTIONS]
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(cfg) if f.name not in OWN_OPTIONS}
     changes: dict[str, Any] = {}
     for item in assignments:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
         if key in OWN_OPTIONS:
             raise TraceEraseError(f"'{item}': use --{key} instead of --set")
-        if not sep or key not in settable:
-            raise TraceEraseError(f"cannot set '{item}'; use KEY=VALUE with KEY one of: {', '.join(settable)}")
-        current = getattr(cfg, key)
-        raw = raw.strip()
+        if not sep or key not in kinds:
+            raise TraceEraseError(f"cannot set '{item}'; use KEY=VALUE with KEY one of: {', '.join(kinds)}")
+        kind, raw = kinds[key], raw.strip()
         try:
-            if current is None or isinstance(current, str):
-                value: Any = None if raw.lower() == "none" else raw
-            elif isinstance(current, tuple):
+            if kind.endswith("| None") and raw.lower() == "none":
+                value: Any = None
+            elif kind.startswith("tuple"):
                 value = tuple(int(v) for v in raw.split(","))
-            elif isinstance(current, bool):
-                raise ValueError
+            elif kind.startswith("int"):
+                value = int(raw)
+            elif kind.startswith("float"):
+                value = float(raw)
+                if not math.isfinite(value) or value < 0:
+                    raise ValueError
             else:
-                value = type(current)(raw)
+                value = raw
             if any(isinstance(v, int) and v < 1 for v in (value if isinstance(value, tuple) else (value,))):
                 raise ValueError
         except ValueError:
-            raise TraceEraseError(f"'{item}': {key} takes a {type(current).__name__} like {current!r}"
-                                  + (" (each ≥ 1)" if isinstance(current, int | tuple) else "")) from None
+            example = getattr(cfg, key)
+            raise TraceEraseError(f"'{item}': {key} takes {kind}" + (f" like {example!r}" if example is not None
+                                  else "") + (" (each ≥ 1)" if kind.startswith(("int", "tuple")) else "")
+                                  + (" (finite, ≥ 0)" if kind.startswith("float") else "")) from None
         changes[key] = value
     return dataclasses.replace(cfg, **changes)
 
@@ -228,6 +234,9 @@ class ToyTrainer:
                  start_from: str | Path | None = None):
         if cfg.cycles < 1 or cfg.steps % cfg.cycles:
             raise TraceEraseError(f"steps ({cfg.steps}) must be a multiple of cycles ({cfg.cycles})")
+        if cfg.snr_gamma is not None and (cfg.family != "sd" or cfg.snr_gamma <= 0):
+            raise TraceEraseError("snr_gamma weights toy-sd's ε-prediction loss and must be > 0 (e.g. 5); "
+                                  "drop it for --family flux")
         self.cfg = cfg
         self.start_from = start_from
         self.output = Path(output)
@@ -475,7 +484,12 @@ class ToyTrainer:
                 cond = pipe.text_encoder(ids)[0]
                 pred = pipe.unet(zt, t, encoder_hidden_states=cond).sample
                 target = noise
-            loss = nn.functional.mse_loss(pred, target)
+            if flux or cfg.snr_gamma is None:
+                loss = nn.functional.mse_loss(pred, target)
+            else:  # min-SNR-γ: low-noise steps, which dominate the ε-loss's gradient, count no more than SNR γ
+                snr = alphas[t] / (1 - alphas[t])
+                weight = snr.clamp(max=cfg.snr_gamma) / snr
+                loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
             self._check(loss, step)
             opt.zero_grad()
             loss.backward()
