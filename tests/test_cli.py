@@ -112,6 +112,13 @@ def test_toyworld_train_schedule_options_reach_the_recorded_config(tmp_path, cap
     assert code == 0, err
     training = json.loads((out / "trace_erase.json").read_text())["training"]
     assert (training["steps"], training["cycles"], training["batch"]) == (4, 2, 4)
+    # the check's JSON carries the recipe and the training time next to the figures
+    code, _, err = run(["toyworld", "check", "--model", str(out), "--seeds", "1", "--output",
+                        str(tmp_path / "check.json")], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "check.json").read_text())
+    assert res["training"] == training and res["training_seconds"]["denoiser"] > 0
+    assert len(res["object"]) == 10 and 0.0 <= res["object_mean"] <= 1.0
 
 
 def test_toyworld_train_refuses_a_zero_batch(tmp_path, capsys) -> None:

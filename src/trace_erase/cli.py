@@ -426,6 +426,7 @@ def toyworld_check(
     from rich.table import Table
 
     from .models import load_model
+    from .models.loading import SIDECAR, resolve_model
     from .sampling import sampler_settings
     from .toyworld.check import quality_check, vae_reconstruction
     from .toyworld.render import CLASSES
@@ -435,6 +436,10 @@ def toyworld_check(
     res["vae_reconstruction"] = vae_reconstruction(handle.pipe.vae)
     res["model"] = model
     res["sampler"] = sampler_settings(handle)
+    sidecar = Path(resolve_model(model)) / SIDECAR  # the recipe and its training time, next to the figures
+    if sidecar.is_file():
+        meta = json.loads(sidecar.read_text())
+        res["training"], res["training_seconds"] = meta.get("training"), meta.get("training_seconds")
     table = Table(title=f"{model}: classifier accuracy, {seeds} seeds per prompt, {res['sampler']}")
     for col in ("class", "object", "synonyms", "unconditional count"):
         table.add_column(col)
