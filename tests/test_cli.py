@@ -142,7 +142,7 @@ def test_toyworld_train_set_overrides_any_recipe_field(tmp_path, capsys) -> None
     assert pipe.vae_scale_factor == 4
     training = json.loads((out / "trace_erase.json").read_text())["training"]
     assert training["vae_channels"] == [8, 8, 8] and training["latent_channels"] == 8
-    for bad, message in (("latent=8", "KEY one of"), ("latent_channels=8.5", "takes a int")):
+    for bad, message in (("latent=8", "KEY one of"), ("latent_channels=8.5", "takes int like 4")):
         code, _, err = run(["toyworld", "train", "--family", "sd", "--micro", "--set", bad, "--output",
                             str(tmp_path / "bad")], capsys)
         assert code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err
