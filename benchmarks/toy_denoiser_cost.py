@@ -35,7 +35,14 @@ def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from trace_erase.errors import TraceEraseError
-    from trace_erase.toyworld.train import ToyTrainer, assemble_pipeline, build_components, override, preset
+    from trace_erase.toyworld.train import (
+        ToyTrainer,
+        assemble_pipeline,
+        build_components,
+        override,
+        preset,
+        trained_components,
+    )
 
     try:
         cfg = override(preset(args.family, micro=args.micro), args.assignments)
@@ -44,6 +51,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     parts = build_components(cfg)
     pipe = assemble_pipeline(cfg, parts, (0.0, 1.0))
+    params = [p for n in trained_components(cfg.family) for p in parts[n].parameters()]  # what training optimises
     side = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
     captions = ["a red striped circle", "a photo of a dotted star", "", "a blue house on grey"]
 
@@ -61,11 +69,8 @@ def main() -> None:
     mflop = counter.get_total_flops() / 1e6
     figures = {"family": cfg.family, "settings": args.assignments, "threads": args.threads, "batch": cfg.batch,
                "forward_mflop_per_sample": round(mflop, 1),
-               "parameters_m": round(sum(p.numel() for n in ("text_encoder", "text_encoder_2", "unet", "transformer")
-                                         if n in parts for p in parts[n].parameters()) / 1e6, 3)}
+               "parameters_m": round(sum(p.numel() for p in params) / 1e6, 3)}
     if args.steps:
-        params = [p for n in ("text_encoder", "text_encoder_2", "unet", "transformer") if n in parts
-                  for p in parts[n].parameters()]
         opt = torch.optim.AdamW(params, lr=cfg.lr)
         times = []
         for i in range(args.steps + 2):
