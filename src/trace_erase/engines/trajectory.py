@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..config import Concept
 from ..errors import NonFiniteLossError, TraceEraseError
 from ..models.base import Conditioning, FamilyAdapter
+from ..runtime import check_trainable
 from .prompts import corpus_path, load_corpus
 
 WINDOWS = ("two", "late", "all")
@@ -91,17 +92,23 @@ class TrajectoryConfig:
 
 @dataclass
 class Pool:
-    """Replay pool: states x_t (and their model times) from trajectories of the frozen model."""
+    """Replay pool: the denoiser inputs (and their model times) along trajectories of the frozen model — for
+    Euler-type schedulers the scaled x_t/√(σ²+1) the pipeline feeds, not the scheduler's x_t."""
 
     states: list[torch.Tensor] = field(default_factory=list)  # one [steps, C, H, W] tensor per trajectory
     times: list[torch.Tensor] = field(default_factory=list)  # one [steps] tensor per trajectory
     prompts: list[str] = field(default_factory=list)
 
+    FORMAT = 2  # 1 stored the scheduler's unscaled x_t
+
     def state_dict(self) -> dict[str, Any]:
-        return {"states": self.states, "times": self.times, "prompts": self.prompts}
+        return {"states": self.states, "times": self.times, "prompts": self.prompts, "format": self.FORMAT}
 
     @staticmethod
     def from_state(d: dict[str, Any]) -> Pool:
+        if d.get("format", 1) != Pool.FORMAT:
+            raise TraceEraseError("this checkpoint's replay pool was written by an older trace-erase (unscaled "
+                                  "states); rerun with --overwrite instead of --resume")
         return Pool(list(d["states"]), list(d["times"]), list(d["prompts"]))
 
 
@@ -117,6 +124,9 @@ class TrajectoryEngine:
         self.gen = torch.Generator().manual_seed(config.seed)
         self.targets = adapter.lora_target_modules(config.lora_targets)
         self._cond_cache: dict[str, Conditioning] = {}
+        check_trainable(adapter.device, adapter.dtype)
+        # fp16 activations need loss scaling to keep small gradients (bf16 and fp32 do not)
+        self.scaler = torch.amp.GradScaler(adapter.device.type) if adapter.dtype == torch.float16 else None
 
     # ---- adapter on/off (the same network gives θ and θ*) -------------------------------------------------------
     def attach(self) -> None:
@@ -133,6 +143,10 @@ class TrajectoryEngine:
             adapter_name=ADAPTER_NAME,
         )
         den.set_adapter(ADAPTER_NAME)
+        # trainable LoRA weights (and so AdamW's state) in fp32 over a half-precision frozen base, as diffusers'
+        # training scripts do: bf16 parameters drop updates smaller than 2⁻⁸ of their value, fp16 ones underflow
+        for p in self.lora_parameters():
+            p.data = p.data.float()
         if self.config.gradient_checkpointing and hasattr(den, "enable_gradient_checkpointing"):
             den.enable_gradient_checkpointing()
 
@@ -152,12 +166,16 @@ class TrajectoryEngine:
         """Context in which the denoiser is θ* (adapter disabled)."""
         engine = self
 
-        class _Frozen:
+        attached = ADAPTER_NAME in getattr(self.adapter.denoiser, "peft_config", {})
+
+        class _Frozen:  # before attach() the denoiser is θ* already
             def __enter__(self) -> None:
-                engine.adapter.denoiser.disable_adapters()
+                if attached:
+                    engine.adapter.denoiser.disable_adapters()
 
             def __exit__(self, *exc: Any) -> None:
-                engine.adapter.denoiser.enable_adapters()
+                if attached:
+                    engine.adapter.denoiser.enable_adapters()
 
         return _Frozen()
 
@@ -171,23 +189,29 @@ class TrajectoryEngine:
                 self._cond_cache[p] = c.select([i])
         return Conditioning.cat([self._cond_cache[p] for p in prompts])
 
-    def rollout(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A trajectory of θ* under ``prompt`` with guidance ``rollout_guidance``: states before each step, times."""
-        cfg = self.config
-        scheduler = self.adapter.rollout_scheduler(cfg.rollout_steps)
-        x = self.adapter.initial_noise(1, self.gen)
-        both = self.cond([prompt, ""])
+    def rollout(self, prompt: str, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor]:
+        """A trajectory of θ* under ``prompt`` exactly as the pipeline's own ``__call__`` samples it (same scheduler,
+        input scaling, guidance semantics, ``rollout_guidance``): the denoiser's input at each step, its model time,
+        and the final latents. ``noise`` is the standard-normal x_T before ``init_noise_sigma`` (default: drawn from
+        the engine's generator)."""
+        cfg, adapter = self.config, self.adapter
+        scheduler = adapter.rollout_scheduler(cfg.rollout_steps)
+        if noise is None:
+            noise = torch.randn(adapter.latent_shape(1), generator=self.gen)
+        x = adapter.initial_noise(scheduler, noise)
+        c, u = self.cond([prompt] * x.shape[0]), self.cond([""] * x.shape[0])
+        step_kwargs = adapter.step_kwargs(scheduler, self.gen)
         states, times = [], []
         with torch.no_grad(), self.frozen():
             for t in scheduler.timesteps:
-                tm = self.adapter.model_time(t.reshape(1)).to(self.adapter.device)
-                states.append(x[0].detach().cpu())
+                tm = adapter.model_time(t.reshape(1)).to(adapter.device).expand(x.shape[0])
+                x_in = adapter.model_input(scheduler, x, t)  # what the denoiser sees: the pool stores exactly this
+                states.append(x_in[0].detach().cpu())
                 times.append(tm[0].detach().cpu().float())
-                xin = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-                out = self.adapter.predict(torch.cat([xin, xin]), tm.repeat(2), both)
-                guided = out[1:] + cfg.rollout_guidance * (out[:1] - out[1:])
-                x = scheduler.step(guided, t, x, return_dict=False)[0]
-        return torch.stack(states), torch.stack(times)
+                guided = adapter.guided_prediction(x_in, tm, c, u, cfg.rollout_guidance)
+                x = scheduler.step(guided, t, x, **step_kwargs, return_dict=False)[0]
+        return torch.stack(states), torch.stack(times), x
 
     def _target_prompt(self, concepts: list[Concept]) -> str:
         templates = self.config.train_templates
@@ -197,7 +221,7 @@ class TrajectoryEngine:
     def fill_pool(self, pool: Pool, concepts: list[Concept]) -> None:
         while len(pool.states) < self.config.pool_trajectories:
             prompt = self._target_prompt(concepts)
-            s, t = self.rollout(prompt)
+            s, t, _ = self.rollout(prompt)
             pool.states.append(s)
             pool.times.append(t)
             pool.prompts.append(prompt)
@@ -278,15 +302,18 @@ class TrajectoryEngine:
                 terms.update(branch_terms(name, pred))
             terms["total"] = sum(weights[key] * terms[key] for key in weights)
             if backward_scale is not None:
-                (backward_scale * terms["total"]).backward()
+                self._backward(backward_scale * terms["total"])
                 terms = {key: v.detach() for key, v in terms.items()}
             return terms
         for name, cond in live.items():
             part = branch_terms(name, self.adapter.predict(x, t, cond))
-            (backward_scale * sum(weights[key] * v for key, v in part.items())).backward()
+            self._backward(backward_scale * sum(weights[key] * v for key, v in part.items()))
             terms.update({key: v.detach() for key, v in part.items()})
         terms["total"] = sum(weights[key] * terms[key] for key in weights)
         return terms
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
     def _ckpt(self) -> Path | None:
@@ -302,6 +329,7 @@ class TrajectoryEngine:
             "lora": {n: p.detach().cpu().clone() for n, p in self.adapter.denoiser.named_parameters()
                      if ADAPTER_NAME in n},
             "opt": opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "gen": self.gen.get_state(),
             "pool": pool.state_dict(),
         }
@@ -319,6 +347,8 @@ class TrajectoryEngine:
             for n, v in state["lora"].items():
                 params[n].copy_(v)
         opt.load_state_dict(state["opt"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.gen.set_state(state["gen"])
         return int(state["step"]), Pool.from_state(state["pool"])
 
@@ -338,10 +368,11 @@ class TrajectoryEngine:
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
             resumed = self.load_checkpoint(opt)
             step, pool = resumed if resumed else (0, Pool())
+            # every prompt training reads, encoded once now: the text encoders are idle (or offloaded) from here on
+            self.cond(["", *preserve, *(t.format(c.name) for c in concepts for t in cfg.train_templates)])
             self.fill_pool(pool, concepts)
             history: list[dict[str, float]] = []
             bar = tqdm(total=cfg.steps, initial=step, desc="trajectory fine-tuning", disable=not self.progress)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.adapter.device.type == "cuda" else None
             while step < cfg.steps:
                 if step > 0 and step % cfg.refresh_every == 0:
                     self.refresh(pool, concepts)
@@ -349,11 +380,7 @@ class TrajectoryEngine:
                 logged: dict[str, float] = {}
                 for _ in range(cfg.grad_accum):
                     x, t, prompts = self.sample(pool)
-                    if autocast is not None:
-                        with autocast:
-                            terms = self.loss_terms(x, t, prompts, preserve, backward_scale=1.0 / cfg.grad_accum)
-                    else:
-                        terms = self.loss_terms(x, t, prompts, preserve, backward_scale=1.0 / cfg.grad_accum)
+                    terms = self.loss_terms(x, t, prompts, preserve, backward_scale=1.0 / cfg.grad_accum)
                     if not torch.isfinite(terms["total"]):  # checked before opt.step: the weights stay finite
                         raise NonFiniteLossError(
                             f"loss became {terms['total'].item()} at step {step}; the last checkpoint is kept — "
@@ -361,7 +388,11 @@ class TrajectoryEngine:
                         )
                     for k, v in terms.items():
                         logged[k] = logged.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-                opt.step()
+                if self.scaler is not None:  # skips the step when the scaled gradients overflowed
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                else:
+                    opt.step()
                 step += 1
                 history.append(logged)
                 bar.update(1)

@@ -80,6 +80,8 @@ class FamilyAdapter(ABC):
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
+        # where the denoiser computes when it is not resident (model CPU offload); None: wherever it is
+        self.execution_device: torch.device | None = None
 
     # ---- identity ---------------------------------------------------------------------------------------------
     @property
@@ -88,7 +90,7 @@ class FamilyAdapter(ABC):
 
     @property
     def device(self) -> torch.device:
-        return self.denoiser.device
+        return self.execution_device if self.execution_device is not None else self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -194,10 +196,45 @@ class FamilyAdapter(ABC):
     def model_time(self, scheduler_t: torch.Tensor) -> torch.Tensor:
         """Scheduler timestep → the time value the denoiser takes (DDPM t, or flow σ)."""
 
-    def initial_noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        """x_T for a trajectory (CPU generator, so seeds reproduce across devices)."""
-        x = torch.randn(self.latent_shape(batch), generator=generator)
-        return (x * getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)).to(self.device, self.dtype)
+    def initial_noise(self, scheduler: Any, noise: torch.Tensor) -> torch.Tensor:
+        """x_T from standard-normal ``noise`` as the pipeline's ``prepare_latents`` makes it: scaled by the (already
+        set) scheduler's ``init_noise_sigma`` (√(σ_max²+1) for Euler-type schedulers), in the model's dtype."""
+        return (noise.to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)).to(self.dtype)
+
+    # ---- what the denoiser sees (sampler-exact) ---------------------------------------------------------------------
+    def model_input(self, scheduler: Any, x: torch.Tensor, scheduler_t: torch.Tensor) -> torch.Tensor:
+        """The latents the pipeline's ``__call__`` feeds the denoiser at this step: ``scale_model_input`` of the
+        scheduler (x/√(σ²+1) for Euler-type schedulers, identity for DDIM/PNDM)."""
+        if hasattr(scheduler, "scale_model_input"):
+            return scheduler.scale_model_input(x, scheduler_t)
+        return x
+
+    def guided_prediction(self, x_in: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning,
+                          guidance: float) -> torch.Tensor:
+        """The guided output the pipeline steps with: classifier-free guidance ε(∅) + g(ε(c) − ε(∅)); with g ≤ 1 the
+        pipelines skip the unconditional branch, and so does this."""
+        if guidance <= 1.0:
+            return self.predict(x_in, t, cond)
+        n = x_in.shape[0]
+        out = self.predict(torch.cat([x_in, x_in]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
+        e_u, e_c = out[:n], out[n:]
+        return e_u + guidance * (e_c - e_u)
+
+    def pipeline_guidance(self, guidance: float, batch: int) -> dict[str, Any]:
+        """The pipeline ``__call__`` arguments that give ``guided_prediction``'s semantics (SD: guidance_scale)."""
+        return {"guidance_scale": guidance}
+
+    def step_kwargs(self, scheduler: Any, generator: torch.Generator | None) -> dict[str, Any]:
+        """Extra ``scheduler.step`` arguments the pipelines pass (the generator of ancestral samplers; DDIM's η=0)."""
+        import inspect
+
+        params = set(inspect.signature(scheduler.step).parameters)
+        out: dict[str, Any] = {}
+        if "eta" in params:
+            out["eta"] = 0.0
+        if "generator" in params and generator is not None:
+            out["generator"] = generator
+        return out
 
     # ---- LoRA ---------------------------------------------------------------------------------------------------
     @abstractmethod

@@ -149,7 +149,32 @@ class FluxAdapter(FamilyAdapter):
         return scheduler
 
     def model_time(self, scheduler_t: torch.Tensor) -> torch.Tensor:
-        return scheduler_t / 1000.0  # FluxPipeline passes timestep / 1000, i.e. σ
+        # FluxPipeline casts the timestep to the latents' dtype, then divides by 1000 (σ): the same rounding here
+        return scheduler_t.to(self.dtype) / 1000.0
+
+    def model_input(self, scheduler: Any, x: torch.Tensor, scheduler_t: torch.Tensor) -> torch.Tensor:
+        return x  # FluxPipeline feeds the latents as they are (flow matching has no input scaling)
+
+    @property
+    def distilled_guidance(self) -> bool:
+        """FLUX.1-dev/schnell take the guidance scale as an input (guidance-distilled); toy-flux does not."""
+        return bool(self.denoiser.config.guidance_embeds)
+
+    def guided_prediction(self, x_in: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning,
+                          guidance: float) -> torch.Tensor:
+        """As FluxPipeline samples: a guidance-distilled model gets ``guidance`` as its guidance embedding and one
+        conditional pass (no true CFG on top); a model without the embedding gets true CFG against ``uncond``."""
+        if self.distilled_guidance:
+            tensors = dict(cond.tensors)
+            tensors["guidance"] = torch.full((x_in.shape[0],), float(guidance), device=self.device)
+            return self.predict(x_in, t, Conditioning(tensors))
+        return super().guided_prediction(x_in, t, cond, uncond, guidance)
+
+    def pipeline_guidance(self, guidance: float, batch: int) -> dict[str, Any]:
+        if self.distilled_guidance:
+            return {"guidance_scale": guidance}
+        # no distilled guidance input (like our toy-flux): true CFG against the empty prompt
+        return {"true_cfg_scale": guidance, "guidance_scale": 1.0, "negative_prompt": [""] * batch}
 
     def lora_target_modules(self, preset: str = "kv") -> list[str]:
         if preset not in FLUX_LORA_PRESETS:

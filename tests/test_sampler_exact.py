@@ -1,0 +1,129 @@
+"""Stage B sees what the pipeline's own ``__call__`` feeds the denoiser: scheduler, input scaling, guidance semantics.
+
+Each case builds a tiny real-class pipeline, samples it with its own ``__call__`` and compares with the trajectory
+engine's rollout from the same initial noise (final latents) and with the inputs of one training step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from trace_erase import get_adapter
+from trace_erase.engines.trajectory import Pool, TrajectoryConfig, TrajectoryEngine
+from trace_erase.models.builders import tiny_flux_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+
+STEPS, GUIDANCE, PROMPT = 6, 4.0, "a photo of a cat"
+
+
+def _euler(pipe: Any) -> Any:
+    from diffusers import EulerDiscreteScheduler
+
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+CASES = {
+    "sd-ddim": lambda: tiny_sd_pipeline(0),
+    "sd-euler": lambda: _euler(tiny_sd_pipeline(0)),
+    "sd2v-euler": lambda: _euler(tiny_sd_pipeline(0, prediction_type="v_prediction")),
+    "sdxl-euler": lambda: tiny_sdxl_pipeline(0),
+    "flux-guidance-embeds": lambda: tiny_flux_pipeline(0, guidance_embeds=True),
+    "flux-true-cfg": lambda: tiny_flux_pipeline(0, guidance_embeds=False),
+}
+
+
+def _engine(pipe: Any) -> TrajectoryEngine:
+    cfg = TrajectoryConfig(rollout_steps=STEPS, rollout_guidance=GUIDANCE, batch_size=4, steps=1)
+    return TrajectoryEngine(get_adapter(pipe), cfg, progress=False)
+
+
+def _denoiser_inputs(module: torch.nn.Module) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], Any]:
+    """Record (latents, timestep) of every denoiser call (UNet: positional; FLUX: keywords)."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(mod: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        x = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        seen.append((x.detach().clone(), torch.as_tensor(t).detach().float().reshape(-1).expand(x.shape[0]).clone()))
+
+    return seen, module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _pipeline_call(pipe: Any, adapter: Any, noise: torch.Tensor) -> torch.Tensor:
+    """The pipeline's own sampling from ``noise`` (FLUX takes it packed); returns latents as the pipeline holds them."""
+    kwargs: dict[str, Any] = adapter.pipeline_guidance(GUIDANCE, 1)
+    latents = noise
+    if adapter.family == "flux":
+        kwargs["max_sequence_length"] = adapter.max_tokens
+        latents = type(pipe)._pack_latents(noise, *noise.shape)
+    size = adapter.latent_shape(1)[-1] * pipe.vae_scale_factor
+    with torch.no_grad():
+        return pipe(PROMPT, latents=latents, num_inference_steps=STEPS, height=size, width=size,
+                    output_type="latent", **kwargs).images
+
+
+def _as_pipeline_holds(adapter: Any, pipe: Any, x: torch.Tensor) -> torch.Tensor:
+    return type(pipe)._pack_latents(x, *x.shape) if adapter.family == "flux" else x
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rollout_equals_the_pipelines_own_sampling(case: str) -> None:
+    pipe = CASES[case]()
+    eng = _engine(pipe)
+    noise = torch.randn(eng.adapter.latent_shape(1), generator=torch.Generator().manual_seed(3))
+    _, _, final = eng.rollout(PROMPT, noise=noise)
+    expected = _pipeline_call(pipe, eng.adapter, noise)
+    got = _as_pipeline_holds(eng.adapter, pipe, final)
+    assert expected.abs().max() > 0.1
+    assert (got - expected).abs().max() <= 1e-4, float((got - expected).abs().max())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_step_feeds_the_denoiser_the_pipelines_inputs(case: str) -> None:
+    """Every denoiser input of one training step (frozen and live branches) equals the input the pipeline fed at the
+    step with the same timestep (for Euler the scaled x/√(σ²+1), not the scheduler's x)."""
+    pipe = CASES[case]()
+    eng = _engine(pipe)
+    adapter = eng.adapter
+    noise = torch.randn(adapter.latent_shape(1), generator=torch.Generator().manual_seed(3))
+    seen, handle = _denoiser_inputs(adapter.denoiser)
+    try:
+        _pipeline_call(pipe, adapter, noise)
+        fed = [(x[0], t[0]) for x, t in seen]  # the pipeline's input at each step (rows of a CFG batch agree)
+        seen.clear()
+        states, times, _ = eng.rollout(PROMPT, noise=noise)
+        seen.clear()
+        pool = Pool([states], [times], [PROMPT])
+        eng.attach()
+        try:
+            x, t, prompts = eng.sample(pool)
+            eng.loss_terms(x, t, prompts, [], backward_scale=1.0)
+        finally:
+            eng.detach()
+    finally:
+        handle.remove()
+    assert len(seen) >= 2  # the frozen call and the live branch(es)
+    matched = 0
+    for x_batch, t_batch in seen:
+        for x_row, t_row in zip(x_batch, t_batch, strict=True):
+            step = [k for k, (_, t_fed) in enumerate(fed) if torch.isclose(t_fed, t_row, rtol=0, atol=1e-6)]
+            assert step, f"training timestep {float(t_row)} is not one the pipeline used"
+            diff = (x_row.float() - fed[step[0]][0].float()).abs().max()
+            assert diff <= 1e-4, (float(t_row), float(diff))
+            matched += 1
+    assert matched >= 4
+
+
+def test_euler_inputs_are_scaled_not_raw() -> None:
+    """The pool of an Euler rollout holds x/√(σ²+1): its first state has unit scale, while the scheduler's x_T has
+    scale √(σ_max²+1) ≈ 14 for SD's schedule (the defect this guards against)."""
+    pipe = CASES["sd-euler"]()
+    eng = _engine(pipe)
+    states, _, _ = eng.rollout(PROMPT, noise=torch.randn(eng.adapter.latent_shape(1),
+                                                        generator=torch.Generator().manual_seed(0)))
+    sched = eng.adapter.rollout_scheduler(STEPS)
+    assert float(sched.init_noise_sigma) > 10
+    assert 0.7 < float(states[0].std()) < 1.3
