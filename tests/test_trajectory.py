@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from trace_erase.config import Concept
 from trace_erase.engines.trajectory import TrajectoryConfig, TrajectoryEngine
 from trace_erase.errors import NonFiniteLossError, TraceEraseError
 from trace_erase.models import ModelHandle
-from trace_erase.sampling import generate_images
+from trace_erase.sampling import generate_images, sampler_settings
 
 from .conftest import BUILDERS
 from .test_closed_form import _pred
@@ -176,6 +177,19 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path) -> None:
         assert (resumed.state_dict[k] - v).abs().max() <= 1e-6, k
 
 
+def _record_latents(handle: ModelHandle) -> list[torch.Tensor]:
+    """Latents after each step of one generation (the pipeline's own callback)."""
+    seen: list[torch.Tensor] = []
+
+    def grab(p, i, t, kw):
+        seen.append(kw["latents"].clone())
+        return kw
+
+    generate_images(handle, ["a photo of a cat"], [0], steps=10, guidance=3.0, progress=False,
+                    callback_on_step_end=grab, callback_on_step_end_tensor_inputs=["latents"])
+    return seen
+
+
 def test_gated_adapter_leaves_early_latents_identical(tmp_path) -> None:
     er = erase(BUILDERS["sd"](), ["cat"], method="trace", anchor="dog", progress=False, gate_tau=0.5,
                **{**FAST, **FAST_A, "steps": 3})
@@ -184,31 +198,49 @@ def test_gated_adapter_leaves_early_latents_identical(tmp_path) -> None:
     gated = load_erasure(tmp_path / "e")
     stage_a_only = Erasure(gated.state_dict, {**gated.manifest, "gate": None})
 
-    def latents_of(erasure: Erasure) -> tuple[list[torch.Tensor], ModelHandle]:
+    def latents_of(erasure: Erasure) -> tuple[list[torch.Tensor], ModelHandle, Any]:
         pipe = BUILDERS["sd"]()
         handle = ModelHandle(pipe, get_adapter(pipe), "tiny")
-        erasure.apply(handle)
-        seen: list[torch.Tensor] = []
+        applied = erasure.apply(handle)
+        return _record_latents(handle), handle, applied
 
-        def grab(p, i, t, kw):
-            seen.append(kw["latents"].clone())
-            return kw
-
-        handle.step_callbacks.append(grab)
-        generate_images(handle, ["a photo of a cat"], [0], steps=10, guidance=3.0, progress=False,
-                        callback_on_step_end_tensor_inputs=["latents"])
-        return seen, handle
-
-    with_gate, handle = latents_of(gated)
-    without, _ = latents_of(stage_a_only)
-    gate = handle.step_callbacks[0]
-    weights = [w for _, w in gate.history]
+    with_gate, handle, applied = latents_of(gated)
+    without, _, _ = latents_of(stage_a_only)
+    weights = [w for _, w in applied.gate.history]
     n_early = weights.index(1.0)
     assert n_early > 0 and all(w == 0.0 for w in weights[:n_early]) and all(w == 1.0 for w in weights[n_early:])
-    assert all(t >= 500 for t, _ in gate.history[:n_early]) and all(t < 500 for t, _ in gate.history[n_early:])
+    assert all(t >= 500 for t, _ in applied.gate.history[:n_early])
+    assert all(t < 500 for t, _ in applied.gate.history[n_early:])
     for i in range(n_early):  # latents after each EARLY step: bit-identical to the stage-A model
         assert torch.equal(with_gate[i], without[i]), i
     assert not torch.equal(with_gate[-1], without[-1])  # the gated LoRA does act in LATE steps
+
+
+def test_plain_pipeline_call_honours_the_gate(tmp_path) -> None:
+    """After ``apply``, ``handle.pipe(prompt)`` — no callback, no helper — gives generate_images' image, and that
+    image differs from the same erasure applied without its gate (so the gate is what the call honoured)."""
+    import numpy as np
+
+    er = erase(BUILDERS["sd"](), ["cat"], method="trace", anchor="dog", progress=False, gate_tau=0.5,
+               **{**FAST, **FAST_A, "steps": 3, "lr": 1e-2})
+    pipe = BUILDERS["sd"]()
+    handle = ModelHandle(pipe, get_adapter(pipe), "tiny")
+    er.apply(handle)
+    ours = np.asarray(generate_images(handle, ["a photo of a cat"], [0], steps=10, guidance=3.0, progress=False)[0])
+    latents = torch.randn(handle.adapter.latent_shape(1), generator=torch.Generator().manual_seed(0))
+    size = sampler_settings(handle)["resolution"]
+    plain = np.asarray(pipe("a photo of a cat", latents=latents, num_inference_steps=10, guidance_scale=3.0,
+                            height=size, width=size).images[0])
+    assert np.array_equal(plain, ours)
+    merged = {**er.state_dict}
+    for k, v in er.gated_state_dict.items():  # stage A and the gated part as one always-on LoRA
+        merged[k] = torch.cat([merged[k], v], dim=0 if "lora_A" in k else 1) if k in merged else v
+    always_on = Erasure(merged, {**er.manifest, "gate": None})
+    always_on.apply(handle)  # replaces the gated erasure
+    assert len(pipe.get_list_adapters()["unet"]) == 1, "apply must replace, not stack"
+    on = np.asarray(pipe("a photo of a cat", latents=latents, num_inference_steps=10, guidance_scale=3.0,
+                         height=size, width=size).images[0])
+    assert not np.array_equal(on, plain)
 
 
 def test_bad_trajectory_options() -> None:

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import TraceEraseError
 from .fingerprint import check_fingerprint, fingerprint
-from .gate import GateController
+from .gate import LateGate
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 GATED_WEIGHT_NAME = "gated_lora_weights.safetensors"
@@ -59,12 +59,37 @@ def commit_folder(tmp: Path, final: Path) -> None:
 
 @dataclass
 class Applied:
-    """What :meth:`Erasure.apply` loaded: adapter names and, for a gated erasure, the step callback to pass as
-    ``callback_on_step_end`` (a :class:`ModelHandle` target gets it registered automatically)."""
+    """What :meth:`Erasure.apply` loaded: adapter names, their weights and, for a gated erasure, the gate installed on
+    the denoiser (a forward pre-hook, so the pipeline's own ``__call__`` honours it)."""
 
     adapter_name: str | None
     gated_adapter_name: str | None = None
-    callback: GateController | None = None
+    gate: LateGate | None = None
+    scale: float = 1.0
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n in (self.adapter_name, self.gated_adapter_name) if n is not None]
+
+
+APPLIED_ATTR = "_trace_erase_applied"  # erasures applied to a pipeline, in order (set on the pipeline object)
+
+
+def applied_erasures(target: Any) -> list[Applied]:
+    """The erasures :meth:`Erasure.apply` has loaded into ``target`` and not removed."""
+    pipe, _ = _pipe_and_adapter(target)
+    return list(getattr(pipe, APPLIED_ATTR, []))
+
+
+def remove_erasures(target: Any) -> None:
+    """Unload every erasure applied to ``target`` (adapters and gates); other adapters stay as they are."""
+    pipe, _ = _pipe_and_adapter(target)
+    for applied in getattr(pipe, APPLIED_ATTR, []):
+        if applied.gate is not None:
+            applied.gate.remove()
+        if applied.names:
+            pipe.delete_adapters(applied.names)
+    setattr(pipe, APPLIED_ATTR, [])
 
 
 class Erasure:
@@ -153,39 +178,34 @@ class Erasure:
             dlogging.set_verbosity(verbosity)
         return name
 
-    def apply(self, target: Any, scale: float = 1.0, adapter_name: str = "trace_erase", check: bool = True) -> Applied:
+    def apply(self, target: Any, scale: float = 1.0, adapter_name: str = "trace_erase", check: bool = True,
+              combine: bool = False) -> Applied:
         """Load the LoRA(s) into ``target`` (a pipeline or ModelHandle) at strength ``scale``.
 
-        The base weights stay untouched: the edit lives in peft adapters that can be scaled, disabled or unloaded.
-        A gated erasure's LATE-only part is switched per step by the returned ``callback``.
+        Applying replaces any erasure applied before (``combine=True`` stacks them instead). The base weights stay
+        untouched: the edit lives in peft adapters that can be scaled, disabled or unloaded. A gated erasure's
+        LATE-only part is switched by a hook on the denoiser, so ``pipe(prompt)`` honours it as is.
         """
-        from ..models import ModelHandle
-
         pipe, adapter = _pipe_and_adapter(target)
         if check:
             self.check_base(target)
-        before = list(pipe.get_active_adapters()) if pipe.get_list_adapters() else []
-        names, weights = [], []
-        main = None
-        if self.state_dict:
-            main = self._load_adapter(pipe, self.state_dict, adapter_name)
-            names.append(main)
-            weights.append(scale)
+        if not combine:
+            remove_erasures(pipe)
+        previous = applied_erasures(pipe)
+        main = self._load_adapter(pipe, self.state_dict, adapter_name) if self.state_dict else None
         gated = None
         if self.gated_state_dict is not None:
             gated = self._load_adapter(pipe, self.gated_state_dict, adapter_name + "_gated")
-            names.append(gated)
-            weights.append(scale)
-        all_names = [*before, *names]
-        all_weights = [1.0] * len(before) + weights
-        pipe.set_adapters(all_names, adapter_weights=all_weights)
-        callback = None
+        applied = Applied(main, gated, scale=scale)
+        ours = {n for a in [*previous, applied] for n in a.names}
+        others = [n for n in (pipe.get_active_adapters() if pipe.get_list_adapters() else []) if n not in ours]
+        names = [*others, *(n for a in [*previous, applied] for n in a.names)]
+        weights = [1.0] * len(others) + [a.scale for a in [*previous, applied] for _ in a.names]
+        pipe.set_adapters(names, adapter_weights=weights)
         if gated is not None:
-            callback = GateController(pipe, adapter, all_names, all_weights, all_names.index(gated),
-                                      float(self.manifest["gate"]["tau"]))
-            if isinstance(target, ModelHandle):
-                target.step_callbacks.append(callback)
-        return Applied(main, gated, callback)
+            applied.gate = LateGate(adapter, gated, scale, float(self.manifest["gate"]["tau"]))
+        setattr(pipe, APPLIED_ATTR, [*previous, applied])
+        return applied
 
     def merge_into(self, target: Any, scale: float = 1.0) -> Any:
         """Fuse the erasure into the pipeline's weights (for ``trace-erase merge``); returns the pipeline."""
@@ -196,6 +216,7 @@ class Erasure:
         self.apply(target, scale=scale)
         pipe.fuse_lora(components=[adapter.denoiser_name], lora_scale=1.0)
         pipe.unload_lora_weights()
+        setattr(pipe, APPLIED_ATTR, [])
         return pipe
 
 

@@ -1,7 +1,9 @@
 """Gated adapters (TRACE stage B, reading (c)): a LoRA that acts only in the LATE sampling steps.
 
-The gate is a ``callback_on_step_end`` — the pipeline's own extension point — that sets the gated adapter's weight
-for the next step: the erasure scale while the model time is below τ, 0 before. Nothing in the pipeline is patched.
+The gate is a forward pre-hook on the denoiser — a standard ``torch.nn.Module`` hook, nothing in the pipeline is
+patched — that reads the timestep the denoiser is called with and sets the gated adapter's scale before the call:
+the erasure scale while the model time is LATE (below τ × the time range), 0 before. Because it sits on the denoiser,
+a plain ``pipe(prompt)`` honours it, whatever scheduler or number of steps the call uses.
 """
 
 from __future__ import annotations
@@ -11,39 +13,38 @@ from typing import Any
 import torch
 
 
-class GateController:
-    """Switches a gated LoRA on only for steps whose model time is LATE (< tau × time range)."""
+class LateGate:
+    """Switches the LoRA adapter ``name`` on (at ``scale``) only for denoiser calls at LATE model times."""
 
-    def __init__(self, pipe: Any, adapter: Any, names: list[str], weights: list[float], gated_index: int,
-                 tau: float):
-        self.pipe = pipe
+    def __init__(self, adapter: Any, name: str, scale: float, tau: float):
         self.adapter = adapter
-        self.names = names
-        self.weights = weights
-        self.gated_index = gated_index
+        self.name = name
+        self.scale = scale
         self.tau = tau
-        self.history: list[tuple[float, float]] = []  # (model time, gated weight) per step, for inspection
+        self.history: list[tuple[float, float]] = []  # (model time, gated scale) per denoiser call, for inspection
+        den = adapter.denoiser
+        self.layers = [m for m in den.modules() if hasattr(m, "set_scale") and name in getattr(m, "scaling", {})]
+        self._handle = den.register_forward_pre_hook(self._before, with_kwargs=True)
 
-    def weight_for(self, scheduler_t: torch.Tensor | float) -> float:
-        t = torch.as_tensor(scheduler_t, dtype=torch.float32).reshape(1)
-        late = bool(self.adapter.is_late(self.adapter.model_time(t), self.tau)[0])
-        return self.weights[self.gated_index] if late else 0.0
+    @staticmethod
+    def _timestep(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)  # UNet: (sample, timestep, …); FLUX: kwargs
+        return None if t is None else torch.as_tensor(t).detach().reshape(-1)[:1].float().cpu()
 
-    def _set(self, scheduler_t: torch.Tensor | float) -> None:
-        w = list(self.weights)
-        w[self.gated_index] = self.weight_for(scheduler_t)
-        self.pipe.set_adapters(self.names, adapter_weights=w)
-        t = float(self.adapter.model_time(torch.as_tensor(scheduler_t, dtype=torch.float32)))
-        self.history.append((t, w[self.gated_index]))
+    def weight_for(self, model_time: torch.Tensor | float) -> float:
+        """The gated adapter's scale at ``model_time`` (the denoiser's own time: DDPM t, or flow σ)."""
+        t = torch.as_tensor(model_time, dtype=torch.float32).reshape(1)
+        return self.scale if bool(self.adapter.is_late(t, self.tau)[0]) else 0.0
 
-    def prepare(self, num_inference_steps: int) -> None:
-        """Set the weight for the first step of a ``num_inference_steps`` sampling run (call before the pipeline)."""
-        self.history = []
-        first = self.adapter.rollout_scheduler(num_inference_steps).timesteps[0]
-        self._set(first)
+    def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        t = self._timestep(args, kwargs)
+        if t is None:
+            return
+        w = self.weight_for(t)
+        for layer in self.layers:
+            layer.set_scale(self.name, w)
+        self.history.append((float(t[0]), w))
 
-    def __call__(self, pipe: Any, i: int, t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        timesteps = pipe.scheduler.timesteps
-        if i + 1 < len(timesteps):
-            self._set(timesteps[i + 1])
-        return callback_kwargs
+    def remove(self) -> None:
+        """Take the hook off the denoiser (the adapter itself is unloaded by the caller)."""
+        self._handle.remove()

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts.erasure import atomic_folder, commit_folder
+from ..artifacts.erasure import atomic_folder, commit_folder, remove_erasures
 from ..errors import TraceEraseError
 from ..methods import get_method
 from ..models import ModelHandle
@@ -33,10 +33,10 @@ def parse_sweep(text: str | None) -> list[tuple[str, Any]]:
 
 
 def _reset(handle: ModelHandle) -> None:
-    """Remove every adapter an earlier run loaded, so each method starts from the base model."""
+    """Remove every adapter (and gate) an earlier run loaded, so each method starts from the base model."""
+    remove_erasures(handle)
     if handle.pipe.get_list_adapters():
         handle.pipe.unload_lora_weights()
-    handle.step_callbacks.clear()
 
 
 def run_bench(
@@ -50,6 +50,7 @@ def run_bench(
     sweep: list[tuple[str, Any]] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    scheduler: str | None = None,
 ) -> dict[str, Any]:
     """Erase each concept with each method (plus the sweep's variants of ``trace``), evaluate, write the tables."""
     from ..api import erase, library_versions
@@ -62,7 +63,7 @@ def run_bench(
         for concept in concepts:
             items = build_suite(suite, concept, seeds)
             _reset(handle)
-            base = images_for(handle, items, progress=False)
+            base = images_for(handle, items, progress=False, scheduler=scheduler)
             for method, extra in runs:
                 label = method + "".join(f"[{k}={v}]" for k, v in extra.items())
                 spec = get_method(method)
@@ -75,7 +76,7 @@ def run_bench(
                 er = erase(handle, [concept], method=method, progress=progress, **opts, **extra)
                 wall = time.perf_counter() - t0
                 res = evaluate(handle, er, suite, concept, tmp / "runs" / concept / label, seeds=seeds,
-                               progress=False, base_images=base)
+                               progress=False, base_images=base, scheduler=scheduler)
                 er.save(tmp / "runs" / concept / label / "erasure")
                 rows.append({"concept": concept, "method": label, "status": "ok", **res["metrics"]["erased"],
                              "erase_s": wall,
@@ -84,14 +85,15 @@ def run_bench(
                     m = res["metrics"]["erased"]
                     print(f"  {concept:10s} {label:24s} " + " ".join(f"{k} {m[k]:.3f}" for k in METRICS
                                                                     if m.get(k) is not None), flush=True)
-            rows.append({"concept": concept, "method": "base", "status": "ok",
-                         **evaluate(handle, None, suite, concept, tmp / "runs" / concept / "base", seeds=seeds,
-                                    progress=False, base_images=base)["metrics"]["erased"]} | {"erase_s": 0.0})
+            base_res = evaluate(handle, None, suite, concept, tmp / "runs" / concept / "base", seeds=seeds,
+                                progress=False, base_images=base, scheduler=scheduler)
+            rows.append({"concept": concept, "method": "base", "status": "ok", **base_res["metrics"]["erased"],
+                         "erase_s": 0.0})
         table = summarize(rows)
         result = {
             "model": handle.source, "suite": suite, "concepts": concepts, "methods": [r[0] for r in runs],
             "seeds_per_prompt": seeds, "options": options or {}, "sweep": sweep or [], "rows": rows, "means": table,
-            "versions": library_versions(),
+            "versions": library_versions(), "runtime": handle.runtime.describe(),
             "method_configs": {m: dataclasses.asdict(get_method(m)) for m in dict.fromkeys(r[0] for r in runs)},
         }
         (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
