@@ -46,6 +46,13 @@ def peak_memory_mb() -> dict[str, float]:
     return out
 
 
+def runtime_record(target: Any, adapter: FamilyAdapter) -> dict[str, Any]:
+    """Device, dtype and offload the run used (a handle's full runtime setting, else what the denoiser is on)."""
+    if isinstance(target, ModelHandle):
+        return target.runtime.describe()
+    return {"device": str(adapter.device), "dtype": str(adapter.dtype).removeprefix("torch."), "offload": "none"}
+
+
 def _summary(cert: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for key in ("erasure_residual", "erasure_residual_before", "collateral_preserve", "collateral_probe"):
@@ -122,12 +129,13 @@ def erase(
     concept_list = make_concepts(concepts, anchor=anchor, preserve=preserve)
     cf_cfg, tr_cfg = method_configs(spec, options)
 
+    # built before stage A runs: it refuses a dtype/device it cannot train in
+    tr_engine = TrajectoryEngine(adapter, tr_cfg, progress=progress, workdir=workdir) if tr_cfg else None
     cf_result = None
     deltas: dict[str, torch.Tensor] = {}
     if cf_cfg is not None:
         cf_result = ClosedFormEngine(adapter, cf_cfg, progress=progress).run(concept_list)
         deltas = cf_result.deltas
-    tr_engine = TrajectoryEngine(adapter, tr_cfg, progress=progress, workdir=workdir) if tr_cfg else None
     modules = list(dict.fromkeys([*deltas, *(tr_engine.targets if tr_engine else [])]))
     base_print = fingerprint(adapter, modules)
 
@@ -171,6 +179,7 @@ def erase(
             "time_scale": adapter.time_scale,
             "rule": "gated LoRA active only while model time < tau × time_scale",
         },
+        "runtime": runtime_record(pipe, adapter),
         "timings": {"wall_time_s": wall},
         "memory": peak_memory_mb(),
         "versions": library_versions(),

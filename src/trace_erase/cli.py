@@ -18,6 +18,30 @@ app = typer.Typer(
 )
 
 
+# the runtime setting every command that loads a model takes (validated before the model loads)
+DeviceOpt = Annotated[str, typer.Option(help="auto (the accelerator when present), cpu, cuda, cuda:N or mps")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on a GPU that has it, else fp16; fp32 on the CPU), fp32, "
+                                            "fp16 or bf16")]
+OffloadOpt = Annotated[str, typer.Option(help="none, text-encoders (kept in CPU memory) or model (diffusers' model "
+                                              "CPU offload while generating); needs an accelerator")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="images per pipeline call (default: what fits a "
+                                                                   "24 GB card at the model's resolution)")]
+SchedulerOpt = Annotated[str | None, typer.Option(help="sampler: model, ddim, pndm, euler, euler-a, dpm++ (default: "
+                                                       "ddim for SD/SDXL, the model's own for FLUX)")]
+
+
+def _runtime(device: str, dtype: str, offload: str, batch_size: int | None) -> Any:
+    from .runtime import Runtime
+
+    return Runtime(device=device, dtype=dtype, offload=offload, batch_size=batch_size)
+
+
+def _method_list() -> str:
+    from .methods import METHODS
+
+    return ", ".join(METHODS)
+
+
 def _parse_options(pairs: list[str]) -> dict[str, Any]:
     out = {}
     for pair in pairs:
@@ -34,7 +58,7 @@ def erase(
     concept: Annotated[list[str] | None, typer.Option(help="concept to erase (repeatable)")] = None,
     anchor: Annotated[str | None, typer.Option(help="surrogate the concept is mapped to ('' by default)")] = None,
     preserve: Annotated[list[str] | None, typer.Option(help="concept to keep intact (repeatable)")] = None,
-    method: Annotated[str | None, typer.Option(help="trace-closed-form, uce, mace-cfr")] = None,
+    method: Annotated[str | None, typer.Option(help=f"erasure method: {_method_list()}")] = None,
     output: Annotated[str | None, typer.Option(help="folder to write the erasure to")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file; flags override its values")] = None,
     option: Annotated[list[str] | None, typer.Option(help="engine option KEY=VALUE (repeatable)")] = None,
@@ -42,7 +66,9 @@ def erase(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from OUTPUT.partial")] = False,
     gate_tau: Annotated[float | None, typer.Option(help="stage-B LoRA active only for t < τ at inference")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="allow loading pickle (.bin/.ckpt) weights")] = False,
-    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    offload: OffloadOpt = "none",
 ) -> None:
     """Erase concepts from a model and write the erasure (LoRA + erasure.json)."""
     from . import erase as run_erase
@@ -79,13 +105,16 @@ def erase(
     spec = get_method(method)
     make_concepts(concepts, anchor=anchor, preserve=preserve)
     method_configs(spec, options)
+    runtime = _runtime(device, dtype, offload, None)
+    if spec.uses_trajectory:
+        runtime.check_training()
     workdir = final.parent / (final.name + ".partial")
     if workdir.exists() and not resume:
         if not overwrite:
             raise TraceEraseError(f"an interrupted run left '{workdir}'; pass --resume to continue it "
                                   "or --overwrite to start afresh")
         shutil.rmtree(workdir)
-    handle = load_model(model, allow_pickle=allow_pickle, device=device)
+    handle = load_model(model, allow_pickle=allow_pickle, runtime=runtime)
     result = run_erase(handle, concepts, method=method, anchor=anchor, preserve=preserve,
                        workdir=workdir if spec.uses_trajectory else None, **options)
     path = result.save(final, overwrite=overwrite)
@@ -120,22 +149,29 @@ def generate(
     guidance: Annotated[float | None, typer.Option(help="guidance scale (default: the model's)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="allow loading pickle weights")] = False,
-    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    scheduler: SchedulerOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    offload: OffloadOpt = "none",
+    batch_size: BatchOpt = None,
 ) -> None:
     """Generate images, optionally with an erasure applied."""
     from .artifacts.erasure import atomic_folder, commit_folder, load_erasure
     from .models import load_model
-    from .sampling import generate_images, sampler_settings
+    from .models.loading import peek_family
+    from .sampling import check_scheduler, generate_images, sampler_settings
 
     if Path(output).exists() and not overwrite:
         atomic_folder(output, overwrite)
+    check_scheduler(scheduler, peek_family(model))
+    runtime = _runtime(device, dtype, offload, batch_size)
     er = load_erasure(erasure, allow_pickle=allow_pickle) if erasure else None
-    handle = load_model(model, allow_pickle=allow_pickle, device=device)
+    handle = load_model(model, allow_pickle=allow_pickle, runtime=runtime)
     if er is not None:
-        er.apply(handle, scale=scale)  # a gated erasure registers its per-step gate on the handle
+        er.apply(handle, scale=scale)  # a gated erasure installs its gate on the denoiser
     prompts = [p for p in prompt for _ in range(num_images)]
     seeds = [seed + i for _ in prompt for i in range(num_images)]
-    images = generate_images(handle, prompts, seeds, steps, guidance)
+    images = generate_images(handle, prompts, seeds, steps, guidance, scheduler=scheduler)
     final, tmp = atomic_folder(output, overwrite)
     try:
         records = []
@@ -147,7 +183,7 @@ def generate(
             "model": model,
             "erasure": erasure,
             "scale": scale if erasure else None,
-            **sampler_settings(handle, steps, guidance),
+            **sampler_settings(handle, steps, guidance, scheduler),
             "images": records,
         }
         (tmp / "generation.json").write_text(json.dumps(settings, indent=2) + "\n")
@@ -198,17 +234,25 @@ def merge(
     scale: Annotated[float, typer.Option(help="erasure strength")] = 1.0,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="allow loading pickle weights")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
-    """Write a full pipeline folder with the erasure fused into its weights."""
+    """Write a full pipeline folder with the erasure fused into its weights (each component in the dtype the base
+    model stores it in: a bf16 model stays bf16)."""
     from .artifacts.erasure import atomic_folder, commit_folder, load_erasure
     from .models import load_model
-    from .models.loading import SIDECAR, resolve_model
+    from .models.loading import SIDECAR, resolve_model, stored_dtypes
 
     if Path(output).exists() and not overwrite:
         atomic_folder(output, overwrite)
+    runtime = _runtime(device, dtype, "none", None)
     er = load_erasure(erasure, allow_pickle=allow_pickle)
-    handle = load_model(model, allow_pickle=allow_pickle)
+    handle = load_model(model, allow_pickle=allow_pickle, runtime=runtime)
     er.merge_into(handle, scale=scale)
+    for name, stored in stored_dtypes(model).items():
+        component = getattr(handle.pipe, name, None)
+        if component is not None and hasattr(component, "to"):
+            component.to(dtype=stored)
     final, tmp = atomic_folder(output, overwrite)
     try:
         handle.pipe.save_pretrained(tmp, safe_serialization=True)
@@ -239,33 +283,44 @@ def eval_(
     fid_weights: Annotated[str | None, typer.Option(help="weights path for the FID feature network")] = None,
     clip_model: Annotated[str | None, typer.Option(help="local CLIPModel folder: adds the CLIP score")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    scheduler: SchedulerOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    offload: OffloadOpt = "none",
+    batch_size: BatchOpt = None,
 ) -> None:
     """Evaluate an erasure (before/after on the same seeds) and write results.json + report.html."""
     from .artifacts.erasure import atomic_folder, load_erasure
     from .evaluation.run import evaluate
     from .evaluation.suites import SUITES
     from .models import load_model
+    from .models.loading import peek_family
+    from .sampling import check_scheduler
 
     if suite not in (*SUITES, "nudity"):
         raise TraceEraseError(f"unknown suite '{suite}'; available: {', '.join((*SUITES, 'nudity'))}")
     if Path(output).exists() and not overwrite:
         atomic_folder(output, overwrite, "evaluation output")
+    check_scheduler(scheduler, peek_family(model))
+    runtime = _runtime(device, dtype, offload, batch_size)
     er = load_erasure(erasure) if erasure else None
     if suite == "nudity":
         from .evaluation.run import evaluate_nudity
 
         if not prompts:
             raise TraceEraseError("--suite nudity needs --prompts I2P.csv (prompt, evaluation_seed, ...)")
-        res = evaluate_nudity(load_model(model), er, prompts, output, threshold=threshold, overwrite=overwrite)
+        res = evaluate_nudity(load_model(model, runtime=runtime), er, prompts, output, threshold=threshold,
+                              overwrite=overwrite, scheduler=scheduler)
         typer.echo(f"NudeNet exposed parts (threshold {threshold}): base {res['metrics']['base']['total_exposed']}"
                    f" → erased {res['metrics']['erased']['total_exposed']}; {Path(output) / 'results.json'}")
         return
     concept = concept or (er.manifest["concepts"][0]["name"] if er else None)
     if not concept:
         raise TraceEraseError("no concept to score; pass --concept (or --erasure)")
-    handle = load_model(model)
+    handle = load_model(model, runtime=runtime)
     res = evaluate(handle, er, suite, concept, output, seeds=seeds, scale=scale, overwrite=overwrite,
-                   reference=reference, fid_features=fid_features, fid_weights=fid_weights, clip_model=clip_model)
+                   reference=reference, fid_features=fid_features, fid_weights=fid_weights, clip_model=clip_model,
+                   scheduler=scheduler)
     _print_headline(res)
 
 
@@ -296,6 +351,9 @@ def demo(
     seeds: Annotated[int, typer.Option(help="seeds per prompt in the evaluation")] = 10,
     option: Annotated[list[str] | None, typer.Option(help="engine option KEY=VALUE (repeatable)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: BatchOpt = None,
 ) -> None:
     """The main job on the embedded toy world: erase a class from toy-sd, evaluate before/after, write a report."""
     from . import erase as run_erase
@@ -311,7 +369,10 @@ def demo(
     toy_class_of(concept)
     spec = get_method(method)
     options = {**(DEMO_OPTIONS if spec.uses_trajectory else {}), **_parse_options(option or [])}
-    handle = load_model(model)
+    runtime = _runtime(device, dtype, "none", batch_size)
+    if spec.uses_trajectory:
+        runtime.check_training()
+    handle = load_model(model, runtime=runtime)
     typer.echo(f"erasing '{concept}' from {model} with {method} ({options or 'defaults'})")
     er = run_erase(handle, [concept], method=method, **options)
     er.save(out / "erasure", overwrite=True)
@@ -332,6 +393,11 @@ def bench(
     option: Annotated[list[str] | None, typer.Option(help="engine option KEY=VALUE for every method")] = None,
     sweep: Annotated[str | None, typer.Option(help="extra trace runs, e.g. tau=0.3,0.5,0.7,0.86")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    scheduler: SchedulerOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    offload: OffloadOpt = "none",
+    batch_size: BatchOpt = None,
 ) -> None:
     """Erase each concept with each method on the same seeds; write the comparison table."""
     from .artifacts.erasure import atomic_folder
@@ -342,14 +408,22 @@ def bench(
 
     if Path(output).exists() and not overwrite:
         atomic_folder(output, overwrite, "bench output")
+    from .models.loading import peek_family
+    from .sampling import check_scheduler
+
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     for m in method_list:
         get_method(m)
+    check_scheduler(scheduler, peek_family(model))
+    runtime = _runtime(device, dtype, offload, batch_size)
+    if any(get_method(m).uses_trajectory for m in method_list) or sweep:
+        runtime.check_training()
     pool = CLASSES if suite == "toy-objects" else STYLES[1:]
     concept_list = list(pool) if concepts == "all" else [c.strip() for c in concepts.split(",") if c.strip()]
-    handle = load_model(model)
+    handle = load_model(model, runtime=runtime)
     result = run_bench(handle, method_list, concept_list, output, suite=suite, seeds=seeds,
-                       options=_parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite)
+                       options=_parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite,
+                       scheduler=scheduler)
     from .evaluation.bench import markdown
 
     typer.echo(markdown(result))
@@ -420,6 +494,9 @@ def toyworld_check(
     model: Annotated[str, typer.Option(help="toy-sd, toy-flux or a toy pipeline folder")] = "toy-sd",
     seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 50,
     output: Annotated[str | None, typer.Option(help="write the figures as JSON here")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: BatchOpt = None,
 ) -> None:
     """Score a toy pipeline's samples with the toy classifier (per class, synonyms, styles, unconditional)."""
     from rich.console import Console
@@ -431,7 +508,7 @@ def toyworld_check(
     from .toyworld.check import quality_check, vae_reconstruction
     from .toyworld.render import CLASSES
 
-    handle = load_model(model)
+    handle = load_model(model, runtime=_runtime(device, dtype, "none", batch_size))
     res = quality_check(handle, seeds=seeds)
     res["vae_reconstruction"] = vae_reconstruction(handle.pipe.vae)
     res["model"] = model

@@ -2,33 +2,80 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from .errors import TraceEraseError
 from .models import ModelHandle
 
-FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
-    # the paper line's evaluation settings (spec): DDIM 50 / 7.5 for SD, 28 / 3.5 for FLUX-dev
-    "sd": {"steps": 50, "guidance": 7.5},
-    "sdxl": {"steps": 50, "guidance": 7.5},
-    "flux": {"steps": 28, "guidance": 3.5},
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    # the paper line's evaluation settings (spec): DDIM 50 / 7.5 for SD, 28 / 3.5 for FLUX-dev (its flow-match Euler)
+    "sd": {"steps": 50, "guidance": 7.5, "scheduler": "ddim"},
+    "sdxl": {"steps": 50, "guidance": 7.5, "scheduler": "ddim"},
+    "flux": {"steps": 28, "guidance": 3.5, "scheduler": "model"},
 }
+# --scheduler names → diffusers classes ("model": the scheduler saved with the pipeline)
+SCHEDULERS: dict[str, str | None] = {
+    "model": None,
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+}
+DDPM_FAMILIES = ("sd", "sdxl")
 
 
-def sampler_settings(handle: ModelHandle, steps: int | None = None, guidance: float | None = None) -> dict[str, Any]:
-    """Steps, guidance and resolution to sample with: explicit values, else the model's recorded defaults."""
+def check_scheduler(name: str | None, family: str | None = None) -> None:
+    """One line for an unknown scheduler name, or one the family cannot sample with."""
+    if name is None:
+        return
+    if name not in SCHEDULERS:
+        raise TraceEraseError(f"unknown --scheduler '{name}'; choose {', '.join(SCHEDULERS)}")
+    if family is not None and family not in DDPM_FAMILIES and name != "model":
+        raise TraceEraseError(f"{family} samples with its own flow-matching scheduler; use --scheduler model")
+
+
+def sampler_settings(handle: ModelHandle, steps: int | None = None, guidance: float | None = None,
+                     scheduler: str | None = None) -> dict[str, Any]:
+    """Steps, guidance, scheduler, resolution and runtime to sample with: explicit values, else the family's
+    evaluation defaults, overridden by the model's recorded ones (the toy sidecars)."""
     family = handle.adapter.family
     base = {**FAMILY_DEFAULTS[family], **handle.defaults}
+    name = scheduler or base["scheduler"]
+    check_scheduler(name, family)
     scale = handle.pipe.vae_scale_factor
     resolution = int(base.get("resolution") or handle.adapter.latent_shape(1)[-1] * scale)
+    cls = SCHEDULERS[name] or type(handle.pipe.scheduler).__name__
     return {
         "steps": int(steps if steps is not None else base["steps"]),
         "guidance": float(guidance if guidance is not None else base["guidance"]),
         "resolution": resolution,
-        "scheduler": type(handle.pipe.scheduler).__name__,
+        "scheduler": cls,
+        "scheduler_name": name,
+        "batch_size": handle.runtime.generation_batch(family, resolution),
+        "runtime": handle.runtime.describe(),
     }
+
+
+@contextlib.contextmanager
+def sampling_scheduler(pipe: Any, name: str) -> Iterator[None]:
+    """Sample with scheduler ``name`` (built from the pipeline's own scheduler config, as diffusers' docs do) and put
+    the pipeline's scheduler back afterwards: training rollouts keep following the model's own."""
+    cls_name = SCHEDULERS[name]
+    original = pipe.scheduler
+    if cls_name is not None and type(original).__name__ != cls_name:
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, cls_name).from_config(original.config)
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
 
 
 def generate_images(
@@ -37,51 +84,42 @@ def generate_images(
     seeds: list[int],
     steps: int | None = None,
     guidance: float | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: bool = True,
+    scheduler: str | None = None,
     **call_kwargs: Any,
 ) -> list[Any]:
-    """One PIL image per (prompt, seed) pair, each from its own ``torch.Generator`` so batching changes nothing."""
+    """One PIL image per (prompt, seed) pair, each from its own ``torch.Generator`` so batching changes nothing.
+
+    ``batch_size`` defaults to the runtime's (what fits a 24 GB card at this resolution)."""
     if len(prompts) != len(seeds):
         raise ValueError("prompts and seeds must have the same length")
-    settings = sampler_settings(handle, steps, guidance)
-    pipe = handle.pipe
+    settings = sampler_settings(handle, steps, guidance, scheduler)
+    batch_size = int(batch_size or settings["batch_size"])
+    pipe, adapter = handle.pipe, handle.adapter
     kwargs: dict[str, Any] = {
         "num_inference_steps": settings["steps"],
-        "guidance_scale": settings["guidance"],
         "height": settings["resolution"],
         "width": settings["resolution"],
         **call_kwargs,
     }
-    if handle.adapter.family == "flux":
-        kwargs["max_sequence_length"] = handle.adapter.max_tokens
-        if not handle.adapter.denoiser.config.guidance_embeds:
-            # no distilled guidance input (like our toy-flux): classifier-free guidance against the empty prompt
-            kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale")
-            kwargs["guidance_scale"] = 1.0
-    callbacks = list(handle.step_callbacks)
-    if callbacks:
-        def on_step_end(pipe_: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
-            for cb in callbacks:
-                kw = cb(pipe_, i, t, kw)
-            return kw
-
-        kwargs["callback_on_step_end"] = on_step_end
+    if adapter.family == "flux":
+        kwargs["max_sequence_length"] = adapter.max_tokens
     images: list[Any] = []
-    device = handle.adapter.device
-    for i in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
-        chunk_p, chunk_s = prompts[i : i + batch_size], seeds[i : i + batch_size]
-        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in chunk_s]
-        latents = torch.stack([torch.randn(handle.adapter.latent_shape(1)[1:], generator=g) for g in gens])
-        if handle.adapter.family == "flux":
-            b, c, h, w = latents.shape
-            latents = type(pipe)._pack_latents(latents, b, c, h, w)
-        with torch.no_grad():
-            for cb in callbacks:
-                if hasattr(cb, "prepare"):
-                    cb.prepare(settings["steps"])
-            if "true_cfg_scale" in kwargs:
-                kwargs["negative_prompt"] = [""] * len(chunk_p)
-            out = pipe(prompt=chunk_p, latents=latents.to(device, handle.adapter.dtype), **kwargs)
-        images.extend(out.images)
+    handle.phase("generate")
+    try:
+        with sampling_scheduler(pipe, settings["scheduler_name"]), torch.no_grad():
+            for i in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
+                chunk_p, chunk_s = prompts[i : i + batch_size], seeds[i : i + batch_size]
+                gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in chunk_s]
+                latents = torch.stack([torch.randn(adapter.latent_shape(1)[1:], generator=g) for g in gens])
+                if adapter.family == "flux":
+                    b, c, h, w = latents.shape
+                    latents = type(pipe)._pack_latents(latents, b, c, h, w)
+                guidance_kwargs = adapter.pipeline_guidance(settings["guidance"], len(chunk_p))
+                out = pipe(prompt=chunk_p, latents=latents.to(adapter.device, adapter.dtype),
+                           **guidance_kwargs, **kwargs)
+                images.extend(out.images)
+    finally:
+        handle.phase("train")
     return images

@@ -49,8 +49,7 @@ def images_for(handle: ModelHandle, items: list[PromptItem], progress: bool, **k
 
 
 def _images(handle: ModelHandle, items: list[PromptItem], progress: bool, **kw: Any) -> np.ndarray:
-    imgs = generate_images(handle, [i.prompt for i in items], [i.seed for i in items], batch_size=64,
-                           progress=progress, **kw)
+    imgs = generate_images(handle, [i.prompt for i in items], [i.seed for i in items], progress=progress, **kw)
     return np.stack([np.asarray(im.convert("RGB")) for im in imgs])
 
 
@@ -81,8 +80,12 @@ def evaluate(
     fid_features: str = "toy",
     fid_weights: str | Path | None = None,
     clip_model: str | Path | None = None,
+    scheduler: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``erasure`` (or the base model alone) on ``suite``; returns the results dict it also writes.
+
+    Images come from the pipeline's own ``__call__`` with the family's evaluation sampler (SD: DDIM; ``scheduler``
+    overrides it), batched as the handle's runtime says; ``results.json`` records both.
 
     Quality: ``fid_vs_base`` (FID of the erased model's images for the other prompts against the base model's,
     toy features) always; ``fid_reference`` against a folder of reference images and ``clip_score`` with a local
@@ -93,14 +96,15 @@ def evaluate(
     if final.exists() and not overwrite:
         atomic_folder(final, overwrite, "evaluation output")
     items = build_suite(suite, concept, seeds)
+    sampler = sampler_settings(handle, scheduler=scheduler)
     clf = load_classifier()
     t0 = time.perf_counter()
-    base = base_images if base_images is not None else images_for(handle, items, progress)
+    base = base_images if base_images is not None else images_for(handle, items, progress, scheduler=scheduler)
     t_base = time.perf_counter() - t0
     erased = base
     if erasure is not None:
         erasure.apply(handle, scale=scale)
-        erased = images_for(handle, items, progress)
+        erased = images_for(handle, items, progress, scheduler=scheduler)
     t_erased = time.perf_counter() - t0 - t_base
     m_base, m_erased = score(items, base, clf), score(items, erased, clf)
     other = np.array([i.group == "other" for i in items])
@@ -119,7 +123,7 @@ def evaluate(
         "settings": {
             "seeds_per_prompt": seeds,
             "seeds": list(range(seeds)),
-            "sampler": sampler_settings(handle),
+            "sampler": sampler,
             "erasure_scale": scale if erasure else None,
             "erasure_config": erasure.manifest.get("config") if erasure else None,
             "classifier": classifier_identity(),
@@ -212,6 +216,7 @@ def evaluate_nudity(
     scale: float = 1.0,
     overwrite: bool = False,
     progress: bool = True,
+    scheduler: str | None = None,
 ) -> dict[str, Any]:
     """I2P protocol: each prompt with its own seed and guidance; NudeNet exposed-part counts before and after."""
 
@@ -224,7 +229,8 @@ def evaluate_nudity(
         atomic_folder(final, overwrite, "evaluation output")
     detector = NudeNetBackend(threshold=threshold)
     records = read_prompts(prompts_file, kind="i2p")
-    default_g = sampler_settings(handle)["guidance"]
+    sampler = sampler_settings(handle, scheduler=scheduler)
+    default_g = sampler["guidance"]
 
     def run() -> list[Any]:
         images: list[Any] = [None] * len(records)
@@ -234,7 +240,7 @@ def evaluate_nudity(
         for g, idx in groups.items():
             imgs = generate_images(handle, [records[k].prompt for k in idx],
                                    [records[k].seed if records[k].seed is not None else k for k in idx],
-                                   guidance=g, progress=progress)
+                                   guidance=g, progress=progress, scheduler=scheduler)
             for k, im in zip(idx, imgs, strict=True):
                 images[k] = im
         return images
@@ -250,7 +256,7 @@ def evaluate_nudity(
         "model": handle.source, "suite": "nudity", "method": erasure.method if erasure else "base",
         "metrics": {kind: {"total_exposed": sum(t.values()), **t} for kind, t in totals.items()},
         "settings": {"prompts_file": str(prompts_file), "prompts": len(records), "detector": detector.identity,
-                     "sampler": sampler_settings(handle), "per_prompt_seed_and_guidance": True,
+                     "sampler": sampler, "per_prompt_seed_and_guidance": True,
                      "erasure_scale": scale if erasure else None, "versions": library_versions()},
         "per_prompt": [{"prompt": r.prompt, "seed": r.seed, "guidance": r.guidance,
                         "base": counts["base"][k], "erased": counts["erased"][k]} for k, r in enumerate(records)],

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import TraceEraseError
+from ..runtime import Runtime, as_runtime, place
 from .base import FamilyAdapter
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -29,7 +30,12 @@ class ModelHandle:
     adapter: FamilyAdapter
     source: str
     defaults: dict[str, Any] = field(default_factory=dict)
-    step_callbacks: list[Any] = field(default_factory=list)  # e.g. gates of applied gated erasures
+    runtime: Runtime = field(default_factory=lambda: Runtime(device="cpu", dtype="fp32"))
+
+    def phase(self, name: str) -> None:
+        """Place the components for 'train' or 'generate' (matters only with ``--offload``)."""
+        if self.runtime.offload != "none":
+            place(self.pipe, self.runtime, name)
 
 
 def resolve_model(model: str) -> str:
@@ -87,16 +93,19 @@ def pickle_only_components(folder: Path) -> list[str]:
 
 
 def load_pipeline(
-    model: str, *, allow_pickle: bool = False, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    model: str, *, allow_pickle: bool = False, runtime: Runtime | None = None,
+    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
 ) -> Any:
-    """Load a diffusers pipeline from a local folder, a hub id or a bundled toy name, refusing pickle weights.
+    """Load a diffusers pipeline from a local folder, a hub id or a bundled toy name, refusing pickle weights, and
+    place it as ``runtime`` (or ``device``/``dtype``) says; the default is the accelerator when present.
 
     Pickle weights (``.bin``/``.ckpt``) can run code when loaded, so they are refused unless ``allow_pickle``.
     """
     from diffusers import DiffusionPipeline
 
+    runtime = as_runtime(runtime, device=device, dtype=dtype)
     location = resolve_model(model)
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": runtime.torch_dtype}
     local = Path(location).is_dir()
     if local:
         bad = pickle_only_components(Path(location))
@@ -121,7 +130,52 @@ def load_pipeline(
             f"({type(exc).__name__}); download it first or pass a local pipeline folder"
         ) from exc
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    place(pipe, runtime, "train")
+    return pipe
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def stored_dtypes(model: str) -> dict[str, torch.dtype]:
+    """Per component, the floating dtype its safetensors weights are stored in (what ``merge`` writes back), for a
+    local folder or a hub id already in the local cache; components it cannot tell are left out."""
+    from safetensors import safe_open
+
+    location = Path(resolve_model(model))
+    if not location.is_dir():
+        try:
+            from diffusers import DiffusionPipeline
+
+            location = Path(DiffusionPipeline.download(model, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: the loaded dtype is kept
+            return {}
+    out: dict[str, torch.dtype] = {}
+    for sub in sorted(p for p in location.iterdir() if p.is_dir()):
+        for file in sorted(sub.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    kind = f.get_slice(key).get_dtype()
+                    if kind in SAFETENSORS_DTYPES:
+                        out[sub.name] = SAFETENSORS_DTYPES[kind]
+                        break
+            if sub.name in out:
+                break
+    return out
+
+
+PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
+
+
+def peek_family(model: str) -> str | None:
+    """The family of a local pipeline folder from its ``model_index.json`` alone (to validate options before the
+    load); None when it cannot tell without loading."""
+    try:
+        location = Path(resolve_model(model))
+        index = json.loads((location / "model_index.json").read_text())
+    except (TraceEraseError, OSError, ValueError):
+        return None
+    return PIPELINE_FAMILIES.get(str(index.get("_class_name")))
 
 
 def sidecar_defaults(location: str) -> dict[str, Any]:
@@ -153,10 +207,18 @@ def get_adapter(pipe: Any, defaults: dict[str, Any] | None = None) -> FamilyAdap
 
 
 def load_model(
-    model: str, *, allow_pickle: bool = False, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    model: str, *, allow_pickle: bool = False, runtime: Runtime | None = None,
+    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+    offload: str | None = None, batch_size: int | None = None,
 ) -> ModelHandle:
-    """Load a pipeline and its adapter in one call (what the CLI and the high-level API use)."""
-    pipe = load_pipeline(model, allow_pickle=allow_pickle, device=device, dtype=dtype)
+    """Load a pipeline and its adapter in one call (what the CLI and the high-level API use).
+
+    ``runtime`` (or the loose ``device/dtype/offload/batch_size``) says where it runs: by default on the accelerator
+    when there is one, in bf16 there (fp16 where bf16 is not supported), in fp32 on the CPU."""
+    runtime = as_runtime(runtime, device=device, dtype=dtype, offload=offload, batch_size=batch_size)
+    pipe = load_pipeline(model, allow_pickle=allow_pickle, runtime=runtime)
     location = resolve_model(model)
     defaults = sidecar_defaults(location) if Path(location).is_dir() else {}
-    return ModelHandle(pipe=pipe, adapter=get_adapter(pipe, defaults), source=model, defaults=defaults)
+    adapter = get_adapter(pipe, defaults)
+    adapter.execution_device = runtime.torch_device
+    return ModelHandle(pipe=pipe, adapter=adapter, source=model, defaults=defaults, runtime=runtime)

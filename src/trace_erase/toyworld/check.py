@@ -14,7 +14,7 @@ from .render import CLASSES, STYLES, SYNONYMS
 def _images(handle: Any, prompts: list[str], seeds: list[int], progress: bool) -> np.ndarray:
     from ..sampling import generate_images
 
-    imgs = generate_images(handle, prompts, seeds, batch_size=50, progress=progress)
+    imgs = generate_images(handle, prompts, seeds, progress=progress)
     return np.stack([np.asarray(im.convert("RGB")) for im in imgs])
 
 
