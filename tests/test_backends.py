@@ -148,7 +148,7 @@ def test_imagenet_backend_loads_torchscript_by_path(tmp_path) -> None:
     path = tmp_path / "net.pt"
     torch.jit.save(torch.jit.script(net), str(path))
     (tmp_path / "labels.txt").write_text("\n".join(f"class{i}" for i in range(5)))
-    backend = ImageNetBackend(path, labels=tmp_path / "labels.txt", image_size=48)
+    backend = ImageNetBackend(path, labels=tmp_path / "labels.txt", image_size=48, allow_pickle=True)
     images = list(np.random.default_rng(0).integers(0, 255, (6, 40, 40, 3), dtype=np.uint8))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
     x = torch.nn.functional.interpolate(x, size=(48, 48), mode="bilinear", antialias=True, align_corners=False)
@@ -168,8 +168,10 @@ def test_imagenet_backend_bad_inputs(tmp_path, monkeypatch) -> None:
     with pytest.raises(TraceEraseError, match="not found"):
         ImageNetBackend(tmp_path / "missing.pt")
     torch.save(_TinyNet().state_dict(), tmp_path / "state.pth")
+    with pytest.raises(TraceEraseError, match="runs code from the file; pass --allow-pickle"):
+        ImageNetBackend(tmp_path / "state.pth")  # TorchScript runs code: refused without the opt-in
     with pytest.raises(TraceEraseError, match="not a TorchScript file"):
-        ImageNetBackend(tmp_path / "state.pth")
+        ImageNetBackend(tmp_path / "state.pth", allow_pickle=True)
     with pytest.raises(TraceEraseError, match="pickle checkpoint"):
         ImageNetBackend(tmp_path / "state.pth", arch="resnet18")
     from safetensors.torch import save_file

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,14 +61,52 @@ def make_concepts(
     return out
 
 
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if typing.get_origin(tp) is list:
+        return "a list of strings"
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_value(key: str, value: Any, annotation: Any) -> Any:
+    """``value`` for a field annotated ``annotation`` (int, float, str, bool, list[str], or ``X | None``), with ints
+    widened to floats; anything else is one line naming the option and the type it takes."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    kinds = [a for a in args if a is not type(None)] if args and typing.get_origin(annotation) is not list else \
+        [annotation]
+    if value is None:
+        if optional:
+            return None
+        raise TraceEraseError(f"option '{key}' takes {_type_name(kinds[0])}, not null")
+    for kind in kinds:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise TraceEraseError(f"option '{key}' must be a finite number, not {value}")
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+        if typing.get_origin(kind) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    wanted = " or ".join(_type_name(k) for k in kinds) + (" (or null)" if optional else "")
+    raise TraceEraseError(f"option '{key}' takes {wanted}, not {value!r}")
+
+
 def config_from_dict(cls: type, values: dict[str, Any], where: str = "options") -> Any:
-    """Build dataclass ``cls`` from ``values``, refusing unknown keys with the list of valid ones."""
+    """Build dataclass ``cls`` from ``values``, refusing unknown keys (with the list of valid ones) and values of the
+    wrong type (naming the option and the type it takes) before any model is loaded."""
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - valid
     if unknown:
         raise TraceEraseError(f"unknown {where} {sorted(unknown)}; valid keys: {', '.join(sorted(valid))}")
+    hints = typing.get_type_hints(cls)
+    checked = {k: check_value(k, v, hints[k]) for k, v in values.items()}
     try:
-        return cls(**values)
+        return cls(**checked)
     except TypeError as exc:  # pragma: no cover - dataclass signature errors
         raise TraceEraseError(f"bad {where}: {exc}") from exc
 

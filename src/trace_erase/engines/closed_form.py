@@ -62,6 +62,12 @@ class ClosedFormConfig:
             raise TraceEraseError("lambda_reg must be > 0 (it keeps the normal equations well-posed)")
         if self.lambda_preserve < 0:
             raise TraceEraseError("lambda_preserve must be ≥ 0")
+        if self.batch_size < 1:
+            raise TraceEraseError(f"batch_size must be ≥ 1 (got {self.batch_size})")
+        if self.suffix_tokens is not None and self.suffix_tokens < 0:
+            raise TraceEraseError(f"suffix_tokens must be ≥ 0 or null (got {self.suffix_tokens})")
+        if not 0 <= self.rank_tolerance < 1:
+            raise TraceEraseError(f"rank_tolerance must be in [0, 1) (got {self.rank_tolerance})")
         if self.templates is not None:
             self.templates = check_templates(self.templates)
 

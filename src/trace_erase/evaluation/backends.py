@@ -105,8 +105,9 @@ class ClipBackend:
 
 
 class ImageNetBackend:
-    """An ImageNet-style classifier loaded by path: a TorchScript file, or a torchvision architecture name plus a
-    weights file (safetensors; a pickled ``.pth`` state dict only with ``allow_pickle``). Nothing is downloaded.
+    """An ImageNet-style classifier loaded by path: a torchvision architecture name plus a safetensors weights file,
+    or — only with ``allow_pickle``, since both run code from the file — a TorchScript file or a pickled ``.pth``
+    state dict. Nothing is downloaded.
 
     Used for object-class erasure on real models (e.g. "is it still a church?"): top-1 index, and a label name when
     a labels file (one class name per line, in output order) is given.
@@ -122,6 +123,9 @@ class ImageNetBackend:
             raise TraceEraseError(f"classifier weights '{path}' not found; pass the path of a TorchScript file or, "
                                   "with --arch, a safetensors state dict")
         if arch is None:
+            if not allow_pickle:
+                raise TraceEraseError(f"'{path}' would be loaded as TorchScript, which runs code from the file; pass "
+                                      "--allow-pickle if you trust it, or --arch NAME with a safetensors state dict")
             try:
                 self.model = torch.jit.load(str(path), map_location="cpu").eval()
             except RuntimeError as exc:
