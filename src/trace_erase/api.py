@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from .artifacts.erasure import FORMAT, FORMAT_VERSION, GATED_WEIGHT_NAME, LORA_WEIGHT_NAME, Erasure
+from .artifacts.erasure import GATED_WEIGHT_NAME, LORA_WEIGHT_NAME, Erasure
 from .artifacts.fingerprint import fingerprint
 from .artifacts.lora import concat_loras, deltas_to_state_dict
+from .artifacts.manifest import FORMAT, FORMAT_VERSION
 from .config import Concept, config_from_dict, make_concepts
 from .engines.closed_form import ClosedFormConfig, ClosedFormEngine
 from .engines.trajectory import TrajectoryConfig, TrajectoryEngine
@@ -130,7 +131,10 @@ def erase(
     cf_cfg, tr_cfg = method_configs(spec, options)
 
     # built before stage A runs: it refuses a dtype/device it cannot train in
-    tr_engine = TrajectoryEngine(adapter, tr_cfg, progress=progress, workdir=workdir) if tr_cfg else None
+    run_config = {"method": spec.name, "closed_form": dataclasses.asdict(cf_cfg) if cf_cfg else None,
+                  "base_sha256": None}
+    tr_engine = TrajectoryEngine(adapter, tr_cfg, progress=progress, workdir=workdir,
+                                 run_config=run_config) if tr_cfg else None
     cf_result = None
     deltas: dict[str, torch.Tensor] = {}
     if cf_cfg is not None:
@@ -138,6 +142,8 @@ def erase(
         deltas = cf_result.deltas
     modules = list(dict.fromkeys([*deltas, *(tr_engine.targets if tr_engine else [])]))
     base_print = fingerprint(adapter, modules)
+    if tr_engine is not None:
+        tr_engine.run_config["base_sha256"] = base_print["sha256"]
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     ranks: dict[str, int] = {}

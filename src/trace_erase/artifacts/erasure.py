@@ -19,12 +19,11 @@ import torch
 from ..errors import TraceEraseError
 from .fingerprint import check_fingerprint, fingerprint
 from .gate import LateGate
+from .manifest import Manifest
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 GATED_WEIGHT_NAME = "gated_lora_weights.safetensors"
 MANIFEST_NAME = "erasure.json"
-FORMAT = "trace-erase/erasure"
-FORMAT_VERSION = 1
 
 
 def _pipe_and_adapter(target: Any) -> tuple[Any, Any]:
@@ -46,10 +45,44 @@ def atomic_folder(path: str | Path, overwrite: bool, what: str = "output") -> tu
     return final, tmp
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
+    import ctypes
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def prepare_workdir(final: str | Path, resume: bool, overwrite: bool, what: str = "run") -> Path:
+    """``FINAL.partial``: where a long command keeps its progress. Left over from an interrupted run it is continued
+    with ``resume``, cleared with ``overwrite``, and otherwise refused (so no work is lost by accident)."""
+    final = Path(final)
+    work = final.parent / (final.name + ".partial")
+    if work.exists() and not resume:
+        if not overwrite:
+            raise TraceEraseError(f"an interrupted {what} left '{work}'; pass --resume to continue it "
+                                  "or --overwrite to start afresh")
+        shutil.rmtree(work)
+    return work
+
+
 def commit_folder(tmp: Path, final: Path) -> None:
-    """Move a completed temporary folder into place (replacing an old one only now, at the end)."""
+    """Move a completed temporary folder into place. An existing folder is swapped with it in one atomic step, so at
+    every instant ``final`` holds either the old complete folder or the new one; the old one is deleted after."""
     if final.exists():
-        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        if _exchange(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+            return
+        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"  # fallback: a short window
         final.rename(trash)
         tmp.rename(final)
         shutil.rmtree(trash, ignore_errors=True)
@@ -84,11 +117,14 @@ def applied_erasures(target: Any) -> list[Applied]:
 def remove_erasures(target: Any) -> None:
     """Unload every erasure applied to ``target`` (adapters and gates); other adapters stay as they are."""
     pipe, _ = _pipe_and_adapter(target)
-    for applied in getattr(pipe, APPLIED_ATTR, []):
+    applied_list = getattr(pipe, APPLIED_ATTR, [])
+    for applied in applied_list:
         if applied.gate is not None:
             applied.gate.remove()
         if applied.names:
             pipe.delete_adapters(applied.names)
+    if applied_list and not any(pipe.get_list_adapters().values()):
+        pipe.unload_lora_weights()  # no adapter left: take off peft's now-empty wrappers too (plain Linear again)
     setattr(pipe, APPLIED_ATTR, [])
 
 
@@ -137,7 +173,10 @@ class Erasure:
             if self.gated_state_dict is not None:
                 save_file({k: v.contiguous() for k, v in self.gated_state_dict.items()},
                           str(tmp / GATED_WEIGHT_NAME), metadata={"format": "pt"})
-            (tmp / MANIFEST_NAME).write_text(json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
+            files = {p.name: file_sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
+            manifest = {k: v for k, v in self.manifest.items() if k != "integrity"}
+            manifest["integrity"] = {"files": files, "manifest": manifest_sha256(manifest)}
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
             commit_folder(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -221,7 +260,8 @@ class Erasure:
 
 
 def load_erasure(directory: str | Path, allow_pickle: bool = False) -> Erasure:
-    """Read an erasure folder written by :meth:`Erasure.save`, with one-line errors for bad folders/files."""
+    """Read an erasure folder written by :meth:`Erasure.save`, with one-line errors for bad folders/files: the
+    manifest is validated against its versioned schema (:class:`Manifest`) before any weight file is opened."""
     d = Path(directory)
     if not d.is_dir():
         raise TraceEraseError(f"erasure folder '{directory}' does not exist; pass the --output of `trace-erase erase`")
@@ -230,15 +270,14 @@ def load_erasure(directory: str | Path, allow_pickle: bool = False) -> Erasure:
         raise TraceEraseError(f"'{directory}' is not an erasure folder (no {MANIFEST_NAME}); pass an erase output")
     try:
         manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise TraceEraseError(f"'{mpath}' is corrupt ({exc.msg}); re-run the erasure") from exc
-    if manifest.get("format") != FORMAT:
-        raise TraceEraseError(f"'{mpath}' is not a trace-erase manifest; pass an erase output")
-    weight_name = manifest.get("lora", {}).get("weight_name", LORA_WEIGHT_NAME)
-    wpath = d / weight_name
-    gate = manifest.get("gate")
-    gated = _read_safetensors(d / gate["weight_name"]) if gate else None
-    if not wpath.is_file() and gate and manifest["lora"].get("rank", 0) == 0:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TraceEraseError(f"'{mpath}' is corrupt ({getattr(exc, 'msg', type(exc).__name__)}); "
+                              "re-run the erasure") from exc
+    typed = Manifest.parse(manifest, str(mpath))
+    check_integrity(d, manifest, str(mpath))
+    wpath = d / typed.lora.weight_name
+    gated = _read_safetensors(d / typed.gate.weight_name) if typed.gate else None
+    if not wpath.is_file() and typed.gate and typed.lora.rank == 0:
         return Erasure({}, manifest, gated_state_dict=gated)
     if not wpath.is_file():
         pickles = sorted(d.glob("*.bin"))
@@ -250,8 +289,52 @@ def load_erasure(directory: str | Path, allow_pickle: bool = False) -> Erasure:
                 f"'{directory}' holds its LoRA only as pickle ({pickles[0].name}); convert it to safetensors "
                 "or pass --allow-pickle if you trust it"
             )
-        raise TraceEraseError(f"'{directory}' has no {weight_name}; re-run the erasure")
-    return Erasure(_read_safetensors(wpath), manifest, gated_state_dict=gated)
+        raise TraceEraseError(f"'{directory}' has no {typed.lora.weight_name}; re-run the erasure")
+    state = _read_safetensors(wpath)
+    prefix = typed.lora.prefix + "."
+    if not state or any(not k.startswith(prefix) for k in state):
+        raise TraceEraseError(f"'{wpath}' does not hold this erasure's LoRA (keys must start with '{prefix}'); "
+                              "re-run the erasure")
+    return Erasure(state, manifest, gated_state_dict=gated)
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_sha256(manifest: dict[str, Any]) -> str:
+    """Hash of the manifest's content without its ``integrity`` field (canonical JSON)."""
+    import hashlib
+
+    body = {k: v for k, v in manifest.items() if k != "integrity"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def check_integrity(folder: Path, manifest: dict[str, Any], where: str) -> None:
+    """Refuse an erasure whose manifest or weight files changed after it was written (a flipped byte, a truncated
+    copy, an edited field). Folders from before the integrity record (format 1) are not checked."""
+    record = manifest.get("integrity")
+    if record is None and manifest.get("format_version", 1) < 2:
+        return
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        raise TraceEraseError(f"'{where}' has no valid integrity record; re-run the erasure")
+    if record.get("manifest") != manifest_sha256(manifest):
+        raise TraceEraseError(f"'{where}' was modified after it was written (its content hash does not match); "
+                              "re-run the erasure")
+    for name, expected in record["files"].items():
+        path = folder / str(name)
+        if Path(str(name)).name != name:
+            raise TraceEraseError(f"'{where}' lists a file outside its folder ({name!r}); re-run the erasure")
+        if not path.is_file():
+            continue  # a missing weight file is reported by the loader (which also knows about pickle copies)
+        if file_sha256(path) != expected:
+            raise TraceEraseError(f"'{path}' is corrupt (its sha256 does not match erasure.json); re-run the erasure")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

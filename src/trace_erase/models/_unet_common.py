@@ -22,11 +22,12 @@ UNET_LORA_PRESETS: dict[str, tuple[str, ...]] = {
 
 
 def unet_modules_matching(unet: torch.nn.Module, suffixes: tuple[str, ...]) -> list[str]:
-    """Names of the UNet's Linear layers whose name ends with one of ``suffixes``, in model order."""
+    """Names of the UNet's Linear layers whose name ends with one of ``suffixes``, in model order (a layer wrapped
+    by peft for a loaded LoRA counts by its base layer)."""
     names = [
         name
         for name, mod in unet.named_modules()
-        if isinstance(mod, torch.nn.Linear) and any(name.endswith(s) for s in suffixes)
+        if isinstance(getattr(mod, "base_layer", mod), torch.nn.Linear) and any(name.endswith(s) for s in suffixes)
     ]
     if not names:
         raise TraceEraseError(
