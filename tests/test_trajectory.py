@@ -170,7 +170,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(root=root, workdir=str(workdir))],
                           capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert torch.load(workdir / "trajectory_checkpoint.pt", weights_only=True)["step"] == 4
+    from trace_erase.artifacts.checkpoint import load_checkpoint
+
+    assert load_checkpoint(workdir / "trajectory_checkpoint.pt")["step"] == 4
     resumed = erase(BUILDERS["sd"](), ["cat"], method="trace", anchor="dog", progress=False, workdir=workdir,
                     **opts)
     for k, v in full.state_dict.items():

@@ -14,6 +14,9 @@ With τ splitting the model's time into EARLY (t ≥ τ, layout) and LATE (t < �
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,6 +26,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..artifacts.checkpoint import load_checkpoint as read_checkpoint
+from ..artifacts.checkpoint import save_checkpoint as write_checkpoint
 from ..config import Concept
 from ..errors import NonFiniteLossError, TraceEraseError
 from ..models.base import Conditioning, FamilyAdapter
@@ -30,8 +35,11 @@ from ..runtime import check_trainable
 from .prompts import corpus_path, load_corpus
 
 WINDOWS = ("two", "late", "all")
+# options a resumed run may change: they do not alter the trained weights
+RESUME_FREE = ("checkpoint_every", "gate_tau")
 EARLY_MODES = ("keep", "positive", "none")
 ADAPTER_NAME = "trace_erase_train"
+CHECKPOINT_NAME = "trajectory_checkpoint.pt"
 
 
 @dataclass
@@ -80,8 +88,15 @@ class TrajectoryConfig:
             raise TraceEraseError("gate_tau must be in (0, 1]")
         if self.branches not in ("sequential", "batched"):
             raise TraceEraseError(f"branches must be 'sequential' or 'batched', not '{self.branches}'")
-        if self.rank < 1 or self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise TraceEraseError("rank, steps, batch_size and grad_accum must be ≥ 1")
+        for name in ("rank", "steps", "batch_size", "grad_accum", "rollout_steps", "pool_trajectories",
+                     "refresh_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise TraceEraseError(f"{name} must be ≥ 1 (got {getattr(self, name)})")
+        for name in ("beta", "gamma", "rho", "eta", "rollout_guidance"):
+            if getattr(self, name) < 0:
+                raise TraceEraseError(f"{name} must be ≥ 0 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            raise TraceEraseError(f"lr must be > 0 (got {self.lr})")
         if not self.train_templates:
             raise TraceEraseError("train_templates is empty; give at least '{}'")
         if self.pres_corpus and self.rho <= 0:
@@ -116,9 +131,12 @@ class TrajectoryEngine:
     """Trains a LoRA on the adapter's denoiser; the pipeline's own weights are never changed."""
 
     def __init__(self, adapter: FamilyAdapter, config: TrajectoryConfig, progress: bool = True,
-                 workdir: str | Path | None = None):
+                 workdir: str | Path | None = None, run_config: dict[str, Any] | None = None):
         self.adapter = adapter
         self.config = config
+        # what a checkpoint must match to be resumed: the whole run (method, stage A, concepts, base weights)
+        self.run_config = {**(run_config or {}), "trajectory": {
+            k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_FREE}}
         self.progress = progress
         self.workdir = Path(workdir) if workdir else None
         self.gen = torch.Generator().manual_seed(config.seed)
@@ -317,14 +335,15 @@ class TrajectoryEngine:
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
     def _ckpt(self) -> Path | None:
-        return self.workdir / "trajectory_checkpoint.pt" if self.workdir else None
+        return self.workdir / CHECKPOINT_NAME if self.workdir else None
 
     def save_checkpoint(self, step: int, opt: torch.optim.Optimizer, pool: Pool) -> None:
         path = self._ckpt()
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {
+            "run_config": self.run_config,
+            "run_hash": config_hash(self.run_config),
             "step": step,
             "lora": {n: p.detach().cpu().clone() for n, p in self.adapter.denoiser.named_parameters()
                      if ADAPTER_NAME in n},
@@ -333,15 +352,19 @@ class TrajectoryEngine:
             "gen": self.gen.get_state(),
             "pool": pool.state_dict(),
         }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)  # atomic: a SIGKILL mid-write keeps the previous checkpoint
+        write_checkpoint(path, state)  # atomic and checksummed: a kill mid-write keeps the previous checkpoint
 
     def load_checkpoint(self, opt: torch.optim.Optimizer) -> tuple[int, Pool] | None:
         path = self._ckpt()
         if path is None or not path.exists():
             return None
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path)
+        if not isinstance(state, dict) or "step" not in state or "lora" not in state:
+            raise TraceEraseError(f"'{path}' is not a stage-B checkpoint; delete it or rerun with --overwrite")
+        if state.get("run_hash") != config_hash(self.run_config):
+            changed = ", ".join(differing_keys(state.get("run_config") or {}, self.run_config))
+            raise TraceEraseError(f"--resume with different settings ({changed or 'an older checkpoint'}) than the "
+                                  "interrupted run; rerun them unchanged, or --overwrite")
         params = dict(self.adapter.denoiser.named_parameters())
         with torch.no_grad():
             for n, v in state["lora"].items():
@@ -356,6 +379,7 @@ class TrajectoryEngine:
     def train(self, concepts: list[Concept]) -> dict[str, Any]:
         """Run (or resume) training; returns the LoRA tensors in diffusers keys and a log. Detaches the adapter."""
         cfg = self.config
+        self.run_config["concepts"] = [dataclasses.asdict(c) for c in concepts]
         preserve = [p for c in concepts for p in c.preserve]
         if cfg.pres_corpus:
             preserve += load_corpus(self.adapter, cfg.pres_corpus, concepts)
@@ -419,6 +443,23 @@ class TrajectoryEngine:
             out[f"{prefix}.{name}.lora_A.weight"] = a
             out[f"{prefix}.{name}.lora_B.weight"] = b
         return out
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A stable hash of a run's settings (JSON, sorted keys)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def differing_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two run configs (nested dicts compared key by key)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differing_keys(a, b, f"{prefix}{key}.")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            out.append(prefix + key)
+    return out
 
 
 def late_fraction(adapter: FamilyAdapter, tau: float, steps: int) -> float:

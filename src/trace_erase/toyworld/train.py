@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..artifacts.checkpoint import load_checkpoint, save_checkpoint
 from ..engines.prompts import DEFAULT_TEMPLATES
 from ..errors import NonFiniteLossError, TraceEraseError
 from ..models.tokenizers import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer
@@ -283,13 +284,11 @@ class ToyTrainer:
         tmp.replace(self.timing_path)
 
     def _save(self, state: dict[str, Any]) -> None:
-        tmp = self.ckpt_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.ckpt_path)  # atomic: a kill mid-write keeps the previous checkpoint
+        save_checkpoint(self.ckpt_path, state)  # atomic and checksummed: a kill mid-write keeps the previous one
 
     def _load(self) -> dict[str, Any] | None:
         if self.ckpt_path.exists():
-            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+            state = load_checkpoint(self.ckpt_path)
             if self.start_from is not None and self.progress:  # rerunning the same command resumes, not restarts
                 tqdm.write(f"resuming '{self.partial}' at {state['phase']} step {state['step']}; --start-from is "
                            "only read by a fresh run (--overwrite starts afresh)")
