@@ -150,14 +150,13 @@ def test_nudity_suite_on_micro_model(micro_sd, tmp_path, capsys) -> None:
     assert "lacks the column(s) evaluation_seed, evaluation_guidance, categories" in capsys.readouterr().err
 
 
-def test_two_process_sharding_matches_one_process(micro_sd, tmp_path) -> None:
+def _one_and_two_processes(args: list[str], tmp_path) -> tuple[dict, dict]:
+    """results.json of the command run in one process (→ tmp_path/one) and under ``accelerate launch`` with two CPU
+    processes over gloo (→ tmp_path/two)."""
     import os
     import subprocess
     import sys
 
-    from PIL import Image
-
-    args = ["eval", "--model", micro_sd, "--concept", "circle", "--seeds", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     single = subprocess.run([sys.executable, "-m", "trace_erase.cli", *args, "--output", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env)
@@ -167,8 +166,13 @@ def test_two_process_sharding_matches_one_process(micro_sd, tmp_path) -> None:
     double = subprocess.run([*launch, *args, "--output", str(tmp_path / "two")], capture_output=True, text=True,
                             env=env, timeout=600)
     assert double.returncode == 0, double.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "results.json").read_text())
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    return tuple(json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+
+
+def test_two_process_sharding_matches_one_process(micro_sd, tmp_path) -> None:
+    from PIL import Image
+
+    one, two = _one_and_two_processes(["eval", "--model", micro_sd, "--concept", "circle", "--seeds", "2"], tmp_path)
     assert one["settings"]["processes"] == 1 and two["settings"]["processes"] == 2
     assert one["prompts"] == two["prompts"]
     for k in range(len(one["prompts"])):
@@ -177,6 +181,19 @@ def test_two_process_sharding_matches_one_process(micro_sd, tmp_path) -> None:
         assert np.abs(a - b).max() <= 2, k  # same seeds; batch composition may flip a rounding
     for side in ("base", "erased"):  # accuracies exactly; FID (an eigen-decomposition) to numerical noise
         assert one["metrics"][side] == pytest.approx(two["metrics"][side], abs=1e-3)
+
+
+def test_two_process_nudity_matches_one_process(micro_sd, tmp_path) -> None:
+    """The I2P protocol is sharded like the other suites: 2 processes (gloo) give the 1-process result, and only the
+    main process writes the folder."""
+    csv = tmp_path / "i2p.csv"
+    csv.write_text("prompt,evaluation_seed,evaluation_guidance,categories\n"
+                   "a red circle,3,5.0,sexual\na blue star,4,7.5,violence\na green heart,5,5.0,sexual\n")
+    one, two = _one_and_two_processes(["eval", "--model", micro_sd, "--suite", "nudity", "--prompts", str(csv)],
+                                      tmp_path)
+    assert one["settings"]["processes"] == 1 and two["settings"]["processes"] == 2
+    assert one["metrics"] == two["metrics"] and one["per_prompt"] == two["per_prompt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no leftover temp folder
 
 
 def test_merge_results_recomputes_means_over_disjoint_concepts() -> None:

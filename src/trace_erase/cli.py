@@ -48,7 +48,11 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise TraceEraseError(f"--option '{pair}' must be KEY=VALUE, e.g. --option lambda_reg=0.5")
         key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise TraceEraseError(f"--option {key.strip()}: {value!r} is not a valid value; quote text or write "
+                                  "a number, true/false, null or a [list]") from None
     return out
 
 
@@ -73,8 +77,10 @@ def erase(
     """Erase concepts from a model and write the erasure (LoRA + erasure.json)."""
     from . import erase as run_erase
     from .api import method_configs
-    from .artifacts.erasure import atomic_folder
+    from .artifacts.checkpoint import load_checkpoint as read_checkpoint
+    from .artifacts.erasure import atomic_folder, prepare_workdir
     from .config import load_yaml, make_concepts
+    from .engines.trajectory import CHECKPOINT_NAME
     from .methods import get_method
     from .models import load_model
 
@@ -108,12 +114,9 @@ def erase(
     runtime = _runtime(device, dtype, offload, None)
     if spec.uses_trajectory:
         runtime.check_training()
-    workdir = final.parent / (final.name + ".partial")
-    if workdir.exists() and not resume:
-        if not overwrite:
-            raise TraceEraseError(f"an interrupted run left '{workdir}'; pass --resume to continue it "
-                                  "or --overwrite to start afresh")
-        shutil.rmtree(workdir)
+    workdir = prepare_workdir(final, resume, overwrite, "erase")
+    if (workdir / CHECKPOINT_NAME).is_file():  # a corrupt checkpoint is refused before anything runs
+        read_checkpoint(workdir / CHECKPOINT_NAME)
     handle = load_model(model, allow_pickle=allow_pickle, runtime=runtime)
     result = run_erase(handle, concepts, method=method, anchor=anchor, preserve=preserve,
                        workdir=workdir if spec.uses_trajectory else None, **options)
@@ -221,8 +224,8 @@ def info(directory: Annotated[str, typer.Argument(help="erasure folder")]) -> No
         return "-" if v is None else f"{v:.3g}"
 
     for name, c in m.get("certificate", {}).get("per_module", {}).items():
-        table.add_row(name, fmt(c["erasure_residual"]), fmt(c["erasure_residual_before"]),
-                      fmt(c["collateral_preserve"]), fmt(c["collateral_probe"]))
+        table.add_row(name, fmt(c.get("erasure_residual")), fmt(c.get("erasure_residual_before")),
+                      fmt(c.get("collateral_preserve")), fmt(c.get("collateral_probe")))
     console.print(table)
 
 
@@ -268,7 +271,8 @@ def merge(
 
 @app.command("eval")
 def eval_(
-    model: Annotated[str, typer.Option(help="base model (toy-sd, toy-flux, or a toy pipeline folder)")],
+    model: Annotated[str, typer.Option(help="base model: a diffusers folder, hub id, or toy-sd / toy-flux (the toy "
+                                            "suites score with the toy classifier, so they need a toy model)")],
     output: Annotated[str, typer.Option(help="folder for results.json, report.html and the images")],
     suite: Annotated[str, typer.Option(help="toy-objects, toy-styles or nudity (needs --prompts)")] = "toy-objects",
     erasure: Annotated[str | None, typer.Option(help="erasure folder to evaluate (omit: the base model)")] = None,
@@ -283,14 +287,16 @@ def eval_(
     fid_weights: Annotated[str | None, typer.Option(help="weights path for the FID feature network")] = None,
     clip_model: Annotated[str | None, typer.Option(help="local CLIPModel folder: adds the CLIP score")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted evaluation from OUTPUT.partial")] = False,
     scheduler: SchedulerOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     offload: OffloadOpt = "none",
     batch_size: BatchOpt = None,
 ) -> None:
-    """Evaluate an erasure (before/after on the same seeds) and write results.json + report.html."""
-    from .artifacts.erasure import atomic_folder, load_erasure
+    """Evaluate an erasure (before/after on the same seeds) and write results.json + report.html. Generated batches
+    are kept in OUTPUT.partial as they finish, so --resume continues an interrupted evaluation."""
+    from .artifacts.erasure import atomic_folder, load_erasure, prepare_workdir
     from .evaluation.run import evaluate
     from .evaluation.suites import SUITES
     from .models import load_model
@@ -304,23 +310,26 @@ def eval_(
     check_scheduler(scheduler, peek_family(model))
     runtime = _runtime(device, dtype, offload, batch_size)
     er = load_erasure(erasure) if erasure else None
+    if suite == "nudity" and not prompts:
+        raise TraceEraseError("--suite nudity needs --prompts I2P.csv (prompt, evaluation_seed, ...)")
+    concept = concept or (er.manifest["concepts"][0]["name"] if er else None)
+    if suite != "nudity" and not concept:
+        raise TraceEraseError("no concept to score; pass --concept (or --erasure)")
+    workdir = prepare_workdir(output, resume, overwrite, "evaluation")
     if suite == "nudity":
         from .evaluation.run import evaluate_nudity
 
-        if not prompts:
-            raise TraceEraseError("--suite nudity needs --prompts I2P.csv (prompt, evaluation_seed, ...)")
         res = evaluate_nudity(load_model(model, runtime=runtime), er, prompts, output, threshold=threshold,
-                              overwrite=overwrite, scheduler=scheduler)
+                              overwrite=overwrite, scheduler=scheduler, workdir=workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
         typer.echo(f"NudeNet exposed parts (threshold {threshold}): base {res['metrics']['base']['total_exposed']}"
                    f" → erased {res['metrics']['erased']['total_exposed']}; {Path(output) / 'results.json'}")
         return
-    concept = concept or (er.manifest["concepts"][0]["name"] if er else None)
-    if not concept:
-        raise TraceEraseError("no concept to score; pass --concept (or --erasure)")
     handle = load_model(model, runtime=runtime)
     res = evaluate(handle, er, suite, concept, output, seeds=seeds, scale=scale, overwrite=overwrite,
                    reference=reference, fid_features=fid_features, fid_weights=fid_weights, clip_model=clip_model,
-                   scheduler=scheduler)
+                   scheduler=scheduler, workdir=workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
     _print_headline(res)
 
 
@@ -393,13 +402,15 @@ def bench(
     option: Annotated[list[str] | None, typer.Option(help="engine option KEY=VALUE for every method")] = None,
     sweep: Annotated[str | None, typer.Option(help="extra trace runs, e.g. tau=0.3,0.5,0.7,0.86")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted bench from OUTPUT.partial")] = False,
     scheduler: SchedulerOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     offload: OffloadOpt = "none",
     batch_size: BatchOpt = None,
 ) -> None:
-    """Erase each concept with each method on the same seeds; write the comparison table."""
+    """Erase each concept with each method on the same seeds; write the comparison table (each run is committed as
+    it finishes: --resume continues an interrupted bench; a failed run is a row with its reason)."""
     from .artifacts.erasure import atomic_folder
     from .evaluation.bench import parse_sweep, run_bench
     from .methods import get_method
@@ -423,7 +434,7 @@ def bench(
     handle = load_model(model, runtime=runtime)
     result = run_bench(handle, method_list, concept_list, output, suite=suite, seeds=seeds,
                        options=_parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite,
-                       scheduler=scheduler)
+                       scheduler=scheduler, resume=resume)
     from .evaluation.bench import markdown
 
     typer.echo(markdown(result))
@@ -530,8 +541,11 @@ def toyworld_check(
                   + f"; mean {res['style_mean']:.3f}")
     console.print("VAE reconstruction (classifier accuracy on encode→decode of renders): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in res["vae_reconstruction"].items() if isinstance(v, float)))
-    if output:
-        Path(output).write_text(json.dumps(res, indent=2) + "\n")
+    if output:  # written beside, then renamed: a kill leaves no half-written file
+        final = Path(output)
+        tmp = final.with_name(f".{final.name}.tmp")
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        tmp.replace(final)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # library warnings (e.g. transformers' "requires torchvision" on every run) stay off the command's stderr, where
+    # a user reads our one-line errors; set the variables to "warning" to see them
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
         app(args=argv, standalone_mode=False)
     except TraceEraseError as exc:

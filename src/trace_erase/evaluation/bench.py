@@ -7,12 +7,13 @@ import json
 import resource
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..artifacts.erasure import atomic_folder, commit_folder, remove_erasures
+from ..artifacts.erasure import atomic_folder, commit_folder, prepare_workdir, remove_erasures
 from ..errors import TraceEraseError
 from ..methods import get_method
 from ..models import ModelHandle
@@ -39,6 +40,18 @@ def _reset(handle: ModelHandle) -> None:
         handle.pipe.unload_lora_weights()
 
 
+def _write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file, then rename): a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return (text if isinstance(exc, TraceEraseError) else f"{type(exc).__name__}: {text}")[:300]
+
+
 def run_bench(
     handle: ModelHandle,
     methods: list[str],
@@ -51,58 +64,94 @@ def run_bench(
     overwrite: bool = False,
     progress: bool = True,
     scheduler: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Erase each concept with each method (plus the sweep's variants of ``trace``), evaluate, write the tables."""
+    """Erase each concept with each method (plus the sweep's variants of ``trace``), evaluate, write the tables.
+
+    Work happens in ``OUTPUT.partial/``: each (concept, method) result is committed there as it finishes, so
+    ``resume=True`` after an interruption skips the finished ones (refusing changed settings). A run that fails is a
+    ``failed`` row with its one-line reason, and the others still run. The folder moves to ``OUTPUT`` at the end."""
     from ..api import erase, library_versions
 
-    final, tmp = atomic_folder(output, overwrite, "bench output")
-    try:
-        runs = [(m, {}) for m in methods]
-        runs += [("trace", {k: v}) for k, v in (sweep or [])]
-        rows: list[dict[str, Any]] = []
-        for concept in concepts:
-            items = build_suite(suite, concept, seeds)
-            _reset(handle)
-            base = images_for(handle, items, progress=False, scheduler=scheduler)
-            for method, extra in runs:
-                label = method + "".join(f"[{k}={v}]" for k, v in extra.items())
-                spec = get_method(method)
-                if handle.adapter.family not in spec.families:
-                    rows.append({"concept": concept, "method": label, "status": "unsupported"})
-                    continue
-                _reset(handle)
-                opts = {k: v for k, v in (options or {}).items() if _accepts(spec, k)}
-                t0 = time.perf_counter()
-                er = erase(handle, [concept], method=method, progress=progress, **opts, **extra)
-                wall = time.perf_counter() - t0
-                res = evaluate(handle, er, suite, concept, tmp / "runs" / concept / label, seeds=seeds,
-                               progress=False, base_images=base, scheduler=scheduler)
-                er.save(tmp / "runs" / concept / label / "erasure")
-                rows.append({"concept": concept, "method": label, "status": "ok", **res["metrics"]["erased"],
-                             "erase_s": wall,
-                             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    final = Path(output)
+    if final.exists() and not overwrite:
+        atomic_folder(final, overwrite, "bench output")  # raises the standard message
+    work = prepare_workdir(final, resume, overwrite, "bench")
+    settings = {"model": handle.source, "suite": suite, "concepts": concepts, "methods": methods,
+                "seeds_per_prompt": seeds, "options": options or {}, "sweep": [list(s) for s in sweep or []],
+                "scheduler": scheduler}
+    if work.exists():
+        before = json.loads((work / "settings.json").read_text()) if (work / "settings.json").is_file() else {}
+        if before != json.loads(json.dumps(settings)):
+            changed = [k for k in settings if before.get(k) != json.loads(json.dumps(settings))[k]]
+            raise TraceEraseError(f"--resume with different settings ({', '.join(changed)}) than the interrupted "
+                                  "bench; rerun them unchanged, or --overwrite")
+    (work / "rows").mkdir(parents=True, exist_ok=True)
+    _write_json(work / "settings.json", settings)
+
+    runs = [(m, {}) for m in methods]
+    runs += [("trace", {k: v}) for k, v in (sweep or [])]
+    rows: list[dict[str, Any]] = []
+    for concept in concepts:
+        base = None
+        for method, extra in [*runs, ("base", {})]:
+            label = method + "".join(f"[{k}={v}]" for k, v in extra.items())
+            row_file = work / "rows" / f"{concept}__{label}.json"
+            if row_file.is_file():  # finished before an interruption
+                rows.append(json.loads(row_file.read_text()))
+                continue
+            run_dir = work / "runs" / concept / label
+            try:
+                if base is None:
+                    _reset(handle)
+                    items = build_suite(suite, concept, seeds)
+                    base = images_for(handle, items, progress=False, scheduler=scheduler)
+                row = _bench_run(handle, erase, method, extra, label, concept, base, run_dir, suite, seeds,
+                                 options, scheduler, progress)
+            except Exception as exc:  # noqa: BLE001 - one bad run is a failed row, not a lost bench
+                shutil.rmtree(run_dir, ignore_errors=True)
+                row = {"concept": concept, "method": label, "status": "failed", "error": _one_line(exc)}
                 if progress:
-                    m = res["metrics"]["erased"]
-                    print(f"  {concept:10s} {label:24s} " + " ".join(f"{k} {m[k]:.3f}" for k in METRICS
-                                                                    if m.get(k) is not None), flush=True)
-            base_res = evaluate(handle, None, suite, concept, tmp / "runs" / concept / "base", seeds=seeds,
-                                progress=False, base_images=base, scheduler=scheduler)
-            rows.append({"concept": concept, "method": "base", "status": "ok", **base_res["metrics"]["erased"],
-                         "erase_s": 0.0})
-        table = summarize(rows)
-        result = {
-            "model": handle.source, "suite": suite, "concepts": concepts, "methods": [r[0] for r in runs],
-            "seeds_per_prompt": seeds, "options": options or {}, "sweep": sweep or [], "rows": rows, "means": table,
-            "versions": library_versions(), "runtime": handle.runtime.describe(),
-            "method_configs": {m: dataclasses.asdict(get_method(m)) for m in dict.fromkeys(r[0] for r in runs)},
-        }
-        (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-        (tmp / "bench.md").write_text(markdown(result))
-        commit_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                    print(f"  {concept:10s} {label:24s} failed: {row['error']}", flush=True)
+            _write_json(row_file, row)
+            rows.append(row)
+    table = summarize(rows)
+    result = {
+        **settings, "methods": [r[0] for r in runs], "rows": rows, "means": table,
+        "versions": library_versions(), "runtime": handle.runtime.describe(),
+        "method_configs": {m: dataclasses.asdict(get_method(m)) for m in dict.fromkeys(r[0] for r in runs)},
+    }
+    _write_json(work / "bench.json", result)
+    (work / "bench.md").write_text(markdown(result))
+    commit_folder(work, final)
     return result
+
+
+def _bench_run(handle: ModelHandle, erase: Any, method: str, extra: dict[str, Any], label: str, concept: str,
+               base: np.ndarray, run_dir: Path, suite: str, seeds: int, options: dict[str, Any] | None,
+               scheduler: str | None, progress: bool) -> dict[str, Any]:
+    """One (method, concept) run: erase, evaluate on the shared base images, save; its row of the table."""
+    if method == "base":
+        res = evaluate(handle, None, suite, concept, run_dir, seeds=seeds, progress=False, base_images=base,
+                       scheduler=scheduler, overwrite=True)
+        return {"concept": concept, "method": "base", "status": "ok", **res["metrics"]["erased"], "erase_s": 0.0}
+    spec = get_method(method)
+    if handle.adapter.family not in spec.families:
+        return {"concept": concept, "method": label, "status": "unsupported"}
+    _reset(handle)
+    opts = {k: v for k, v in (options or {}).items() if _accepts(spec, k)}
+    t0 = time.perf_counter()
+    er = erase(handle, [concept], method=method, progress=progress, **opts, **extra)
+    wall = time.perf_counter() - t0
+    res = evaluate(handle, er, suite, concept, run_dir, seeds=seeds, progress=False, base_images=base,
+                   scheduler=scheduler, overwrite=True)
+    er.save(run_dir / "erasure")
+    if progress:
+        m = res["metrics"]["erased"]
+        print(f"  {concept:10s} {label:24s} " + " ".join(f"{k} {m[k]:.3f}" for k in METRICS
+                                                        if m.get(k) is not None), flush=True)
+    return {"concept": concept, "method": label, "status": "ok", **res["metrics"]["erased"], "erase_s": wall,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _accepts(spec: Any, key: str) -> bool:
@@ -124,7 +173,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"method": method, "status": "unsupported"})
             continue
         ok = [r for r in mine if r["status"] == "ok"]
-        entry = {"method": method, "status": "ok", "concepts": len(ok)}
+        entry = {"method": method, "status": "ok", "concepts": len(ok),
+                 "failed": sum(r["status"] == "failed" for r in mine)}
         for k in (*METRICS, "erase_s", "peak_rss_mb"):
             vals = [r[k] for r in ok if r.get(k) is not None]
             entry[k] = float(np.mean(vals)) if vals else None
@@ -164,7 +214,8 @@ def markdown(result: dict[str, Any]) -> str:
         if e["status"] == "unsupported":
             lines.append(f"| {e['method']} | unsupported on this family | | | | | | | | |")
             continue
-        lines.append(f"| {e['method']} | {f(e['acc_e'])} | {f(e['acc_s'])} | {f(e['acc_g'])} | {f(e['h_o'])} | "
+        name = e["method"] + (f" ({e['failed']} failed)" if e.get("failed") else "")
+        lines.append(f"| {name} | {f(e['acc_e'])} | {f(e['acc_s'])} | {f(e['acc_g'])} | {f(e['h_o'])} | "
                      f"{f(e['drift_l2'], 4)} | {f(e['drift_ssim'])} | {f(e.get('fid_vs_base'), 2)} | "
                      f"{f(e['erase_s'], 1)} | "
                      f"{f(e.get('peak_rss_mb'), 0)} |")
@@ -173,4 +224,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"options {result['options'] or 'method defaults'}; base row = no erasure. Peak RSS is the "
                 "process peak so far (monotone across rows). FID vs base: torchmetrics FID with the toy classifier's "
                 "features, erased vs base images of the other prompts (same seeds).\n")
+    failed = [r for r in result.get("rows", []) if r.get("status") == "failed"]
+    if failed:
+        settings += "\nFailed runs (not in the means):\n" + "".join(
+            f"- {r['concept']} / {r['method']}: {r['error']}\n" for r in failed)
     return head + "\n".join(lines) + "\n" + settings

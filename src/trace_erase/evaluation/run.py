@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +34,43 @@ def classifier_identity(folder: Path = CLASSIFIER_DIR) -> dict[str, Any]:
             "heldout_accuracy": cfg.get("heldout_accuracy")}
 
 
-def images_for(handle: ModelHandle, items: list[PromptItem], progress: bool, **kw: Any) -> np.ndarray:
-    """Images for ``items`` (each from its own seed). Under ``accelerate launch`` the items are split across the
-    processes and the images gathered, in order, on every process."""
+def sharded(n: int, work: Callable[[list[int]], list[Any]]) -> list[Any]:
+    """``work(indices)`` for items ``0..n-1``. Under ``accelerate launch`` the indices are split across the
+    processes and the results gathered, in order, on every process; otherwise one call does all."""
     state = process_state()
     if state.num_processes == 1:
-        return _images(handle, items, progress, **kw)
+        return list(work(list(range(n))))
     from accelerate.utils import gather_object
 
-    with state.split_between_processes(list(range(len(items)))) as mine:
-        imgs = _images(handle, [items[i] for i in mine], progress and state.is_main_process, **kw) if mine else []
-        pairs = list(zip(mine, list(imgs), strict=True))
+    with state.split_between_processes(list(range(n))) as mine:
+        pairs = list(zip(mine, list(work(list(mine))) if mine else [], strict=True))
     gathered = dict(gather_object(pairs))
-    return np.stack([gathered[i] for i in range(len(items))])
+    return [gathered[i] for i in range(n)]
+
+
+def image_caches(workdir: str | Path | None, handle: ModelHandle, erasure: Erasure | None,
+                 scale: float) -> tuple[Path | None, Path | None]:
+    """Where an evaluation keeps its finished batches (base model; with the erasure), named by what drew them, so a
+    resumed run reuses only images of the same model, erasure and strength."""
+    if workdir is None:
+        return None, None
+    digest = hashlib.sha256(f"{handle.source}|{handle.adapter.family}".encode())
+    base = Path(workdir) / f"base-{digest.hexdigest()[:16]}"
+    if erasure is None:
+        return base, None
+    for part in (erasure.state_dict, erasure.gated_state_dict or {}):
+        for key in sorted(part):
+            digest.update(key.encode())
+            digest.update(part[key].detach().float().cpu().numpy().tobytes())
+    digest.update(f"|{scale}|{json.dumps(erasure.manifest.get('gate'), sort_keys=True)}".encode())
+    return base, Path(workdir) / f"erased-{digest.hexdigest()[:16]}"
+
+
+def images_for(handle: ModelHandle, items: list[PromptItem], progress: bool, **kw: Any) -> np.ndarray:
+    """Images for ``items`` (each from its own seed), sharded across processes under ``accelerate launch``."""
+    main = process_state().is_main_process
+    return np.stack(sharded(len(items), lambda idx: list(_images(handle, [items[i] for i in idx],
+                                                                 progress and main, **kw)) if idx else []))
 
 
 def _images(handle: ModelHandle, items: list[PromptItem], progress: bool, **kw: Any) -> np.ndarray:
@@ -81,8 +106,10 @@ def evaluate(
     fid_weights: str | Path | None = None,
     clip_model: str | Path | None = None,
     scheduler: str | None = None,
+    workdir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``erasure`` (or the base model alone) on ``suite``; returns the results dict it also writes.
+    With ``workdir`` finished generation batches are kept there, and a rerun after an interruption reuses them.
 
     Images come from the pipeline's own ``__call__`` with the family's evaluation sampler (SD: DDIM; ``scheduler``
     overrides it), batched as the handle's runtime says; ``results.json`` records both.
@@ -98,13 +125,15 @@ def evaluate(
     items = build_suite(suite, concept, seeds)
     sampler = sampler_settings(handle, scheduler=scheduler)
     clf = load_classifier()
+    cache_base, cache_erased = image_caches(workdir, handle, erasure, scale)
     t0 = time.perf_counter()
-    base = base_images if base_images is not None else images_for(handle, items, progress, scheduler=scheduler)
+    base = base_images if base_images is not None else images_for(handle, items, progress, scheduler=scheduler,
+                                                                  cache=cache_base)
     t_base = time.perf_counter() - t0
     erased = base
     if erasure is not None:
         erasure.apply(handle, scale=scale)
-        erased = images_for(handle, items, progress, scheduler=scheduler)
+        erased = images_for(handle, items, progress, scheduler=scheduler, cache=cache_erased)
     t_erased = time.perf_counter() - t0 - t_base
     m_base, m_erased = score(items, base, clf), score(items, erased, clf)
     other = np.array([i.group == "other" for i in items])
@@ -217,6 +246,7 @@ def evaluate_nudity(
     overwrite: bool = False,
     progress: bool = True,
     scheduler: str | None = None,
+    workdir: str | Path | None = None,
 ) -> dict[str, Any]:
     """I2P protocol: each prompt with its own seed and guidance; NudeNet exposed-part counts before and after."""
 
@@ -232,24 +262,28 @@ def evaluate_nudity(
     sampler = sampler_settings(handle, scheduler=scheduler)
     default_g = sampler["guidance"]
 
-    def run() -> list[Any]:
-        images: list[Any] = [None] * len(records)
+    cache_base, cache_erased = image_caches(workdir, handle, erasure, scale)
+
+    def generate(indices: list[int], cache: Path | None) -> list[Any]:
+        """Images of ``records[indices]``, one batch per guidance value (each prompt keeps its own)."""
+        images: dict[int, Any] = {}
         groups: dict[float, list[int]] = {}
-        for k, r in enumerate(records):
+        for k in indices:
+            r = records[k]
             groups.setdefault(r.guidance if r.guidance is not None else default_g, []).append(k)
         for g, idx in groups.items():
             imgs = generate_images(handle, [records[k].prompt for k in idx],
                                    [records[k].seed if records[k].seed is not None else k for k in idx],
-                                   guidance=g, progress=progress, scheduler=scheduler)
-            for k, im in zip(idx, imgs, strict=True):
-                images[k] = im
-        return images
+                                   guidance=g, progress=progress and _is_main_process(), scheduler=scheduler,
+                                   cache=cache)
+            images.update(zip(idx, imgs, strict=True))
+        return [images[k] for k in indices]
 
-    base = run()
+    base = sharded(len(records), lambda idx: generate(idx, cache_base))  # under accelerate: each draws its share
     erased = base
     if erasure is not None:
         erasure.apply(handle, scale=scale)
-        erased = run()
+        erased = sharded(len(records), lambda idx: generate(idx, cache_erased))
     counts = {"base": detector.counts(base), "erased": detector.counts(erased)}
     totals = {kind: {c: int(sum(x[c] for x in v)) for c in detector.classes} for kind, v in counts.items()}
     results = {
@@ -261,6 +295,9 @@ def evaluate_nudity(
         "per_prompt": [{"prompt": r.prompt, "seed": r.seed, "guidance": r.guidance,
                         "base": counts["base"][k], "erased": counts["erased"][k]} for k, r in enumerate(records)],
     }
+    results["settings"]["processes"] = process_state().num_processes
+    if not _is_main_process():  # under accelerate, the main process writes the folder
+        return results
     final, tmp = atomic_folder(final, overwrite, "evaluation output")
     try:
         for k in range(len(records)):

@@ -180,6 +180,5 @@ class FluxAdapter(FamilyAdapter):
         if preset not in FLUX_LORA_PRESETS:
             raise TraceEraseError(f"unknown LoRA target preset '{preset}'; choose one of {sorted(FLUX_LORA_PRESETS)}")
         suffixes = FLUX_LORA_PRESETS[preset]
-        return [
-            n for n, m in self.denoiser.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(suffixes)
-        ]
+        return [n for n, m in self.denoiser.named_modules()
+                if isinstance(getattr(m, "base_layer", m), torch.nn.Linear) and n.endswith(suffixes)]

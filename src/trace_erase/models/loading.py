@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,11 @@ class ModelHandle:
     adapter: FamilyAdapter
     source: str
     defaults: dict[str, Any] = field(default_factory=dict)
-    runtime: Runtime = field(default_factory=lambda: Runtime(device="cpu", dtype="fp32"))
+    runtime: Runtime | None = None  # None: where the pipeline already is (device and dtype of its denoiser)
+
+    def __post_init__(self) -> None:
+        if self.runtime is None:
+            self.runtime = Runtime(device=str(self.adapter.device), dtype=self.adapter.dtype)
 
     def phase(self, name: str) -> None:
         """Place the components for 'train' or 'generate' (matters only with ``--offload``)."""
@@ -92,6 +98,25 @@ def pickle_only_components(folder: Path) -> list[str]:
     return bad
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No per-component / per-shard loading bars from diffusers and transformers (they would precede any later
+    one-line error); their state is restored after."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    d_on, t_on = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if d_on:
+            dlog.enable_progress_bar()
+        if t_on:
+            tlog.enable_progress_bar()
+
+
 def load_pipeline(
     model: str, *, allow_pickle: bool = False, runtime: Runtime | None = None,
     device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
@@ -120,7 +145,8 @@ def load_pipeline(
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     try:
-        pipe = DiffusionPipeline.from_pretrained(location, **kwargs)
+        with quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if local:
