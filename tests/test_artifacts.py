@@ -120,3 +120,30 @@ def test_merge_equals_applied(sd_erasure, tmp_path) -> None:
     a, b = _pred(get_adapter(applied), prompts), _pred(get_adapter(reloaded), prompts)
     assert (a - b).abs().max() < 1e-4
     assert not json.loads((tmp_path / "merged" / "model_index.json").read_text()).get("_lora")
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m["lora"].pop("prefix"), "lora.prefix is missing"),
+    (lambda m: m["lora"].update(rank="four"), "lora.rank must be an integer"),
+    (lambda m: m["base_model"].update(family="sd9"), "base_model.family must be one of"),
+    (lambda m: m.update(gate={"tau": 0.5, "weight_name": "../../outside.safetensors"}), "gate.weight_name must be"),
+    (lambda m: m["lora"].update(weight_name="/etc/passwd"), "lora.weight_name must be"),
+    (lambda m: m.update(format_version=99), "newer than this trace-erase reads"),
+    (lambda m: m["concepts"].append({"name": 3}), r"concepts\[1\].name must be a string"),
+])
+def test_manifest_schema_names_the_bad_field(sd_erasure, tmp_path, edit, message) -> None:
+    path = sd_erasure.save(tmp_path / "e")
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    edit(manifest)
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(TraceEraseError, match=message):
+        load_erasure(path)
+
+
+def test_manifest_edited_after_writing_is_refused(sd_erasure, tmp_path) -> None:
+    path = sd_erasure.save(tmp_path / "e")
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    manifest["method"] = "uce-but-edited"  # still a valid manifest, but not what was written
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(TraceEraseError, match="modified after it was written"):
+        load_erasure(path)

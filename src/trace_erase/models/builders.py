@@ -183,8 +183,20 @@ def tiny_flux_pipeline(
     return _ready(pipe)
 
 
-def sd14_architecture_pipeline(seed: int = 0, words: tuple[str, ...] = BASIC_WORDS) -> Any:
-    """SD-1.4-sized UNet (860M) and CLIP-L-sized text encoder with random weights (tiny VAE: not benchmarked)."""
+def _sd_vae(sample_size: int = 512, scaling_factor: float = 0.18215) -> Any:
+    """The SD/SDXL VAE architecture (83M parameters, 8× downsampling), random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, act_fn="silu",
+        block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, sample_size=sample_size, scaling_factor=scaling_factor,
+    )
+
+
+def sd14_architecture_pipeline(seed: int = 0, words: tuple[str, ...] = BASIC_WORDS, vae: str = "tiny") -> Any:
+    """SD-1.4-sized UNet (860M) and CLIP-L-sized text encoder with random weights; ``vae="sd"`` adds the real VAE
+    architecture (for generation timings), the default tiny one keeps closed-form benchmarks light."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -203,7 +215,7 @@ def sd14_architecture_pipeline(seed: int = 0, words: tuple[str, ...] = BASIC_WOR
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     pipe = StableDiffusionPipeline(
-        vae=_tiny_vae(),
+        vae=_sd_vae() if vae == "sd" else _tiny_vae(),
         text_encoder=CLIPTextModel(config),
         tokenizer=tokenizer,
         unet=unet,
@@ -212,5 +224,40 @@ def sd14_architecture_pipeline(seed: int = 0, words: tuple[str, ...] = BASIC_WOR
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    return _ready(pipe)
+
+
+def sdxl_architecture_pipeline(seed: int = 0, words: tuple[str, ...] = BASIC_WORDS) -> Any:
+    """SDXL-base-sized pipeline with random weights: 2.6B UNet, CLIP-L + OpenCLIP-bigG encoders, the SDXL VAE.
+    Needs ~14 GB in fp32; the real-scale benchmark builds it only on a GPU machine."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(words)
+    unet = UNet2DConditionModel(
+        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id, "vocab_size": 49408, "max_position_embeddings": 77}
+    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            hidden_act="quick_gelu", projection_dim=768, **ids)
+    clip_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                            hidden_act="gelu", projection_dim=1280, **ids)
+    pipe = StableDiffusionXLPipeline(
+        vae=_sd_vae(1024, 0.13025),
+        text_encoder=CLIPTextModel(clip_l),
+        text_encoder_2=CLIPTextModelWithProjection(clip_g),
+        tokenizer=tokenizer,
+        tokenizer_2=build_clip_tokenizer(words),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         steps_offset=1, timestep_spacing="leading"),
     )
     return _ready(pipe)
