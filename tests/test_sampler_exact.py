@@ -127,3 +127,17 @@ def test_euler_inputs_are_scaled_not_raw() -> None:
     sched = eng.adapter.rollout_scheduler(STEPS)
     assert float(sched.init_noise_sigma) > 10
     assert 0.7 < float(states[0].std()) < 1.3
+
+
+@pytest.mark.parametrize("case", ["sd-euler", "sdxl-euler", "flux-guidance-embeds"])
+def test_bf16_rollout_matches_the_bf16_pipeline(case: str) -> None:
+    """In half precision too the rollout rounds as the pipeline does (x_T cast before the init-sigma scale, FLUX's
+    timestep cast before /1000): same final latents from the same noise."""
+    pipe = CASES[case]().to(torch.bfloat16)
+    eng = _engine(pipe)
+    noise = torch.randn(eng.adapter.latent_shape(1), generator=torch.Generator().manual_seed(3))
+    _, _, final = eng.rollout(PROMPT, noise=noise)
+    expected = _pipeline_call(pipe, eng.adapter, noise.to(torch.bfloat16)).float()
+    got = _as_pipeline_holds(eng.adapter, pipe, final).float()
+    assert final.dtype == torch.bfloat16
+    assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()

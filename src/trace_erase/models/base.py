@@ -199,7 +199,8 @@ class FamilyAdapter(ABC):
     def initial_noise(self, scheduler: Any, noise: torch.Tensor) -> torch.Tensor:
         """x_T from standard-normal ``noise`` as the pipeline's ``prepare_latents`` makes it: scaled by the (already
         set) scheduler's ``init_noise_sigma`` (√(σ_max²+1) for Euler-type schedulers), in the model's dtype."""
-        return (noise.to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)).to(self.dtype)
+        # cast first, then scale: the pipelines multiply latents already in the model's dtype
+        return noise.to(self.device, self.dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
 
     # ---- what the denoiser sees (sampler-exact) ---------------------------------------------------------------------
     def model_input(self, scheduler: Any, x: torch.Tensor, scheduler_t: torch.Tensor) -> torch.Tensor:
