@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from trace_erase import get_adapter
-from trace_erase.engines.trajectory import Pool, TrajectoryConfig, TrajectoryEngine
+from trace_erase.engines.pool import Pool
+from trace_erase.engines.trajectory import TrajectoryConfig, TrajectoryEngine
 from trace_erase.models.builders import tiny_flux_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 STEPS, GUIDANCE, PROMPT = 6, 4.0, "a photo of a cat"

@@ -9,51 +9,22 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
+from .cli_common import (
+    BatchOpt,
+    DeviceOpt,
+    DtypeOpt,
+    OffloadOpt,
+    SchedulerOpt,
+    method_list,
+    parse_options,
+    runtime_from,
+)
 from .errors import TraceEraseError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Concept erasure for text-to-image diffusion models."
 )
-
-
-# the runtime setting every command that loads a model takes (validated before the model loads)
-DeviceOpt = Annotated[str, typer.Option(help="auto (the accelerator when present), cpu, cuda, cuda:N or mps")]
-DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on a GPU that has it, else fp16; fp32 on the CPU), fp32, "
-                                            "fp16 or bf16")]
-OffloadOpt = Annotated[str, typer.Option(help="none, text-encoders (kept in CPU memory) or model (diffusers' model "
-                                              "CPU offload while generating); needs an accelerator")]
-BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="images per pipeline call (default: what fits a "
-                                                                   "24 GB card at the model's resolution)")]
-SchedulerOpt = Annotated[str | None, typer.Option(help="sampler: model, ddim, pndm, euler, euler-a, dpm++ (default: "
-                                                       "ddim for SD/SDXL, the model's own for FLUX)")]
-
-
-def _runtime(device: str, dtype: str, offload: str, batch_size: int | None) -> Any:
-    from .runtime import Runtime
-
-    return Runtime(device=device, dtype=dtype, offload=offload, batch_size=batch_size)
-
-
-def _method_list() -> str:
-    from .methods import METHODS
-
-    return ", ".join(METHODS)
-
-
-def _parse_options(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise TraceEraseError(f"--option '{pair}' must be KEY=VALUE, e.g. --option lambda_reg=0.5")
-        key, value = pair.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise TraceEraseError(f"--option {key.strip()}: {value!r} is not a valid value; quote text or write "
-                                  "a number, true/false, null or a [list]") from None
-    return out
 
 
 @app.command()
@@ -62,7 +33,7 @@ def erase(
     concept: Annotated[list[str] | None, typer.Option(help="concept to erase (repeatable)")] = None,
     anchor: Annotated[str | None, typer.Option(help="surrogate the concept is mapped to ('' by default)")] = None,
     preserve: Annotated[list[str] | None, typer.Option(help="concept to keep intact (repeatable)")] = None,
-    method: Annotated[str | None, typer.Option(help=f"erasure method: {_method_list()}")] = None,
+    method: Annotated[str | None, typer.Option(help=f"erasure method: {method_list()}")] = None,
     output: Annotated[str | None, typer.Option(help="folder to write the erasure to")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file; flags override its values")] = None,
     option: Annotated[list[str] | None, typer.Option(help="engine option KEY=VALUE (repeatable)")] = None,
@@ -95,7 +66,7 @@ def erase(
     concepts = list(concept) if concept else list(cfg.get("concepts") or [])
     anchor = anchor if anchor is not None else cfg.get("anchor")
     preserve = list(preserve) if preserve else cfg.get("preserve")
-    options = {**(cfg.get("options") or {}), **_parse_options(option or [])}
+    options = {**(cfg.get("options") or {}), **parse_options(option or [])}
     if gate_tau is not None:
         options["gate_tau"] = gate_tau
     if not model:
@@ -111,7 +82,7 @@ def erase(
     spec = get_method(method)
     make_concepts(concepts, anchor=anchor, preserve=preserve)
     method_configs(spec, options)
-    runtime = _runtime(device, dtype, offload, None)
+    runtime = runtime_from(device, dtype, offload, None)
     if spec.uses_trajectory:
         runtime.check_training()
     workdir = prepare_workdir(final, resume, overwrite, "erase")
@@ -167,7 +138,7 @@ def generate(
     if Path(output).exists() and not overwrite:
         atomic_folder(output, overwrite)
     check_scheduler(scheduler, peek_family(model))
-    runtime = _runtime(device, dtype, offload, batch_size)
+    runtime = runtime_from(device, dtype, offload, batch_size)
     er = load_erasure(erasure, allow_pickle=allow_pickle) if erasure else None
     handle = load_model(model, allow_pickle=allow_pickle, runtime=runtime)
     if er is not None:
@@ -248,7 +219,7 @@ def merge(
 
     if Path(output).exists() and not overwrite:
         atomic_folder(output, overwrite)
-    runtime = _runtime(device, dtype, "none", None)
+    runtime = runtime_from(device, dtype, "none", None)
     er = load_erasure(erasure, allow_pickle=allow_pickle)
     handle = load_model(model, allow_pickle=allow_pickle, runtime=runtime)
     er.merge_into(handle, scale=scale)
@@ -308,7 +279,7 @@ def eval_(
     if Path(output).exists() and not overwrite:
         atomic_folder(output, overwrite, "evaluation output")
     check_scheduler(scheduler, peek_family(model))
-    runtime = _runtime(device, dtype, offload, batch_size)
+    runtime = runtime_from(device, dtype, offload, batch_size)
     er = load_erasure(erasure) if erasure else None
     if suite == "nudity" and not prompts:
         raise TraceEraseError("--suite nudity needs --prompts I2P.csv (prompt, evaluation_seed, ...)")
@@ -377,8 +348,8 @@ def demo(
         atomic_folder(out, overwrite, "demo output")
     toy_class_of(concept)
     spec = get_method(method)
-    options = {**(DEMO_OPTIONS if spec.uses_trajectory else {}), **_parse_options(option or [])}
-    runtime = _runtime(device, dtype, "none", batch_size)
+    options = {**(DEMO_OPTIONS if spec.uses_trajectory else {}), **parse_options(option or [])}
+    runtime = runtime_from(device, dtype, "none", batch_size)
     if spec.uses_trajectory:
         runtime.check_training()
     handle = load_model(model, runtime=runtime)
@@ -426,14 +397,14 @@ def bench(
     for m in method_list:
         get_method(m)
     check_scheduler(scheduler, peek_family(model))
-    runtime = _runtime(device, dtype, offload, batch_size)
+    runtime = runtime_from(device, dtype, offload, batch_size)
     if any(get_method(m).uses_trajectory for m in method_list) or sweep:
         runtime.check_training()
     pool = CLASSES if suite == "toy-objects" else STYLES[1:]
     concept_list = list(pool) if concepts == "all" else [c.strip() for c in concepts.split(",") if c.strip()]
     handle = load_model(model, runtime=runtime)
     result = run_bench(handle, method_list, concept_list, output, suite=suite, seeds=seeds,
-                       options=_parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite,
+                       options=parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite,
                        scheduler=scheduler, resume=resume)
     from .evaluation.bench import markdown
 
@@ -445,107 +416,9 @@ def bench(
 DEMO_OPTIONS: dict[str, Any] = {"steps": 150}
 
 
-toyworld_app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="The embedded toy world (toy-sd, toy-flux)."
-)
+from .toyworld.commands import toyworld_app  # noqa: E402 - registered after the main commands
+
 app.add_typer(toyworld_app, name="toyworld")
-
-
-@toyworld_app.command("train")
-def toyworld_train(
-    family: Annotated[str, typer.Option(help="sd or flux")],
-    output: Annotated[str | None, typer.Option(help="pipeline folder (default: the bundled location)")] = None,
-    seed: Annotated[int, typer.Option(help="training seed")] = 0,
-    steps: Annotated[int | None, typer.Option(min=1, help="denoiser steps (default: the bundled model's)")] = None,
-    cycles: Annotated[int | None, typer.Option(
-        min=1, help="cosine cycles with warm restarts (default: the preset's)")] = None,
-    batch: Annotated[int | None, typer.Option(min=1, help="denoiser batch size (default: the preset's)")] = None,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="override any other recipe setting, KEY=VALUE (repeatable), e.g. --set latent_channels=8")]
-        = None,
-    start_from: Annotated[str | None, typer.Option(
-        help="skip the first cycles: a pipeline trained by this command with them (e.g. the previous bundle)")]
-        = None,
-    micro: Annotated[bool, typer.Option(help="tiny sizes and a few steps (tests)")] = False,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing output / restart a partial run")] = False,
-) -> None:
-    """Train a toy pipeline; rerunning the same command resumes an interrupted run from its last checkpoint."""
-    import dataclasses
-
-    from .models.loading import BUNDLED_DIR
-    from .toyworld.train import ToyTrainer, override, preset
-
-    cfg = override(preset(family, micro=micro), set_ or [])
-    overrides = {k: v for k, v in {"steps": steps, "cycles": cycles, "batch": batch}.items() if v is not None}
-    cfg = dataclasses.replace(cfg, seed=seed, **overrides)
-    out = output or str(BUNDLED_DIR / f"toy-{family}")
-    trainer = ToyTrainer(cfg, out, overwrite=overwrite, start_from=start_from)
-    if trainer.ckpt_path.exists():
-        typer.echo(f"resuming from {trainer.ckpt_path}")
-    path = trainer.run()
-    typer.echo(f"wrote toy-{family} to {path}")
-
-
-@toyworld_app.command("train-classifier")
-def toyworld_train_classifier(
-    output: Annotated[str | None, typer.Option(help="folder (default: the bundled location)")] = None,
-    seed: Annotated[int, typer.Option(help="training seed")] = 0,
-) -> None:
-    """Train the toy classifier (object class, style, colour) and report held-out accuracy."""
-    from .toyworld.classifier import CLASSIFIER_DIR, heldout_accuracy, save_classifier, train_classifier
-
-    model = train_classifier(seed=seed)
-    acc = heldout_accuracy(model)
-    save_classifier(model, Path(output) if output else CLASSIFIER_DIR, acc)
-    typer.echo("held-out accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
-
-
-@toyworld_app.command("check")
-def toyworld_check(
-    model: Annotated[str, typer.Option(help="toy-sd, toy-flux or a toy pipeline folder")] = "toy-sd",
-    seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 50,
-    output: Annotated[str | None, typer.Option(help="write the figures as JSON here")] = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    batch_size: BatchOpt = None,
-) -> None:
-    """Score a toy pipeline's samples with the toy classifier (per class, synonyms, styles, unconditional)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from .models import load_model
-    from .models.loading import SIDECAR, resolve_model
-    from .sampling import sampler_settings
-    from .toyworld.check import quality_check, vae_reconstruction
-    from .toyworld.render import CLASSES
-
-    handle = load_model(model, runtime=_runtime(device, dtype, "none", batch_size))
-    res = quality_check(handle, seeds=seeds)
-    res["vae_reconstruction"] = vae_reconstruction(handle.pipe.vae)
-    res["model"] = model
-    res["sampler"] = sampler_settings(handle)
-    sidecar = Path(resolve_model(model)) / SIDECAR  # the recipe and its training time, next to the figures
-    if sidecar.is_file():
-        meta = json.loads(sidecar.read_text())
-        res["training"], res["training_seconds"] = meta.get("training"), meta.get("training_seconds")
-    table = Table(title=f"{model}: classifier accuracy, {seeds} seeds per prompt, {res['sampler']}")
-    for col in ("class", "object", "synonyms", "unconditional count"):
-        table.add_column(col)
-    for c in CLASSES:
-        table.add_row(c, f"{res['object'][c]:.2f}", f"{res['synonym'][c]:.2f}", str(res["unconditional_histogram"][c]))
-    table.add_row("mean", f"{res['object_mean']:.3f}", f"{res['synonym_mean']:.3f}",
-                  f"top share {res['unconditional_top_share']:.2f}")
-    console = Console()
-    console.print(table)
-    console.print("style accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in res["style"].items())
-                  + f"; mean {res['style_mean']:.3f}")
-    console.print("VAE reconstruction (classifier accuracy on encode→decode of renders): "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in res["vae_reconstruction"].items() if isinstance(v, float)))
-    if output:  # written beside, then renamed: a kill leaves no half-written file
-        final = Path(output)
-        tmp = final.with_name(f".{final.name}.tmp")
-        tmp.write_text(json.dumps(res, indent=2) + "\n")
-        tmp.replace(final)
 
 
 def main(argv: list[str] | None = None) -> int:

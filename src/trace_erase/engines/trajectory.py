@@ -15,8 +15,6 @@ With τ splitting the model's time into EARLY (t ≥ τ, layout) and LATE (t < �
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,10 +26,11 @@ from tqdm.auto import tqdm
 
 from ..artifacts.checkpoint import load_checkpoint as read_checkpoint
 from ..artifacts.checkpoint import save_checkpoint as write_checkpoint
-from ..config import Concept
+from ..config import Concept, config_hash, differing_keys
 from ..errors import NonFiniteLossError, TraceEraseError
 from ..models.base import Conditioning, FamilyAdapter
 from ..runtime import check_trainable
+from .pool import Pool
 from .prompts import corpus_path, load_corpus
 
 WINDOWS = ("two", "late", "all")
@@ -103,28 +102,6 @@ class TrajectoryConfig:
             raise TraceEraseError("pres_corpus is only read by L_pres; set rho > 0 as well (e.g. rho=0.5)")
         if self.pres_corpus:
             corpus_path(self.pres_corpus)
-
-
-@dataclass
-class Pool:
-    """Replay pool: the denoiser inputs (and their model times) along trajectories of the frozen model — for
-    Euler-type schedulers the scaled x_t/√(σ²+1) the pipeline feeds, not the scheduler's x_t."""
-
-    states: list[torch.Tensor] = field(default_factory=list)  # one [steps, C, H, W] tensor per trajectory
-    times: list[torch.Tensor] = field(default_factory=list)  # one [steps] tensor per trajectory
-    prompts: list[str] = field(default_factory=list)
-
-    FORMAT = 2  # 1 stored the scheduler's unscaled x_t
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"states": self.states, "times": self.times, "prompts": self.prompts, "format": self.FORMAT}
-
-    @staticmethod
-    def from_state(d: dict[str, Any]) -> Pool:
-        if d.get("format", 1) != Pool.FORMAT:
-            raise TraceEraseError("this checkpoint's replay pool was written by an older trace-erase (unscaled "
-                                  "states); rerun with --overwrite instead of --resume")
-        return Pool(list(d["states"]), list(d["times"]), list(d["prompts"]))
 
 
 class TrajectoryEngine:
@@ -443,23 +420,6 @@ class TrajectoryEngine:
             out[f"{prefix}.{name}.lora_A.weight"] = a
             out[f"{prefix}.{name}.lora_B.weight"] = b
         return out
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    """A stable hash of a run's settings (JSON, sorted keys)."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def differing_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of the settings that differ between two run configs (nested dicts compared key by key)."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differing_keys(a, b, f"{prefix}{key}.")
-        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
-            out.append(prefix + key)
-    return out
 
 
 def late_fraction(adapter: FamilyAdapter, tau: float, steps: int) -> float:

@@ -1,0 +1,50 @@
+"""What several commands share: the runtime options, ``--option KEY=VALUE`` parsing, the method list."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from .errors import TraceEraseError
+
+# the runtime setting every command that loads a model takes (validated before the model loads)
+DeviceOpt = Annotated[str, typer.Option(help="auto (the accelerator when present), cpu, cuda, cuda:N or mps")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on a GPU that has it, else fp16; fp32 on the CPU), fp32, "
+                                            "fp16 or bf16")]
+OffloadOpt = Annotated[str, typer.Option(help="none, text-encoders (kept in CPU memory) or model (diffusers' model "
+                                              "CPU offload while generating); needs an accelerator")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="images per pipeline call (default: what fits a "
+                                                                   "24 GB card at the model's resolution)")]
+SchedulerOpt = Annotated[str | None, typer.Option(help="sampler: model, ddim, pndm, euler, euler-a, dpm++ (default: "
+                                                       "ddim for SD/SDXL, the model's own for FLUX)")]
+
+
+def runtime_from(device: str, dtype: str, offload: str, batch_size: int | None) -> Any:
+    """The validated :class:`~trace_erase.runtime.Runtime` of a command's options (one line if one is bad)."""
+    from .runtime import Runtime
+
+    return Runtime(device=device, dtype=dtype, offload=offload, batch_size=batch_size)
+
+
+def method_list() -> str:
+    """The registered methods, for help texts (a method added to the registry shows up without a CLI edit)."""
+    from .methods import METHODS
+
+    return ", ".join(METHODS)
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` pairs → {key: YAML value}; a pair without ``=`` or with unparseable YAML is one line."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise TraceEraseError(f"--option '{pair}' must be KEY=VALUE, e.g. --option lambda_reg=0.5")
+        key, value = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise TraceEraseError(f"--option {key.strip()}: {value!r} is not a valid value; quote text or write "
+                                  "a number, true/false, null or a [list]") from None
+    return out

@@ -1,0 +1,112 @@
+"""``trace-erase toyworld …``: train, check and score the embedded toy world."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..cli_common import BatchOpt, DeviceOpt, DtypeOpt, runtime_from
+
+toyworld_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="The embedded toy world (toy-sd, toy-flux)."
+)
+
+
+@toyworld_app.command("train")
+def toyworld_train(
+    family: Annotated[str, typer.Option(help="sd or flux")],
+    output: Annotated[str | None, typer.Option(help="pipeline folder (default: the bundled location)")] = None,
+    seed: Annotated[int, typer.Option(help="training seed")] = 0,
+    steps: Annotated[int | None, typer.Option(min=1, help="denoiser steps (default: the bundled model's)")] = None,
+    cycles: Annotated[int | None, typer.Option(
+        min=1, help="cosine cycles with warm restarts (default: the preset's)")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="denoiser batch size (default: the preset's)")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="override any other recipe setting, KEY=VALUE (repeatable), e.g. --set latent_channels=8")]
+        = None,
+    start_from: Annotated[str | None, typer.Option(
+        help="skip the first cycles: a pipeline trained by this command with them (e.g. the previous bundle)")]
+        = None,
+    micro: Annotated[bool, typer.Option(help="tiny sizes and a few steps (tests)")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output / restart a partial run")] = False,
+) -> None:
+    """Train a toy pipeline; rerunning the same command resumes an interrupted run from its last checkpoint."""
+    import dataclasses
+
+    from ..models.loading import BUNDLED_DIR
+    from .train import ToyTrainer, override, preset
+
+    cfg = override(preset(family, micro=micro), set_ or [])
+    overrides = {k: v for k, v in {"steps": steps, "cycles": cycles, "batch": batch}.items() if v is not None}
+    cfg = dataclasses.replace(cfg, seed=seed, **overrides)
+    out = output or str(BUNDLED_DIR / f"toy-{family}")
+    trainer = ToyTrainer(cfg, out, overwrite=overwrite, start_from=start_from)
+    if trainer.ckpt_path.exists():
+        typer.echo(f"resuming from {trainer.ckpt_path}")
+    path = trainer.run()
+    typer.echo(f"wrote toy-{family} to {path}")
+
+
+@toyworld_app.command("train-classifier")
+def toyworld_train_classifier(
+    output: Annotated[str | None, typer.Option(help="folder (default: the bundled location)")] = None,
+    seed: Annotated[int, typer.Option(help="training seed")] = 0,
+) -> None:
+    """Train the toy classifier (object class, style, colour) and report held-out accuracy."""
+    from .classifier import CLASSIFIER_DIR, heldout_accuracy, save_classifier, train_classifier
+
+    model = train_classifier(seed=seed)
+    acc = heldout_accuracy(model)
+    save_classifier(model, Path(output) if output else CLASSIFIER_DIR, acc)
+    typer.echo("held-out accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
+
+
+@toyworld_app.command("check")
+def toyworld_check(
+    model: Annotated[str, typer.Option(help="toy-sd, toy-flux or a toy pipeline folder")] = "toy-sd",
+    seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 50,
+    output: Annotated[str | None, typer.Option(help="write the figures as JSON here")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: BatchOpt = None,
+) -> None:
+    """Score a toy pipeline's samples with the toy classifier (per class, synonyms, styles, unconditional)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..models import load_model
+    from ..models.loading import SIDECAR, resolve_model
+    from ..sampling import sampler_settings
+    from .check import quality_check, vae_reconstruction
+    from .render import CLASSES
+
+    handle = load_model(model, runtime=runtime_from(device, dtype, "none", batch_size))
+    res = quality_check(handle, seeds=seeds)
+    res["vae_reconstruction"] = vae_reconstruction(handle.pipe.vae)
+    res["model"] = model
+    res["sampler"] = sampler_settings(handle)
+    sidecar = Path(resolve_model(model)) / SIDECAR  # the recipe and its training time, next to the figures
+    if sidecar.is_file():
+        meta = json.loads(sidecar.read_text())
+        res["training"], res["training_seconds"] = meta.get("training"), meta.get("training_seconds")
+    table = Table(title=f"{model}: classifier accuracy, {seeds} seeds per prompt, {res['sampler']}")
+    for col in ("class", "object", "synonyms", "unconditional count"):
+        table.add_column(col)
+    for c in CLASSES:
+        table.add_row(c, f"{res['object'][c]:.2f}", f"{res['synonym'][c]:.2f}", str(res["unconditional_histogram"][c]))
+    table.add_row("mean", f"{res['object_mean']:.3f}", f"{res['synonym_mean']:.3f}",
+                  f"top share {res['unconditional_top_share']:.2f}")
+    console = Console()
+    console.print(table)
+    console.print("style accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in res["style"].items())
+                  + f"; mean {res['style_mean']:.3f}")
+    console.print("VAE reconstruction (classifier accuracy on encode→decode of renders): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in res["vae_reconstruction"].items() if isinstance(v, float)))
+    if output:  # written beside, then renamed: a kill leaves no half-written file
+        final = Path(output)
+        tmp = final.with_name(f".{final.name}.tmp")
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        tmp.replace(final)
