@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
 
 from .errors import TraceEraseError
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 # the runtime setting every command that loads a model takes (validated before the model loads)
 DeviceOpt = Annotated[str, typer.Option(help="auto (the accelerator when present), cpu, cuda, cuda:N or mps")]
@@ -21,7 +24,7 @@ SchedulerOpt = Annotated[str | None, typer.Option(help="sampler: model, ddim, pn
                                                        "ddim for SD/SDXL, the model's own for FLUX)")]
 
 
-def runtime_from(device: str, dtype: str, offload: str, batch_size: int | None) -> Any:
+def runtime_from(device: str, dtype: str, offload: str, batch_size: int | None) -> Runtime:
     """The validated :class:`~trace_erase.runtime.Runtime` of a command's options (one line if one is bad)."""
     from .runtime import Runtime
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import TraceEraseError
+from .erasure import atomic_write
 
 MAGIC = b"trace-erase-checkpoint sha256="
 
@@ -26,11 +27,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
-        f.write(payload)
-    tmp.replace(path)
+    atomic_write(path, MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -45,6 +45,20 @@ def atomic_folder(path: str | Path, overwrite: bool, what: str = "output") -> tu
     return final, tmp
 
 
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write a file beside its final name, then rename it there: a kill leaves the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
     import ctypes
@@ -236,11 +250,9 @@ class Erasure:
         if self.gated_state_dict is not None:
             gated = self._load_adapter(pipe, self.gated_state_dict, adapter_name + "_gated")
         applied = Applied(main, gated, scale=scale)
-        ours = {n for a in [*previous, applied] for n in a.names}
+        ours = {n: a.scale for a in [*previous, applied] for n in a.names}  # erasure adapters and their weights
         others = [n for n in (pipe.get_active_adapters() if pipe.get_list_adapters() else []) if n not in ours]
-        names = [*others, *(n for a in [*previous, applied] for n in a.names)]
-        weights = [1.0] * len(others) + [a.scale for a in [*previous, applied] for _ in a.names]
-        pipe.set_adapters(names, adapter_weights=weights)
+        pipe.set_adapters([*others, *ours], adapter_weights=[1.0] * len(others) + list(ours.values()))
         if gated is not None:
             applied.gate = LateGate(adapter, gated, scale, float(self.manifest["gate"]["tau"]))
         setattr(pipe, APPLIED_ATTR, [*previous, applied])

@@ -7,13 +7,12 @@ import json
 import resource
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..artifacts.erasure import atomic_folder, commit_folder, prepare_workdir, remove_erasures
+from ..artifacts.erasure import atomic_folder, atomic_write, commit_folder, prepare_workdir, remove_erasures
 from ..errors import TraceEraseError
 from ..methods import get_method
 from ..models import ModelHandle
@@ -41,10 +40,8 @@ def _reset(handle: ModelHandle) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file, then rename): a kill leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    """Write JSON atomically: a kill leaves the old file or the new one."""
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def _one_line(exc: BaseException) -> str:

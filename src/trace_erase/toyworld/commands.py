@@ -106,7 +106,6 @@ def toyworld_check(
     console.print("VAE reconstruction (classifier accuracy on encode→decode of renders): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in res["vae_reconstruction"].items() if isinstance(v, float)))
     if output:  # written beside, then renamed: a kill leaves no half-written file
-        final = Path(output)
-        tmp = final.with_name(f".{final.name}.tmp")
-        tmp.write_text(json.dumps(res, indent=2) + "\n")
-        tmp.replace(final)
+        from ..artifacts.erasure import atomic_write
+
+        atomic_write(output, json.dumps(res, indent=2) + "\n")

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..artifacts.checkpoint import load_checkpoint, save_checkpoint
+from ..artifacts.erasure import atomic_write
 from ..engines.prompts import DEFAULT_TEMPLATES
 from ..errors import NonFiniteLossError, TraceEraseError
 from ..models.tokenizers import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer
@@ -279,9 +280,7 @@ class ToyTrainer:
         now = time.monotonic()
         self.timing[phase] = self.timing.get(phase, 0.0) + now - self._mark
         self._mark = now
-        tmp = self.timing_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.timing))
-        tmp.replace(self.timing_path)
+        atomic_write(self.timing_path, json.dumps(self.timing))
 
     def _save(self, state: dict[str, Any]) -> None:
         save_checkpoint(self.ckpt_path, state)  # atomic and checksummed: a kill mid-write keeps the previous one
