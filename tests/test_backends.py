@@ -57,7 +57,7 @@ def test_prompt_files(tmp_path) -> None:
     i2p.write_text("prompt,evaluation_seed,evaluation_guidance,categories\na dark alley,42,7.5,violence\n")
     rec = read_prompts(i2p)
     assert rec[0].prompt == "a dark alley" and rec[0].seed == 42 and rec[0].guidance == 7.5
-    assert rec[0].label == "violence"
+    assert rec[0].label is None and rec[0].extra["categories"] == "violence"  # a category is not a class label
     mace = tmp_path / "mace.csv"
     mace.write_text("case_number,prompt,evaluation_seed,class\n0,a photo of a cat,7,cat\n")
     assert read_prompts(mace)[0].label == "cat"
@@ -112,8 +112,8 @@ def test_clip_score_through_torchmetrics_matches_backend(tiny_clip) -> None:
     images = rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)  # the model's own size: no resampling differences
     prompts = ["a photo of a cat", "a red dog", "blue"]
     tm = clip_score(images, prompts, tiny_clip)
-    img, txt = ClipBackend(tiny_clip)._embed(list(images), prompts)
-    cos = (img * txt).sum(-1)
+    clip = ClipBackend(tiny_clip)
+    cos = (clip.image_features(list(images)) * clip.text_features(prompts)).sum(-1)
     assert tm == pytest.approx(max(100 * float(cos.mean()), 0.0), abs=1e-3)  # torchmetrics clamps the mean
     single = clip_score(images[:1], prompts[:1], tiny_clip)
     assert single == pytest.approx(float(ClipBackend(tiny_clip).score(list(images[:1]), prompts[:1])[0]), abs=1e-3)

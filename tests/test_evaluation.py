@@ -37,16 +37,16 @@ def test_metric_formulas() -> None:
 
 
 def test_suites() -> None:
-    items = build_suite("toy-objects", "disc", seeds=2)  # a synonym names its class
+    items = build_suite("toy-objects", "disc", seeds=2).items  # a synonym names its class
     assert toy_class_of("disc") == "circle"
     groups = [i.group for i in items]
     assert groups.count("erased") == 2 and groups.count("synonym") == 6 and groups.count("other") == 18
     assert all(i.label == "circle" for i in items if i.group != "other")
-    styles = build_suite("toy-styles", "striped", seeds=3)
+    styles = build_suite("toy-styles", "striped", seeds=3).items
     assert sum(i.group == "erased" for i in styles) == 3 and all(i.head == "style" for i in styles)
     with pytest.raises(TraceEraseError, match="unknown suite 'nope'"):
         build_suite("nope", "circle", 1)
-    with pytest.raises(TraceEraseError, match="not a toy object class"):
+    with pytest.raises(TraceEraseError, match="'zebra' is not a class of the toy class set"):
         build_suite("toy-objects", "zebra", 1)
 
 
@@ -55,9 +55,9 @@ def test_evaluate_writes_results_and_report(micro_sd, tmp_path) -> None:
     er = erase(handle, ["circle"], method="uce", progress=False)
     res = evaluate(handle, er, "toy-objects", "circle", tmp_path / "ev", seeds=2, progress=False)
     saved = json.loads((tmp_path / "ev" / "results.json").read_text())
-    for key in ("seeds", "sampler", "classifier", "versions", "erasure_config", "h_o"):
+    for key in ("seeds", "sampler", "scorer", "suite", "versions", "erasure_config", "formulas"):
         assert key in saved["settings"], key
-    assert saved["settings"]["sampler"]["steps"] == 2 and saved["settings"]["classifier"]["sha256"]
+    assert saved["settings"]["sampler"]["steps"] == 2 and saved["settings"]["scorer"]["sha256"]
     assert set(saved["metrics"]["erased"]) >= {"acc_e", "acc_s", "acc_g", "h_o", "drift_l2", "drift_ssim",
                                                "fid_vs_base"}
     assert (tmp_path / "ev" / "report.html").read_text().count("<img") == 2 * 2 * 13
@@ -129,7 +129,8 @@ def test_bench_lists_unsupported_methods() -> None:
             {"concept": "circle", "method": "sd-only", "status": "unsupported"}]
     table = summarize(rows)
     assert table[1] == {"method": "sd-only", "status": "unsupported"}
-    assert "sd-only | unsupported" in markdown({"means": table, "model": "m", "suite": "s", "concepts": ["circle"],
+    assert "sd-only | unsupported" in markdown({"means": table, "model": "m", "suite": "toy-objects",
+                                                "concepts": ["circle"],
                                                 "seeds_per_prompt": 1, "options": {}})
 
 
@@ -141,13 +142,13 @@ def test_nudity_suite_on_micro_model(micro_sd, tmp_path, capsys) -> None:
                  "--output", str(tmp_path / "n")])
     assert code == 0, capsys.readouterr().err
     res = json.loads((tmp_path / "n" / "results.json").read_text())
-    assert res["settings"]["detector"]["version"] == "3.4.2" and res["settings"]["detector"]["threshold"] == 0.6
-    assert [p["seed"] for p in res["per_prompt"]] == [3, 4] and res["metrics"]["base"]["total_exposed"] >= 0
+    assert res["settings"]["scorer"]["version"] == "3.4.2" and res["settings"]["scorer"]["threshold"] == 0.6
+    assert [p["seed"] for p in res["prompts"]] == [3, 4] and res["metrics"]["base"]["total_exposed"] >= 0
     bad = tmp_path / "bad.csv"
-    bad.write_text("prompt\nx\n")
+    bad.write_text("text\nx\n")
     assert main(["eval", "--model", micro_sd, "--suite", "nudity", "--prompts", str(bad),
                  "--output", str(tmp_path / "n2")]) == 2
-    assert "lacks the column(s) evaluation_seed, evaluation_guidance, categories" in capsys.readouterr().err
+    assert "lacks the column(s) prompt" in capsys.readouterr().err
 
 
 def _one_and_two_processes(args: list[str], tmp_path) -> tuple[dict, dict]:
@@ -192,7 +193,7 @@ def test_two_process_nudity_matches_one_process(micro_sd, tmp_path) -> None:
     one, two = _one_and_two_processes(["eval", "--model", micro_sd, "--suite", "nudity", "--prompts", str(csv)],
                                       tmp_path)
     assert one["settings"]["processes"] == 1 and two["settings"]["processes"] == 2
-    assert one["metrics"] == two["metrics"] and one["per_prompt"] == two["per_prompt"]
+    assert one["metrics"] == two["metrics"] and one["per_image"] == two["per_image"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no leftover temp folder
 
 

@@ -54,13 +54,24 @@ flags = {
     "--gate-tau": values,
     "--concept": texts,
     "--bogus": texts,
+    "--scorer": st.one_of(st.sampled_from(["toy", "nudenet", "clip", "clip:/nonexistent", "face:", "imagenet:x",
+                                           "toy:/tmp", "nudenet:x", "vgg:y", ":"]), texts),
+    "--prompts": st.one_of(st.sampled_from(["/nonexistent.csv", "/etc/hostname", "/"]), texts),
+    "--classes": st.one_of(st.sampled_from(["cifar10", "imagenette", "toy", "/nonexistent.json"]), texts),
+    "--retained": texts,
+    "--gallery": texts,
+    "--class-map": texts,
+    "--threshold": values,
+    "--reference": texts,
 }
 RUNTIME = ["--device", "--dtype", "--offload"]
+EVAL = ["--scorer", "--prompts", "--classes", "--retained", "--gallery", "--class-map", "--threshold", "--reference"]
 FLAGS = {  # what each command takes (and --bogus, which none does)
     "erase": [*RUNTIME, "--anchor", "--preserve", "--gate-tau", "--concept", "--bogus"],
     "generate": [*RUNTIME, "--batch-size", "--scheduler", "--steps", "--scale", "--bogus"],
-    "eval": [*RUNTIME, "--batch-size", "--scheduler", "--seeds", "--scale", "--concept", "--bogus"],
-    "bench": [*RUNTIME, "--batch-size", "--scheduler", "--seeds", "--bogus"],
+    "eval": [*RUNTIME, "--batch-size", "--scheduler", "--seeds", "--scale", "--concept", "--bogus", *EVAL],
+    "bench": [*RUNTIME, "--batch-size", "--scheduler", "--seeds", "--bogus", *EVAL],
+    "rescore": ["--device", "--scorer", "--threshold", "--reference", "--bogus"],
     "merge": ["--device", "--dtype", "--scale", "--bogus"],
     "info": ["--bogus"],
 }
@@ -91,13 +102,16 @@ def _argv(command: str, data: st.DataObject, world: dict[str, str], out: str) ->
                      *(["--erasure", erasure] if data.draw(st.booleans()) else [])],
         "eval": ["eval", "--model", model, "--output", out, "--seeds", "1", *concept,
                  *(["--erasure", erasure] if data.draw(st.booleans()) else []),
-                 "--suite", data.draw(st.sampled_from(["toy-objects", "toy-styles", "nudity", "coco", ""]))],
+                 "--suite", data.draw(st.sampled_from(["toy-objects", "toy-styles", "nudity", "coco", "objects",
+                                                       "celebrities", "styles", ""]))],
         "bench": ["bench", "--model", model, "--output", out, "--seeds", "1",
                   "--methods", data.draw(st.sampled_from(["uce", "uce,bogus", "", ","])),
                   "--concepts", data.draw(st.sampled_from(["circle", "all", "", "cat", "circle,circle"])),
-                  "--suite", data.draw(st.sampled_from(["toy-objects", "toy-styles", "x"]))],
+                  "--suite", data.draw(st.sampled_from(["toy-objects", "toy-styles", "x", "objects", "nudity"]))],
         "merge": ["merge", "--model", model, "--erasure", erasure, "--output", out],
         "info": ["info", erasure],
+        "rescore": ["rescore", data.draw(st.sampled_from([world["root"], "/nonexistent", world["model"], ""])),
+                    "--output", out],
     }[command]
     for key, value in data.draw(options):
         base += ["--option", f"{key}={value}"] if command in ("erase", "bench") else []

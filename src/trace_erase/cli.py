@@ -240,88 +240,6 @@ def merge(
     typer.echo(f"wrote merged pipeline to {final}")
 
 
-@app.command("eval")
-def eval_(
-    model: Annotated[str, typer.Option(help="base model: a diffusers folder, hub id, or toy-sd / toy-flux (the toy "
-                                            "suites score with the toy classifier, so they need a toy model)")],
-    output: Annotated[str, typer.Option(help="folder for results.json, report.html and the images")],
-    suite: Annotated[str, typer.Option(help="toy-objects, toy-styles or nudity (needs --prompts)")] = "toy-objects",
-    erasure: Annotated[str | None, typer.Option(help="erasure folder to evaluate (omit: the base model)")] = None,
-    prompts: Annotated[str | None, typer.Option(help="prompt file (I2P CSV for --suite nudity)")] = None,
-    threshold: Annotated[float, typer.Option(help="NudeNet detection threshold")] = 0.6,
-    concept: Annotated[str | None, typer.Option(help="erased concept (default: the erasure's first)")] = None,
-    seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 10,
-    scale: Annotated[float, typer.Option(help="erasure strength")] = 1.0,
-    reference: Annotated[str | None, typer.Option(help="folder of reference images for FID")] = None,
-    fid_features: Annotated[str, typer.Option(help="FID features: toy, inception (--fid-weights FILE) or clip "
-                                                   "(--fid-weights CLIP_FOLDER)")] = "toy",
-    fid_weights: Annotated[str | None, typer.Option(help="weights path for the FID feature network")] = None,
-    clip_model: Annotated[str | None, typer.Option(help="local CLIPModel folder: adds the CLIP score")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
-    resume: Annotated[bool, typer.Option(help="continue an interrupted evaluation from OUTPUT.partial")] = False,
-    scheduler: SchedulerOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    offload: OffloadOpt = "none",
-    batch_size: BatchOpt = None,
-) -> None:
-    """Evaluate an erasure (before/after on the same seeds) and write results.json + report.html. Generated batches
-    are kept in OUTPUT.partial as they finish, so --resume continues an interrupted evaluation."""
-    from .artifacts.erasure import atomic_folder, load_erasure, prepare_workdir
-    from .evaluation.run import evaluate
-    from .evaluation.suites import SUITES
-    from .models import load_model
-    from .models.loading import peek_family
-    from .sampling import check_scheduler
-
-    if suite not in (*SUITES, "nudity"):
-        raise TraceEraseError(f"unknown suite '{suite}'; available: {', '.join((*SUITES, 'nudity'))}")
-    if Path(output).exists() and not overwrite:
-        atomic_folder(output, overwrite, "evaluation output")
-    check_scheduler(scheduler, peek_family(model))
-    runtime = runtime_from(device, dtype, offload, batch_size)
-    er = load_erasure(erasure) if erasure else None
-    if suite == "nudity" and not prompts:
-        raise TraceEraseError("--suite nudity needs --prompts I2P.csv (prompt, evaluation_seed, ...)")
-    concept = concept or (er.manifest["concepts"][0]["name"] if er else None)
-    if suite != "nudity" and not concept:
-        raise TraceEraseError("no concept to score; pass --concept (or --erasure)")
-    workdir = prepare_workdir(output, resume, overwrite, "evaluation")
-    if suite == "nudity":
-        from .evaluation.run import evaluate_nudity
-
-        res = evaluate_nudity(load_model(model, runtime=runtime), er, prompts, output, threshold=threshold,
-                              overwrite=overwrite, scheduler=scheduler, workdir=workdir)
-        shutil.rmtree(workdir, ignore_errors=True)
-        typer.echo(f"NudeNet exposed parts (threshold {threshold}): base {res['metrics']['base']['total_exposed']}"
-                   f" → erased {res['metrics']['erased']['total_exposed']}; {Path(output) / 'results.json'}")
-        return
-    handle = load_model(model, runtime=runtime)
-    res = evaluate(handle, er, suite, concept, output, seeds=seeds, scale=scale, overwrite=overwrite,
-                   reference=reference, fid_features=fid_features, fid_weights=fid_weights, clip_model=clip_model,
-                   scheduler=scheduler, workdir=workdir)
-    shutil.rmtree(workdir, ignore_errors=True)
-    _print_headline(res)
-
-
-def _print_headline(res: dict[str, Any]) -> None:
-    b, e = res["metrics"]["base"], res["metrics"]["erased"]
-
-    def f(v: float | None) -> str:
-        return "-" if v is None else f"{v:.3f}"
-
-    typer.echo(f"{res['method']} on '{res['concept']}' ({res['suite']}, {res['settings']['seeds_per_prompt']} seeds):")
-    for key, label in (("acc_e", "Acc_e (erased, lower is better)"), ("acc_s", "Acc_s (others, higher is better)"),
-                       ("acc_g", "Acc_g (synonyms, lower is better)"), ("h_o", "H_o")):
-        typer.echo(f"  {label:36s} base {f(b[key])}  →  erased {f(e[key])}")
-    typer.echo(f"  drift on other prompts: pixel L2 {e['drift_l2']:.4f}, SSIM {e['drift_ssim']:.3f}"
-               + (f", FID vs base {e['fid_vs_base']:.2f}" if e.get("fid_vs_base") is not None else ""))
-    for key in ("fid_reference", "clip_score"):
-        if e.get(key) is not None:
-            typer.echo(f"  {key:36s} base {f(b[key])}  →  erased {f(e[key])}")
-    typer.echo(f"report: {res['report']}")
-
-
 @app.command()
 def demo(
     output: Annotated[str, typer.Option(help="folder for the erasure and the evaluation")] = "out/demo",
@@ -358,63 +276,18 @@ def demo(
     er.save(out / "erasure", overwrite=True)
     typer.echo(f"erasure: {out / 'erasure'} ({er.manifest['timings']['wall_time_s']:.0f}s)")
     res = evaluate(handle, er, "toy-objects", concept, out / "eval", seeds=seeds, overwrite=True)
-    _print_headline(res)
-
-
-@app.command()
-def bench(
-    model: Annotated[str, typer.Option(help="toy-sd or toy-flux (or a toy pipeline folder)")],
-    output: Annotated[str, typer.Option(help="folder for bench.md, bench.json and per-run reports")],
-    methods: Annotated[str, typer.Option(help="comma-separated methods")] =
-        "trace,trace-closed-form,uce,mace-cfr,esd-x,esd-u,ant",
-    concepts: Annotated[str, typer.Option(help="'all' or comma-separated toy classes")] = "all",
-    suite: Annotated[str, typer.Option(help="toy-objects or toy-styles")] = "toy-objects",
-    seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 10,
-    option: Annotated[list[str] | None, typer.Option(help="engine option KEY=VALUE for every method")] = None,
-    sweep: Annotated[str | None, typer.Option(help="extra trace runs, e.g. tau=0.3,0.5,0.7,0.86")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
-    resume: Annotated[bool, typer.Option(help="continue an interrupted bench from OUTPUT.partial")] = False,
-    scheduler: SchedulerOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    offload: OffloadOpt = "none",
-    batch_size: BatchOpt = None,
-) -> None:
-    """Erase each concept with each method on the same seeds; write the comparison table (each run is committed as
-    it finishes: --resume continues an interrupted bench; a failed run is a row with its reason)."""
-    from .artifacts.erasure import atomic_folder
-    from .evaluation.bench import parse_sweep, run_bench
-    from .methods import get_method
-    from .models import load_model
-    from .toyworld.render import CLASSES, STYLES
-
-    if Path(output).exists() and not overwrite:
-        atomic_folder(output, overwrite, "bench output")
-    from .models.loading import peek_family
-    from .sampling import check_scheduler
-
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    for m in method_list:
-        get_method(m)
-    check_scheduler(scheduler, peek_family(model))
-    runtime = runtime_from(device, dtype, offload, batch_size)
-    if any(get_method(m).uses_trajectory for m in method_list) or sweep:
-        runtime.check_training()
-    pool = CLASSES if suite == "toy-objects" else STYLES[1:]
-    concept_list = list(pool) if concepts == "all" else [c.strip() for c in concepts.split(",") if c.strip()]
-    handle = load_model(model, runtime=runtime)
-    result = run_bench(handle, method_list, concept_list, output, suite=suite, seeds=seeds,
-                       options=parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite,
-                       scheduler=scheduler, resume=resume)
-    from .evaluation.bench import markdown
-
-    typer.echo(markdown(result))
-    typer.echo(f"wrote {Path(output) / 'bench.md'}")
+    print_headline(res)
 
 
 # the demo's stage-B budget on a 2-core CPU (the method defaults are the spec's 1000 steps)
 DEMO_OPTIONS: dict[str, Any] = {"steps": 150}
 
+
+from .evaluation.commands import bench, eval_, print_headline, rescore  # noqa: E402 - registered in this order
+
+app.command("eval")(eval_)
+app.command()(rescore)
+app.command()(bench)
 
 from .toyworld.commands import toyworld_app  # noqa: E402 - registered after the main commands
 

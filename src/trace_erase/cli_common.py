@@ -51,3 +51,45 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
             raise TraceEraseError(f"--option {key.strip()}: {value!r} is not a valid value; quote text or write "
                                   "a number, true/false, null or a [list]") from None
     return out
+
+
+# evaluation: what to draw (suite, prompts) and who scores it (scorer by path and its settings)
+SUITE_HELP = "objects, celebrities, styles, nudity, coco, toy-objects or toy-styles"
+ScorerOpt = Annotated[str | None, typer.Option(help="KIND[:PATH]: toy, clip:CLIP_FOLDER, imagenet:WEIGHTS, nudenet, "
+                                                    "face:MODEL.onnx|FOLDER (default: the suite's own, where it has "
+                                                    "one)")]
+PromptsOpt = Annotated[str | None, typer.Option(help="prompt file instead of the suite's built-in prompts: I2P or "
+                                                     "MACE-style CSV (type,prompt,evaluation_seed), COCO captions "
+                                                     ".json, or a .txt list; one image per row")]
+ClassesOpt = Annotated[str | None, typer.Option(help="objects suite class set: cifar10 (default), imagenette, toy, "
+                                                     "or a JSON file")]
+RetainedOpt = Annotated[str | None, typer.Option(help="celebrities/styles: comma-separated retained names (default: "
+                                                      "the suite's list)")]
+GalleryOpt = Annotated[str | None, typer.Option(help="face scorer: folder with one subfolder of reference images "
+                                                     "per identity")]
+ClassMapOpt = Annotated[str | None, typer.Option(help="imagenet scorer: JSON class → ImageNet indices (imagenette "
+                                                      "has its own)")]
+ArchOpt = Annotated[str | None, typer.Option(help="imagenet scorer: torchvision architecture of a safetensors state "
+                                                  "dict (omit for TorchScript)")]
+AllowPickleOpt = Annotated[bool, typer.Option(help="allow scorer files that run code when loaded (TorchScript, "
+                                                   "pickle .pth); only for files you trust")]
+ThresholdOpt = Annotated[float, typer.Option(help="NudeNet detection threshold")]
+ReferenceOpt = Annotated[str | None, typer.Option(help="folder of reference images for FID (required by coco)")]
+
+
+def scorer_options(gallery: str | None, class_map: str | None, arch: str | None, allow_pickle: bool,
+                   threshold: float, runtime: Runtime | None = None) -> Any:
+    """The :class:`~trace_erase.evaluation.scorers.ScorerOptions` of a command's options (scoring runs on the
+    runtime's device)."""
+    from .evaluation.scorers import ScorerOptions
+
+    if not 0.0 < threshold <= 1.0:
+        raise TraceEraseError(f"--threshold must be in (0, 1] (got {threshold})")
+    device = str(runtime.torch_device) if runtime is not None else "cpu"
+    return ScorerOptions(gallery=gallery, class_map=class_map, arch=arch, allow_pickle=allow_pickle,
+                         threshold=threshold, device=device)
+
+
+def name_list(text: str | None) -> list[str] | None:
+    """``"a, b"`` → ["a", "b"] (None stays None)."""
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]

@@ -83,24 +83,37 @@ class ClipBackend:
         return normalized_pixels(images, self.size, self.MEAN, self.STD).to(self.device)
 
     @torch.no_grad()
-    def _embed(self, images: Sequence[Any], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        img = self.model.get_image_features(pixel_values=self._pixels(images))
-        tok = self.tokenizer(texts, padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt").to(self.device)
-        txt = self.model.get_text_features(**tok)
-        img = img if isinstance(img, torch.Tensor) else img.pooler_output
-        txt = txt if isinstance(txt, torch.Tensor) else txt.pooler_output
-        return torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
+    def image_features(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
+        """Unit-norm image embeddings, in batches."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            feats = self.model.get_image_features(pixel_values=self._pixels(images[i : i + batch_size]))
+            out.append(feats if isinstance(feats, torch.Tensor) else feats.pooler_output)
+        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Unit-norm text embeddings, in batches."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tok = self.tokenizer(texts[i : i + batch_size], padding="max_length", truncation=True,
+                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").to(self.device)
+            feats = self.model.get_text_features(**tok)
+            out.append(feats if isinstance(feats, torch.Tensor) else feats.pooler_output)
+        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+    def best_text(self, images: Sequence[Any], texts: list[str]) -> np.ndarray:
+        """Index of the best-matching text per image (zero-shot classification)."""
+        return (self.image_features(images) @ self.text_features(texts).T).argmax(dim=1).cpu().numpy()
 
     def zero_shot(self, images: Sequence[Any], labels: list[str], template: str = "a photo of a {}") -> np.ndarray:
         """Index of the best-matching label per image."""
-        img, txt = self._embed(images, [template.format(label) for label in labels])
-        return (img @ txt.T).argmax(dim=1).cpu().numpy()
+        return self.best_text(images, [template.format(label) for label in labels])
 
     def score(self, images: Sequence[Any], prompts: list[str]) -> np.ndarray:
         """CLIP score per (image, prompt) pair: 100 · max(cos, 0) (Hessel et al.). torchmetrics clamps the batch
         mean instead; the two agree whenever every cosine is positive, as with any trained CLIP."""
-        img, txt = self._embed(images, prompts)
+        img, txt = self.image_features(images), self.text_features(prompts)
         return (100 * (img * txt).sum(-1).clamp(min=0)).cpu().numpy()
 
 
@@ -162,10 +175,13 @@ class ImageNetBackend:
         return model.eval()
 
     @torch.no_grad()
-    def logits(self, images: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
+    def logits(self, images: Sequence[Any], batch_size: int = 32, device: str = "cpu") -> torch.Tensor:
         """Classifier logits for RGB images (PIL or uint8 arrays), resized to ``image_size`` and normalised."""
-        x = normalized_pixels(images, self.size, self.MEAN, self.STD, mode="bilinear")
-        return torch.cat([self.model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = normalized_pixels(images[i : i + batch_size], self.size, self.MEAN, self.STD, mode="bilinear")
+            out.append(self.model(x.to(device)).float().cpu())
+        return torch.cat(out)
 
     def predict(self, images: Sequence[Any]) -> list[int]:
         """Top-1 class index per image."""

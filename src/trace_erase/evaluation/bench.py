@@ -16,10 +16,12 @@ from ..artifacts.erasure import atomic_folder, atomic_write, commit_folder, prep
 from ..errors import TraceEraseError
 from ..methods import get_method
 from ..models import ModelHandle
+from .metrics import columns
 from .run import evaluate, images_for
-from .suites import build_suite
+from .scorers import Scorer, ScorerOptions, scorer_for
+from .suites import Suite, build_suite
 
-METRICS = ("acc_e", "acc_s", "acc_g", "h_o", "drift_l2", "drift_ssim", "fid_vs_base")
+NOT_METRICS = {"concept", "method", "status", "error", "erase_s", "peak_rss_mb"}
 
 
 def parse_sweep(text: str | None) -> list[tuple[str, Any]]:
@@ -62,8 +64,15 @@ def run_bench(
     progress: bool = True,
     scheduler: str | None = None,
     resume: bool = False,
+    scorer: str | Scorer | None = None,
+    scorer_options: ScorerOptions | None = None,
+    prompts: str | Path | None = None,
+    classes: str | None = None,
+    retained: list[str] | None = None,
+    reference: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Erase each concept with each method (plus the sweep's variants of ``trace``), evaluate, write the tables.
+    """Erase each concept with each method (plus the sweep's variants of ``trace``), evaluate on ``suite`` (built per
+    concept with ``prompts``/``classes``/``retained``; scored by ``scorer``, default the suite's), write the tables.
 
     Work happens in ``OUTPUT.partial/``: each (concept, method) result is committed there as it finishes, so
     ``resume=True`` after an interruption skips the finished ones (refusing changed settings). A run that fails is a
@@ -73,10 +82,16 @@ def run_bench(
     final = Path(output)
     if final.exists() and not overwrite:
         atomic_folder(final, overwrite, "bench output")  # raises the standard message
+    suites = {c: build_suite(suite, c, seeds, prompts=prompts, classes=classes, retained=retained) for c in concepts}
+    if not isinstance(scorer, Scorer):
+        scorer = scorer_for(suites[concepts[0]], scorer, scorer_options)
+    for s in suites.values():
+        scorer.check(s)
     work = prepare_workdir(final, resume, overwrite, "bench")
     settings = {"model": handle.source, "suite": suite, "concepts": concepts, "methods": methods,
                 "seeds_per_prompt": seeds, "options": options or {}, "sweep": [list(s) for s in sweep or []],
-                "scheduler": scheduler}
+                "scheduler": scheduler, "scorer": scorer.identity, "prompts": str(prompts) if prompts else None,
+                "classes": classes, "retained": retained, "reference": str(reference) if reference else None}
     if work.exists():
         before = json.loads((work / "settings.json").read_text()) if (work / "settings.json").is_file() else {}
         if before != json.loads(json.dumps(settings)):
@@ -101,10 +116,9 @@ def run_bench(
             try:
                 if base is None:
                     _reset(handle)
-                    items = build_suite(suite, concept, seeds)
-                    base = images_for(handle, items, progress=False, scheduler=scheduler)
-                row = _bench_run(handle, erase, method, extra, label, concept, base, run_dir, suite, seeds,
-                                 options, scheduler, progress)
+                    base = images_for(handle, suites[concept].items, progress=False, scheduler=scheduler)
+                row = _bench_run(handle, erase, method, extra, label, concept, base, run_dir, suites[concept],
+                                 scorer, seeds, options, scheduler, progress, reference)
             except Exception as exc:  # noqa: BLE001 - one bad run is a failed row, not a lost bench
                 shutil.rmtree(run_dir, ignore_errors=True)
                 row = {"concept": concept, "method": label, "status": "failed", "error": _one_line(exc)}
@@ -125,12 +139,14 @@ def run_bench(
 
 
 def _bench_run(handle: ModelHandle, erase: Any, method: str, extra: dict[str, Any], label: str, concept: str,
-               base: np.ndarray, run_dir: Path, suite: str, seeds: int, options: dict[str, Any] | None,
-               scheduler: str | None, progress: bool) -> dict[str, Any]:
+               base: np.ndarray, run_dir: Path, suite: Suite, scorer: Scorer, seeds: int,
+               options: dict[str, Any] | None, scheduler: str | None, progress: bool,
+               reference: str | Path | None) -> dict[str, Any]:
     """One (method, concept) run: erase, evaluate on the shared base images, save; its row of the table."""
+    common = {"seeds": seeds, "progress": False, "base_images": base, "scheduler": scheduler, "overwrite": True,
+              "scorer": scorer, "reference": reference}
     if method == "base":
-        res = evaluate(handle, None, suite, concept, run_dir, seeds=seeds, progress=False, base_images=base,
-                       scheduler=scheduler, overwrite=True)
+        res = evaluate(handle, None, suite, concept, run_dir, **common)
         return {"concept": concept, "method": "base", "status": "ok", **res["metrics"]["erased"], "erase_s": 0.0}
     spec = get_method(method)
     if handle.adapter.family not in spec.families:
@@ -140,12 +156,12 @@ def _bench_run(handle: ModelHandle, erase: Any, method: str, extra: dict[str, An
     t0 = time.perf_counter()
     er = erase(handle, [concept], method=method, progress=progress, **opts, **extra)
     wall = time.perf_counter() - t0
-    res = evaluate(handle, er, suite, concept, run_dir, seeds=seeds, progress=False, base_images=base,
-                   scheduler=scheduler, overwrite=True)
+    res = evaluate(handle, er, suite, concept, run_dir, **common)
     er.save(run_dir / "erasure")
     if progress:
         m = res["metrics"]["erased"]
-        print(f"  {concept:10s} {label:24s} " + " ".join(f"{k} {m[k]:.3f}" for k in METRICS
+        shown = [k for k, _, _ in columns(suite.name, {k for k, v in m.items() if v is not None})]
+        print(f"  {concept:10s} {label:24s} " + " ".join(f"{k} {m[k]:.3f}" for k in shown
                                                         if m.get(k) is not None), flush=True)
     return {"concept": concept, "method": label, "status": "ok", **res["metrics"]["erased"], "erase_s": wall,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -172,7 +188,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ok = [r for r in mine if r["status"] == "ok"]
         entry = {"method": method, "status": "ok", "concepts": len(ok),
                  "failed": sum(r["status"] == "failed" for r in mine)}
-        for k in (*METRICS, "erase_s", "peak_rss_mb"):
+        keys = dict.fromkeys(k for r in ok for k, v in r.items()
+                             if k not in NOT_METRICS and isinstance(v, int | float) and not isinstance(v, bool))
+        for k in (*keys, "erase_s", "peak_rss_mb"):
             vals = [r[k] for r in ok if r.get(k) is not None]
             entry[k] = float(np.mean(vals)) if vals else None
         out.append(entry)
@@ -199,9 +217,10 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The bench table (means over concepts) and the command-relevant settings."""
-    head = ("| method | Acc_e ↓ | Acc_s ↑ | Acc_g ↓ | H_o ↑ | drift L2 ↓ | SSIM ↑ | FID vs base ↓ | erase s | "
-            "peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    """The bench table (means over concepts; the suite's own columns first) and the command-relevant settings."""
+    present = {k for e in result["means"] if e["status"] == "ok" for k, v in e.items() if v is not None}
+    cols = [*columns(result["suite"], present), ("erase_s", "erase s", 1), ("peak_rss_mb", "peak RSS MiB", 0)]
+    head = ("| method | " + " | ".join(h for _, h, _ in cols) + " |\n|" + "---|" * (len(cols) + 1) + "\n")
 
     def f(v: Any, d: int = 3) -> str:
         return "-" if v is None else f"{v:.{d}f}"
@@ -209,18 +228,18 @@ def markdown(result: dict[str, Any]) -> str:
     lines = []
     for e in result["means"]:
         if e["status"] == "unsupported":
-            lines.append(f"| {e['method']} | unsupported on this family | | | | | | | | |")
+            lines.append(f"| {e['method']} | unsupported on this family |" + " |" * (len(cols) - 1))
             continue
         name = e["method"] + (f" ({e['failed']} failed)" if e.get("failed") else "")
-        lines.append(f"| {name} | {f(e['acc_e'])} | {f(e['acc_s'])} | {f(e['acc_g'])} | {f(e['h_o'])} | "
-                     f"{f(e['drift_l2'], 4)} | {f(e['drift_ssim'])} | {f(e.get('fid_vs_base'), 2)} | "
-                     f"{f(e['erase_s'], 1)} | "
-                     f"{f(e.get('peak_rss_mb'), 0)} |")
+        lines.append(f"| {name} | " + " | ".join(f(e.get(k), d) for k, _, d in cols) + " |")
+    scorer = result.get("scorer") or {}
     settings = (f"\nmodel {result['model']}, suite {result['suite']}, concepts {', '.join(result['concepts'])}, "
                 f"{result['seeds_per_prompt']} seeds per prompt (0..{result['seeds_per_prompt'] - 1}), "
-                f"options {result['options'] or 'method defaults'}; base row = no erasure. Peak RSS is the "
-                "process peak so far (monotone across rows). FID vs base: torchmetrics FID with the toy classifier's "
-                "features, erased vs base images of the other prompts (same seeds).\n")
+                f"options {result['options'] or 'method defaults'}; base row = no erasure. "
+                f"Scorer: {scorer.get('name', 'toy-classifier')} {str(scorer.get('sha256') or '')[:12]}. "
+                "Peak RSS is the process peak so far (monotone across rows). Drift: erased vs base images of the "
+                "retained prompts (same seeds). FID vs base (toy scorer only): torchmetrics FID with the toy "
+                "classifier's features, erased vs base images of the other prompts.\n")
     failed = [r for r in result.get("rows", []) if r.get("status") == "failed"]
     if failed:
         settings += "\nFailed runs (not in the means):\n" + "".join(

@@ -1,4 +1,5 @@
-"""Loaders for the prompt files users bring: I2P, MACE-style object/celebrity/art CSVs, COCO captions."""
+"""Loaders for the prompt files users bring: I2P, MACE-style object/celebrity/art CSVs (``type,prompt,
+evaluation_seed``), COCO captions (JSON or CSV), and a plain list (``.txt``, one prompt per line)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ class PromptRecord:
     guidance: float | None = None
     label: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    label_column: str | None = None  # the column ``label`` came from (None: the file has no label column)
+
+
+# columns that name what a row shows (class / identity / artist), in the order they are looked for
+LABEL_COLUMNS = ("class", "celebrity", "artist", "type", "label", "concept")
 
 
 def read_prompts(path: str | Path, kind: str = "auto") -> list[PromptRecord]:
@@ -37,10 +43,22 @@ def read_prompts(path: str | Path, kind: str = "auto") -> list[PromptRecord]:
         raise TraceEraseError(f"prompts file '{path}' does not exist")
     if p.suffix == ".json":
         return _coco_json(p)
-    with p.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    if p.suffix == ".txt":
+        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise TraceEraseError(f"'{path}' has no prompts (a .txt prompt list has one prompt per line)")
+        return [PromptRecord(line) for line in lines]
+    if p.suffix.lower() not in (".csv", ".tsv"):
+        raise TraceEraseError(f"unsupported prompts file '{p.name}'; pass a CSV (I2P, MACE-style "
+                              "type,prompt,evaluation_seed, or a prompt column), a COCO captions .json or a .txt list")
+    try:
+        with p.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [{(k or "").strip(): (v.strip() if isinstance(v, str) else "") for k, v in row.items()}
+                    for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise TraceEraseError(f"'{path}' is not a readable UTF-8 CSV ({exc}); save it as UTF-8 CSV") from exc
     if kind == "auto":
         kind = "i2p" if "categories" in columns else "mace" if "evaluation_seed" in columns else "captions"
     if kind not in FORMATS:
@@ -51,7 +69,7 @@ def read_prompts(path: str | Path, kind: str = "auto") -> list[PromptRecord]:
                               f"(it has: {', '.join(columns) or 'none'})")
     if not rows:
         raise TraceEraseError(f"'{path}' has no rows")
-    label_col = next((c for c in ("class", "celebrity", "artist", "categories", "label") if c in columns), None)
+    label_col = next((c for c in LABEL_COLUMNS if c in columns), None)
     out = []
     for i, row in enumerate(rows):
         try:
@@ -59,8 +77,10 @@ def read_prompts(path: str | Path, kind: str = "auto") -> list[PromptRecord]:
             guidance = float(row["evaluation_guidance"]) if row.get("evaluation_guidance") else None
         except ValueError as exc:
             raise TraceEraseError(f"'{path}' row {i + 2}: bad number ({exc}); fix the seed/guidance value") from exc
+        if not row["prompt"]:
+            raise TraceEraseError(f"'{path}' row {i + 2}: empty prompt; fill it in or remove the row")
         out.append(PromptRecord(row["prompt"], seed, guidance, row.get(label_col) if label_col else None,
-                                {k: v for k, v in row.items() if k not in ("prompt",)}))
+                                {k: v for k, v in row.items() if k not in ("prompt",)}, label_col))
     return out
 
 
@@ -71,4 +91,8 @@ def _coco_json(p: Path) -> list[PromptRecord]:
         raise TraceEraseError(f"'{p}' is not valid JSON ({exc.msg})") from exc
     if not isinstance(data, dict) or "annotations" not in data:
         raise TraceEraseError(f"'{p}' lacks 'annotations' (a COCO captions file has annotations[].caption)")
-    return [PromptRecord(a["caption"].strip(), None, None, str(a.get("image_id"))) for a in data["annotations"]]
+    records = [PromptRecord(a["caption"].strip(), None, None, None, {"image_id": str(a.get("image_id"))})
+               for a in data["annotations"] if isinstance(a, dict) and str(a.get("caption", "")).strip()]
+    if not records:
+        raise TraceEraseError(f"'{p}' has no captions (annotations[].caption)")
+    return records

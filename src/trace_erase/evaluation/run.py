@@ -1,5 +1,5 @@
-"""Run an evaluation: generate the suite's images before and after an erasure on the same seeds, score them,
-and write ``results.json``, ``report.html`` and the PNGs."""
+"""Run an evaluation: generate the suite's images before and after an erasure on the same seeds, score them with
+the suite's scorer, and write ``results.json``, ``report.html`` and the PNGs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,22 +17,10 @@ import numpy as np
 from ..artifacts.erasure import Erasure, atomic_folder, commit_folder
 from ..models import ModelHandle
 from ..sampling import generate_images, sampler_settings
-from ..toyworld.classifier import CLASSIFIER_DIR, ToyClassifier, load_classifier
-from ..toyworld.render import CLASSES, STYLES
-from .metrics import h_objects, pixel_drift, ssim
 from .report import write_report
-from .suites import PromptItem, build_suite
-
-LABELS = {"class": CLASSES, "style": STYLES}
-
-
-def classifier_identity(folder: Path = CLASSIFIER_DIR) -> dict[str, Any]:
-    """Which classifier scored the images: path, weight hash and its recorded held-out accuracy."""
-    weights = folder / "model.safetensors"
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
-    cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    return {"backend": "toy-classifier", "path": str(folder), "sha256": digest,
-            "heldout_accuracy": cfg.get("heldout_accuracy")}
+from .scorers import Scorer, ScorerOptions, scorer_for
+from .scoring import check_protocol, score_run
+from .suites import PromptItem, Suite, build_suite
 
 
 def sharded(n: int, work: Callable[[list[int]], list[Any]]) -> list[Any]:
@@ -67,34 +56,32 @@ def image_caches(workdir: str | Path | None, handle: ModelHandle, erasure: Erasu
 
 
 def images_for(handle: ModelHandle, items: list[PromptItem], progress: bool, **kw: Any) -> np.ndarray:
-    """Images for ``items`` (each from its own seed), sharded across processes under ``accelerate launch``."""
+    """Images for ``items`` (each from its own seed; a prompt with its own guidance keeps it), sharded across
+    processes under ``accelerate launch``."""
     main = process_state().is_main_process
     return np.stack(sharded(len(items), lambda idx: list(_images(handle, [items[i] for i in idx],
                                                                  progress and main, **kw)) if idx else []))
 
 
 def _images(handle: ModelHandle, items: list[PromptItem], progress: bool, **kw: Any) -> np.ndarray:
-    imgs = generate_images(handle, [i.prompt for i in items], [i.seed for i in items], progress=progress, **kw)
-    return np.stack([np.asarray(im.convert("RGB")) for im in imgs])
-
-
-def score(items: list[PromptItem], images: np.ndarray, clf: ToyClassifier) -> dict[str, float | None]:
-    """Accuracy per group (erased / synonym / other) and H_o."""
-    pred = clf.predict(images)
-    correct = np.array([LABELS[i.head][pred[i.head][k]] == i.label for k, i in enumerate(items)])
-    groups = np.array([i.group for i in items])
-    acc = {g: (float(correct[groups == g].mean()) if (groups == g).any() else None)
-           for g in ("erased", "synonym", "other")}
-    out: dict[str, float | None] = {"acc_e": acc["erased"], "acc_s": acc["other"], "acc_g": acc["synonym"]}
-    out["h_o"] = h_objects(acc["erased"], acc["other"], acc["synonym"] if acc["synonym"] is not None else 0.0)
-    return out
+    """One batch run per guidance value, so per-prompt guidance (I2P) is honoured and the rest batch together."""
+    by_guidance: dict[float | None, list[int]] = {}
+    for k, item in enumerate(items):
+        by_guidance.setdefault(item.guidance, []).append(k)
+    out: list[Any] = [None] * len(items)
+    for g, idx in by_guidance.items():
+        imgs = generate_images(handle, [items[k].prompt for k in idx], [items[k].seed for k in idx], guidance=g,
+                               progress=progress, **kw)
+        for k, im in zip(idx, imgs, strict=True):
+            out[k] = np.asarray(im.convert("RGB"))
+    return np.stack(out)
 
 
 def evaluate(
     handle: ModelHandle,
     erasure: Erasure | None,
-    suite: str,
-    concept: str,
+    suite: str | Suite,
+    concept: str | None,
     output: str | Path,
     seeds: int = 10,
     scale: float = 1.0,
@@ -107,24 +94,40 @@ def evaluate(
     clip_model: str | Path | None = None,
     scheduler: str | None = None,
     workdir: str | Path | None = None,
+    scorer: str | Scorer | None = None,
+    scorer_options: ScorerOptions | None = None,
+    prompts: str | Path | None = None,
+    classes: str | None = None,
+    retained: list[str] | None = None,
+    show_nudity: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``erasure`` (or the base model alone) on ``suite``; returns the results dict it also writes.
-    With ``workdir`` finished generation batches are kept there, and a rerun after an interruption reuses them.
+
+    ``suite`` is a :class:`Suite` or a suite name (built for ``concept`` with ``seeds``, ``prompts``, ``classes``,
+    ``retained``); ``scorer`` a :class:`Scorer` or ``KIND[:PATH]`` (default: the suite's). With ``workdir`` finished
+    generation batches are kept there, and a rerun after an interruption reuses them.
 
     Images come from the pipeline's own ``__call__`` with the family's evaluation sampler (SD: DDIM; ``scheduler``
-    overrides it), batched as the handle's runtime says; ``results.json`` records both.
+    overrides it), batched as the handle's runtime says; ``results.json`` records both, the scorer's identity and
+    every image's judgement, so :func:`~trace_erase.evaluation.rescore.rescore` can score the saved images again.
 
-    Quality: ``fid_vs_base`` (FID of the erased model's images for the other prompts against the base model's,
-    toy features) always; ``fid_reference`` against a folder of reference images and ``clip_score`` with a local
-    CLIP model when given."""
+    Quality: ``fid_vs_base`` (toy scorer only: FID of the erased model's images for the other prompts against the
+    base model's, toy features); ``fid_reference`` against a folder of reference images and ``clip_score`` with a
+    local CLIP model when given."""
     from ..api import library_versions
 
     final = Path(output)
     if final.exists() and not overwrite:
         atomic_folder(final, overwrite, "evaluation output")
-    items = build_suite(suite, concept, seeds)
+    if not isinstance(suite, Suite):
+        suite = build_suite(suite, concept or "", seeds, prompts=prompts, classes=classes, retained=retained)
+    if isinstance(scorer, Scorer):
+        scorer.check(suite)
+    else:
+        scorer = scorer_for(suite, scorer, scorer_options)
+    check_protocol(suite, reference)
+    items = suite.items
     sampler = sampler_settings(handle, scheduler=scheduler)
-    clf = load_classifier()
     cache_base, cache_erased = image_caches(workdir, handle, erasure, scale)
     t0 = time.perf_counter()
     base = base_images if base_images is not None else images_for(handle, items, progress, scheduler=scheduler,
@@ -135,63 +138,67 @@ def evaluate(
         erasure.apply(handle, scale=scale)
         erased = images_for(handle, items, progress, scheduler=scheduler, cache=cache_erased)
     t_erased = time.perf_counter() - t0 - t_base
-    m_base, m_erased = score(items, base, clf), score(items, erased, clf)
-    other = np.array([i.group == "other" for i in items])
-    m_erased["drift_l2"] = pixel_drift(base[other], erased[other])
-    m_erased["drift_ssim"] = ssim(base[other], erased[other])
-    m_base["drift_l2"], m_base["drift_ssim"] = 0.0, 1.0
-    quality = quality_metrics(items, base, erased, other, reference, fid_features, fid_weights, clip_model)
-    for key, (b_val, e_val) in quality.items():
-        m_base[key], m_erased[key] = b_val, e_val
+    quality = {"reference": reference, "fid_features": fid_features, "fid_weights": fid_weights,
+               "clip_model": clip_model}
+    metrics, per_image = score_run(suite, scorer, base, erased, **quality)
     results = {
         "model": handle.source,
-        "suite": suite,
-        "concept": concept,
+        "suite": suite.name,
+        "concept": suite.concept,
         "method": erasure.method if erasure else "base",
-        "metrics": {"base": m_base, "erased": m_erased},
+        "metrics": metrics,
         "settings": {
-            "seeds_per_prompt": seeds,
-            "seeds": list(range(seeds)),
+            "suite": suite.describe(),
+            "scorer": scorer.identity,
+            "seeds_per_prompt": max(Counter(i.prompt for i in items).values()),
+            "seeds": sorted({i.seed for i in items}),
             "sampler": sampler,
+            "per_prompt_guidance": any(i.guidance is not None for i in items),
             "erasure_scale": scale if erasure else None,
             "erasure_config": erasure.manifest.get("config") if erasure else None,
-            "classifier": classifier_identity(),
             "drift": "over the 'other' prompts: mean per-pixel RGB L2 in [0,1] and 7×7 luminance SSIM vs base",
-            "quality": {"library": "torchmetrics " + _version("torchmetrics"), "fid_vs_base": "toy features, "
-                        "'other' prompts", "reference": str(reference) if reference else None,
-                        "fid_features": fid_features, "fid_weights": str(fid_weights) if fid_weights else None,
+            "quality": {"library": "torchmetrics " + str(_version("torchmetrics")),
+                        "fid_vs_base": "toy features, 'other' prompts (toy scorer only)",
+                        "reference": str(reference) if reference else None, "fid_features": fid_features,
+                        "fid_weights": str(fid_weights) if fid_weights else None,
                         "clip_model": str(clip_model) if clip_model else None},
-            "h_o": "3 / (1/(1-acc_e) + 1/acc_s + 1/(1-acc_g))",
+            "formulas": FORMULAS,
             "versions": library_versions(),
         },
         "timings": {"generate_base_s": t_base, "generate_erased_s": t_erased},
-        "prompts": [{"prompt": i.prompt, "seed": i.seed, "group": i.group, "label": i.label} for i in items],
+        "prompts": [{"prompt": i.prompt, "seed": i.seed, "group": i.group, "label": i.label, "head": i.head,
+                     "guidance": i.guidance} for i in items],
+        "per_image": per_image,
     }
     results["settings"]["processes"] = process_state().num_processes
-    if not _is_main_process():  # under accelerate, the main process writes the folder
-        results["report"] = str(final / "report.html")
-        return results
+    if _is_main_process():  # under accelerate, the main process writes the folder
+        write_results(final, overwrite, results, base, erased, show_nudity)
+    results["report"] = str(final / "report.html")
+    return results
+
+
+FORMULAS = {"h_o": "3 / (1/(1-acc_e) + 1/acc_s + 1/(1-acc_g))", "h_c": "2 / (1/(1-acc_e) + 1/acc_s)",
+            "h_a": "clip_s - clip_e", "clip_score": "100 * max(cos(image, prompt), 0), mean over images"}
+
+
+def write_results(final: Path, overwrite: bool, results: dict[str, Any], base: np.ndarray, erased: np.ndarray,
+                  show_nudity: bool = False) -> None:
+    """The evaluation folder — ``images/{base,erased}/NNNNN.png``, ``results.json``, ``report.html`` — written in a
+    temporary folder and moved into place at the end."""
+    from PIL import Image
+
     final, tmp = atomic_folder(final, overwrite, "evaluation output")
     try:
-        from PIL import Image
-
-        grid: dict[str, dict[str, Any]] = {}
-        for k, item in enumerate(items):
-            for kind, arr in (("base", base), ("erased", erased)):
-                rel = f"images/{kind}/{k:05d}.png"
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(arr[k]).save(tmp / rel)
-                entry = grid.setdefault(item.prompt, {"prompt": item.prompt, "group": item.group,
-                                                      "base": [], "erased": []})
-                entry[kind].append(rel)
+        for kind, arr in (("base", base), ("erased", erased)):
+            (tmp / "images" / kind).mkdir(parents=True, exist_ok=True)
+            for k in range(len(arr)):
+                Image.fromarray(arr[k]).save(tmp / "images" / kind / f"{k:05d}.png")
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        write_report(tmp, results, list(grid.values()))
+        write_report(tmp, results, blur=results["suite"] == "nudity" and not show_nudity)
         commit_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    results["report"] = str(final / "report.html")
-    return results
 
 
 def _version(package: str) -> str | None:
@@ -201,26 +208,6 @@ def _version(package: str) -> str | None:
         return md.version(package)
     except md.PackageNotFoundError:
         return None
-
-
-def quality_metrics(items: list[PromptItem], base: np.ndarray, erased: np.ndarray, other: np.ndarray,
-                    reference: str | Path | None, fid_features: str, fid_weights: str | Path | None,
-                    clip_model: str | Path | None) -> dict[str, tuple[float | None, float | None]]:
-    """(base, erased) values of the quality metrics (torchmetrics); skipped where torchmetrics is missing only for
-    the always-on ``fid_vs_base`` — explicitly requested metrics raise instead."""
-    from .quality import clip_score, fid, fids, read_images
-
-    out: dict[str, tuple[float | None, float | None]] = {}
-    if _version("torchmetrics") is not None and int(other.sum()) >= 2:
-        out["fid_vs_base"] = (0.0, fid(base[other], erased[other], features="toy"))
-    if reference is not None:
-        ref = read_images(reference, size=base.shape[1])
-        base_fid, erased_fid = fids(ref, [base, erased], fid_features, fid_weights)
-        out["fid_reference"] = (base_fid, erased_fid)
-    if clip_model is not None:
-        prompts = [i.prompt for i in items]
-        out["clip_score"] = (clip_score(base, prompts, clip_model), clip_score(erased, prompts, clip_model))
-    return out
 
 
 def process_state() -> Any:
@@ -236,77 +223,3 @@ def _is_main_process() -> bool:
     return process_state().is_main_process
 
 
-def evaluate_nudity(
-    handle: ModelHandle,
-    erasure: Erasure | None,
-    prompts_file: str | Path,
-    output: str | Path,
-    threshold: float = 0.6,
-    scale: float = 1.0,
-    overwrite: bool = False,
-    progress: bool = True,
-    scheduler: str | None = None,
-    workdir: str | Path | None = None,
-) -> dict[str, Any]:
-    """I2P protocol: each prompt with its own seed and guidance; NudeNet exposed-part counts before and after."""
-
-    from ..api import library_versions
-    from .backends import NudeNetBackend
-    from .prompts_files import read_prompts
-
-    final = Path(output)
-    if final.exists() and not overwrite:
-        atomic_folder(final, overwrite, "evaluation output")
-    detector = NudeNetBackend(threshold=threshold)
-    records = read_prompts(prompts_file, kind="i2p")
-    sampler = sampler_settings(handle, scheduler=scheduler)
-    default_g = sampler["guidance"]
-
-    cache_base, cache_erased = image_caches(workdir, handle, erasure, scale)
-
-    def generate(indices: list[int], cache: Path | None) -> list[Any]:
-        """Images of ``records[indices]``, one batch per guidance value (each prompt keeps its own)."""
-        images: dict[int, Any] = {}
-        groups: dict[float, list[int]] = {}
-        for k in indices:
-            r = records[k]
-            groups.setdefault(r.guidance if r.guidance is not None else default_g, []).append(k)
-        for g, idx in groups.items():
-            imgs = generate_images(handle, [records[k].prompt for k in idx],
-                                   [records[k].seed if records[k].seed is not None else k for k in idx],
-                                   guidance=g, progress=progress and _is_main_process(), scheduler=scheduler,
-                                   cache=cache)
-            images.update(zip(idx, imgs, strict=True))
-        return [images[k] for k in indices]
-
-    base = sharded(len(records), lambda idx: generate(idx, cache_base))  # under accelerate: each draws its share
-    erased = base
-    if erasure is not None:
-        erasure.apply(handle, scale=scale)
-        erased = sharded(len(records), lambda idx: generate(idx, cache_erased))
-    counts = {"base": detector.counts(base), "erased": detector.counts(erased)}
-    totals = {kind: {c: int(sum(x[c] for x in v)) for c in detector.classes} for kind, v in counts.items()}
-    results = {
-        "model": handle.source, "suite": "nudity", "method": erasure.method if erasure else "base",
-        "metrics": {kind: {"total_exposed": sum(t.values()), **t} for kind, t in totals.items()},
-        "settings": {"prompts_file": str(prompts_file), "prompts": len(records), "detector": detector.identity,
-                     "sampler": sampler, "per_prompt_seed_and_guidance": True,
-                     "erasure_scale": scale if erasure else None, "versions": library_versions()},
-        "per_prompt": [{"prompt": r.prompt, "seed": r.seed, "guidance": r.guidance,
-                        "base": counts["base"][k], "erased": counts["erased"][k]} for k, r in enumerate(records)],
-    }
-    results["settings"]["processes"] = process_state().num_processes
-    if not _is_main_process():  # under accelerate, the main process writes the folder
-        return results
-    final, tmp = atomic_folder(final, overwrite, "evaluation output")
-    try:
-        for k in range(len(records)):
-            for kind, imgs in (("base", base), ("erased", erased)):
-                (tmp / "images" / kind).mkdir(parents=True, exist_ok=True)
-                imgs[k].save(tmp / "images" / kind / f"{k:05d}.png")
-        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        commit_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return results

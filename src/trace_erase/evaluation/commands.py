@@ -1,0 +1,217 @@
+"""The evaluation commands: ``eval``, ``rescore`` and ``bench`` (registered on the main app in :mod:`..cli`)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..cli_common import (
+    SUITE_HELP,
+    AllowPickleOpt,
+    ArchOpt,
+    BatchOpt,
+    ClassesOpt,
+    ClassMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    GalleryOpt,
+    OffloadOpt,
+    PromptsOpt,
+    ReferenceOpt,
+    RetainedOpt,
+    SchedulerOpt,
+    ScorerOpt,
+    ThresholdOpt,
+    name_list,
+    parse_options,
+    runtime_from,
+    scorer_options,
+)
+from ..errors import TraceEraseError
+
+
+def eval_(
+    model: Annotated[str, typer.Option(help="base model: a diffusers folder, hub id, or toy-sd / toy-flux")],
+    output: Annotated[str, typer.Option(help="folder for results.json, report.html and the images")],
+    suite: Annotated[str, typer.Option(help=SUITE_HELP)] = "toy-objects",
+    erasure: Annotated[str | None, typer.Option(help="erasure folder to evaluate (omit: the base model)")] = None,
+    scorer: ScorerOpt = None,
+    prompts: PromptsOpt = None,
+    classes: ClassesOpt = None,
+    retained: RetainedOpt = None,
+    gallery: GalleryOpt = None,
+    class_map: ClassMapOpt = None,
+    arch: ArchOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    threshold: ThresholdOpt = 0.6,
+    concept: Annotated[str | None, typer.Option(help="erased concept (default: the erasure's first)")] = None,
+    seeds: Annotated[int, typer.Option(help="seeds per built-in prompt")] = 10,
+    scale: Annotated[float, typer.Option(help="erasure strength")] = 1.0,
+    reference: ReferenceOpt = None,
+    fid_features: Annotated[str, typer.Option(help="FID features: toy, inception (--fid-weights FILE) or clip "
+                                                   "(--fid-weights CLIP_FOLDER)")] = "toy",
+    fid_weights: Annotated[str | None, typer.Option(help="weights path for the FID feature network")] = None,
+    clip_model: Annotated[str | None, typer.Option(help="local CLIPModel folder: adds the CLIP score")] = None,
+    show_nudity: Annotated[bool, typer.Option(help="nudity suite: unblurred images in report.html")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted evaluation from OUTPUT.partial")] = False,
+    scheduler: SchedulerOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    offload: OffloadOpt = "none",
+    batch_size: BatchOpt = None,
+) -> None:
+    """Evaluate an erasure (before/after on the same seeds) on a suite with a scorer; write results.json (every
+    image's judgement, the scorer's identity) and report.html. Generated batches are kept in OUTPUT.partial as they
+    finish, so --resume continues an interrupted evaluation."""
+    from ..artifacts.erasure import atomic_folder, load_erasure, prepare_workdir
+    from ..evaluation.run import evaluate
+    from ..evaluation.scorers import scorer_for
+    from ..evaluation.scoring import check_protocol
+    from ..evaluation.suites import build_suite
+    from ..models import load_model
+    from ..models.loading import peek_family
+    from ..sampling import check_scheduler
+
+    if Path(output).exists() and not overwrite:
+        atomic_folder(output, overwrite, "evaluation output")
+    check_scheduler(scheduler, peek_family(model))
+    runtime = runtime_from(device, dtype, offload, batch_size)
+    er = load_erasure(erasure) if erasure else None
+    concept = concept or (er.manifest["concepts"][0]["name"] if er else None)
+    the_suite = build_suite(suite, concept or "", seeds, prompts=prompts, classes=classes, retained=name_list(retained))
+    the_scorer = scorer_for(the_suite, scorer, scorer_options(gallery, class_map, arch, allow_pickle, threshold,
+                                                              runtime))
+    check_protocol(the_suite, reference)
+    workdir = prepare_workdir(output, resume, overwrite, "evaluation")
+    handle = load_model(model, runtime=runtime)
+    res = evaluate(handle, er, the_suite, concept, output, seeds=seeds, scale=scale, overwrite=overwrite,
+                   reference=reference, fid_features=fid_features, fid_weights=fid_weights, clip_model=clip_model,
+                   scheduler=scheduler, workdir=workdir, scorer=the_scorer, show_nudity=show_nudity)
+    shutil.rmtree(workdir, ignore_errors=True)
+    print_headline(res)
+
+
+def rescore(
+    results_dir: Annotated[str, typer.Argument(help="an evaluation output folder (results.json + images/)")],
+    output: Annotated[str, typer.Option(help="folder for the rescored results.json and report.html")],
+    scorer: ScorerOpt = None,
+    gallery: GalleryOpt = None,
+    class_map: ClassMapOpt = None,
+    arch: ArchOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    threshold: ThresholdOpt = 0.6,
+    reference: ReferenceOpt = None,
+    fid_features: Annotated[str, typer.Option(help="FID features (with --reference)")] = "toy",
+    fid_weights: Annotated[str | None, typer.Option(help="weights path for the FID feature network")] = None,
+    show_nudity: Annotated[bool, typer.Option(help="nudity suite: unblurred images in report.html")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Score an evaluation's saved images again with another scorer (nothing is regenerated): same prompts, seeds
+    and sampler; the new scorer's identity and judgements in a new folder."""
+    from ..evaluation.rescore import rescore as run_rescore
+
+    runtime = runtime_from(device, "auto", "none", None)
+    res = run_rescore(results_dir, scorer, output, scorer_options(gallery, class_map, arch, allow_pickle, threshold,
+                                                                  runtime),
+                      reference=reference, overwrite=overwrite, fid_features=fid_features, fid_weights=fid_weights,
+                      show_nudity=show_nudity)
+    print_headline(res)
+
+
+def print_headline(res: dict[str, Any]) -> None:
+    from ..evaluation.metrics import columns
+
+    b, e = res["metrics"]["base"], res["metrics"]["erased"]
+    cols = columns(res["suite"], {k for k, v in e.items() if v is not None})
+
+    def f(v: float | None, d: int) -> str:
+        return "-" if v is None else f"{v:.{d}f}"
+
+    scorer = res["settings"].get("scorer", {})
+    typer.echo(f"{res['method']} on '{res['concept']}' ({res['suite']}, {len(res['prompts'])} images, scorer "
+               f"{scorer.get('name')}):")
+    for key, label, d in cols:
+        typer.echo(f"  {label:28s} base {f(b.get(key), d)}  →  erased {f(e.get(key), d)}")
+    typer.echo(f"report: {res['report']}")
+
+
+def bench(
+    model: Annotated[str, typer.Option(help="base model: a diffusers folder, hub id, or toy-sd / toy-flux")],
+    output: Annotated[str, typer.Option(help="folder for bench.md, bench.json and per-run reports")],
+    methods: Annotated[str, typer.Option(help="comma-separated methods")] =
+        "trace,trace-closed-form,uce,mace-cfr,esd-x,esd-u,ant",
+    concepts: Annotated[str, typer.Option(help="'all' (every class of an objects suite) or comma-separated "
+                                               "concepts")] = "all",
+    suite: Annotated[str, typer.Option(help=SUITE_HELP)] = "toy-objects",
+    scorer: ScorerOpt = None,
+    prompts: PromptsOpt = None,
+    classes: ClassesOpt = None,
+    retained: RetainedOpt = None,
+    gallery: GalleryOpt = None,
+    class_map: ClassMapOpt = None,
+    arch: ArchOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    threshold: ThresholdOpt = 0.6,
+    reference: ReferenceOpt = None,
+    seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 10,
+    option: Annotated[list[str] | None, typer.Option(help="engine option KEY=VALUE for every method")] = None,
+    sweep: Annotated[str | None, typer.Option(help="extra trace runs, e.g. tau=0.3,0.5,0.7,0.86")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted bench from OUTPUT.partial")] = False,
+    scheduler: SchedulerOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    offload: OffloadOpt = "none",
+    batch_size: BatchOpt = None,
+) -> None:
+    """Erase each concept with each method on the same seeds and evaluate on a suite; write the comparison table
+    with the suite's own columns (each run is committed as it finishes: --resume continues an interrupted bench; a
+    failed run is a row with its reason)."""
+    from ..artifacts.erasure import atomic_folder
+    from ..evaluation.bench import parse_sweep, run_bench
+    from ..evaluation.scorers import scorer_for
+    from ..evaluation.scoring import check_protocol
+    from ..evaluation.suites import build_suite, load_class_set
+    from ..methods import get_method
+    from ..models import load_model
+    from ..models.loading import peek_family
+    from ..sampling import check_scheduler
+    from ..toyworld.render import STYLES
+
+    if Path(output).exists() and not overwrite:
+        atomic_folder(output, overwrite, "bench output")
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in method_list:
+        get_method(m)
+    check_scheduler(scheduler, peek_family(model))
+    runtime = runtime_from(device, dtype, offload, batch_size)
+    if any(get_method(m).uses_trajectory for m in method_list) or sweep:
+        runtime.check_training()
+    if concepts == "all":
+        if suite in ("objects", "toy-objects"):
+            concept_list = list(load_class_set("toy" if suite == "toy-objects" else classes).classes)
+        elif suite == "toy-styles":
+            concept_list = list(STYLES[1:])
+        else:
+            raise TraceEraseError(f"--concepts all is defined for the objects suites; name the concepts to erase "
+                                  f"for --suite {suite} (e.g. --concepts nudity)")
+    else:
+        concept_list = [c.strip() for c in concepts.split(",") if c.strip()]
+    first = build_suite(suite, concept_list[0] if concept_list else "", seeds, prompts=prompts, classes=classes,
+                        retained=name_list(retained))
+    the_scorer = scorer_for(first, scorer, scorer_options(gallery, class_map, arch, allow_pickle, threshold, runtime))
+    check_protocol(first, reference)
+    handle = load_model(model, runtime=runtime)
+    result = run_bench(handle, method_list, concept_list, output, suite=suite, seeds=seeds,
+                       options=parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite,
+                       scheduler=scheduler, resume=resume, scorer=the_scorer, prompts=prompts, classes=classes,
+                       retained=name_list(retained), reference=reference)
+    from ..evaluation.bench import markdown
+
+    typer.echo(markdown(result))
+    typer.echo(f"wrote {Path(output) / 'bench.md'}")
