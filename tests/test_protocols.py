@@ -263,6 +263,8 @@ def test_objects_suite_with_toy_classes_equals_toy_suite(tmp_path) -> None:
     assert res["metrics"]["base"]["acc_e"] == float(hit[0])
     assert res["metrics"]["base"]["acc_g"] == pytest.approx(np.mean(hit[1:4]))
     assert res["metrics"]["base"]["acc_s"] == pytest.approx(np.mean(hit[4:]))
+    same = evaluate(handle, None, "toy-objects", "circle", tmp_path / "t", seeds=1, progress=False)
+    assert same["metrics"] == res["metrics"] and same["per_image"] == res["per_image"]
 
 
 # ---- rescore ------------------------------------------------------------------------------------------------------

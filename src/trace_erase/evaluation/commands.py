@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -31,6 +31,25 @@ from ..cli_common import (
     scorer_options,
 )
 from ..errors import TraceEraseError
+
+if TYPE_CHECKING:
+    from .scorers import Scorer, ScorerOptions
+    from .suites import Suite
+
+
+def _suite_and_scorer(suite: str, concept: str, seeds: int, prompts: str | None, classes: str | None,
+                      retained: str | None, reference: str | None, scorer: str | None,
+                      options: ScorerOptions) -> tuple[Suite, Scorer]:
+    """The suite (prompt file read, concept checked) and its scorer (loaded, labels checked) of a command's options,
+    and the suite's other needs (a reference folder) — all before the diffusion model loads."""
+    from .scorers import scorer_for
+    from .scoring import check_protocol
+    from .suites import build_suite
+
+    the_suite = build_suite(suite, concept, seeds, prompts=prompts, classes=classes, retained=name_list(retained))
+    the_scorer = scorer_for(the_suite, scorer, options)
+    check_protocol(the_suite, reference)
+    return the_suite, the_scorer
 
 
 def eval_(
@@ -69,9 +88,6 @@ def eval_(
     finish, so --resume continues an interrupted evaluation."""
     from ..artifacts.erasure import atomic_folder, load_erasure, prepare_workdir
     from ..evaluation.run import evaluate
-    from ..evaluation.scorers import scorer_for
-    from ..evaluation.scoring import check_protocol
-    from ..evaluation.suites import build_suite
     from ..models import load_model
     from ..models.loading import peek_family
     from ..sampling import check_scheduler
@@ -82,10 +98,9 @@ def eval_(
     runtime = runtime_from(device, dtype, offload, batch_size)
     er = load_erasure(erasure) if erasure else None
     concept = concept or (er.manifest["concepts"][0]["name"] if er else None)
-    the_suite = build_suite(suite, concept or "", seeds, prompts=prompts, classes=classes, retained=name_list(retained))
-    the_scorer = scorer_for(the_suite, scorer, scorer_options(gallery, class_map, arch, allow_pickle, threshold,
-                                                              runtime))
-    check_protocol(the_suite, reference)
+    the_suite, the_scorer = _suite_and_scorer(suite, concept or "", seeds, prompts, classes, retained, reference,
+                                              scorer, scorer_options(gallery, class_map, arch, allow_pickle,
+                                                                     threshold, runtime))
     workdir = prepare_workdir(output, resume, overwrite, "evaluation")
     handle = load_model(model, runtime=runtime)
     res = evaluate(handle, er, the_suite, concept, output, seeds=seeds, scale=scale, overwrite=overwrite,
@@ -174,9 +189,7 @@ def bench(
     failed run is a row with its reason)."""
     from ..artifacts.erasure import atomic_folder
     from ..evaluation.bench import parse_sweep, run_bench
-    from ..evaluation.scorers import scorer_for
-    from ..evaluation.scoring import check_protocol
-    from ..evaluation.suites import build_suite, load_class_set
+    from ..evaluation.suites import load_class_set
     from ..methods import get_method
     from ..models import load_model
     from ..models.loading import peek_family
@@ -202,10 +215,9 @@ def bench(
                                   f"for --suite {suite} (e.g. --concepts nudity)")
     else:
         concept_list = [c.strip() for c in concepts.split(",") if c.strip()]
-    first = build_suite(suite, concept_list[0] if concept_list else "", seeds, prompts=prompts, classes=classes,
-                        retained=name_list(retained))
-    the_scorer = scorer_for(first, scorer, scorer_options(gallery, class_map, arch, allow_pickle, threshold, runtime))
-    check_protocol(first, reference)
+    _, the_scorer = _suite_and_scorer(suite, concept_list[0] if concept_list else "", seeds, prompts, classes,
+                                      retained, reference, scorer,
+                                      scorer_options(gallery, class_map, arch, allow_pickle, threshold, runtime))
     handle = load_model(model, runtime=runtime)
     result = run_bench(handle, method_list, concept_list, output, suite=suite, seeds=seeds,
                        options=parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite,

@@ -71,7 +71,8 @@ def write_report(folder: Path, results: dict[str, Any], blur: bool = False, max_
 body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 10px}} tr.minor td{{color:#777;font-size:90%}}
 img{{width:80px;height:80px;object-fit:cover;margin:2px}} .warn{{color:#a40}}
-.row{{display:flex;align-items:center}} .row span{{width:60px;color:#666}} pre{{background:#f6f6f6;padding:1em;font-size:12px}}
+.row{{display:flex;align-items:center}} .row span{{width:60px;color:#666}}
+pre{{background:#f6f6f6;padding:1em;font-size:12px}}
 </style></head><body>
 <h1>Erasure report: {html.escape(str(results['concept']) or results['suite'])} — {html.escape(str(results['method']))}
 </h1>
