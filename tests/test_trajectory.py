@@ -285,3 +285,98 @@ def test_pres_corpus_needs_rho_and_an_existing_file(tmp_path) -> None:
         TrajectoryConfig(pres_corpus="builtin")
     with pytest.raises(TraceEraseError, match="does not exist"):  # refused before stage A spends any time
         TrajectoryConfig(rho=1.0, pres_corpus=str(tmp_path / "missing.txt"))
+
+
+# ---- stage B's direction: the targets are the formulas, and training moves LATE predictions only --------------------
+
+
+def _stage_a(name: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    from trace_erase.engines.closed_form import ClosedFormConfig, ClosedFormEngine
+
+    adapter = get_adapter(BUILDERS[name]())
+    cfg = ClosedFormConfig(token_selection="surrounding", templates=["{}", "a photo of {}"], lambda_reg=0.1)
+    deltas = ClosedFormEngine(adapter, cfg, progress=False).run([Concept("cat", anchor="dog")]).deltas
+    return adapter, deltas
+
+
+@pytest.mark.parametrize("reference", ["original", "stage-a"])
+def test_stage_b_targets_follow_the_reference_model(reference) -> None:
+    """LATE target ε_A(∅) − η(ε_r(c) − ε_r(∅)) with r = θ0 (original) or θ* (stage A), only on LATE samples; EARLY
+    keeps ε_A(c). Fails if the windows are swapped, η's sign flipped or the reference is the other model."""
+    from trace_erase.engines.stage_a import StageAWeights
+
+    adapter, deltas = _stage_a("sd")
+    x = torch.randn(adapter.latent_shape(2), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 900])  # sample 0 LATE, sample 1 EARLY (τ = 0.5)
+    cond = adapter.conditioning(["a photo of a cat", ""])
+    with torch.no_grad():  # per sample: θ0's predictions for (c, ∅)
+        e0 = [adapter.predict(x[i : i + 1].repeat(2, 1, 1, 1), t[i].repeat(2), cond) for i in range(2)]
+    stage_a = StageAWeights(adapter, deltas)
+    eng = TrajectoryEngine(adapter, TrajectoryConfig(**FAST, reference=reference, eta=1.5, gamma=0.0),
+                           progress=False, stage_a=stage_a)
+    with stage_a.applied():
+        with torch.no_grad():
+            ea = [adapter.predict(x[i : i + 1].repeat(2, 1, 1, 1), t[i].repeat(2), cond) for i in range(2)]
+        eng.attach()
+        try:
+            terms = eng.loss_terms(x, t, ["a photo of a cat"] * 2, [])
+        finally:
+            eng.detach()
+    assert not stage_a.on and all(adapter.module(n).weight.data_ptr() == stage_a.base[n].data_ptr()
+                                  for n in deltas)  # the base tensors are back
+    per = lambda a, b: float((a - b).pow(2).mean())  # noqa: E731
+
+    def erase_loss(ref_c: torch.Tensor, ref_u: torch.Tensor, sample: int, sign: float = -1.0) -> float:
+        a_c, a_u = ea[sample][0], ea[sample][1]
+        return per(a_c, a_u + sign * 1.5 * (ref_c - ref_u)) / 2  # live = θ* at init; mean over the batch of 2
+
+    right = (e0[0][0], e0[0][1]) if reference == "original" else (ea[0][0], ea[0][1])
+    wrong = (ea[0][0], ea[0][1]) if reference == "original" else (e0[0][0], e0[0][1])
+    expected = erase_loss(*right, sample=0)
+    assert float(terms["erase"].detach()) == pytest.approx(expected, rel=1e-5)
+    for other in (erase_loss(*wrong, sample=0), erase_loss(*right, sample=0, sign=1.0),
+                  erase_loss(ea[1][0], ea[1][1], sample=1)):  # wrong reference, flipped η, swapped window
+        assert abs(other - expected) > 0.02 * expected, other
+    assert float(terms["early"]) < 1e-10  # EARLY keeps θ*'s prediction: zero at init
+
+
+def test_stage_b_moves_late_predictions_and_keeps_early_ones() -> None:
+    """A micro-run of TRACE stage B (reference θ0) on toy-sd, erasing "circle": on a held-out trajectory of θ0 the
+    LATE predictions move towards the reversed-guidance target, and far more than the EARLY ones move. (A random tiny
+    model is no subject here: its concept direction is noise, and nothing generalises to a held-out trajectory.)"""
+    from trace_erase import load_model
+    from trace_erase.engines.closed_form import ClosedFormConfig, ClosedFormEngine
+    from trace_erase.engines.stage_a import StageAWeights
+    from trace_erase.methods.trace import STAGE_A
+
+    adapter = load_model("toy-sd").adapter
+    concept = Concept("circle")
+    deltas = ClosedFormEngine(adapter, ClosedFormConfig(**STAGE_A), progress=False).run([concept]).deltas
+    stage_a = StageAWeights(adapter, deltas)
+    cfg = TrajectoryConfig(steps=60, lr=1e-3, rollout_steps=8, pool_trajectories=2, batch_size=4,
+                           refresh_every=1000, checkpoint_every=1000, reference="original")
+    eng = TrajectoryEngine(adapter, cfg, progress=False, stage_a=stage_a)
+    prompt = "a photo of a circle"
+
+    def predict(model: Any, states: torch.Tensor, times: torch.Tensor, text: str) -> torch.Tensor:
+        with torch.no_grad():
+            return model.predict(states, times, model.conditioning([text] * len(times)))
+
+    states, times, _ = eng.rollout(prompt, torch.randn(adapter.latent_shape(1),
+                                                       generator=torch.Generator().manual_seed(7)))  # θ0's
+    late = adapter.is_late(times, cfg.tau)
+    e0_c, e0_u = predict(adapter, states, times, prompt), predict(adapter, states, times, "")
+    with stage_a.applied():
+        ea_c, ea_u = predict(adapter, states, times, prompt), predict(adapter, states, times, "")
+        state = eng.train([concept])["state_dict"]
+    target = ea_u - cfg.eta * (e0_c - e0_u)
+    trained = load_model("toy-sd")  # θ = θ0 + ΔW_A + stage-B LoRA, as an erasure applies it
+    with torch.no_grad():
+        for name, d in deltas.items():
+            trained.adapter.module(name).weight.add_(d)
+    trained.pipe.load_lora_weights(state)
+    after = predict(trained.adapter, states, times, prompt)
+    err = lambda a: (a - target)[late].pow(2).mean()  # noqa: E731
+    assert err(after) < 0.7 * err(ea_c), (float(err(after)), float(err(ea_c)))
+    move = (after - ea_c).flatten(1).norm(dim=1) / ea_c.flatten(1).norm(dim=1)
+    assert move[late].mean() > 1.6 * move[~late].mean(), move

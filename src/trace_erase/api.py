@@ -8,7 +8,6 @@ import datetime as _dt
 import platform
 import resource
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from .artifacts.lora import concat_loras, deltas_to_state_dict
 from .artifacts.manifest import FORMAT, FORMAT_VERSION
 from .config import Concept, config_from_dict, make_concepts
 from .engines.closed_form import ClosedFormConfig, ClosedFormEngine
+from .engines.stage_a import StageAWeights
 from .engines.trajectory import TrajectoryConfig, TrajectoryEngine
 from .errors import TraceEraseError
 from .methods import MethodSpec, get_method
@@ -84,23 +84,6 @@ def method_configs(spec: MethodSpec, options: dict[str, Any]) -> tuple[ClosedFor
     return cf, tr
 
 
-@contextlib.contextmanager
-def temporarily_added(adapter: FamilyAdapter, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Add ΔW to the base layers for the duration (stage B trains on top of stage A); always restored after."""
-    saved = {}
-    try:
-        with torch.no_grad():
-            for name, delta in deltas.items():
-                w = adapter.module(name).weight
-                saved[name] = w.detach().clone()
-                w.add_(delta.to(w.dtype).to(w.device))
-        yield
-    finally:
-        with torch.no_grad():
-            for name, w0 in saved.items():
-                adapter.module(name).weight.copy_(w0)
-
-
 def erase(
     pipe: Any,
     concepts: list[str | Concept | dict[str, Any]],
@@ -151,7 +134,9 @@ def erase(
         parts["closed_form"], ranks = deltas_to_state_dict(deltas, adapter.denoiser_name, cf_cfg.rank_tolerance)
     tr_log: dict[str, Any] = {}
     if tr_engine is not None:
-        with temporarily_added(adapter, deltas):
+        stage_a = StageAWeights(adapter, deltas) if deltas else None
+        tr_engine.stage_a = stage_a
+        with stage_a.applied() if stage_a else contextlib.nullcontext():
             tr_log = tr_engine.train(concept_list)
         parts["trajectory"] = tr_log.pop("state_dict")
     gate_tau = tr_cfg.gate_tau if tr_cfg else None

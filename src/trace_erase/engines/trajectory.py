@@ -4,19 +4,25 @@ A LoRA θ = θ* + ΔW is trained on states x_t taken from trajectories of the fr
 prompt. The frozen predictions come from the same network with the LoRA disabled (no second copy of the model).
 With τ splitting the model's time into EARLY (t ≥ τ, layout) and LATE (t < τ, details):
 
-    LATE:  L_erase = ||ε_θ(x,t,c) − [ε*(x,t,∅) − η(ε*(x,t,c) − ε*(x,t,∅))]||²   (reversed guidance)
+    LATE:  L_erase = ||ε_θ(x,t,c) − [ε*(x,t,∅) − η(ε_r(x,t,c) − ε_r(x,t,∅))]||²   (reversed guidance)
     EARLY: L_keep  = ||ε_θ(x,t,c) − ε*(x,t,c)||²                               (trajectory constraint)
            (ANT: L_pos = ||ε_θ(x,t,c) − [ε*(∅) + η(ε*(c) − ε*(∅))]||², positive guidance before its cut-off)
     ALL:   L_unc   = ||ε_θ(x,t,∅) − ε*(x,t,∅)||² ;  L_pres over preserve prompts likewise.
 
 ε stands for whatever the family predicts (ε, v or flow velocity): the losses are the same in each.
+
+θ* is the model stage B starts from (stage A applied, when the method has one). The reference r that gives the
+concept direction and draws the trajectories is ``reference``: ``stage-a`` (r = θ*) or ``original`` (r = θ0, the
+model before stage A: stage A has already weakened θ*'s concept direction, so a target built from it asks little).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +38,13 @@ from ..models.base import Conditioning, FamilyAdapter
 from ..runtime import check_trainable
 from .pool import Pool
 from .prompts import corpus_path, load_corpus
+from .stage_a import StageAWeights
 
 WINDOWS = ("two", "late", "all")
 # options a resumed run may change: they do not alter the trained weights
 RESUME_FREE = ("checkpoint_every", "gate_tau")
 EARLY_MODES = ("keep", "positive", "none")
+REFERENCES = ("stage-a", "original")
 ADAPTER_NAME = "trace_erase_train"
 CHECKPOINT_NAME = "trajectory_checkpoint.pt"
 
@@ -55,6 +63,9 @@ class TrajectoryConfig:
     tau: float = 0.5  # EARLY/LATE split as a fraction of the model's time (DDPM t/T, flow σ)
     window: str = "two"  # two: EARLY keep + LATE erase | late: sample only LATE states | all: erase everywhere (ESD)
     early_mode: str = "keep"  # what EARLY states learn: keep (TRACE) | positive (ANT) | none
+    # which model gives the concept direction ε_r(c) − ε_r(∅) and rolls out the trajectories: "stage-a" (θ*, the
+    # model stage B starts from) or "original" (θ0, before stage A; the same as θ* for methods without stage A)
+    reference: str = "stage-a"
     beta: float = 0.5  # weight of the EARLY term
     gamma: float = 0.5  # weight of L_unc (unconditional field kept)
     rho: float = 0.0  # weight of L_pres over preserve prompts
@@ -79,6 +90,8 @@ class TrajectoryConfig:
     def __post_init__(self) -> None:
         if self.window not in WINDOWS:
             raise TraceEraseError(f"unknown window '{self.window}'; choose one of {', '.join(WINDOWS)}")
+        if self.reference not in REFERENCES:
+            raise TraceEraseError(f"unknown reference '{self.reference}'; choose one of {', '.join(REFERENCES)}")
         if self.early_mode not in EARLY_MODES:
             raise TraceEraseError(f"unknown early_mode '{self.early_mode}'; choose one of {', '.join(EARLY_MODES)}")
         if not 0.0 < self.tau <= 1.0:
@@ -108,8 +121,10 @@ class TrajectoryEngine:
     """Trains a LoRA on the adapter's denoiser; the pipeline's own weights are never changed."""
 
     def __init__(self, adapter: FamilyAdapter, config: TrajectoryConfig, progress: bool = True,
-                 workdir: str | Path | None = None, run_config: dict[str, Any] | None = None):
+                 workdir: str | Path | None = None, run_config: dict[str, Any] | None = None,
+                 stage_a: StageAWeights | None = None):
         self.adapter = adapter
+        self.stage_a = stage_a  # θ* = θ0 + stage A's ΔW while training (None: θ* = θ0)
         self.config = config
         # what a checkpoint must match to be resumed: the whole run (method, stage A, concepts, base weights)
         self.run_config = {**(run_config or {}), "trajectory": {
@@ -174,6 +189,23 @@ class TrajectoryEngine:
 
         return _Frozen()
 
+    @contextlib.contextmanager
+    def original(self) -> Iterator[None]:
+        """Context in which the denoiser is θ0: adapter disabled and stage A's ΔW taken out."""
+        with self.frozen():
+            if self.stage_a is None:
+                yield
+                return
+            self.stage_a.set(False)
+            try:
+                yield
+            finally:
+                self.stage_a.set(True)
+
+    def reference(self) -> Any:
+        """The reference model's context: θ0 (``reference="original"``) or θ*."""
+        return self.original() if self.config.reference == "original" else self.frozen()
+
     # ---- conditioning and trajectories -----------------------------------------------------------------------------
     def cond(self, prompts: list[str]) -> Conditioning:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
@@ -198,7 +230,7 @@ class TrajectoryEngine:
         c, u = self.cond([prompt] * x.shape[0]), self.cond([""] * x.shape[0])
         step_kwargs = adapter.step_kwargs(scheduler, self.gen)
         states, times = [], []
-        with torch.no_grad(), self.frozen():
+        with torch.no_grad(), self.reference():
             for t in scheduler.timesteps:
                 tm = adapter.model_time(t.reshape(1)).to(adapter.device).expand(x.shape[0])
                 x_in = adapter.model_input(scheduler, x, t)  # what the denoiser sees: the pool stores exactly this
@@ -271,6 +303,12 @@ class TrajectoryEngine:
             k = len(frozen_conds)
             ref = self.adapter.predict(x.repeat(k, 1, 1, 1), t.repeat(k), Conditioning.cat(frozen_conds)).chunk(k)
         e_c, e_u = ref[0], ref[1]
+        # the concept direction: θ*'s own, or θ0's (reference="original", stage A taken out)
+        if cfg.reference == "original" and self.stage_a is not None:
+            with torch.no_grad(), self.original():
+                r_c, r_u = self.adapter.predict(x.repeat(2, 1, 1, 1), t.repeat(2), Conditioning.cat([c, u])).chunk(2)
+        else:
+            r_c, r_u = e_c, e_u
         late = self.adapter.is_late(t, cfg.tau) if cfg.window != "all" else torch.ones(n, dtype=torch.bool,
                                                                                           device=x.device)
         late_f = late.float()
@@ -283,9 +321,9 @@ class TrajectoryEngine:
                 return {"unc": per(pred, e_u).mean()}
             if name == "p":
                 return {"pres": per(pred, ref[-1]).mean()}
-            l_erase = per(pred, e_u - cfg.eta * (e_c - e_u))
+            l_erase = per(pred, e_u - cfg.eta * (r_c - r_u))
             # ANT: positive guidance before the cut-off; TRACE: keep θ*'s prediction
-            l_early = per(pred, e_u + cfg.eta * (e_c - e_u)) if cfg.early_mode == "positive" else per(pred, e_c)
+            l_early = per(pred, e_u + cfg.eta * (r_c - r_u)) if cfg.early_mode == "positive" else per(pred, e_c)
             return {"erase": (l_erase * late_f).sum() / n,
                     "early": (l_early * (1 - late_f)).sum() / n if cfg.early_mode != "none" else zero}
 
