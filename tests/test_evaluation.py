@@ -118,6 +118,7 @@ def test_bench_micro(micro_sd, tmp_path, capsys) -> None:
     assert result["rows"][0]["status"] == "ok" and "h_o" in result["means"][1]
     md = (tmp_path / "b" / "bench.md").read_text()
     assert "| uce |" in md and "H_o" in md
+    assert len(result["means"][1]["h_o_ci95"]) == 2 and "bootstrap 95 %" in md
     assert (tmp_path / "b" / "runs" / "circle" / "esd-x" / "report.html").is_file()
 
 
@@ -215,3 +216,21 @@ def test_merge_results_recomputes_means_over_disjoint_concepts() -> None:
     other = run("heart", 1.0) | {"seeds_per_prompt": 10}
     with pytest.raises(TraceEraseError, match="differ in 'seeds_per_prompt'"):
         merge_results([run("circle", 0.6), other])
+
+
+def test_bootstrap_intervals_over_concepts_and_seeds() -> None:
+    """Identical concepts and seeds give a zero-width interval at the table's value; spread gives one around it."""
+    from trace_erase.evaluation.intervals import bootstrap
+
+    def unit(seed: int, e: int, s: int, g: int, drift: float) -> dict:
+        return {"seed": seed, "hits": {"erased": e, "other": s, "synonym": g}, "n": {"erased": 1, "other": 1,
+                                                                                    "synonym": 1}, "drift": [drift]}
+
+    same = [[unit(k, 0, 1, 0, 0.1) for k in range(3)] for _ in range(4)]
+    ci = bootstrap("toy-objects", same, draws=200)
+    assert ci["headline"] == (1.0, 1.0) and ci["drift_l2"] == pytest.approx((0.1, 0.1))
+    mixed = [[unit(0, 0, 1, 0, 0.1), unit(1, 1, 1, 0, 0.3)], [unit(0, 0, 0, 1, 0.2), unit(1, 0, 1, 0, 0.2)]]
+    lo, hi = bootstrap("toy-objects", mixed, draws=500)["headline"]
+    assert lo < hi and lo >= 0.0 and hi <= 1.0
+    lo, hi = bootstrap("toy-objects", mixed, draws=500)["drift_l2"]
+    assert lo < 0.2 < hi

@@ -380,3 +380,16 @@ def test_stage_b_moves_late_predictions_and_keeps_early_ones() -> None:
     assert err(after) < 0.7 * err(ea_c), (float(err(after)), float(err(ea_c)))
     move = (after - ea_c).flatten(1).norm(dim=1) / ea_c.flatten(1).norm(dim=1)
     assert move[late].mean() > 1.6 * move[~late].mean(), move
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_esd_u_trains_esds_own_layer_set(name) -> None:
+    """ESD-u ("noxattn"): resnet convolutions, self-attention and feed-forward are trained; cross-attention, the
+    time embedding and the output convolution are not. ESD-x: all four cross-attention projections."""
+    adapter = get_adapter(BUILDERS[name]())
+    u = adapter.lora_target_modules("non-cross")
+    assert any(n.endswith("resnets.0.conv1") for n in u) and "conv_in" in u
+    assert any(n.endswith("attn1.to_q") for n in u) and any(n.endswith("ff.net.2") for n in u)
+    assert not any("attn2" in n or n.startswith("time_embedding") or n == "conv_out" for n in u)
+    x = adapter.lora_target_modules("cross-attn")
+    assert {n.rsplit("attn2.", 1)[1] for n in x} == {"to_q", "to_k", "to_v", "to_out.0"}

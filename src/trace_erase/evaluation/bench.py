@@ -16,6 +16,7 @@ from ..artifacts.erasure import atomic_folder, atomic_write, commit_folder, prep
 from ..errors import TraceEraseError
 from ..methods import get_method
 from ..models import ModelHandle
+from .intervals import HEADLINE, bootstrap, units
 from .metrics import columns
 from .run import evaluate, images_for
 from .scorers import Scorer, ScorerOptions, scorer_for
@@ -25,13 +26,21 @@ NOT_METRICS = {"concept", "method", "status", "error", "erase_s", "peak_rss_mb"}
 
 
 def parse_sweep(text: str | None) -> list[tuple[str, Any]]:
-    """``tau=0.3,0.5`` → [("tau", 0.3), ("tau", 0.5)]."""
+    """``tau=0.3,0.5`` → [("tau", 0.3), ("tau", 0.5)]; a value that is not a number stays text
+    (``reference=original``)."""
     if not text:
         return []
     if "=" not in text:
-        raise TraceEraseError(f"--sweep '{text}' must look like tau=0.3,0.5,0.7")
+        raise TraceEraseError(f"--sweep '{text}' must look like tau=0.3,0.5,0.7 or reference=original")
     key, values = text.split("=", 1)
-    return [(key.strip(), float(v)) for v in values.split(",") if v.strip()]
+
+    def value(v: str) -> Any:
+        try:
+            return float(v)
+        except ValueError:
+            return v.strip()
+
+    return [(key.strip(), value(v)) for v in values.split(",") if v.strip()]
 
 
 def _reset(handle: ModelHandle) -> None:
@@ -126,7 +135,7 @@ def run_bench(
                     print(f"  {concept:10s} {label:24s} failed: {row['error']}", flush=True)
             _write_json(row_file, row)
             rows.append(row)
-    table = summarize(rows)
+    table = summarize(rows, suite)
     result = {
         **settings, "methods": [r[0] for r in runs], "rows": rows, "means": table,
         "versions": library_versions(), "runtime": handle.runtime.describe(),
@@ -147,7 +156,8 @@ def _bench_run(handle: ModelHandle, erase: Any, method: str, extra: dict[str, An
               "scorer": scorer, "reference": reference}
     if method == "base":
         res = evaluate(handle, None, suite, concept, run_dir, **common)
-        return {"concept": concept, "method": "base", "status": "ok", **res["metrics"]["erased"], "erase_s": 0.0}
+        return {"concept": concept, "method": "base", "status": "ok", **res["metrics"]["erased"], "erase_s": 0.0,
+                "units": units(res)}
     spec = get_method(method)
     if handle.adapter.family not in spec.families:
         return {"concept": concept, "method": label, "status": "unsupported"}
@@ -164,7 +174,7 @@ def _bench_run(handle: ModelHandle, erase: Any, method: str, extra: dict[str, An
         print(f"  {concept:10s} {label:24s} " + " ".join(f"{k} {m[k]:.3f}" for k in shown
                                                         if m.get(k) is not None), flush=True)
     return {"concept": concept, "method": label, "status": "ok", **res["metrics"]["erased"], "erase_s": wall,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "units": units(res)}
 
 
 def _accepts(spec: Any, key: str) -> bool:
@@ -176,8 +186,9 @@ def _accepts(spec: Any, key: str) -> bool:
     return (key in cf and spec.uses_closed_form) or (key in tr and spec.uses_trajectory)
 
 
-def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Means over concepts per method (base first); unsupported methods are listed as such."""
+def summarize(rows: list[dict[str, Any]], suite: str | None = None) -> list[dict[str, Any]]:
+    """Means over concepts per method (base first), with bootstrap 95 % intervals of the headline metric and the
+    drift where the rows carry per-seed units; unsupported methods are listed as such."""
     order = ["base"] + list(dict.fromkeys(r["method"] for r in rows if r["method"] != "base"))
     out = []
     for method in order:
@@ -193,6 +204,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for k in (*keys, "erase_s", "peak_rss_mb"):
             vals = [r[k] for r in ok if r.get(k) is not None]
             entry[k] = float(np.mean(vals)) if vals else None
+        if suite is not None and ok and all(r.get("units") for r in ok) and method != "base":
+            ci = bootstrap(suite, [r["units"] for r in ok])
+            if ci["headline"] is not None:
+                entry[f"{HEADLINE[suite]}_ci95"] = list(ci["headline"])
+            if ci["drift_l2"] is not None:
+                entry["drift_l2_ci95"] = list(ci["drift_l2"])
         out.append(entry)
     return out
 
@@ -213,7 +230,7 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     if len(set(concepts)) != len(concepts):
         raise TraceEraseError("a concept appears in two runs; merge runs over disjoint --concepts")
     rows = [row for r in results for row in r["rows"]]
-    return {**first, "concepts": concepts, "rows": rows, "means": summarize(rows)}
+    return {**first, "concepts": concepts, "rows": rows, "means": summarize(rows, first["suite"])}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -225,18 +242,23 @@ def markdown(result: dict[str, Any]) -> str:
     def f(v: Any, d: int = 3) -> str:
         return "-" if v is None else f"{v:.{d}f}"
 
+    def cell(e: dict[str, Any], key: str, d: int) -> str:
+        ci = e.get(f"{key}_ci95")
+        return f(e.get(key), d) + (f" [{ci[0]:.{d}f}, {ci[1]:.{d}f}]" if ci else "")
+
     lines = []
     for e in result["means"]:
         if e["status"] == "unsupported":
             lines.append(f"| {e['method']} | unsupported on this family |" + " |" * (len(cols) - 1))
             continue
         name = e["method"] + (f" ({e['failed']} failed)" if e.get("failed") else "")
-        lines.append(f"| {name} | " + " | ".join(f(e.get(k), d) for k, _, d in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(e, k, d) for k, _, d in cols) + " |")
     scorer = result.get("scorer") or {}
     settings = (f"\nmodel {result['model']}, suite {result['suite']}, concepts {', '.join(result['concepts'])}, "
                 f"{result['seeds_per_prompt']} seeds per prompt (0..{result['seeds_per_prompt'] - 1}), "
                 f"options {result['options'] or 'method defaults'}; base row = no erasure. "
                 f"Scorer: {scorer.get('name', 'toy-classifier')} {str(scorer.get('sha256') or '')[:12]}. "
+                "Brackets: bootstrap 95 % intervals over concepts × seeds (evaluation/intervals.py). "
                 "Peak RSS is the process peak so far (monotone across rows). Drift: erased vs base images of the "
                 "retained prompts (same seeds). FID vs base (toy scorer only): torchmetrics FID with the toy "
                 "classifier's features, erased vs base images of the other prompts.\n")

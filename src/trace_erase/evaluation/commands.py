@@ -160,8 +160,8 @@ def bench(
     output: Annotated[str, typer.Option(help="folder for bench.md, bench.json and per-run reports")],
     methods: Annotated[str, typer.Option(help="comma-separated methods")] =
         "trace,trace-closed-form,uce,mace-cfr,esd-x,esd-u,ant",
-    concepts: Annotated[str, typer.Option(help="'all' (every class of an objects suite) or comma-separated "
-                                               "concepts")] = "all",
+    concepts: Annotated[str, typer.Option(help="'all' (every class of an objects suite), 'dev' / 'test' (the toy "
+                                               "classes' fixed halves) or comma-separated concepts")] = "all",
     suite: Annotated[str, typer.Option(help=SUITE_HELP)] = "toy-objects",
     scorer: ScorerOpt = None,
     prompts: PromptsOpt = None,
@@ -189,7 +189,7 @@ def bench(
     failed run is a row with its reason)."""
     from ..artifacts.erasure import atomic_folder
     from ..evaluation.bench import parse_sweep, run_bench
-    from ..evaluation.suites import load_class_set
+    from ..evaluation.suites import load_class_set, toy_split
     from ..methods import get_method
     from ..models import load_model
     from ..models.loading import peek_family
@@ -205,7 +205,11 @@ def bench(
     runtime = runtime_from(device, dtype, offload, batch_size)
     if any(get_method(m).uses_trajectory for m in method_list) or sweep:
         runtime.check_training()
-    if concepts == "all":
+    if concepts in ("dev", "test"):
+        if suite not in ("toy-objects",) and not (suite == "objects" and classes == "toy"):
+            raise TraceEraseError(f"--concepts {concepts} is the toy classes' split; use it with --suite toy-objects")
+        concept_list = list(toy_split(concepts))
+    elif concepts == "all":
         if suite in ("objects", "toy-objects"):
             concept_list = list(load_class_set("toy" if suite == "toy-objects" else classes).classes)
         elif suite == "toy-styles":

@@ -27,8 +27,9 @@ def h_styles(clip_s: float, clip_e: float) -> float:
 
 
 def _to_float(images: np.ndarray) -> np.ndarray:
-    x = np.asarray(images, dtype=np.float64)
-    return x / 255.0 if x.max() > 1.5 else x
+    raw = np.asarray(images)
+    x = raw.astype(np.float64)
+    return x / 255.0 if raw.dtype == np.uint8 or x.max() > 1.5 else x
 
 
 def pixel_drift(a: np.ndarray, b: np.ndarray) -> float:

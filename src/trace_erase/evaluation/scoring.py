@@ -41,6 +41,9 @@ def score_run(suite: Suite, scorer: Scorer, base: np.ndarray, erased: np.ndarray
     for key, (b_val, e_val) in quality.items():
         metrics["base"][key], metrics["erased"][key] = b_val, e_val
     per_image = [{"base": judged["base"][k], "erased": judged["erased"][k]} for k in range(len(items))]
+    if erased is not base and suite.name != "nudity":  # per-image drift of the retained prompts (for intervals)
+        for k in np.flatnonzero(other):
+            per_image[k]["drift_l2"] = round(pixel_drift(base[k : k + 1], erased[k : k + 1]), 6)
     return metrics, per_image
 
 

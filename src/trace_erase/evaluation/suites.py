@@ -136,6 +136,18 @@ def load_class_set(spec: str | None = "cifar10") -> ClassSet:
                     spec if spec in CLASS_SETS else str(Path(spec).resolve()))
 
 
+def toy_split(name: str) -> tuple[str, ...]:
+    """The toy classes' fixed development / test halves: a ``random.Random(0)`` shuffle of the classes, cut in two
+    (dev: square, star, heart, arrow, diamond; test: circle, triangle, cross, crescent, house). Defaults are chosen
+    on ``dev`` only; tables report ``test`` (and all)."""
+    import random
+
+    order = list(CLASSES)
+    random.Random(0).shuffle(order)
+    half = order[:5] if name == "dev" else order[5:]
+    return tuple(c for c in CLASSES if c in half)
+
+
 def toy_class_of(concept: str) -> str:
     """The toy class a concept names (a class or one of its synonyms)."""
     try:

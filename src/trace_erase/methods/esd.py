@@ -1,8 +1,9 @@
 """ESD (Gandikota et al. 2023) as trajectory-engine configurations.
 
-Erase everywhere (all timesteps) towards ε*(∅) − η(ε*(c) − ε*(∅)), no keep terms. ESD-x trains cross-attention,
-ESD-u the non-cross-attention layers. Here as LoRA (rank 4) rather than full fine-tuning: ours, for one artifact
-format and memory parity with TRACE.
+Erase everywhere (all timesteps) towards ε*(∅) − η(ε*(c) − ε*(∅)), no keep terms. The layer sets are ESD's own:
+ESD-x trains all of cross-attention (q, k, v, out); ESD-u everything but cross-attention, the time embedding and
+the output layer ("noxattn": resnet convolutions, self-attention, feed-forward, projections, samplers, conv_in).
+Here as LoRA (rank 4) rather than full fine-tuning: ours, for one artifact format and memory parity with TRACE.
 """
 
 from .base import MethodSpec
@@ -20,6 +21,6 @@ ESD_X = MethodSpec(
 ESD_U = MethodSpec(
     name="esd-u",
     engine="trajectory",
-    summary="ESD-u: reversed guidance at all timesteps, LoRA on the non-cross-attention layers",
+    summary="ESD-u: reversed guidance at all timesteps, LoRA on every layer but cross-attention/time embed/output",
     trajectory={**_ESD, "lora_targets": "non-cross"},
 )

@@ -16,9 +16,13 @@ UNET_LORA_PRESETS: dict[str, tuple[str, ...]] = {
         "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
         "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
     ),
-    # everything in the transformer blocks except cross-attention (ESD-u)
-    "non-cross": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2"),
+    # ESD-u's own selection (its "noxattn"): every linear and convolution layer except cross-attention, the time
+    # embedding and the output layer — resnets, self-attention, feed-forward, projections, up/down samplers,
+    # conv_in. Resolved by :func:`unet_non_cross_targets` (not by suffix).
+    "non-cross": (),
 }
+# names ESD-u leaves alone (diffusers' names for CompVis's attn2 / time_embed / out.*)
+NON_CROSS_EXCLUDED = ("attn2.", "time_embedding.", "add_embedding.", "add_time_proj", "conv_out")
 
 
 def unet_modules_matching(unet: torch.nn.Module, suffixes: tuple[str, ...]) -> list[str]:
@@ -36,8 +40,24 @@ def unet_modules_matching(unet: torch.nn.Module, suffixes: tuple[str, ...]) -> l
     return names
 
 
+def unet_non_cross_targets(unet: torch.nn.Module) -> list[str]:
+    """ESD-u's trainable set as LoRA targets: Linear and Conv2d layers outside cross-attention, the time embedding
+    and the output convolution (a layer already wrapped by peft counts once, by its wrapper's name)."""
+    out = []
+    for name, mod in unet.named_modules():
+        layer = getattr(mod, "base_layer", mod)
+        if not name or name.endswith(".base_layer") or not isinstance(layer, torch.nn.Linear | torch.nn.Conv2d):
+            continue
+        if any(part in f"{name}." for part in NON_CROSS_EXCLUDED):
+            continue
+        out.append(name)
+    return out
+
+
 def unet_lora_targets(unet: torch.nn.Module, preset: str) -> list[str]:
     """LoRA target module names for a UNet preset."""
     if preset not in UNET_LORA_PRESETS:
         raise TraceEraseError(f"unknown LoRA target preset '{preset}'; choose one of {sorted(UNET_LORA_PRESETS)}")
+    if preset == "non-cross":
+        return unet_non_cross_targets(unet)
     return unet_modules_matching(unet, UNET_LORA_PRESETS[preset])

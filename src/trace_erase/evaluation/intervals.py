@@ -1,0 +1,74 @@
+"""Bootstrap intervals for the bench table: how far a method's mean could move with other classes and seeds.
+
+A two-level bootstrap over the bench's own statistic: draw the concepts with replacement, and within each drawn
+concept draw its seeds with replacement; recompute each concept's accuracies (then H_o / H_c) and drift from the drawn
+seeds and average over the drawn concepts, as the table does. The 2.5 and 97.5 percentiles of 2,000 draws are the
+95 % interval. "Ahead" in a table means the intervals do not overlap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .metrics import h_identities, h_objects
+
+HEADLINE = {"objects": "h_o", "toy-objects": "h_o", "celebrities": "h_c"}
+
+
+def units(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per seed of one evaluation: hits and counts per group, and the retained prompts' per-image drift."""
+    out: dict[int, dict[str, Any]] = {}
+    for prompt, judged in zip(result["prompts"], result["per_image"], strict=True):
+        u = out.setdefault(prompt["seed"], {"seed": prompt["seed"], "hits": {}, "n": {}, "drift": []})
+        if "label" in judged["erased"]:
+            g = prompt["group"]
+            u["hits"][g] = u["hits"].get(g, 0) + int(judged["erased"]["label"] == prompt["label"])
+            u["n"][g] = u["n"].get(g, 0) + 1
+        if "drift_l2" in judged:
+            u["drift"].append(judged["drift_l2"])
+    return [out[s] for s in sorted(out)]
+
+
+def _concept_stats(suite: str, seeds: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    def acc(g: str) -> float | None:
+        n = sum(u["n"].get(g, 0) for u in seeds)
+        return sum(u["hits"].get(g, 0) for u in seeds) / n if n else None
+
+    drift = [d for u in seeds for d in u["drift"]]
+    head = None
+    e, s, g = acc("erased"), acc("other"), acc("synonym")
+    if HEADLINE.get(suite) == "h_o" and None not in (e, s, g):
+        head = h_objects(e, s, g)
+    elif HEADLINE.get(suite) == "h_c" and None not in (e, s):
+        head = h_identities(e, s)
+    return head, (float(np.mean(drift)) if drift else None)
+
+
+def bootstrap(suite: str, per_concept: list[list[dict[str, Any]]], draws: int = 2000,
+              seed: int = 0) -> dict[str, tuple[float, float] | None]:
+    """95 % intervals of the mean headline metric (H_o / H_c) and mean drift over concepts × seeds."""
+    if not per_concept or not all(per_concept):
+        return {"headline": None, "drift_l2": None}
+    rng = np.random.default_rng(seed)
+    heads, drifts = [], []
+    for _ in range(draws):
+        h_vals, d_vals = [], []
+        for c in rng.integers(0, len(per_concept), len(per_concept)):
+            seeds = per_concept[c]
+            drawn = [seeds[i] for i in rng.integers(0, len(seeds), len(seeds))]
+            h, d = _concept_stats(suite, drawn)
+            if h is not None:
+                h_vals.append(h)
+            if d is not None:
+                d_vals.append(d)
+        if h_vals:
+            heads.append(np.mean(h_vals))
+        if d_vals:
+            drifts.append(np.mean(d_vals))
+
+    def ci(values: list[float]) -> tuple[float, float] | None:
+        return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))) if values else None
+
+    return {"headline": ci(heads), "drift_l2": ci(drifts)}
