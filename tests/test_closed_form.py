@@ -106,6 +106,29 @@ def test_aligned_positions() -> None:
     empty = TokenLayout(start=4, end=4, length=5, max_length=10)  # empty anchor: concept maps to where it would be
     t, a = aligned_positions(lt, empty, "target")
     assert a == [4, 4]
+    # a bidirectional encoder (T5): the positions before the concept are mapped too, onto the anchor's
+    t, a = aligned_positions(lt, la, "surrounding", bidirectional=True)
+    assert t == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] and a == [0, 1, 2, 3, 4, 4, 5, 6, 7, 8]
+    assert aligned_positions(lt, la, "target", bidirectional=True) == aligned_positions(lt, la, "target")
+
+
+def test_bidirectional_stream_maps_every_position_of_a_flux_prompt() -> None:
+    """FLUX's T5 stream: after a small-λ solve (surrounding tokens, no preserve), the edited context embedder sends
+    every position of "a photo of cat" — the prefix included — to the anchor prompt's features at the aligned
+    position. (Before: the prefix kept the concept.)"""
+    adapter = get_adapter(tiny_flux_pipeline(max_length=8))
+    assert next(s for s in adapter.text_streams() if s.name == "tokens").bidirectional
+    cfg = ClosedFormConfig(token_selection="surrounding", templates=["a photo of {}"], lambda_reg=1e-8,
+                           lambda_preserve=0.0, probe_prompts=[])
+    result = ClosedFormEngine(adapter, cfg, progress=False).run([Concept("cat", "dog")])
+    feats = {p: adapter.encode_text([p])["tokens"][0].double() for p in ("a photo of cat", "a photo of dog")}
+    w = adapter.module("context_embedder").weight.detach().double()
+    w_new = w + result.deltas["context_embedder"].double()
+    target, anchor = feats["a photo of cat"] @ w_new.T, feats["a photo of dog"] @ w.T
+    before = (feats["a photo of cat"] @ w.T - anchor).norm(dim=1)
+    after = (target - anchor).norm(dim=1)
+    assert (before[:3] > 1e-3).all()  # T5's prefix positions do carry the concept
+    assert (after / before.clamp(min=1e-9)).max() < 1e-3, (after / before)
 
 
 def _pred(adapter, prompts, seed=0):

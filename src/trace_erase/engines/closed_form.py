@@ -129,17 +129,20 @@ class ClosedFormResult:
 
 
 def aligned_positions(
-    lt: TokenLayout, la: TokenLayout, mode: str, suffix_tokens: int | None = None
+    lt: TokenLayout, la: TokenLayout, mode: str, suffix_tokens: int | None = None, bidirectional: bool = False
 ) -> tuple[list[int], list[int]]:
     """Pairs of positions (target prompt → anchor prompt) that ``mode`` maps.
 
     Prefix tokens share their index; the concept's n tokens map onto the anchor's m tokens proportionally (onto the
     position the anchor would take when it is empty); tokens after the concept align by their offset from its end.
+    A causal encoder's prefix never sees the concept, so only ``all`` maps it; with a ``bidirectional`` encoder (T5)
+    every prefix position carries the concept too, and the modes that map the positions after the concept
+    (surrounding, context, last) map the prefix as well.
     """
     n, m = lt.end - lt.start, la.end - la.start
     tgt: list[int] = []
     anc: list[int] = []
-    if mode == "all":
+    if mode == "all" or (bidirectional and mode in ("surrounding", "context", "last")):
         for i in range(min(lt.start, la.start)):
             tgt.append(i)
             anc.append(i)
@@ -250,9 +253,8 @@ class ClosedFormEngine:
                 for pt, st, pa, sa in chunk:
                     ft, fa = feats[pt][stream.name], fixed[pa][stream.name]
                     if stream.per_token:
-                        ti, ai = aligned_positions(
-                            layout(pt, st), layout(pa, sa), cfg.token_selection, cfg.suffix_tokens
-                        )
+                        ti, ai = aligned_positions(layout(pt, st), layout(pa, sa), cfg.token_selection,
+                                                   cfg.suffix_tokens, stream.bidirectional)
                         es.append(_rows(ft, ti))
                         as_.append(_rows(fa, ai))
                     else:
@@ -265,7 +267,8 @@ class ClosedFormEngine:
                 f = fixed[prompt][stream.name]
                 if stream.per_token:
                     lp = layout(prompt, span)
-                    rows.append(_rows(f, aligned_positions(lp, lp, cfg.token_selection, cfg.suffix_tokens)[0]))
+                    rows.append(_rows(f, aligned_positions(lp, lp, cfg.token_selection, cfg.suffix_tokens,
+                                                           stream.bidirectional)[0]))
                 else:
                     rows.append(_rows(f))
             for caption in corpus:

@@ -35,6 +35,9 @@ class TextStream:
     columns: tuple[int, int] | None = None
     # features are the module's own inputs captured inside the denoiser (FLUX add_k/add_v), not encoder outputs
     hooked: bool = False
+    # the features come from an encoder that reads in both directions (T5): every position, the ones before the
+    # concept included, carries it. Causal encoders (CLIP) leave the positions before the concept untouched.
+    bidirectional: bool = False
 
 
 @dataclass

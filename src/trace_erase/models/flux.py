@@ -65,12 +65,13 @@ class FluxAdapter(FamilyAdapter):
 
     def text_streams(self, targets: str = "default") -> list[TextStream]:
         if targets in ("default", "context"):
-            return [TextStream("tokens", [CONTEXT_EMBEDDER]),
+            return [TextStream("tokens", [CONTEXT_EMBEDDER], bidirectional=True),  # T5 reads both ways
                     TextStream("pooled", [POOLED_PROJECTION], per_token=False)]
         if targets == "add_kv":  # the text-side K/V of each double-stream block; inputs depend on x_t and σ
             return [
                 TextStream(f"block{i}", [f"transformer_blocks.{i}.attn.add_k_proj",
-                                         f"transformer_blocks.{i}.attn.add_v_proj"], hooked=True)
+                                         f"transformer_blocks.{i}.attn.add_v_proj"], hooked=True,
+                           bidirectional=True)
                 for i in range(len(self.denoiser.transformer_blocks))
             ]
         raise TraceEraseError(f"unknown stage-A targets '{targets}' for flux; use 'context' or 'add_kv'")
