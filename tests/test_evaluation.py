@@ -41,6 +41,12 @@ def test_suites() -> None:
     assert toy_class_of("disc") == "circle"
     groups = [i.group for i in items]
     assert groups.count("erased") == 2 and groups.count("synonym") == 6 and groups.count("other") == 18
+    assert groups.count("composed") == 8  # 4 compositions per seed, in templates stage A never uses
+    from trace_erase.engines.prompts import DEFAULT_TEMPLATES
+
+    composed = [i.prompt for i in items if i.group == "composed"]
+    assert not {t.format(n) for t in DEFAULT_TEMPLATES for n in ("circle", "disc", "round", "orb")} & set(composed)
+    assert any(" on a " in p and " background" in p for p in composed)
     assert all(i.label == "circle" for i in items if i.group != "other")
     styles = build_suite("toy-styles", "striped", seeds=3).items
     assert sum(i.group == "erased" for i in styles) == 3 and all(i.head == "style" for i in styles)
@@ -60,8 +66,9 @@ def test_evaluate_writes_results_and_report(micro_sd, tmp_path) -> None:
     assert saved["settings"]["sampler"]["steps"] == 2 and saved["settings"]["scorer"]["sha256"]
     assert set(saved["metrics"]["erased"]) >= {"acc_e", "acc_s", "acc_g", "h_o", "drift_l2", "drift_ssim",
                                                "fid_vs_base"}
-    assert (tmp_path / "ev" / "report.html").read_text().count("<img") == 2 * 2 * 13
-    assert len(list((tmp_path / "ev" / "images" / "erased").glob("*.png"))) == 26
+    assert (tmp_path / "ev" / "report.html").read_text().count("<img") == 2 * 2 * 17  # 13 prompts + 4 compositions
+    assert len(list((tmp_path / "ev" / "images" / "erased").glob("*.png"))) == 34
+    assert saved["metrics"]["erased"]["acc_c"] is not None
     assert res["metrics"]["base"]["drift_l2"] == 0.0
     with pytest.raises(TraceEraseError, match="already exists"):
         evaluate(handle, None, "toy-objects", "circle", tmp_path / "ev", seeds=1, progress=False)

@@ -85,12 +85,14 @@ def suite_metrics(suite: str, items: list, judgements: list[dict]) -> dict[str, 
         return {"clip_e": clip_e, "clip_s": clip_s,
                 "h_a": h_styles(clip_s, clip_e) if clip_e is not None and clip_s is not None else None}
     correct = {g: [float(j["label"] == i.label) for i, j in zip(items, judgements, strict=True) if i.group == g]
-               for g in ("erased", "synonym", "other")}
+               for g in ("erased", "synonym", "other", "composed")}
     acc_e, acc_g, acc_s = _mean(correct["erased"]), _mean(correct["synonym"]), _mean(correct["other"])
     out = {"acc_e": acc_e, "acc_s": acc_s}
     if suite in ("objects", "toy-objects"):
         out["acc_g"] = acc_g
         out["h_o"] = h_objects(acc_e, acc_s, acc_g) if None not in (acc_e, acc_s, acc_g) else None
+        if correct["composed"]:  # the erased class inside compositions the erasure never saw (not part of H_o)
+            out["acc_c"] = _mean(correct["composed"])
     elif suite == "celebrities":
         out["h_c"] = h_identities(acc_e, acc_s) if None not in (acc_e, acc_s) else None
     return out
@@ -98,7 +100,8 @@ def suite_metrics(suite: str, items: list, judgements: list[dict]) -> dict[str, 
 
 # the bench table's columns per suite: (metric key, header, decimals)
 SUITE_COLUMNS: dict[str, tuple[tuple[str, str, int], ...]] = {
-    "objects": (("acc_e", "Acc_e ↓", 3), ("acc_s", "Acc_s ↑", 3), ("acc_g", "Acc_g ↓", 3), ("h_o", "H_o ↑", 3)),
+    "objects": (("acc_e", "Acc_e ↓", 3), ("acc_s", "Acc_s ↑", 3), ("acc_g", "Acc_g ↓", 3), ("acc_c", "Acc_comp ↓", 3),
+                ("h_o", "H_o ↑", 3)),
     "toy-styles": (("acc_e", "Acc_e ↓", 3), ("acc_s", "Acc_s ↑", 3)),
     "celebrities": (("acc_e", "Acc_e ↓", 3), ("acc_s", "Acc_s ↑", 3), ("h_c", "H_c ↑", 3)),
     "styles": (("clip_e", "CLIP_e ↓", 2), ("clip_s", "CLIP_s ↑", 2), ("h_a", "H_a ↑", 2)),
@@ -113,6 +116,6 @@ SHARED_COLUMNS = (("drift_l2", "drift L2 ↓", 4), ("drift_ssim", "SSIM ↑", 3)
 
 def columns(suite: str, present: set[str]) -> list[tuple[str, str, int]]:
     """The table columns for ``suite``: its own, then the shared ones that have values (``present``)."""
-    own = list(SUITE_COLUMNS[suite])
+    own = [c for c in SUITE_COLUMNS.get(suite, ()) if c[0] != "acc_c" or "acc_c" in present]
     keys = {k for k, _, _ in own}
     return own + [c for c in SHARED_COLUMNS if c[0] in present and c[0] not in keys]

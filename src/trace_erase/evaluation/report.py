@@ -11,7 +11,8 @@ from typing import Any
 
 from .metrics import columns
 
-GROUP_NAMES = {"erased": "erased concept", "synonym": "synonym (generality)", "other": "retained"}
+GROUP_NAMES = {"erased": "erased concept", "synonym": "synonym (generality)", "other": "retained",
+               "composed": "composition (generality)"}
 
 
 def _thumbs(folder: Path, n: int, blur: bool) -> dict[str, list[str]]:

@@ -59,6 +59,7 @@ class ClassSet:
     zero_shot: str
     imagenet_index: dict[str, tuple[int, ...]] = field(default_factory=dict)
     source: str = ""  # how it was named: a bundled set's name or the JSON file's path
+    compositions: bool = False  # add the "composed" group (attribute compositions; the toy world's)
 
     def class_of(self, concept: str) -> str:
         """The class a concept names (the class or one of its synonyms), case-insensitively."""
@@ -113,7 +114,7 @@ def load_class_set(spec: str | None = "cifar10") -> ClassSet:
     spec = spec or "cifar10"
     if spec == "toy":  # the toy world's classes through the same code path (its prompts as the toy suite had them)
         return ClassSet("toy", {c: tuple(SYNONYMS[c]) for c in CLASSES}, "a photo of a {}", "a photo of {a} {}",
-                        "a photo of a {}", source="toy")
+                        "a photo of a {}", source="toy", compositions=True)
     if spec in CLASS_SETS:
         data = _data(spec)
     else:
@@ -156,11 +157,34 @@ def toy_class_of(concept: str) -> str:
         raise TraceEraseError(f"'{concept}' is not a toy object class; choose one of {', '.join(CLASSES)}") from None
 
 
+# the "composed" group: the class or a synonym inside colour / style / background compositions, in templates that
+# neither stage A's augmentations nor the suite's own prompts use (ours; the toy captions' vocabulary)
+COMPOSITIONS = ("{a} {color} {style} {name} on a {bg} background", "a simple {color} {name}",
+                "{a} {style} {name} in the middle", "a {color} {name} on a {bg} background")
+
+
+def composed(cls: str, synonyms: tuple[str, ...], seed: int) -> list[str]:
+    """The composed prompts of ``cls`` for ``seed``: each template once, names and attributes varying with both."""
+    from ..toyworld.render import BACKGROUNDS, COLORS
+
+    names, colors, backgrounds = (cls, *synonyms), list(COLORS), [b for b in BACKGROUNDS if b != "white"]
+    out = []
+    for k, template in enumerate(COMPOSITIONS):
+        name = names[(seed + k) % len(names)]
+        words = {"color": colors[(seed + 2 * k) % len(colors)], "style": STYLES[1 + (seed + k) % (len(STYLES) - 1)],
+                 "bg": backgrounds[(seed + k) % len(backgrounds)], "name": name}
+        text = template.replace("{a} ", "").format(**words)
+        out.append(f"{article(text)} {text}" if template.startswith("{a}") else text)
+    return out
+
+
 def _objects(concept: str, seeds: int, cs: ClassSet) -> list[PromptItem]:
     cls = cs.class_of(concept)
     items = [PromptItem(fill(cs.template, cls), s, "erased", cls) for s in range(seeds)]
     for syn in cs.classes[cls]:
         items += [PromptItem(fill(cs.synonym_template, syn), s, "synonym", cls) for s in range(seeds)]
+    if cs.compositions:
+        items += [PromptItem(p, s, "composed", cls) for s in range(seeds) for p in composed(cls, cs.classes[cls], s)]
     for other in cs.classes:
         if other != cls:
             items += [PromptItem(fill(cs.template, other), s, "other", other) for s in range(seeds)]
