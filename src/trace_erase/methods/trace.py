@@ -1,5 +1,6 @@
-"""TRACE (arXiv 2505.23312): ``trace`` (stage A then stage B), ``trace-closed-form`` (stage A alone) and
-``trace-late-only`` (stage B reading (a): states sampled only from the LATE window).
+"""TRACE (arXiv 2505.23312): ``trace`` (stage A then stage B), ``trace-closed-form`` (stage A alone),
+``trace-stage-b`` (stage B alone, for ablations) and ``trace-late-only`` (stage B reading (a): states sampled only
+from the LATE window).
 
 Stage A's exact form is our reconstruction (spec [R]): MACE-style surrounding tokens — the concept's tokens and
 every position after it, padding included — over ~30 augmented prompts, aligned with the anchor prompt; every token
@@ -27,6 +28,13 @@ TRACE = MethodSpec(
     engine="both",
     summary="TRACE: stage A, then a LoRA that reverses guidance only in LATE steps and keeps EARLY steps",
     defaults=STAGE_A,
+    trajectory=STAGE_B,
+)
+
+TRACE_STAGE_B = MethodSpec(
+    name="trace-stage-b",
+    engine="trajectory",
+    summary="TRACE stage B alone (no stage A): an ablation, the LATE-reversal LoRA on the original model",
     trajectory=STAGE_B,
 )
 
