@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
-	$(PY) -m pip install -q -c constraints.txt -c $(VENV)/torch-constraint.txt -e ".[dev,nudity,quality]"
+	$(PY) -m pip install -q -c constraints.txt -c $(VENV)/torch-constraint.txt -e ".[dev,nudity,quality,plots]"
 	touch $@
 
 test: setup

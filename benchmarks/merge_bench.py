@@ -1,9 +1,13 @@
-"""Merge `trace-erase bench` outputs that split the concepts across processes into one bench.json + bench.md.
+"""Merge `trace-erase bench` outputs that split the concepts across processes into one bench.json + bench.md
+(+ figures and report.html).
 
 Two 1-thread processes on disjoint concept lists finish in half the wall time of one; this recomputes the means
 over all their rows with the bench's own code. The runs must share model, suite, seeds, options and sweep.
 
     python benchmarks/merge_bench.py out/sweep-a/bench.json out/sweep-b/bench.json --output out/sweep
+
+With --relabel the runs may use different --option values (variants run in parallel): each run's rows are named
+after its options, e.g. ``trace{reference=original}``, and become rows of one table.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 from trace_erase.artifacts.erasure import atomic_folder, commit_folder
 from trace_erase.errors import TraceEraseError
-from trace_erase.evaluation.bench import markdown, merge_results
+from trace_erase.evaluation.bench import markdown, merge_results, write_tables
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,17 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("inputs", nargs="+", type=Path, help="bench.json files")
     ap.add_argument("--output", type=Path, required=True, help="folder for the merged bench.json and bench.md")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    ap.add_argument("--relabel", action="store_true", help="runs with different --option values: name rows by them")
     args = ap.parse_args(argv)
     missing = [str(p) for p in args.inputs if not p.is_file()]
     if missing:
         raise SystemExit(f"error: not found: {', '.join(missing)}; give the bench.json files of finished runs")
     try:
-        result = merge_results([json.loads(p.read_text()) for p in args.inputs])
+        result = merge_results([json.loads(p.read_text()) for p in args.inputs], relabel=args.relabel)
         final, tmp = atomic_folder(args.output, args.overwrite, "merged bench output")
     except TraceEraseError as e:
         raise SystemExit(f"error: {e}") from None
     (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (tmp / "bench.md").write_text(markdown(result))
+    write_tables(result, tmp)
     commit_folder(tmp, final)
     print(markdown(result))
     return 0

@@ -126,6 +126,9 @@ def test_bench_micro(micro_sd, tmp_path, capsys) -> None:
     md = (tmp_path / "b" / "bench.md").read_text()
     assert "| uce |" in md and "H_o" in md
     assert len(result["means"][1]["h_o_ci95"]) == 2 and "bootstrap 95 %" in md
+    report = (tmp_path / "b" / "report.html").read_text()
+    assert (tmp_path / "b" / "tradeoff.png").stat().st_size > 1000 and 'src="tradeoff.png"' in report
+    assert 'href="runs/circle/uce/report.html"' in report
     assert (tmp_path / "b" / "runs" / "circle" / "esd-x" / "report.html").is_file()
 
 
@@ -241,3 +244,20 @@ def test_bootstrap_intervals_over_concepts_and_seeds() -> None:
     assert lo < hi and lo >= 0.0 and hi <= 1.0
     lo, hi = bootstrap("toy-objects", mixed, draws=500)["drift_l2"]
     assert lo < 0.2 < hi
+
+
+def test_merge_relabel_makes_option_variants_rows_of_one_table() -> None:
+    from trace_erase.evaluation.bench import merge_results
+
+    def run(options: dict, h_o: float) -> dict:
+        rows = [{"concept": "circle", "method": "base", "status": "ok", "h_o": 0.0},
+                {"concept": "circle", "method": "trace", "status": "ok", "h_o": h_o}]
+        return {"model": "m", "suite": "toy-objects", "seeds_per_prompt": 1, "options": options, "sweep": [],
+                "methods": ["trace"], "concepts": ["circle"], "rows": rows}
+
+    merged = merge_results([run({}, 0.8), run({"reference": "original"}, 0.9)], relabel=True)
+    names = [e["method"] for e in merged["means"]]
+    assert names == ["base", "trace", "trace{reference=original}"]
+    assert [e["h_o"] for e in merged["means"]][1:] == [0.8, 0.9]
+    with pytest.raises(TraceEraseError, match="differ in 'options'"):
+        merge_results([run({}, 0.8), run({"reference": "original"}, 0.9)])

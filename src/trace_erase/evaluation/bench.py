@@ -142,7 +142,7 @@ def run_bench(
         "method_configs": {m: dataclasses.asdict(get_method(m)) for m in dict.fromkeys(r[0] for r in runs)},
     }
     _write_json(work / "bench.json", result)
-    (work / "bench.md").write_text(markdown(result))
+    write_tables(result, work)
     commit_folder(work, final)
     return result
 
@@ -217,20 +217,49 @@ def summarize(rows: list[dict[str, Any]], suite: str | None = None) -> list[dict
 MERGE_SHARED = ("model", "suite", "seeds_per_prompt", "options", "sweep", "methods")
 
 
-def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Bench results of processes that split the concepts, as one result: all rows, means recomputed. The runs must
-    share model, suite, seeds, options, sweep and methods, and cover disjoint concepts."""
+def merge_results(results: list[dict[str, Any]], relabel: bool = False) -> dict[str, Any]:
+    """Bench results of processes that split the work, as one result: all rows, means recomputed.
+
+    By default the runs must share model, suite, seeds, options, sweep and methods, and cover disjoint concepts. With
+    ``relabel`` they may differ in options (and methods): each run's rows are named ``method{key=value,...}`` after
+    its options, so variants run in parallel processes become rows of one table (one base row per concept is kept)."""
     first = results[0]
+    shared = [k for k in MERGE_SHARED if not relabel or k not in ("options", "methods", "sweep")]
     for r in results[1:]:
-        for key in MERGE_SHARED:
+        for key in shared:
             if r[key] != first[key]:
                 raise TraceEraseError(f"the runs differ in '{key}' ({first[key]} vs {r[key]}); merge only runs made "
                                       "with the same settings")
-    concepts = [c for r in results for c in r["concepts"]]
-    if len(set(concepts)) != len(concepts):
-        raise TraceEraseError("a concept appears in two runs; merge runs over disjoint --concepts")
-    rows = [row for r in results for row in r["rows"]]
-    return {**first, "concepts": concepts, "rows": rows, "means": summarize(rows, first["suite"])}
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for r in results:
+        tag = "{" + ",".join(f"{k}={v}" for k, v in sorted(r["options"].items())) + "}" if relabel and r["options"] \
+            else ""
+        for row in r["rows"]:
+            name = row["method"] if row["method"] == "base" else row["method"] + tag
+            if (row["concept"], name) in seen:
+                if name == "base" and relabel:
+                    continue
+                raise TraceEraseError(f"{row['concept']} / {name} appears in two runs; merge runs over disjoint "
+                                      "--concepts (or different options, with relabel)")
+            seen.add((row["concept"], name))
+            rows.append({**row, "method": name})
+    concepts = list(dict.fromkeys(c for r in results for c in r["concepts"]))
+    merged = {**first, "concepts": concepts, "rows": rows, "means": summarize(rows, first["suite"])}
+    if relabel:
+        merged["options"] = {"per run": [r["options"] for r in results]}
+    return merged
+
+
+def write_tables(result: dict[str, Any], folder: Path) -> list[Path]:
+    """``bench.md``, the figures (``tradeoff.png``, ``per_concept.png``; with matplotlib) and ``report.html``."""
+    from .plots import bench_figures, bench_report
+
+    table = markdown(result)
+    (folder / "bench.md").write_text(table)
+    figures = bench_figures(result, folder)
+    bench_report(result, folder, table, figures)
+    return figures
 
 
 def markdown(result: dict[str, Any]) -> str:
