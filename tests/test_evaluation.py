@@ -261,3 +261,33 @@ def test_merge_relabel_makes_option_variants_rows_of_one_table() -> None:
     assert [e["h_o"] for e in merged["means"]][1:] == [0.8, 0.9]
     with pytest.raises(TraceEraseError, match="differ in 'options'"):
         merge_results([run({}, 0.8), run({"reference": "original"}, 0.9)])
+
+
+def test_bench_report_renders_in_headless_chromium(tmp_path) -> None:
+    """The bench report (figures + table) renders in a real browser; skipped where Debian's chromium is absent."""
+    import shutil
+    import subprocess
+
+    from trace_erase.evaluation.bench import summarize, write_tables
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    rows = []
+    for concept, h in (("circle", 0.9), ("square", 0.7)):
+        rows.append({"concept": concept, "method": "base", "status": "ok", "h_o": 0.0, "drift_l2": 0.0})
+        for method, shift in (("trace", 0.05), ("uce", -0.2)):
+            rows.append({"concept": concept, "method": method, "status": "ok", "h_o": h + shift,
+                         "drift_l2": 0.1 - shift / 4, "acc_e": 0.1, "acc_s": 0.9, "acc_g": 0.1, "erase_s": 1.0})
+    result = {"model": "toy-sd", "suite": "toy-objects", "concepts": ["circle", "square"], "seeds_per_prompt": 1,
+              "options": {}, "rows": rows, "means": summarize(rows, "toy-objects")}
+    figures = write_tables(result, tmp_path)
+    assert [f.name for f in figures] == ["tradeoff.png", "per_concept.png"]
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1000,900",
+                    f"--screenshot={shot}", (tmp_path / "report.html").as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        pixels = np.asarray(im.convert("L"))
+    assert pixels.std() > 10  # something was drawn (figures and table), not a blank page

@@ -45,17 +45,18 @@ def bench_figures(result: dict[str, Any], folder: Path) -> list[Path]:
     if means and any(e.get("drift_l2") is not None for e in means):
         fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
         for e in means:
-            if e.get("drift_l2") is None:
+            if e.get("drift_l2") is None or e["method"] == "base":  # base: no erasure (H 0, drift 0) squashes the axes
                 continue
             x, y = e["drift_l2"], e[key]
             xe = _err(x, e.get("drift_l2_ci95"))
             ye = _err(y, e.get(f"{key}_ci95"))
-            ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, color="C3" if e["method"].startswith("trace")
-                        else "C0" if e["method"] != "base" else "0.5")
+            ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3,
+                        color="C3" if e["method"].startswith("trace") else "C0")
             ax.annotate(e["method"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xlabel(LABELS["drift_l2"])
         ax.set_ylabel(LABELS.get(key, key))
-        ax.set_title(f"{result['model']} · {result['suite']} · {len(result['concepts'])} concepts", fontsize=10)
+        ax.set_title(f"{result['model']} · {result['suite']} · {len(result['concepts'])} concepts "
+                     "(bars: bootstrap 95 % intervals)", fontsize=9)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = folder / "tradeoff.png"
