@@ -337,7 +337,7 @@ def test_stage_b_targets_follow_the_reference_model(reference) -> None:
     for other in (erase_loss(*wrong, sample=0), erase_loss(*right, sample=0, sign=1.0),
                   erase_loss(ea[1][0], ea[1][1], sample=1)):  # wrong reference, flipped η, swapped window
         assert abs(other - expected) > 0.02 * expected, other
-    assert float(terms["early"]) < 1e-10  # EARLY keeps θ*'s prediction: zero at init
+    assert float(terms["early"].detach()) < 1e-10  # EARLY keeps θ*'s prediction: zero at init
 
 
 def test_stage_b_moves_late_predictions_and_keeps_early_ones() -> None:
