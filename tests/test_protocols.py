@@ -14,7 +14,7 @@ import torch
 from trace_erase import TraceEraseError, erase
 from trace_erase.cli import main
 from trace_erase.evaluation.metrics import suite_metrics
-from trace_erase.evaluation.rescore import rescore
+from trace_erase.evaluation.rescoring import rescore
 from trace_erase.evaluation.run import evaluate
 from trace_erase.evaluation.scorers import ScorerOptions, build_scorer, scorer_for
 from trace_erase.evaluation.suites import PromptItem, build_suite
@@ -278,6 +278,9 @@ def test_rescore_saved_images_equals_original(tiny_sd, tiny_clip, tmp_path) -> N
     er = erase(tiny_sd, ["cat"], method="uce", progress=False)
     first = evaluate(tiny_sd, er, "objects", "cat", tmp_path / "ev", seeds=1, progress=False,
                      scorer=f"clip:{tiny_clip}")
+    import trace_erase.evaluation as public
+
+    assert public.rescore is rescore and public.evaluate is evaluate  # the package exports the functions
     again = rescore(tmp_path / "ev", f"clip:{tiny_clip}", tmp_path / "re")
     assert again["per_image"] == first["per_image"] and again["metrics"] == first["metrics"]
     assert again["settings"]["rescored_from"]["folder"] == str(tmp_path / "ev")

@@ -128,7 +128,7 @@ def rescore(
 ) -> None:
     """Score an evaluation's saved images again with another scorer (nothing is regenerated): same prompts, seeds
     and sampler; the new scorer's identity and judgements in a new folder."""
-    from ..evaluation.rescore import rescore as run_rescore
+    from ..evaluation.rescoring import rescore as run_rescore
 
     runtime = runtime_from(device, "auto", "none", None)
     res = run_rescore(results_dir, scorer, output, scorer_options(gallery, class_map, arch, allow_pickle, threshold,
