@@ -20,6 +20,18 @@ from pathlib import Path
 from trace_erase.artifacts.erasure import atomic_folder, commit_folder
 from trace_erase.errors import TraceEraseError
 from trace_erase.evaluation.bench import markdown, merge_results, write_tables
+from trace_erase.evaluation.intervals import units
+
+
+def with_units(path: Path) -> dict:
+    """A bench.json whose rows carry per-seed units (for the intervals); a bench written before rows had them gets
+    them from its runs' saved results.json (per-image judgements), where the run folders are still next to it."""
+    result = json.loads(path.read_text())
+    for row in result["rows"]:
+        saved = path.parent / "runs" / row["concept"] / row["method"] / "results.json"
+        if row.get("status") == "ok" and not row.get("units") and saved.is_file():
+            row["units"] = units(json.loads(saved.read_text()))
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"error: not found: {', '.join(missing)}; give the bench.json files of finished runs")
     try:
-        result = merge_results([json.loads(p.read_text()) for p in args.inputs], relabel=args.relabel)
+        result = merge_results([with_units(p) for p in args.inputs], relabel=args.relabel)
         final, tmp = atomic_folder(args.output, args.overwrite, "merged bench output")
     except TraceEraseError as e:
         raise SystemExit(f"error: {e}") from None
