@@ -44,14 +44,13 @@ def bench_figures(result: dict[str, Any], folder: Path) -> list[Path]:
     out = []
     if means and any(e.get("drift_l2") is not None for e in means):
         fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
-        for e in means:
-            if e.get("drift_l2") is None or e["method"] == "base":  # base: no erasure (H 0, drift 0) squashes the axes
+        for i, e in enumerate(m for m in means if m["method"] != "base"):
+            if e.get("drift_l2") is None:  # base (no erasure: H 0, drift 0) is left out: it squashes the axes
                 continue
             x, y = e["drift_l2"], e[key]
             xe = _err(x, e.get("drift_l2_ci95"))
             ye = _err(y, e.get(f"{key}_ci95"))
-            ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3,
-                        color="C3" if e["method"].startswith("trace") else "C0")
+            ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, color=f"C{i % 10}")
             ax.annotate(e["method"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xlabel(LABELS["drift_l2"])
         ax.set_ylabel(LABELS.get(key, key))
@@ -72,8 +71,7 @@ def bench_figures(result: dict[str, Any], folder: Path) -> list[Path]:
         for i, m in enumerate(methods):
             vals = {r["concept"]: r[key] for r in rows if r["method"] == m}
             xs = [k + (i - (len(methods) - 1) / 2) * width for k in range(len(concepts))]
-            ax.bar(xs, [vals.get(c, 0.0) for c in concepts], width, label=m,
-                   color=f"C{(i + 3) % 10}" if m.startswith("trace") else f"C{i % 10}")
+            ax.bar(xs, [vals.get(c, 0.0) for c in concepts], width, label=m, color=f"C{i % 10}")
         ax.set_xticks(range(len(concepts)), concepts, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(LABELS.get(key, key))
         ax.legend(fontsize=7, ncol=min(4, len(methods)))
