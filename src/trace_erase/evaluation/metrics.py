@@ -32,10 +32,15 @@ def _to_float(images: np.ndarray) -> np.ndarray:
     return x / 255.0 if raw.dtype == np.uint8 or x.max() > 1.5 else x
 
 
+def pixel_drifts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per image: mean per-pixel L2 distance (RGB in [0, 1]) between image batches ``[N, H, W, 3]``."""
+    x, y = _to_float(a), _to_float(b)
+    return np.sqrt(((x - y) ** 2).sum(-1)).reshape(len(x), -1).mean(1)
+
+
 def pixel_drift(a: np.ndarray, b: np.ndarray) -> float:
     """Mean per-pixel L2 distance (RGB in [0, 1]) between image batches ``[N, H, W, 3]`` of the same seeds."""
-    x, y = _to_float(a), _to_float(b)
-    return float(np.sqrt(((x - y) ** 2).sum(-1)).mean())
+    return float(pixel_drifts(a, b).mean())
 
 
 def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:

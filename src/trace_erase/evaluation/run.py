@@ -19,6 +19,7 @@ from ..models import ModelHandle
 from ..sampling import generate_images, sampler_settings
 from .report import write_report
 from .scorers import Scorer, ScorerOptions, scorer_for
+from .scorers.base import version
 from .scoring import check_protocol, score_run
 from .suites import PromptItem, Suite, build_suite
 
@@ -157,7 +158,7 @@ def evaluate(
             "erasure_scale": scale if erasure else None,
             "erasure_config": erasure.manifest.get("config") if erasure else None,
             "drift": "over the 'other' prompts: mean per-pixel RGB L2 in [0,1] and 7×7 luminance SSIM vs base",
-            "quality": {"library": "torchmetrics " + str(_version("torchmetrics")),
+            "quality": {"library": "torchmetrics " + str(version("torchmetrics")),
                         "fid_vs_base": "toy features, 'other' prompts (toy scorer only)",
                         "reference": str(reference) if reference else None, "fid_features": fid_features,
                         "fid_weights": str(fid_weights) if fid_weights else None,
@@ -199,15 +200,6 @@ def write_results(final: Path, overwrite: bool, results: dict[str, Any], base: n
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _version(package: str) -> str | None:
-    import importlib.metadata as md
-
-    try:
-        return md.version(package)
-    except md.PackageNotFoundError:
-        return None
 
 
 def process_state() -> Any:

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import TraceEraseError
-from .metrics import pixel_drift, ssim, suite_metrics
+from .metrics import pixel_drifts, ssim, suite_metrics
 from .scorers import Scorer
+from .scorers.base import version
 from .suites import PromptItem, Suite
 
 
@@ -32,8 +33,9 @@ def score_run(suite: Suite, scorer: Scorer, base: np.ndarray, erased: np.ndarray
     judged["erased"] = judged["base"] if erased is base else scorer.judge(erased, items, suite)
     metrics = {side: suite_metrics(suite.name, items, j) for side, j in judged.items()}
     other = np.array([i.group == "other" for i in items])
-    if other.any() and suite.name != "nudity":
-        metrics["erased"]["drift_l2"] = pixel_drift(base[other], erased[other])
+    drifts = pixel_drifts(base[other], erased[other]) if other.any() and suite.name != "nudity" else None
+    if drifts is not None:
+        metrics["erased"]["drift_l2"] = float(drifts.mean())
         metrics["erased"]["drift_ssim"] = ssim(base[other], erased[other])
         metrics["base"]["drift_l2"], metrics["base"]["drift_ssim"] = 0.0, 1.0
     quality = quality_metrics(items, base, erased, other, reference, fid_features, fid_weights, clip_model,
@@ -41,16 +43,10 @@ def score_run(suite: Suite, scorer: Scorer, base: np.ndarray, erased: np.ndarray
     for key, (b_val, e_val) in quality.items():
         metrics["base"][key], metrics["erased"][key] = b_val, e_val
     per_image = [{"base": judged["base"][k], "erased": judged["erased"][k]} for k in range(len(items))]
-    if erased is not base and suite.name != "nudity":  # per-image drift of the retained prompts (for intervals)
-        for k in np.flatnonzero(other):
-            per_image[k]["drift_l2"] = round(pixel_drift(base[k : k + 1], erased[k : k + 1]), 6)
+    if drifts is not None and erased is not base:  # per-image drift of the retained prompts (for intervals)
+        for k, d in zip(np.flatnonzero(other), drifts, strict=True):
+            per_image[k]["drift_l2"] = round(float(d), 6)
     return metrics, per_image
-
-
-def _has_torchmetrics() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torchmetrics") is not None
 
 
 def quality_metrics(items: list[PromptItem], base: np.ndarray, erased: np.ndarray, other: np.ndarray,
@@ -61,7 +57,7 @@ def quality_metrics(items: list[PromptItem], base: np.ndarray, erased: np.ndarra
     from .quality import clip_score, fid, fids, read_images
 
     out: dict[str, tuple[float | None, float | None]] = {}
-    if toy and _has_torchmetrics() and int(other.sum()) >= 2:
+    if toy and version("torchmetrics") is not None and int(other.sum()) >= 2:
         out["fid_vs_base"] = (0.0, fid(base[other], erased[other], features="toy"))
     if reference is not None:
         ref = read_images(reference, size=base.shape[1])

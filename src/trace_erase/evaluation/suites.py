@@ -294,7 +294,5 @@ def build_suite(name: str, concept: str, seeds: int = 10, prompts: str | Path | 
     else:
         labels = ()
     zero_shot = {lab: fill(cs.zero_shot, lab) for lab in labels} if cs is not None else {}
-    if name == "styles":
-        zero_shot = {}
     return Suite(name, ",".join(concepts) if concepts else (concept or ""), items, labels, zero_shot, cs,
                  str(prompts) if prompts is not None else "built-in")
