@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .artifacts.commands import MaxRankOpt, UngatedOpt
 from .cli_common import (
     BatchOpt,
     DeviceOpt,
@@ -41,6 +42,10 @@ def erase(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from OUTPUT.partial")] = False,
     gate_tau: Annotated[float | None, typer.Option(help="stage-B LoRA active only for t < τ at inference")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="allow loading pickle (.bin/.ckpt) weights")] = False,
+    format: Annotated[str | None, typer.Option(help="also export to OUTPUT/export-FORMAT.safetensors: kohya, full or "
+                                                    "diffusers (see `trace-erase export`)")] = None,
+    max_rank: MaxRankOpt = None,
+    ungated: UngatedOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     offload: OffloadOpt = "none",
@@ -85,6 +90,13 @@ def erase(
     runtime = runtime_from(device, dtype, offload, None)
     if spec.uses_trajectory:
         runtime.check_training()
+    export_options = None
+    if format is not None or max_rank is not None or ungated:
+        from .artifacts.export import ExportOptions, check_gate
+
+        export_options = ExportOptions(format=format or "kohya", max_rank=max_rank, ungated=ungated)
+        tau = method_configs(spec, options)[1]
+        check_gate({"tau": tau.gate_tau} if tau is not None and tau.gate_tau is not None else None, export_options)
     workdir = prepare_workdir(final, resume, overwrite, "erase")
     if (workdir / CHECKPOINT_NAME).is_file():  # a corrupt checkpoint is refused before anything runs
         read_checkpoint(workdir / CHECKPOINT_NAME)
@@ -93,6 +105,16 @@ def erase(
                        workdir=workdir if spec.uses_trajectory else None, **options)
     path = result.save(final, overwrite=overwrite)
     shutil.rmtree(workdir, ignore_errors=True)
+    if export_options is not None:
+        from .artifacts.commands import echo_record
+        from .artifacts.export import export_erasure
+
+        target = path / f"export-{export_options.format}.safetensors"
+        try:
+            echo_record(export_erasure(result, handle, export_options, target, overwrite=True), path)
+        except TraceEraseError as exc:
+            raise TraceEraseError(f"the erasure is written to '{path}', but exporting it failed: {exc}; "
+                                  "export it again with `trace-erase export`") from exc
     summary = result.certificate.get("summary", {})
     typer.echo(
         f"erased {', '.join(c['name'] for c in result.manifest['concepts'])} with {method} "
@@ -169,12 +191,18 @@ def generate(
 
 
 @app.command()
-def info(directory: Annotated[str, typer.Argument(help="erasure folder")]) -> None:
-    """Show an erasure's manifest and certificate."""
+def info(directory: Annotated[str, typer.Argument(help="erasure folder, or a file written by `export`")]) -> None:
+    """Show an erasure's manifest and certificate (or what an exported file holds)."""
     from rich.console import Console
     from rich.table import Table
 
     from .artifacts import load_erasure
+
+    if Path(directory).is_file():
+        from .artifacts.commands import info_file
+
+        info_file(directory)
+        return
 
     er = load_erasure(directory)
     m = er.manifest
@@ -283,8 +311,10 @@ def demo(
 DEMO_OPTIONS: dict[str, Any] = {"steps": 150}
 
 
-from .evaluation.commands import bench, eval_, print_headline, rescore  # noqa: E402 - registered in this order
+from .artifacts.commands import export  # noqa: E402 - registered in this order
+from .evaluation.commands import bench, eval_, print_headline, rescore  # noqa: E402
 
+app.command()(export)
 app.command("eval")(eval_)
 app.command()(rescore)
 app.command()(bench)

@@ -383,3 +383,31 @@ class StreamCertifier:
             "collateral_preserve": collateral(self.preserve, self.counts["preserve"]),
             "collateral_probe": collateral(self.probe, self.counts["probe"]),
         }
+
+
+def certify_delta(st: GramStats, w: torch.Tensor, delta: torch.Tensor) -> dict[str, float | None]:
+    """The certificate of W' = W + ΔW for any ΔW, not only the solve's W(S − I): a truncated export's delta, or the
+    stage-A delta plus an always-on stage-B LoRA on the same projection. ``w`` and ``delta`` are the stream's columns.
+
+    Every squared norm is a trace against a Gram matrix: Σ‖W'e − Wa‖² = tr(W'G_eW'ᵀ) − 2tr(W'CWᵀ) + tr(WG_aWᵀ).
+    """
+    w, delta = w.double(), delta.double()
+    wn = w + delta
+
+    def tr(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor) -> float:  # tr(X G Yᵀ)
+        return float(((x @ g) * y).sum())
+
+    target = tr(w, st.g_a, w)
+
+    def ratio(num: float, den: float) -> float:
+        return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+
+    def collateral(g: torch.Tensor, n: int) -> float | None:
+        return ratio(tr(delta, g, delta), tr(w, g, w)) if n else None
+
+    return {
+        "erasure_residual": ratio(tr(wn, st.g_e, wn) - 2 * tr(wn, st.c, w) + target, target),
+        "erasure_residual_before": ratio(tr(w, st.g_e, w) - 2 * tr(w, st.c, w) + target, target),
+        "collateral_preserve": collateral(st.g_p, st.counts["preserve"]),
+        "collateral_probe": collateral(st.g_q, st.counts["probe"]),
+    }

@@ -1,0 +1,129 @@
+"""Module names under the kohya / A1111 / ComfyUI conventions, per model family.
+
+A kohya LoRA key is ``lora_unet_<module path with '_' for '.'>.{lora_down.weight, lora_up.weight, alpha}``. What the
+module path is depends on the family:
+
+- SD1.x/2.x: the diffusers UNet path (kohya trains SD1 on diffusers' UNet).
+- SDXL: the sgm/LDM path (``input_blocks.4.1…``), the names kohya's SDXL tools and A1111 use; when an erasure edits
+  a layer outside the attention blocks and embeddings (ESD-u's resnets), the whole file keeps the diffusers path,
+  which A1111, ComfyUI and diffusers also read (mixing the two makes diffusers drop the sgm keys).
+- FLUX: the BFL path, where several diffusers projections are one fused module (``txt_attn_qkv`` = add_q ⊕ add_k ⊕
+  add_v): a :class:`KohyaModule` then lists its members in row order, and the exporter writes the members that were
+  not trained as zero blocks (sd-scripts' converter drops a fused module whose first member is missing).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import TraceEraseError
+
+KOHYA_KEY = re.compile(r"^lora_(unet|te[123]?)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+@dataclass(frozen=True)
+class KohyaModule:
+    """One module of a kohya file: its name and the denoiser modules (relative to the denoiser) whose output rows it
+    stacks, in order. A plain module has one member."""
+
+    name: str
+    members: tuple[str, ...]
+
+
+def _key(path: str) -> str:
+    return "lora_unet_" + path.replace(".", "_")
+
+
+# ---- SDXL: diffusers → sgm ---------------------------------------------------------------------------------------
+_SDXL_DOWN = re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
+_SDXL_UP = re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
+_SDXL_MID = re.compile(r"^mid_block\.attentions\.0\.(.+)$")
+_SDXL_EMBED = {
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+}
+
+
+def sgm_name(module: str, layers_per_block: int) -> str | None:
+    """The sgm/LDM path of a diffusers SDXL UNet module, or None when outside the table (resnets, samplers)."""
+    if module in _SDXL_EMBED:
+        return _SDXL_EMBED[module]
+    if m := _SDXL_DOWN.match(module):
+        b, j, rest = int(m[1]), int(m[2]), m[3]
+        return f"input_blocks.{b * (layers_per_block + 1) + 1 + j}.1.{rest}"
+    if m := _SDXL_UP.match(module):
+        b, j, rest = int(m[1]), int(m[2]), m[3]
+        return f"output_blocks.{b * (layers_per_block + 1) + j}.1.{rest}"
+    if m := _SDXL_MID.match(module):
+        return f"middle_block.1.{m[1]}"
+    return None
+
+
+# ---- FLUX: diffusers → BFL ---------------------------------------------------------------------------------------
+_FLUX_DOUBLE = {
+    ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"): "txt_attn_qkv",
+    ("attn.to_q", "attn.to_k", "attn.to_v"): "img_attn_qkv",
+    ("attn.to_add_out",): "txt_attn_proj",
+    ("attn.to_out.0",): "img_attn_proj",
+    ("ff.net.0.proj",): "img_mlp_0",
+    ("ff.net.2",): "img_mlp_2",
+    ("ff_context.net.0.proj",): "txt_mlp_0",
+    ("ff_context.net.2",): "txt_mlp_2",
+    ("norm1.linear",): "img_mod_lin",
+    ("norm1_context.linear",): "txt_mod_lin",
+}
+_FLUX_SINGLE = {
+    ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"): "linear1",
+    ("proj_out",): "linear2",
+    ("norm.linear",): "modulation_lin",
+}
+_FLUX_GLOBAL = {
+    "context_embedder": "txt_in",
+    "x_embedder": "img_in",
+    "time_text_embed.text_embedder.linear_1": "vector_in_in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in_out_layer",
+    "time_text_embed.timestep_embedder.linear_1": "time_in_in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in_out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in_in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in_out_layer",
+}
+_FLUX_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+
+
+def _flux_module(module: str) -> KohyaModule:
+    if module in _FLUX_GLOBAL:
+        return KohyaModule(_key(_FLUX_GLOBAL[module]), (module,))
+    m = _FLUX_BLOCK.match(module)
+    if m:
+        kind, i, rest = m[1], m[2], m[3]
+        table, bfl = (_FLUX_DOUBLE, "double_blocks") if kind == "transformer_blocks" else (_FLUX_SINGLE,
+                                                                                          "single_blocks")
+        for members, name in table.items():
+            if rest in members:
+                return KohyaModule(_key(f"{bfl}.{i}.{name}"), tuple(f"{kind}.{i}.{p}" for p in members))
+    raise TraceEraseError(f"the FLUX module '{module}' has no name in the kohya/BFL convention; "
+                          "export with --format diffusers or --format full")
+
+
+# ---- all families ------------------------------------------------------------------------------------------------
+def kohya_modules(family: str, modules: list[str], unet_config: Any = None) -> tuple[list[KohyaModule], str]:
+    """The kohya modules that carry ``modules`` (diffusers names) and the naming used ("diffusers", "sgm", "bfl")."""
+    if family == "sd":
+        return [KohyaModule(_key(m), (m,)) for m in modules], "diffusers"
+    if family == "sdxl":
+        lpb = int(unet_config["layers_per_block"]) if unet_config is not None else 2
+        names = {m: sgm_name(m, lpb) for m in modules}
+        if all(v is not None for v in names.values()):
+            return [KohyaModule(_key(names[m]), (m,)) for m in modules], "sgm"
+        return [KohyaModule(_key(m), (m,)) for m in modules], "diffusers"
+    if family == "flux":
+        out: dict[str, KohyaModule] = {}
+        for m in modules:
+            km = _flux_module(m)
+            out.setdefault(km.name, km)
+        return list(out.values()), "bfl"
+    raise TraceEraseError(f"no kohya naming for the {family} family; export with --format diffusers")
