@@ -103,18 +103,26 @@ def erase(
     handle = load_model(model, allow_pickle=allow_pickle, runtime=runtime)
     result = run_erase(handle, concepts, method=method, anchor=anchor, preserve=preserve,
                        workdir=workdir if spec.uses_trajectory else None, **options)
-    path = result.save(final, overwrite=overwrite)
-    shutil.rmtree(workdir, ignore_errors=True)
-    if export_options is not None:
-        from .artifacts.commands import echo_record
+    records: list[dict[str, Any]] = []
+
+    def write_export(folder: Path) -> None:
         from .artifacts.export import export_erasure
 
-        target = path / f"export-{export_options.format}.safetensors"
-        try:
-            echo_record(export_erasure(result, handle, export_options, target, overwrite=True), path)
-        except TraceEraseError as exc:
-            raise TraceEraseError(f"the erasure is written to '{path}', but exporting it failed: {exc}; "
-                                  "export it again with `trace-erase export`") from exc
+        target = folder / f"export-{export_options.format}.safetensors"
+        records.append(export_erasure(result, handle, export_options, target, overwrite=True))
+
+    try:
+        path = result.save(final, overwrite=overwrite, extra=write_export if export_options else None)
+    except TraceEraseError as exc:
+        if spec.uses_trajectory and workdir.is_dir():
+            raise TraceEraseError(f"{exc}; stage B's progress is kept in '{workdir}': run again with --resume "
+                                  "and other export options") from exc
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
+    if records:
+        from .artifacts.commands import echo_record
+
+        echo_record(records[0], path)
     summary = result.certificate.get("summary", {})
     typer.echo(
         f"erased {', '.join(c['name'] for c in result.manifest['concepts'])} with {method} "
@@ -157,6 +165,10 @@ def generate(
     from .models.loading import peek_family
     from .sampling import check_scheduler, generate_images, sampler_settings
 
+    if steps is not None and steps < 1:
+        raise TraceEraseError(f"--steps must be ≥ 1 (got {steps})")
+    if num_images < 1:
+        raise TraceEraseError(f"--num-images must be ≥ 1 (got {num_images})")
     if Path(output).exists() and not overwrite:
         atomic_folder(output, overwrite)
     check_scheduler(scheduler, peek_family(model))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,8 +176,10 @@ class Erasure:
         return lora_to_delta(self.state_dict, self.prefix)
 
     # ---- files --------------------------------------------------------------------------------------------------
-    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
-        """Write the folder atomically: nothing is left behind if writing fails half-way."""
+    def save(self, directory: str | Path, overwrite: bool = False,
+             extra: Callable[[Path], None] | None = None) -> Path:
+        """Write the folder atomically: nothing is left behind if writing fails half-way. ``extra(folder)`` writes
+        more files into the folder before it is committed (exports); their hashes join the integrity record."""
         from safetensors.torch import save_file
 
         final, tmp = atomic_folder(directory, overwrite, "erasure output")
@@ -187,6 +190,8 @@ class Erasure:
             if self.gated_state_dict is not None:
                 save_file({k: v.contiguous() for k, v in self.gated_state_dict.items()},
                           str(tmp / GATED_WEIGHT_NAME), metadata={"format": "pt"})
+            if extra is not None:
+                extra(tmp)
             files = {p.name: file_sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
             manifest = {k: v for k, v in self.manifest.items() if k != "integrity"}
             manifest["integrity"] = {"files": files, "manifest": manifest_sha256(manifest)}

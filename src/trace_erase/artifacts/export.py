@@ -129,7 +129,7 @@ def plan_module(pairs: list[tuple[torch.Tensor, torch.Tensor]], options: ExportO
     """Decide how one module is exported and compute its factors (or dense delta) and reconstruction error."""
     delta = dense_delta(pairs)
     dense_params = delta.numel()
-    if options.format == "full":
+    if options.format == "full" and delta.dim() == 4:
         return ModuleExport("full", 0, 0, 0.0, 0, dense_params, delta=delta)
     if delta.dim() == 4:  # conv LoRA: kept as trained (already low rank), zero padding dropped
         a = torch.cat([p[0] for p in pairs]).double()
@@ -144,7 +144,7 @@ def plan_module(pairs: list[tuple[torch.Tensor, torch.Tensor]], options: ExportO
                             b=delta.new_zeros(delta.shape[0], 0))
     numerical = int((s > options.rank_tolerance * s[0]).sum())
     per_rank = delta.shape[0] + delta.shape[1]
-    if options.max_rank is None and numerical * per_rank >= dense_params:
+    if options.format == "full" or (options.max_rank is None and numerical * per_rank >= dense_params):
         return ModuleExport("full", 0, numerical, 0.0, numerical * per_rank, dense_params, delta=delta)
     r = min(numerical, options.max_rank or numerical)
     total = float((s**2).sum())
