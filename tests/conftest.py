@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from trace_erase.models.builders import (  # noqa: E402
     tiny_flux_pipeline,
+    tiny_sd3_pipeline,
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
 )
@@ -22,6 +23,9 @@ BUILDERS = {
     "sd2v": lambda seed=0: tiny_sd_pipeline(seed, prediction_type="v_prediction"),
     "sdxl": lambda seed=0: tiny_sdxl_pipeline(seed),
     "flux": lambda seed=0: tiny_flux_pipeline(seed),
+    "sd3": lambda seed=0: tiny_sd3_pipeline(seed),
+    "sd35": lambda seed=0: tiny_sd3_pipeline(seed, variant="sd35"),
+    "sd3-no-t5": lambda seed=0: tiny_sd3_pipeline(seed, variant="no-t5"),
 }
 FAMILIES = list(BUILDERS)
 

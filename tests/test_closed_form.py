@@ -12,7 +12,7 @@ from trace_erase.artifacts.lora import delta_to_lora, deltas_to_state_dict, lora
 from trace_erase.config import Concept
 from trace_erase.engines.closed_form import ClosedFormConfig, ClosedFormEngine, aligned_positions
 from trace_erase.models.base import TokenLayout
-from trace_erase.models.builders import tiny_flux_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from trace_erase.models.builders import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from .conftest import BUILDERS
 
@@ -134,7 +134,8 @@ def test_bidirectional_stream_maps_every_position_of_a_flux_prompt() -> None:
 def _pred(adapter, prompts, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(adapter.latent_shape(1), generator=g).repeat(len(prompts), 1, 1, 1)  # same latent per prompt
-    t = torch.full((len(prompts),), 400) if adapter.time_kind == "ddpm" else torch.full((len(prompts),), 0.4)
+    t = torch.full((len(prompts),), 0.4 * adapter.time_scale)  # DDPM t = 400, flow σ = 0.4 (SD3: 400 / 1000)
+    t = t.long() if adapter.time_kind == "ddpm" else t
     with torch.no_grad():
         return adapter.predict(x, t, adapter.conditioning(prompts))
 
@@ -144,6 +145,9 @@ SHORT = {  # 8-token prompts: all positions of "a photo of a cat" fit in the tin
     "sd2v": lambda: tiny_sd_pipeline(prediction_type="v_prediction", max_length=8),
     "sdxl": lambda: tiny_sdxl_pipeline(max_length=8),
     "flux": lambda: tiny_flux_pipeline(max_length=8),
+    "sd3": lambda: tiny_sd3_pipeline(max_length=8, t5_length=8),
+    "sd35": lambda: tiny_sd3_pipeline(variant="sd35", max_length=8, t5_length=8),
+    "sd3-no-t5": lambda: tiny_sd3_pipeline(variant="no-t5", max_length=8, t5_length=8),
 }
 
 
@@ -180,7 +184,7 @@ def test_default_method_narrows_target_anchor_gap() -> None:
 def test_saved_lora_loads_with_plain_diffusers_and_matches_in_memory_edit(tmp_path, saved_models) -> None:
     from diffusers import DiffusionPipeline
 
-    for name in ("sd", "sdxl", "flux"):
+    for name in ("sd", "sdxl", "flux", "sd3"):
         pipe = DiffusionPipeline.from_pretrained(saved_models[name])
         adapter = get_adapter(pipe)
         er = erase(pipe, ["cat"], anchor="dog", progress=False)

@@ -17,6 +17,9 @@ EXPECTED = {
     "sd2v": ("sd", "v_prediction", "ddpm"),
     "sdxl": ("sdxl", "epsilon", "ddpm"),
     "flux": ("flux", "flow", "flow"),
+    "sd3": ("sd3", "flow", "flow"),
+    "sd35": ("sd3", "flow", "flow"),
+    "sd3-no-t5": ("sd3", "flow", "flow"),
 }
 
 
@@ -25,11 +28,11 @@ def test_family_detection_and_predict(family_pipe) -> None:
     adapter = get_adapter(pipe)
     assert (adapter.family, adapter.prediction_type, adapter.time_kind) == EXPECTED[name]
     feats = adapter.encode_text(["a photo of a cat", ""])
-    assert feats["tokens"].shape[:2] == (2, adapter.max_tokens)
+    assert feats["tokens"].shape[:2] == (2, adapter.sequence_length)
     streams = adapter.text_streams()
     assert streams and all(adapter.module(m).weight.ndim == 2 for s in streams for m in s.modules)
     x = torch.randn(adapter.latent_shape(2))
-    t = torch.tensor([900, 10]) if adapter.time_kind == "ddpm" else torch.tensor([0.9, 0.01])
+    t = torch.tensor([900, 10]) if adapter.time_kind == "ddpm" else torch.tensor([0.9, 0.01]) * adapter.time_scale
     with torch.no_grad():
         out = adapter.predict(x, t, adapter.conditioning(["a cat", ""]))
     assert out.shape == x.shape and torch.isfinite(out).all()

@@ -14,7 +14,7 @@ import torch
 from trace_erase import get_adapter
 from trace_erase.engines.pool import Pool
 from trace_erase.engines.trajectory import TrajectoryConfig, TrajectoryEngine
-from trace_erase.models.builders import tiny_flux_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from trace_erase.models.builders import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 STEPS, GUIDANCE, PROMPT = 6, 4.0, "a photo of a cat"
 
@@ -33,6 +33,8 @@ CASES = {
     "sdxl-euler": lambda: tiny_sdxl_pipeline(0),
     "flux-guidance-embeds": lambda: tiny_flux_pipeline(0, guidance_embeds=True),
     "flux-true-cfg": lambda: tiny_flux_pipeline(0, guidance_embeds=False),
+    "sd3": lambda: tiny_sd3_pipeline(0),
+    "sd35": lambda: tiny_sd3_pipeline(0, variant="sd35"),
 }
 
 
@@ -55,11 +57,8 @@ def _denoiser_inputs(module: torch.nn.Module) -> tuple[list[tuple[torch.Tensor, 
 
 def _pipeline_call(pipe: Any, adapter: Any, noise: torch.Tensor) -> torch.Tensor:
     """The pipeline's own sampling from ``noise`` (FLUX takes it packed); returns latents as the pipeline holds them."""
-    kwargs: dict[str, Any] = adapter.pipeline_guidance(GUIDANCE, 1)
-    latents = noise
-    if adapter.family == "flux":
-        kwargs["max_sequence_length"] = adapter.max_tokens
-        latents = type(pipe)._pack_latents(noise, *noise.shape)
+    kwargs: dict[str, Any] = {**adapter.pipeline_guidance(GUIDANCE, 1), **adapter.pipeline_kwargs()}
+    latents = adapter.pipeline_latents(noise)
     size = adapter.latent_shape(1)[-1] * pipe.vae_scale_factor
     with torch.no_grad():
         return pipe(PROMPT, latents=latents, num_inference_steps=STEPS, height=size, width=size,
@@ -67,7 +66,7 @@ def _pipeline_call(pipe: Any, adapter: Any, noise: torch.Tensor) -> torch.Tensor
 
 
 def _as_pipeline_holds(adapter: Any, pipe: Any, x: torch.Tensor) -> torch.Tensor:
-    return type(pipe)._pack_latents(x, *x.shape) if adapter.family == "flux" else x
+    return adapter.pipeline_latents(x)
 
 
 @pytest.mark.parametrize("case", list(CASES))

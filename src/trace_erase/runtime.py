@@ -28,7 +28,7 @@ DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16
 OFFLOADS = ("none", "text-encoders", "model")
 # pixels one generation batch may hold: 8 × 512² for the UNet families (2 × 1024² for SDXL), 1 × 1024² for FLUX — what
 # fits a 24 GB card in half precision with classifier-free guidance (ours; diffusers' documented SDXL/FLUX footprints)
-BATCH_PIXELS = {"sd": 8 * 512 * 512, "sdxl": 8 * 512 * 512, "flux": 1024 * 1024}
+BATCH_PIXELS = {"sd": 8 * 512 * 512, "sdxl": 8 * 512 * 512, "flux": 1024 * 1024, "sd3": 1024 * 1024}
 MAX_BATCH = 64
 
 

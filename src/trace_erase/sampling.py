@@ -18,6 +18,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "sd": {"steps": 50, "guidance": 7.5, "scheduler": "ddim"},
     "sdxl": {"steps": 50, "guidance": 7.5, "scheduler": "ddim"},
     "flux": {"steps": 28, "guidance": 3.5, "scheduler": "model"},
+    "sd3": {"steps": 28, "guidance": 7.0, "scheduler": "model"},  # StableDiffusion3Pipeline's own defaults
 }
 # --scheduler names → diffusers classes ("model": the scheduler saved with the pipeline)
 SCHEDULERS: dict[str, str | None] = {
@@ -105,10 +106,9 @@ def generate_images(
         "num_inference_steps": settings["steps"],
         "height": settings["resolution"],
         "width": settings["resolution"],
+        **adapter.pipeline_kwargs(),
         **call_kwargs,
     }
-    if adapter.family == "flux":
-        kwargs["max_sequence_length"] = adapter.max_tokens
     images: list[Any] = []
     handle.phase("generate")
     try:
@@ -120,10 +120,8 @@ def generate_images(
                     images.extend(_read_chunk(chunk_dir, len(chunk_p)))
                     continue
                 gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in chunk_s]
-                latents = torch.stack([torch.randn(adapter.latent_shape(1)[1:], generator=g) for g in gens])
-                if adapter.family == "flux":
-                    b, c, h, w = latents.shape
-                    latents = type(pipe)._pack_latents(latents, b, c, h, w)
+                latents = adapter.pipeline_latents(
+                    torch.stack([torch.randn(adapter.latent_shape(1)[1:], generator=g) for g in gens]))
                 guidance_kwargs = adapter.pipeline_guidance(settings["guidance"], len(chunk_p))
                 out = pipe(prompt=chunk_p, latents=latents.to(adapter.device, adapter.dtype),
                            **guidance_kwargs, **kwargs)

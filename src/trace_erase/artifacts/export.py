@@ -29,7 +29,7 @@ from .naming import kohya_modules
 FORMATS = ("diffusers", "kohya", "full")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 METADATA_KEY = "trace_erase"  # the provenance record in the safetensors __metadata__
-BASE_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}  # kohya's ss_base_model_version
+BASE_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "sd3": "sd3"}  # kohya's ss_base_model_version
 
 
 @dataclass

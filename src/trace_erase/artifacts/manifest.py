@@ -17,7 +17,7 @@ from ..errors import TraceEraseError
 FORMAT = "trace-erase/erasure"
 # 1: first release. 2: adds "runtime" (device/dtype/offload the erasure was made with); 1 is still read.
 FORMAT_VERSION = 2
-FAMILIES = ("sd", "sdxl", "flux")
+FAMILIES = ("sd", "sdxl", "flux", "sd3")
 PREFIXES = ("unet", "transformer")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 

@@ -10,6 +10,8 @@ module path is depends on the family:
 - FLUX: the BFL path, where several diffusers projections are one fused module (``txt_attn_qkv`` = add_q ⊕ add_k ⊕
   add_v): a :class:`KohyaModule` then lists its members in row order, and the exporter writes the members that were
   not trained as zero blocks (sd-scripts' converter drops a fused module whose first member is missing).
+- SD3/SD3.5: the SAI MMDiT path (``joint_blocks.N.context_block.attn.qkv``), fused the same way; ComfyUI reads it,
+  diffusers has no loader for it (export SD3 for diffusers in the diffusers format).
 """
 
 from __future__ import annotations
@@ -109,6 +111,44 @@ def _flux_module(module: str) -> KohyaModule:
                           "export with --format diffusers or --format full")
 
 
+# ---- SD3 / SD3.5: diffusers → SAI (MMDiT) ---------------------------------------------------------------------------
+_SD3_BLOCK = {
+    ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"): "context_block.attn.qkv",
+    ("attn.to_q", "attn.to_k", "attn.to_v"): "x_block.attn.qkv",
+    ("attn2.to_q", "attn2.to_k", "attn2.to_v"): "x_block.attn2.qkv",
+    ("attn.to_add_out",): "context_block.attn.proj",
+    ("attn.to_out.0",): "x_block.attn.proj",
+    ("attn2.to_out.0",): "x_block.attn2.proj",
+    ("ff_context.net.0.proj",): "context_block.mlp.fc1",
+    ("ff_context.net.2",): "context_block.mlp.fc2",
+    ("ff.net.0.proj",): "x_block.mlp.fc1",
+    ("ff.net.2",): "x_block.mlp.fc2",
+    ("norm1_context.linear",): "context_block.adaLN_modulation.1",
+    ("norm1.linear",): "x_block.adaLN_modulation.1",
+}
+_SD3_GLOBAL = {
+    "context_embedder": "context_embedder",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+}
+_SD3_BLOCK_RE = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
+
+
+def _sd3_module(module: str) -> KohyaModule:
+    if module in _SD3_GLOBAL:
+        return KohyaModule(_key(_SD3_GLOBAL[module]), (module,))
+    if m := _SD3_BLOCK_RE.match(module):
+        i, rest = m[1], m[2]
+        for members, name in _SD3_BLOCK.items():
+            if rest in members:
+                return KohyaModule(_key(f"joint_blocks.{i}.{name}"),
+                                   tuple(f"transformer_blocks.{i}.{p}" for p in members))
+    raise TraceEraseError(f"the SD3 module '{module}' has no name in the SAI convention; "
+                          "export with --format diffusers or --format full")
+
+
 # ---- all families ------------------------------------------------------------------------------------------------
 def kohya_modules(family: str, modules: list[str], unet_config: Any = None) -> tuple[list[KohyaModule], str]:
     """The kohya modules that carry ``modules`` (diffusers names) and the naming used ("diffusers", "sgm", "bfl")."""
@@ -120,10 +160,10 @@ def kohya_modules(family: str, modules: list[str], unet_config: Any = None) -> t
         if all(v is not None for v in names.values()):
             return [KohyaModule(_key(names[m]), (m,)) for m in modules], "sgm"
         return [KohyaModule(_key(m), (m,)) for m in modules], "diffusers"
-    if family == "flux":
-        out: dict[str, KohyaModule] = {}
+    if family in ("flux", "sd3"):
+        fused: dict[str, KohyaModule] = {}
         for m in modules:
-            km = _flux_module(m)
-            out.setdefault(km.name, km)
-        return list(out.values()), "bfl"
+            km = _flux_module(m) if family == "flux" else _sd3_module(m)
+            fused.setdefault(km.name, km)
+        return list(fused.values()), "bfl" if family == "flux" else "sai"
     raise TraceEraseError(f"no kohya naming for the {family} family; export with --format diffusers")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import Concept
 from ..errors import TraceEraseError
-from ..models.base import FamilyAdapter, TextStream, TokenLayout
+from ..models.base import FamilyAdapter, SegmentedLayout, TextStream, TokenLayout
 from .prompts import DEFAULT_TEMPLATES, check_templates, fill, load_corpus
 
 TOKEN_SELECTIONS = ("surrounding", "context", "target", "last", "all")
@@ -129,7 +129,8 @@ class ClosedFormResult:
 
 
 def aligned_positions(
-    lt: TokenLayout, la: TokenLayout, mode: str, suffix_tokens: int | None = None, bidirectional: bool = False
+    lt: TokenLayout | SegmentedLayout, la: TokenLayout | SegmentedLayout, mode: str, suffix_tokens: int | None = None,
+    bidirectional: bool = False
 ) -> tuple[list[int], list[int]]:
     """Pairs of positions (target prompt → anchor prompt) that ``mode`` maps.
 
@@ -139,6 +140,13 @@ def aligned_positions(
     every prefix position carries the concept too, and the modes that map the positions after the concept
     (surrounding, context, last) map the prefix as well.
     """
+    if isinstance(lt, SegmentedLayout):  # a joint sequence of several encoders: align each segment on its own
+        tgt, anc = [], []
+        for (offset, a, bidi), (_, b, _) in zip(lt.parts, la.parts, strict=True):
+            t, u = aligned_positions(a, b, mode, suffix_tokens, bidi)
+            tgt += [offset + i for i in t]
+            anc += [offset + i for i in u]
+        return tgt, anc
     n, m = lt.end - lt.start, la.end - la.start
     tgt: list[int] = []
     anc: list[int] = []
@@ -236,9 +244,9 @@ class ClosedFormEngine:
         probes = list(cfg.probe_prompts if cfg.probe_prompts is not None else DEFAULT_PROBES)
 
         fixed = self._encode([j[2] for j in jobs] + [k[0] for k in keep] + corpus + probes, "encoding anchors")
-        layouts: dict[tuple[str, tuple[int, int]], TokenLayout] = {}
+        layouts: dict[tuple[str, tuple[int, int]], TokenLayout | SegmentedLayout] = {}
 
-        def layout(prompt: str, span: tuple[int, int]) -> TokenLayout:
+        def layout(prompt: str, span: tuple[int, int]) -> TokenLayout | SegmentedLayout:
             key = (prompt, span)
             if key not in layouts:
                 layouts[key] = self.adapter.token_layout(prompt, span)

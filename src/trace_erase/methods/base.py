@@ -15,7 +15,7 @@ class MethodSpec:
     summary: str
     defaults: dict[str, Any] = field(default_factory=dict)  # closed-form engine options
     trajectory: dict[str, Any] = field(default_factory=dict)  # trajectory engine options
-    families: tuple[str, ...] = ("sd", "sdxl", "flux")
+    families: tuple[str, ...] = ("sd", "sdxl", "flux", "sd3")
 
     @property
     def uses_closed_form(self) -> bool:

@@ -74,6 +74,35 @@ class TokenLayout:
     max_length: int  # positions in the feature tensor (padding included)
 
 
+@dataclass
+class SegmentedLayout:
+    """A prompt's layouts in a feature sequence that concatenates several encoders' outputs (SD3's joint sequence:
+    CLIP positions, then T5 positions): per segment its first position, its layout, and whether its encoder reads
+    in both directions. Each segment is aligned on its own; positions are offset into the joint sequence."""
+
+    parts: list[tuple[int, TokenLayout, bool]]
+
+
+def layout_in(tok: Any, max_tokens: int, prompt: str, span: tuple[int, int]) -> TokenLayout:
+    """Token positions of the character span ``span`` of ``prompt`` as tokenizer ``tok`` places them."""
+    enc = tok(prompt, return_offsets_mapping=True, truncation=True, max_length=max_tokens)
+    offsets = enc["offset_mapping"]
+    ids = enc["input_ids"]
+    special = set(tok.all_special_ids)
+    content = [i for i, (a, b) in enumerate(offsets) if ids[i] not in special and b > a]
+    if span[1] <= span[0]:  # empty concept text (an empty anchor): where it would have been
+        after = [i for i in content if offsets[i][0] >= span[0]]
+        pos = after[0] if after else (content[-1] + 1 if content else len(ids) - 1)
+        return TokenLayout(start=pos, end=pos, length=len(ids), max_length=max_tokens)
+    inside = [i for i in content if offsets[i][0] < span[1] and offsets[i][1] > span[0]]
+    if not inside:
+        raise TraceEraseError(
+            f"the concept at characters {span} of prompt '{prompt}' has no tokens (truncated?); "
+            "use a shorter prompt or concept"
+        )
+    return TokenLayout(start=inside[0], end=inside[-1] + 1, length=len(ids), max_length=max_tokens)
+
+
 class FamilyAdapter(ABC):
     """Base class of the model-family adapters (SD1.x/2.x, SDXL, FLUX)."""
 
@@ -125,6 +154,11 @@ class FamilyAdapter(ABC):
     def max_tokens(self) -> int:
         """Positions in the per-token features (the padded sequence length)."""
 
+    @property
+    def sequence_length(self) -> int:
+        """Positions of the per-token features (SD3's joint sequence holds several tokenizers' positions)."""
+        return self.max_tokens
+
     @abstractmethod
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Text features per stream name: ``[B, L, d]`` for per-token streams, ``[B, d]`` for pooled ones."""
@@ -138,25 +172,9 @@ class FamilyAdapter(ABC):
         observed at K denoiser states (hooked streams). Default: the text encoders' outputs."""
         return self.encode_text(prompts)
 
-    def token_layout(self, prompt: str, span: tuple[int, int]) -> TokenLayout:
+    def token_layout(self, prompt: str, span: tuple[int, int]) -> TokenLayout | SegmentedLayout:
         """Token positions of the character span ``span`` of ``prompt`` in the per-token features."""
-        tok = self.token_tokenizer
-        enc = tok(prompt, return_offsets_mapping=True, truncation=True, max_length=self.max_tokens)
-        offsets = enc["offset_mapping"]
-        ids = enc["input_ids"]
-        special = set(tok.all_special_ids)
-        content = [i for i, (a, b) in enumerate(offsets) if ids[i] not in special and b > a]
-        if span[1] <= span[0]:  # empty concept text (an empty anchor): where it would have been
-            after = [i for i in content if offsets[i][0] >= span[0]]
-            pos = after[0] if after else (content[-1] + 1 if content else len(ids) - 1)
-            return TokenLayout(start=pos, end=pos, length=len(ids), max_length=self.max_tokens)
-        inside = [i for i in content if offsets[i][0] < span[1] and offsets[i][1] > span[0]]
-        if not inside:
-            raise TraceEraseError(
-                f"the concept at characters {span} of prompt '{prompt}' has no tokens (truncated?); "
-                "use a shorter prompt or concept"
-            )
-        return TokenLayout(start=inside[0], end=inside[-1] + 1, length=len(ids), max_length=self.max_tokens)
+        return layout_in(self.token_tokenizer, self.max_tokens, prompt, span)
 
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` takes without special tokens."""
@@ -223,6 +241,15 @@ class FamilyAdapter(ABC):
         out = self.predict(torch.cat([x_in, x_in]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
         e_u, e_c = out[:n], out[n:]
         return e_u + guidance * (e_c - e_u)
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Extra pipeline ``__call__`` arguments that keep generation's text features the ones stage A saw (FLUX and
+        SD3: the T5 length)."""
+        return {}
+
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` latents in the layout the pipeline's ``latents=`` argument takes (FLUX packs them)."""
+        return latents
 
     def pipeline_guidance(self, guidance: float, batch: int) -> dict[str, Any]:
         """The pipeline ``__call__`` arguments that give ``guided_prediction``'s semantics (SD: guidance_scale)."""

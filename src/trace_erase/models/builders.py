@@ -183,6 +183,49 @@ def tiny_flux_pipeline(
     return _ready(pipe)
 
 
+def tiny_sd3_pipeline(seed: int = 0, variant: str = "sd3", words: tuple[str, ...] = BASIC_WORDS,
+                      max_length: int = 77, t5_length: int = 32) -> Any:
+    """A tiny StableDiffusion3Pipeline: two CLIP encoders (32-d each, padded into the 64-d joint space) + T5 (64-d).
+
+    ``variant``: ``sd3`` (plain joint blocks), ``sd35`` (qk RMS-norm and image self-attention ``attn2`` in block 0,
+    as SD3.5-medium) or ``no-t5`` (no third encoder: the T5 part of the joint sequence is zeros). The widths keep
+    the pipeline's constraints: inner dim = heads × head dim, joint dim = T5 width ≥ both CLIP widths, pooled dim =
+    both projections.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    if variant not in ("sd3", "sd35", "no-t5"):
+        raise ValueError(f"unknown tiny SD3 variant {variant!r}")
+    torch.manual_seed(seed)
+    extra = {"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if variant == "sd35" else {}
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64,
+        pos_embed_max_size=16, **extra,
+    )
+    tokenizer = build_clip_tokenizer(words, max_length)
+    tokenizer_2 = build_clip_tokenizer(words, max_length)
+    text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2))
+    tokenizer_3 = text_encoder_3 = None
+    if variant != "no-t5":
+        tokenizer_3 = build_t5_tokenizer(words, t5_length)
+        text_encoder_3 = T5EncoderModel(T5Config(
+            d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4, vocab_size=len(tokenizer_3),
+            pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=0,
+        ))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )
+    return _ready(pipe)
+
+
 def _sd_vae(sample_size: int = 512, scaling_factor: float = 0.18215) -> Any:
     """The SD/SDXL VAE architecture (83M parameters, 8× downsampling), random weights."""
     from diffusers import AutoencoderKL

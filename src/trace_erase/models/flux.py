@@ -171,6 +171,13 @@ class FluxAdapter(FamilyAdapter):
             return self.predict(x_in, t, Conditioning(tensors))
         return super().guided_prediction(x_in, t, cond, uncond, guidance)
 
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {"max_sequence_length": self.max_tokens}
+
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = latents.shape
+        return type(self.pipe)._pack_latents(latents, b, c, h, w)
+
     def pipeline_guidance(self, guidance: float, batch: int) -> dict[str, Any]:
         if self.distilled_guidance:
             return {"guidance_scale": guidance}

@@ -16,7 +16,8 @@ from ..runtime import Runtime, as_runtime, place
 from .base import FamilyAdapter
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-SUPPORTED = "SD1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline), FLUX (FluxPipeline)"
+SUPPORTED = ("SD1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline), FLUX (FluxPipeline), "
+             "SD3/SD3.5 (StableDiffusion3Pipeline)")
 SIDECAR = "trace_erase.json"  # optional sampler defaults stored beside model_index.json
 
 # the embedded toy world's pipelines, shipped inside the package
@@ -117,6 +118,18 @@ def quiet_loading() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
+def null_components(location: str | Path) -> dict[str, None]:
+    """Components a saved folder lists as absent (``[null, null]``, e.g. SD3 saved without T5), to pass as None:
+    diffusers' ``from_pretrained`` refuses such a folder otherwise."""
+    try:
+        index = json.loads((Path(location) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: None for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and value == [None, None]
+            and name not in ("safety_checker", "feature_extractor", "image_encoder")}
+
+
 def load_pipeline(
     model: str, *, allow_pickle: bool = False, runtime: Runtime | None = None,
     device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
@@ -142,6 +155,7 @@ def load_pipeline(
         index = json.loads((Path(location) / "model_index.json").read_text())
         if index.get("safety_checker", [None])[0] is not None:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
+        kwargs.update(null_components(location))
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     try:
@@ -190,7 +204,8 @@ def stored_dtypes(model: str) -> dict[str, torch.dtype]:
     return out
 
 
-PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
+PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
+                     "StableDiffusion3Pipeline": "sd3"}
 
 
 def peek_family(model: str) -> str | None:
@@ -222,6 +237,10 @@ def get_adapter(pipe: Any, defaults: dict[str, Any] | None = None) -> FamilyAdap
     components = getattr(pipe, "components", {})
     denoiser = components.get("transformer") or components.get("unet")
     kind = type(denoiser).__name__ if denoiser is not None else "no denoiser"
+    if kind == "SD3Transformer2DModel":
+        from .sd3 import SD3Adapter
+
+        return SD3Adapter(pipe, resolution=defaults.get("resolution"))
     if kind == "FluxTransformer2DModel":
         return FluxAdapter(pipe, resolution=defaults.get("resolution"), guidance_scale=defaults.get("guidance", 3.5))
     if kind == "UNet2DConditionModel" and components.get("text_encoder") is not None:
