@@ -66,7 +66,9 @@ def test_evaluate_writes_results_and_report(micro_sd, tmp_path) -> None:
     assert saved["settings"]["sampler"]["steps"] == 2 and saved["settings"]["scorer"]["sha256"]
     assert set(saved["metrics"]["erased"]) >= {"acc_e", "acc_s", "acc_g", "h_o", "drift_l2", "drift_ssim",
                                                "fid_vs_base"}
-    assert (tmp_path / "ev" / "report.html").read_text().count("<img") == 2 * 2 * 17  # 13 prompts + 4 compositions
+    report = (tmp_path / "ev" / "report.html").read_text()
+    assert report.count('<img src="images/') == 2 * 2 * 17  # 13 prompts + 4 compositions
+    assert 'src="per_label.png"' in report and (tmp_path / "ev" / "per_label.png").is_file()
     assert len(list((tmp_path / "ev" / "images" / "erased").glob("*.png"))) == 34
     assert saved["metrics"]["erased"]["acc_c"] is not None
     assert res["metrics"]["base"]["drift_l2"] == 0.0
@@ -291,3 +293,21 @@ def test_bench_report_renders_in_headless_chromium(tmp_path) -> None:
     with Image.open(shot) as im:
         pixels = np.asarray(im.convert("L"))
     assert pixels.std() > 10  # something was drawn (figures and table), not a blank page
+
+
+def test_eval_figure_bars_are_the_per_label_means() -> None:
+    from trace_erase.evaluation.plots import per_label_means
+
+    prompts = [{"group": "other", "label": "square"}, {"group": "erased", "label": "circle"},
+               {"group": "erased", "label": "circle"}, {"group": "synonym", "label": "circle"}]
+    per_image = [{"base": {"label": "square"}, "erased": {"label": "square"}},
+                 {"base": {"label": "circle"}, "erased": {"label": "star"}},
+                 {"base": {"label": "circle"}, "erased": {"label": "circle"}},
+                 {"base": {"label": "heart"}, "erased": {"label": "heart"}}]
+    results = {"suite": "toy-objects", "prompts": prompts, "per_image": per_image}
+    assert per_label_means(results) == [("erased", "circle", 1.0, 0.5), ("synonym", "circle", 0.0, 0.0),
+                                        ("other", "square", 1.0, 1.0)]
+    styles = {"suite": "styles", "prompts": [{"group": "erased", "label": "x"}] * 2,
+              "per_image": [{"base": {"score": 0.3}, "erased": {"score": 0.1}},
+                            {"base": {"score": 0.5}, "erased": {"score": 0.2}}]}
+    assert per_label_means(styles) == [("erased", "x", pytest.approx(0.4), pytest.approx(0.15))]

@@ -84,6 +84,62 @@ def bench_figures(result: dict[str, Any], folder: Path) -> list[Path]:
     return out
 
 
+GROUP_ORDER = ("erased", "synonym", "composed", "other")
+MAX_BARS = 30
+
+
+def _image_value(suite: str, item: dict[str, Any], judgement: dict[str, Any]) -> float | None:
+    """One number per image: correct (label suites), the score (styles, coco) or exposed parts (nudity)."""
+    if "label" in judgement:
+        return float(judgement["label"] == item.get("label"))
+    if "score" in judgement:
+        return float(judgement["score"])
+    if "exposed" in judgement:
+        return float(judgement["exposed"])
+    return None
+
+
+def per_label_means(results: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    """(group, label, base mean, erased mean) per prompt group and label, erased group first (at most 30)."""
+    values: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for item, judged in zip(results["prompts"], results.get("per_image") or [], strict=False):
+        key = (item["group"], str(item.get("label") or item["group"]))
+        for side in ("base", "erased"):
+            v = _image_value(results["suite"], item, judged[side])
+            if v is not None:
+                values.setdefault(key, {"base": [], "erased": []})[side].append(v)
+    keys = sorted(values, key=lambda k: (GROUP_ORDER.index(k[0]) if k[0] in GROUP_ORDER else 9, k[1]))[:MAX_BARS]
+    return [(g, label, *(sum(values[(g, label)][s]) / max(len(values[(g, label)][s]), 1) for s in ("base", "erased")))
+            for g, label in keys]
+
+
+def eval_figures(results: dict[str, Any], folder: Path) -> list[Path]:
+    """``per_label.png``: base vs erased per prompt group and label (accuracy, score or exposed parts) — where the
+    erasure acted and what it spared, at a glance; [] without matplotlib or per-image judgements."""
+    plt = _pyplot()
+    bars = per_label_means(results)
+    if plt is None or not bars:
+        return []
+    first = results["per_image"][0]["base"]
+    ylabel = "accuracy" if "label" in first else ("score" if "score" in first else "exposed parts per image")
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.45 * len(bars) + 2), 4.2), dpi=120)
+    xs = list(range(len(bars)))
+    for i, side in enumerate(("base", "erased")):
+        ax.bar([x + (i - 0.5) * 0.4 for x in xs], [b[2 + i] for b in bars], 0.4, label=side,
+               color="C7" if side == "base" else "C3")
+    names = {"erased": "erased", "synonym": "synonym", "composed": "composed", "other": "retained"}
+    ax.set_xticks(xs, [f"{b[1]}\n({names.get(b[0], b[0])})" for b in bars], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{results['suite']} · {results['method']} · erased '{results['concept']}' (same seeds)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = folder / "per_label.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]
+
+
 def _err(value: float, ci: list[float] | None) -> list[list[float]] | None:
     return None if not ci else [[max(value - ci[0], 0.0)], [max(ci[1] - value, 0.0)]]
 

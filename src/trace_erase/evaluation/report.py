@@ -63,6 +63,10 @@ def write_report(folder: Path, results: dict[str, Any], blur: bool = False, max_
                       f"<div class=row><span>erased</span>{strip(entry['erased'])}</div>")
     if len(grid) > max_prompts:
         blocks.append(f"<p>… {len(grid) - max_prompts} more prompts: all images are in <code>images/</code>.</p>")
+    from .plots import eval_figures
+
+    figures = "".join(f'<img class=fig src="{html.escape(f.name)}" alt="{html.escape(f.stem)}">'
+                      for f in eval_figures(results, folder))
     s = results["settings"]
     scorer = s.get("scorer", {})
     sampler = s.get("sampler", {})
@@ -72,6 +76,7 @@ def write_report(folder: Path, results: dict[str, Any], blur: bool = False, max_
 body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 10px}} tr.minor td{{color:#777;font-size:90%}}
 img{{width:80px;height:80px;object-fit:cover;margin:2px}} .warn{{color:#a40}}
+img.fig{{width:auto;height:auto;max-width:100%;margin:1em 0;border:1px solid #eee}}
 .row{{display:flex;align-items:center}} .row span{{width:60px;color:#666}}
 pre{{background:#f6f6f6;padding:1em;font-size:12px}}
 </style></head><body>
@@ -82,7 +87,7 @@ pre{{background:#f6f6f6;padding:1em;font-size:12px}}
 <small>{html.escape(str(scorer.get('sha256') or '')[:12])}</small>, sampler {html.escape(str(sampler.get('scheduler')))}
 {sampler.get('steps')} steps, guidance {sampler.get('guidance')}, {sampler.get('resolution')} px.</p>
 <table><tr><th>metric</th><th>base</th><th>erased</th></tr>{rows}</table>
-{note}{''.join(blocks)}
+{figures}{note}{''.join(blocks)}
 <h2>Settings</h2><pre>{html.escape(json.dumps(s, indent=2))}</pre></body></html>"""
     path = folder / "report.html"
     path.write_text(page)
