@@ -131,7 +131,9 @@ def eval_figures(results: dict[str, Any], folder: Path) -> list[Path]:
     ax.set_xticks(xs, [f"{b[1]}\n({names.get(b[0], b[0])})" for b in bars], rotation=45, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{results['suite']} · {results['method']} · erased '{results['concept']}' (same seeds)", fontsize=9)
-    ax.legend(fontsize=8)
+    top = max(max(b[2], b[3]) for b in bars)
+    ax.set_ylim(0, top * 1.25 if top > 0 else 1.0)  # headroom: the legend sits above the tallest bar
+    ax.legend(fontsize=8, loc="upper right", ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = folder / "per_label.png"
