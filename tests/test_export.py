@@ -340,6 +340,9 @@ def test_cli_export_and_info(saved_models, tmp_path, capsys) -> None:
                          "--format", "kohya", "--max-rank", "3"], capsys)
     assert code == 0, err
     assert (tmp_path / "e" / "export-kohya.safetensors").is_file()
+    manifest = json.loads((tmp_path / "e" / "erasure.json").read_text())
+    assert manifest["exports"][0]["format"] == "kohya" and manifest["exports"][0]["max_rank"] == 3
+    assert "export-kohya.safetensors" in manifest["integrity"]["files"]  # a damaged export is caught on load
     code, out, err = _run(["export", str(tmp_path / "e"), "--model", model, "--format", "diffusers",
                            "--max-rank", "2", "--output", str(tmp_path / "d.safetensors")], capsys)
     assert code == 0, err

@@ -110,6 +110,10 @@ def erase(
 
         target = folder / f"export-{export_options.format}.safetensors"
         records.append(export_erasure(result, handle, export_options, target, overwrite=True))
+        # written before the manifest: erasure.json says which exports ship in the folder (and an ungated one)
+        result.manifest["exports"] = [{"file": target.name, "format": export_options.format,
+                                       "max_rank": export_options.max_rank, "ungated": records[-1]["ungated"],
+                                       "files": list(records[-1]["files"])}]
 
     try:
         path = result.save(final, overwrite=overwrite, extra=write_export if export_options else None)
