@@ -24,6 +24,7 @@ from .engines.trajectory import TrajectoryConfig, TrajectoryEngine
 from .errors import TraceEraseError
 from .methods import MethodSpec, get_method
 from .models import FamilyAdapter, ModelHandle, get_adapter
+from .multi import check_concept_set, combine, fusion_inputs, fusion_tensors, resolve_multi, train_per_concept
 
 
 def library_versions() -> dict[str, str]:
@@ -93,12 +94,15 @@ def erase(
     model_id: str | None = None,
     progress: bool = True,
     workdir: str | Path | None = None,
+    multi: str | None = None,
     **options: Any,
 ) -> Erasure:
     """Erase ``concepts`` from ``pipe`` (a diffusers pipeline or a :class:`ModelHandle`) with ``method``.
 
     ``options`` are engine options (the YAML keys; see ``trace-erase erase --help``). ``workdir`` holds stage-B
-    checkpoints so an interrupted run resumes. The pipeline's weights are the same afterwards; the result is an
+    checkpoints so an interrupted run resumes. ``multi`` (several concepts, methods with stage B): ``fuse`` (one
+    stage-B LoRA per concept, then closed-form integration), ``sum`` or ``joint`` (one LoRA for all).
+    The pipeline's weights are the same afterwards; the result is an
     :class:`Erasure` to ``.save(dir)`` or ``.apply(pipe, scale)``.
     """
     start = time.perf_counter()
@@ -111,6 +115,11 @@ def erase(
     if adapter.family not in spec.families:
         raise TraceEraseError(f"method '{method}' does not support {adapter.family}; it supports {spec.families}")
     concept_list = make_concepts(concepts, anchor=anchor, preserve=preserve)
+    check_concept_set(concept_list)
+    mode = resolve_multi(spec, multi if multi is not None else options.get("multi"), len(concept_list))
+    options = {k: v for k, v in options.items() if k != "multi"}
+    if spec.uses_trajectory:
+        options["multi"] = mode if mode != "single" else None
     cf_cfg, tr_cfg = method_configs(spec, options)
 
     # built before stage A runs: it refuses a dtype/device it cannot train in
@@ -120,8 +129,14 @@ def erase(
                                  run_config=run_config) if tr_cfg else None
     cf_result = None
     deltas: dict[str, torch.Tensor] = {}
+    concept_stats = None
     if cf_cfg is not None:
-        cf_result = ClosedFormEngine(adapter, cf_cfg, progress=progress).run(concept_list)
+        cf_engine = ClosedFormEngine(adapter, cf_cfg, progress=progress)
+        if mode == "fuse" and tr_engine is not None:  # one encoding pass serves stage A and the fusion
+            concept_stats = cf_engine.concept_statistics(concept_list)
+            cf_result = cf_engine.run(concept_list, stats=ClosedFormEngine.merged(*concept_stats))
+        else:
+            cf_result = cf_engine.run(concept_list)
         deltas = cf_result.deltas
     modules = list(dict.fromkeys([*deltas, *(tr_engine.targets if tr_engine else [])]))
     base_print = fingerprint(adapter, modules)
@@ -133,7 +148,19 @@ def erase(
     if deltas:
         parts["closed_form"], ranks = deltas_to_state_dict(deltas, adapter.denoiser_name, cf_cfg.rank_tolerance)
     tr_log: dict[str, Any] = {}
-    if tr_engine is not None:
+    fusion: dict[str, Any] | None = None
+    fusion_state: dict[str, torch.Tensor] = {}
+    if tr_engine is not None and mode in ("fuse", "sum"):
+        stage_a = StageAWeights(adapter, deltas) if deltas else None
+        states, tr_log = train_per_concept(adapter, tr_cfg, concept_list, stage_a, Path(workdir) if workdir else None,
+                                           tr_engine.run_config, progress)
+        stats_cfg = cf_cfg or config_from_dict(ClosedFormConfig, get_method("trace").defaults)
+        inputs = fusion_inputs(adapter, concept_list, states, stats_cfg, mode, concept_stats)
+        parts["trajectory"], fusion = combine(adapter, inputs, tr_cfg, mode, deltas, concept_list)
+        fusion_state = fusion_tensors(inputs)
+        if "closed_form" in parts:  # apply-time re-fusion (per-concept scales) rebuilds the whole LoRA
+            fusion_state.update({f"stage_a.{k}": v for k, v in parts["closed_form"].items()})
+    elif tr_engine is not None:
         stage_a = StageAWeights(adapter, deltas) if deltas else None
         tr_engine.stage_a = stage_a
         with stage_a.applied() if stage_a else contextlib.nullcontext():
@@ -184,4 +211,7 @@ def erase(
     if tr_log:
         manifest["trajectory_log"] = {"final_losses": tr_log["final_losses"], "steps": tr_log["steps"]}
         manifest["timings"]["stage_b_s"] = tr_log["train_seconds"]
-    return Erasure(main_state, manifest, gated_state_dict=gated)
+    manifest["multi"] = mode
+    if fusion is not None:
+        manifest["fusion"] = fusion
+    return Erasure(main_state, manifest, gated_state_dict=gated, fusion_state=fusion_state or None)

@@ -16,8 +16,10 @@ from .cli_common import (
     DeviceOpt,
     DtypeOpt,
     OffloadOpt,
+    ScaleConceptOpt,
     SchedulerOpt,
     method_list,
+    parse_concept_scales,
     parse_options,
     runtime_from,
 )
@@ -42,6 +44,8 @@ def erase(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from OUTPUT.partial")] = False,
     gate_tau: Annotated[float | None, typer.Option(help="stage-B LoRA active only for t < τ at inference")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="allow loading pickle (.bin/.ckpt) weights")] = False,
+    multi: Annotated[str | None, typer.Option(help="several concepts: fuse (per-concept stage-B LoRAs + closed-form "
+                                                   "integration; TRACE's default), sum, or joint (one LoRA)")] = None,
     format: Annotated[str | None, typer.Option(help="also export to OUTPUT/export-FORMAT.safetensors: kohya, full or "
                                                     "diffusers (see `trace-erase export`)")] = None,
     max_rank: MaxRankOpt = None,
@@ -85,7 +89,12 @@ def erase(
         atomic_folder(final, overwrite, "erasure output")  # raises the standard message
     # cheap checks before the (slow) model load
     spec = get_method(method)
-    make_concepts(concepts, anchor=anchor, preserve=preserve)
+    from .multi import check_concept_set, resolve_multi
+
+    check_concept_set(make_concepts(concepts, anchor=anchor, preserve=preserve))
+    mode = resolve_multi(spec, multi, len(concepts))
+    if spec.uses_trajectory:
+        options["multi"] = mode if mode != "single" else None
     method_configs(spec, options)
     runtime = runtime_from(device, dtype, offload, None)
     if spec.uses_trajectory:
@@ -151,6 +160,7 @@ def generate(
     output: Annotated[str, typer.Option(help="folder for the PNGs and generation.json")],
     erasure: Annotated[str | None, typer.Option(help="erasure folder to apply")] = None,
     scale: Annotated[float, typer.Option(help="erasure strength (adapter weight)")] = 1.0,
+    scale_concept: ScaleConceptOpt = None,
     seed: Annotated[int, typer.Option(help="seed of the first image")] = 0,
     num_images: Annotated[int, typer.Option(help="images per prompt (seeds seed, seed+1, ...)")] = 1,
     steps: Annotated[int | None, typer.Option(help="sampling steps (default: the model's)")] = None,
@@ -169,6 +179,7 @@ def generate(
     from .models.loading import peek_family
     from .sampling import check_scheduler, generate_images, sampler_settings
 
+    concept_scales = parse_concept_scales(scale_concept)
     if steps is not None and steps < 1:
         raise TraceEraseError(f"--steps must be ≥ 1 (got {steps})")
     if num_images < 1:
@@ -178,6 +189,10 @@ def generate(
     check_scheduler(scheduler, peek_family(model))
     runtime = runtime_from(device, dtype, offload, batch_size)
     er = load_erasure(erasure, allow_pickle=allow_pickle) if erasure else None
+    if concept_scales and er is None:
+        raise TraceEraseError("--scale-concept needs --erasure")
+    if concept_scales:
+        er = er.concept_scaled(concept_scales)  # checked before the model loads
     handle = load_model(model, allow_pickle=allow_pickle, runtime=runtime)
     if er is not None:
         er.apply(handle, scale=scale)  # a gated erasure installs its gate on the denoiser

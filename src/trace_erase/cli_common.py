@@ -24,6 +24,25 @@ SchedulerOpt = Annotated[str | None, typer.Option(help="sampler: model, ddim, pn
                                                        "ddim for SD/SDXL, the model's own for FLUX)")]
 
 
+ScaleConceptOpt = Annotated[list[str] | None, typer.Option(help="NAME=S: concept NAME's adapter at strength S, "
+                                                                  "re-fused (a --multi fuse/sum erasure; repeatable)")]
+
+
+def parse_concept_scales(pairs: list[str] | None) -> dict[str, float]:
+    """``--scale-concept NAME=S`` pairs → {name: scale}; one line for a malformed pair."""
+    out: dict[str, float] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.rpartition("=")
+        try:
+            scale = float(value)
+        except ValueError:
+            scale = float("nan")
+        if not sep or not name.strip() or scale != scale or abs(scale) == float("inf"):
+            raise TraceEraseError(f"--scale-concept '{pair}' must be NAME=S with a finite number S, e.g. cat=0.5")
+        out[name.strip()] = scale
+    return out
+
+
 def runtime_from(device: str, dtype: str, offload: str, batch_size: int | None) -> Runtime:
     """The validated :class:`~trace_erase.runtime.Runtime` of a command's options (one line if one is bad)."""
     from .runtime import Runtime

@@ -20,7 +20,7 @@ import torch
 from ..errors import TraceEraseError
 from .fingerprint import check_fingerprint, fingerprint
 from .gate import LateGate
-from .manifest import Manifest
+from .manifest import Manifest, check_file_name
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 GATED_WEIGHT_NAME = "gated_lora_weights.safetensors"
@@ -147,10 +147,13 @@ class Erasure:
     """An erasure: LoRA tensors in diffusers format (plus an optional gated part) and its manifest."""
 
     def __init__(self, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any],
-                 gated_state_dict: dict[str, torch.Tensor] | None = None):
+                 gated_state_dict: dict[str, torch.Tensor] | None = None,
+                 fusion_state: dict[str, torch.Tensor] | None = None):
         self.state_dict = state_dict
         self.gated_state_dict = gated_state_dict
         self.manifest = manifest
+        # --multi fuse/sum: each concept's stage-B factors and token Grams, for per-concept scales at apply time
+        self.fusion_state = fusion_state
 
     # ---- views --------------------------------------------------------------------------------------------------
     @property
@@ -190,6 +193,9 @@ class Erasure:
             if self.gated_state_dict is not None:
                 save_file({k: v.contiguous() for k, v in self.gated_state_dict.items()},
                           str(tmp / GATED_WEIGHT_NAME), metadata={"format": "pt"})
+            if self.fusion_state:
+                save_file({k: v.contiguous() for k, v in self.fusion_state.items()},
+                          str(tmp / self.manifest["fusion"]["weight_name"]), metadata={"format": "pt"})
             if extra is not None:
                 extra(tmp)
             files = {p.name: file_sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
@@ -235,6 +241,35 @@ class Erasure:
         finally:
             dlogging.set_verbosity(verbosity)
         return name
+
+    def concept_scaled(self, scales: dict[str, float]) -> Erasure:
+        """This erasure with concept ``name``'s stage-B adapter at strength ``scales[name]`` (the others at 1),
+        re-fused from the per-concept factors (``--multi fuse|sum``); a concept at 0 leaves the integration, so the
+        result equals the fusion of the others. Stage A is one joint solve and is not scaled per concept."""
+        from ..engines.trajectory import TrajectoryConfig
+        from ..multi import combine_tensors
+
+        fusion = self.manifest.get("fusion")
+        if fusion is None or not self.fusion_state:
+            raise TraceEraseError("this erasure has no per-concept adapters (made with --multi joint or for one "
+                                  "concept); per-concept scales need --multi fuse or sum")
+        names = [c["name"] for c in fusion["concepts"]]
+        lowered = {n.lower(): i for i, n in enumerate(names)}
+        unknown = [n for n in scales if n.lower() not in lowered]
+        if unknown:
+            raise TraceEraseError(f"'{unknown[0]}' is not a concept of this erasure; choose from {', '.join(names)}")
+        factors = [1.0] * len(names)
+        for n, s in scales.items():
+            factors[lowered[n.lower()]] = float(s)
+        cfg = TrajectoryConfig(fusion_lambda=fusion["lambda"], fusion_lambda_preserve=fusion["lambda_preserve"])
+        main, stage_b = combine_tensors(self.fusion_state, self.prefix, fusion, cfg, factors)
+        manifest = {**self.manifest, "concept_scales": dict(zip(names, factors, strict=True))}
+        if self.gated_state_dict is not None:
+            return Erasure(main, manifest, gated_state_dict=stage_b, fusion_state=self.fusion_state)
+        from .lora import concat_loras
+
+        return Erasure(concat_loras([main, stage_b]) if main else stage_b, manifest,
+                       fusion_state=self.fusion_state)
 
     def apply(self, target: Any, scale: float = 1.0, adapter_name: str = "trace_erase", check: bool = True,
               combine: bool = False) -> Applied:
@@ -294,8 +329,12 @@ def load_erasure(directory: str | Path, allow_pickle: bool = False) -> Erasure:
     check_integrity(d, manifest, str(mpath))
     wpath = d / typed.lora.weight_name
     gated = _read_safetensors(d / typed.gate.weight_name) if typed.gate else None
+    fusion = manifest.get("fusion")
+    fusion_state = None
+    if isinstance(fusion, dict) and isinstance(fusion.get("weight_name"), str):
+        fusion_state = _read_safetensors(d / check_file_name(fusion["weight_name"], str(mpath), "fusion.weight_name"))
     if not wpath.is_file() and typed.gate and typed.lora.rank == 0:
-        return Erasure({}, manifest, gated_state_dict=gated)
+        return Erasure({}, manifest, gated_state_dict=gated, fusion_state=fusion_state)
     if not wpath.is_file():
         pickles = sorted(d.glob("*.bin"))
         if pickles and allow_pickle:
@@ -312,7 +351,7 @@ def load_erasure(directory: str | Path, allow_pickle: bool = False) -> Erasure:
     if not state or any(not k.startswith(prefix) for k in state):
         raise TraceEraseError(f"'{wpath}' does not hold this erasure's LoRA (keys must start with '{prefix}'); "
                               "re-run the erasure")
-    return Erasure(state, manifest, gated_state_dict=gated)
+    return Erasure(state, manifest, gated_state_dict=gated, fusion_state=fusion_state)
 
 
 def file_sha256(path: Path) -> str:

@@ -115,6 +115,7 @@ class RowBatch:
     kind: str  # "erase" | "preserve" | "probe"
     e: torch.Tensor
     a: torch.Tensor | None = None
+    concept: int | None = None  # erase rows: the index of the concept whose prompts they come from
 
 
 @dataclass
@@ -231,13 +232,13 @@ class ClosedFormEngine:
     def iter_rows(self, concepts: list[Concept]) -> Iterator[RowBatch]:
         """All feature rows the solve uses, stream by stream (the Gram path and the tests consume the same rows)."""
         cfg = self.config
-        jobs = []  # (target prompt, span, anchor prompt, span)
+        jobs = []  # (target prompt, span, anchor prompt, span, concept index)
         keep: list[tuple[str, tuple[int, int]]] = []  # preserved prompts
-        for c in concepts:
+        for ci, c in enumerate(concepts):
             for t in self.templates:
                 pt, st = fill(t, c.name)
                 pa, sa = fill(t, c.anchor)
-                jobs.append((pt, st, pa, sa))
+                jobs.append((pt, st, pa, sa, ci))
                 for p in c.preserve:
                     keep.append(fill(t, p))
         corpus = load_corpus(self.adapter, cfg.preserve_corpus, concepts) if cfg.preserve_corpus else []
@@ -257,9 +258,10 @@ class ClosedFormEngine:
             chunk = jobs[i : i + bs]
             feats = self._encode([j[0] for j in chunk], "")
             for stream in self.streams:
-                es, as_ = [], []
-                for pt, st, pa, sa in chunk:
+                rows: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+                for pt, st, pa, sa, ci in chunk:
                     ft, fa = feats[pt][stream.name], fixed[pa][stream.name]
+                    es, as_ = rows.setdefault(ci, ([], []))
                     if stream.per_token:
                         ti, ai = aligned_positions(layout(pt, st), layout(pa, sa), cfg.token_selection,
                                                    cfg.suffix_tokens, stream.bidirectional)
@@ -268,7 +270,8 @@ class ClosedFormEngine:
                     else:
                         es.append(_rows(ft))
                         as_.append(_rows(fa))
-                yield RowBatch(stream.name, "erase", torch.cat(es), torch.cat(as_))
+                for ci, (es, as_) in rows.items():
+                    yield RowBatch(stream.name, "erase", torch.cat(es), torch.cat(as_), concept=ci)
         for stream in self.streams:
             rows = []
             for prompt, span in keep:
@@ -300,6 +303,37 @@ class ClosedFormEngine:
                 st.add_probe(batch.e)
         return stats
 
+    def concept_statistics(self, concepts: list[Concept]) -> tuple[list[dict[str, GramStats]], dict[str, GramStats]]:
+        """Per concept, the Gram of its own erase rows (``g_e``) per stream; and per stream the shared preserved
+        rows (``g_p``: preserve lists and corpus). What closed-form fusion of per-concept LoRAs reads."""
+        per: list[dict[str, GramStats]] = [{} for _ in concepts]
+        shared: dict[str, GramStats] = {}
+        for batch in self.iter_rows(concepts):
+            if batch.kind == "erase":
+                st = per[batch.concept].setdefault(batch.stream, GramStats(batch.e.shape[1]))
+                st.add_erase(batch.e, batch.a)
+            elif batch.kind == "preserve":
+                shared.setdefault(batch.stream, GramStats(batch.e.shape[1])).add_preserve(batch.e)
+            else:
+                shared.setdefault(batch.stream, GramStats(batch.e.shape[1])).add_probe(batch.e)
+        for stream in self.streams:  # a stream with no preserved rows still needs its (zero) Gram
+            dim = next(p[stream.name].dim for p in per if stream.name in p)
+            shared.setdefault(stream.name, GramStats(dim))
+        return per, shared
+
+    @staticmethod
+    def merged(per: list[dict[str, GramStats]], shared: dict[str, GramStats]) -> dict[str, GramStats]:
+        """The joint statistics (what :meth:`statistics` gives) from :meth:`concept_statistics`'s parts."""
+        out: dict[str, GramStats] = {}
+        for name, sh in shared.items():
+            st = GramStats(sh.dim, g_p=sh.g_p.clone(), g_q=sh.g_q.clone(), counts=dict(sh.counts))
+            for p in per:
+                if name in p:
+                    st.g_e, st.c, st.g_a = st.g_e + p[name].g_e, st.c + p[name].c, st.g_a + p[name].g_a
+                    st.counts["erase"] += p[name].counts["erase"]
+            out[name] = st
+        return out
+
     # ---- solve ------------------------------------------------------------------------------------------------------
     def stream_solution(self, st: GramStats) -> torch.Tensor:
         """S with W' = W·S for every projection of the stream (a linear solve, never an explicit inverse)."""
@@ -310,13 +344,14 @@ class ClosedFormEngine:
         s_t = torch.linalg.solve(m, b.T)  # M symmetric: S = B M⁻¹ ⇔ Sᵀ = M⁻¹ Bᵀ
         return s_t.T
 
-    def run(self, concepts: list[Concept]) -> ClosedFormResult:
-        """Statistics → one solve per stream → per-module deltas and certificate."""
+    def run(self, concepts: list[Concept], stats: dict[str, GramStats] | None = None) -> ClosedFormResult:
+        """Statistics (or ``stats`` already gathered, e.g. :meth:`merged`) → one solve per stream → per-module
+        deltas and certificate."""
         import time
 
         self.check_concepts(concepts)
         t0 = time.perf_counter()
-        stats = self.statistics(concepts)
+        stats = stats if stats is not None else self.statistics(concepts)
         t1 = time.perf_counter()
         deltas: dict[str, torch.Tensor] = {}
         cert: dict[str, dict[str, float | None]] = {}

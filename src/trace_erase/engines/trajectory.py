@@ -42,7 +42,8 @@ from .stage_a import StageAWeights
 
 WINDOWS = ("two", "late", "all")
 # options a resumed run may change: they do not alter the trained weights
-RESUME_FREE = ("checkpoint_every", "gate_tau")
+RESUME_FREE = ("checkpoint_every", "gate_tau", "multi", "fusion_lambda", "fusion_lambda_preserve")
+MULTI_MODES = ("fuse", "joint", "sum")
 EARLY_MODES = ("keep", "positive", "none")
 REFERENCES = ("stage-a", "original")
 ADAPTER_NAME = "trace_erase_train"
@@ -86,6 +87,12 @@ class TrajectoryConfig:
     # one branch (ours; the default). "batched": one call for all branches (faster on a GPU with memory to spare).
     branches: str = "sequential"
     seed: int = 0
+    # several concepts: "joint" (one LoRA, a concept sampled per step), "sum" (one LoRA per concept, added) or
+    # "fuse" (one per concept, closed-form integration over each concept's tokens; engines/fusion.py). None: the
+    # method's default. λ and λ_p of the integration (ours: the closed-form engine's defaults).
+    multi: str | None = None
+    fusion_lambda: float = 0.1
+    fusion_lambda_preserve: float = 1.0
 
     def __post_init__(self) -> None:
         if self.window not in WINDOWS:
@@ -98,6 +105,10 @@ class TrajectoryConfig:
             raise TraceEraseError("tau must be in (0, 1]: a fraction of the model's time range")
         if self.gate_tau is not None and not 0.0 < self.gate_tau <= 1.0:
             raise TraceEraseError("gate_tau must be in (0, 1]")
+        if self.multi is not None and self.multi not in MULTI_MODES:
+            raise TraceEraseError(f"unknown multi '{self.multi}'; choose one of {', '.join(MULTI_MODES)}")
+        if self.fusion_lambda < 0 or self.fusion_lambda_preserve < 0:
+            raise TraceEraseError("fusion_lambda and fusion_lambda_preserve must be ≥ 0")
         if self.branches not in ("sequential", "batched"):
             raise TraceEraseError(f"branches must be 'sequential' or 'batched', not '{self.branches}'")
         for name in ("rank", "steps", "batch_size", "grad_accum", "rollout_steps", "pool_trajectories",

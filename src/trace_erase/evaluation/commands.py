@@ -22,10 +22,12 @@ from ..cli_common import (
     PromptsOpt,
     ReferenceOpt,
     RetainedOpt,
+    ScaleConceptOpt,
     SchedulerOpt,
     ScorerOpt,
     ThresholdOpt,
     name_list,
+    parse_concept_scales,
     parse_options,
     runtime_from,
     scorer_options,
@@ -69,6 +71,7 @@ def eval_(
     concept: Annotated[str | None, typer.Option(help="erased concept (default: the erasure's first)")] = None,
     seeds: Annotated[int, typer.Option(help="seeds per built-in prompt")] = 10,
     scale: Annotated[float, typer.Option(help="erasure strength")] = 1.0,
+    scale_concept: ScaleConceptOpt = None,
     reference: ReferenceOpt = None,
     fid_features: Annotated[str, typer.Option(help="FID features: toy, inception (--fid-weights FILE) or clip "
                                                    "(--fid-weights CLIP_FOLDER)")] = "toy",
@@ -97,6 +100,11 @@ def eval_(
     check_scheduler(scheduler, peek_family(model))
     runtime = runtime_from(device, dtype, offload, batch_size)
     er = load_erasure(erasure) if erasure else None
+    concept_scales = parse_concept_scales(scale_concept)
+    if concept_scales:
+        if er is None:
+            raise TraceEraseError("--scale-concept needs --erasure")
+        er = er.concept_scaled(concept_scales)
     concept = concept or (er.manifest["concepts"][0]["name"] if er else None)
     the_suite, the_scorer = _suite_and_scorer(suite, concept or "", seeds, prompts, classes, retained, reference,
                                               scorer, scorer_options(gallery, class_map, arch, allow_pickle,

@@ -16,6 +16,9 @@ class MethodSpec:
     defaults: dict[str, Any] = field(default_factory=dict)  # closed-form engine options
     trajectory: dict[str, Any] = field(default_factory=dict)  # trajectory engine options
     families: tuple[str, ...] = ("sd", "sdxl", "flux", "sd3")
+    # several concepts with stage B: "fuse" (per-concept LoRAs + closed-form integration: TRACE's multi-concept
+    # recipe) or "joint" (one LoRA, a concept sampled per step: ESD's and ANT's)
+    multi_default: str = "joint"
 
     @property
     def uses_closed_form(self) -> bool:

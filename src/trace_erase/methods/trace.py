@@ -29,6 +29,7 @@ TRACE = MethodSpec(
     summary="TRACE: stage A, then a LoRA that reverses guidance only in LATE steps and keeps EARLY steps",
     defaults=STAGE_A,
     trajectory=STAGE_B,
+    multi_default="fuse",
 )
 
 TRACE_STAGE_B = MethodSpec(
@@ -36,6 +37,7 @@ TRACE_STAGE_B = MethodSpec(
     engine="trajectory",
     summary="TRACE stage B alone (no stage A): an ablation, the LATE-reversal LoRA on the original model",
     trajectory=STAGE_B,
+    multi_default="fuse",
 )
 
 TRACE_LATE_ONLY = MethodSpec(
@@ -44,4 +46,5 @@ TRACE_LATE_ONLY = MethodSpec(
     summary="TRACE with stage B trained only on LATE states (reading (a))",
     defaults=STAGE_A,
     trajectory={**STAGE_B, "window": "late"},
+    multi_default="fuse",
 )

@@ -1,0 +1,108 @@
+"""Closed-form integration of per-concept LoRAs (MACE's stage 3, as an exact LoRA; design notes ``multi-concept.md``).
+
+For the projections of one text stream (all read the same text features e), with W the weights the LoRAs were
+trained on, concept i's LoRA ΔWᵢ = BᵢAᵢ and Cᵢ = Σ e eᵀ over concept i's own prompt tokens, P over preserved tokens:
+
+    W* = argmin Σᵢ Σ_e ‖W*e − (W + sᵢΔWᵢ)e‖² + λ_p Σ_p ‖W*p − Wp‖² + λ‖W* − W‖²
+       = W + Σᵢ sᵢ ΔWᵢ Cᵢ G⁻¹,   G = Σᵢ Cᵢ + λ_p P + λ I
+
+which is a LoRA of rank Σ rᵢ: up = [s₁B₁ … s_qB_q], down = [A₁C₁G⁻¹; …; A_qC_qG⁻¹] — one d×d solve per stream.
+A naive sum replaces CᵢG⁻¹ by I. A LoRA on a module that does not read the text features (FLUX/SD3 ``add_k/add_v``,
+ESD-u's layers) has no Cᵢ: it is summed, and the record says so. Concepts with scale 0 leave the objective (and G):
+the result equals the fusion of the others.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import TraceEraseError
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module → (A [r, in], B [out, r])
+
+
+@dataclass
+class FusionInputs:
+    """Everything fusion reads: per-concept LoRA factors, the stream each fusable module reads, and per stream each
+    concept's token Gram Cᵢ and the preserved Gram P (float64)."""
+
+    factors: list[Factors]
+    module_stream: dict[str, str]
+    grams: list[dict[str, torch.Tensor]]
+    preserve: dict[str, torch.Tensor]
+
+
+def fuse(inputs: FusionInputs, lam: float, lam_preserve: float, scales: list[float] | None = None,
+         mode: str = "fuse") -> tuple[Factors, dict[str, str], list[tuple[int, int]]]:
+    """Fused (or, with ``mode="sum"``, summed) factors per module, how each module was combined, and each concept's
+    rank slice in them (empty for a concept at scale 0)."""
+    q = len(inputs.factors)
+    scales = [1.0] * q if scales is None else list(scales)
+    active = [i for i in range(q) if scales[i] != 0]
+    solved: dict[str, dict[int, torch.Tensor]] = {}
+    if mode == "fuse":
+        for stream in dict.fromkeys(inputs.module_stream.values()):
+            dim = inputs.preserve[stream].shape[0]
+            g = lam * torch.eye(dim, dtype=torch.float64) + lam_preserve * inputs.preserve[stream]
+            for i in active:
+                g = g + inputs.grams[i][stream]
+            try:  # Mᵢ = Cᵢ G⁻¹ = (G⁻¹ Cᵢ)ᵀ, G symmetric
+                solved[stream] = {i: torch.linalg.solve(g, inputs.grams[i][stream]).T for i in active}
+            except torch.linalg.LinAlgError as exc:
+                raise TraceEraseError("the fusion Gram is singular; set fusion_lambda > 0") from exc
+    modules = list(dict.fromkeys(m for f in inputs.factors for m in f))
+    out: Factors = {}
+    how: dict[str, str] = {}
+    for m in modules:
+        stream = inputs.module_stream.get(m) if mode == "fuse" else None
+        downs, ups = [], []
+        for i in active:
+            if m not in inputs.factors[i]:
+                continue
+            a, b = (t.double() for t in inputs.factors[i][m])
+            downs.append(a @ solved[stream][i] if stream is not None else a)
+            ups.append(scales[i] * b)
+        if downs:
+            out[m] = (torch.cat(downs), torch.cat(ups, dim=1))
+            how[m] = "closed-form" if stream is not None else "sum"
+    slices, lo = [], 0
+    for i in range(q):
+        r = max((f[0].shape[0] for f in [inputs.factors[i].get(m) for m in modules] if f is not None), default=0)
+        slices.append((lo, lo + r) if i in active else (lo, lo))
+        lo += r if i in active else 0
+    return out, how, slices
+
+
+def certificate(inputs: FusionInputs, fused: Factors, weights: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Per concept, over its own tokens and the fusable modules (max): how well W* reproduces W + ΔWᵢ
+    (‖(ΔW* − ΔWᵢ)e‖ / ‖ΔWᵢe‖), what the naive sum would give, and the change on preserved tokens (‖ΔW*p‖ / ‖Wp‖)."""
+
+    def tr(x: torch.Tensor, g: torch.Tensor) -> float:  # tr(X G Xᵀ)
+        return float(((x @ g) * x).sum())
+
+    out = []
+    for i, factors in enumerate(inputs.factors):
+        rep, naive, kept = [], [], []
+        for m, stream in inputs.module_stream.items():
+            if m not in factors or m not in fused:
+                continue
+            c = inputs.grams[i][stream]
+            own = factors[m][1].double() @ factors[m][0].double()
+            total = fused[m][1] @ fused[m][0]
+            summed = sum(f[m][1].double() @ f[m][0].double() for f in inputs.factors if m in f)
+            den = tr(own, c)
+            if den > 0:
+                rep.append(math.sqrt(max(tr(total - own, c), 0.0) / den))
+                naive.append(math.sqrt(max(tr(summed - own, c), 0.0) / den))
+            p = inputs.preserve[stream]
+            base = tr(weights[m].double(), p)
+            if base > 0:
+                kept.append(math.sqrt(max(tr(total, p), 0.0) / base))
+        out.append({"reproduction_error": max(rep) if rep else None,
+                    "naive_sum_reproduction_error": max(naive) if naive else None,
+                    "preserved_change": max(kept) if kept else None})
+    return out

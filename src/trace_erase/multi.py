@@ -1,0 +1,225 @@
+"""Several concepts with per-concept stage-B LoRAs (``--multi fuse|sum``): train one LoRA per concept from the
+(joint) stage-A model — resumable concept by concept — then combine them (engines/fusion.py).
+
+Each finished concept is saved in ``WORKDIR/concept-NNN/lora.safetensors`` with the hash of its run settings; a
+resumed run loads the finished ones and continues the interrupted one from its own checkpoint. Under ``accelerate
+launch`` the concepts are shared out over the processes (concept i on process i mod n); every process then reads
+all finished concepts and the main one writes the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Concept, config_hash
+from .engines.closed_form import ClosedFormConfig, ClosedFormEngine
+from .engines.fusion import FusionInputs, certificate, fuse
+from .engines.stage_a import StageAWeights
+from .engines.trajectory import TrajectoryConfig, TrajectoryEngine
+from .errors import TraceEraseError
+from .methods import MethodSpec
+from .models import FamilyAdapter
+
+CONCEPT_LORA = "lora.safetensors"
+FUSION_WEIGHT_NAME = "fusion_factors.safetensors"
+
+
+def resolve_multi(spec: MethodSpec, multi: str | None, n_concepts: int) -> str:
+    """The multi-concept mode to run: refuses ``fuse``/``sum`` for a method without stage B (one line)."""
+    if multi is not None and multi not in ("fuse", "joint", "sum"):
+        raise TraceEraseError(f"unknown --multi '{multi}'; choose fuse, joint or sum")
+    if multi in ("fuse", "sum") and not spec.uses_trajectory:
+        raise TraceEraseError(f"--multi {multi} combines per-concept stage-B LoRAs, and '{spec.name}' has no stage "
+                              "B; use --multi joint (one solve over all concepts)")
+    if n_concepts < 2:
+        return "single"
+    return multi or spec.multi_default
+
+
+def check_concept_set(concepts: list[Concept]) -> None:
+    """A concept that is another's anchor would be erased and mapped to at once: refused."""
+    names = {c.name.strip().lower(): c.name for c in concepts}
+    for c in concepts:
+        if c.anchor.strip().lower() in names and c.anchor.strip().lower() != c.name.strip().lower():
+            raise TraceEraseError(f"'{c.anchor}' is both an erased concept and the anchor of '{c.name}'; "
+                                  "choose another anchor")
+
+
+def _process() -> tuple[int, int, Any]:
+    try:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return state.process_index, state.num_processes, state
+    except Exception:  # noqa: BLE001 - no accelerate environment: one process
+        return 0, 1, None
+
+
+def _save(path: Path, state: dict[str, torch.Tensor], run_hash: str) -> None:
+    from safetensors.torch import save
+
+    from .artifacts.erasure import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, save(state, metadata={"format": "pt", "run_hash": run_hash}))
+
+
+def _load_done(path: Path | None, run_hash: str) -> dict[str, torch.Tensor] | None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if path is None or not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        if (f.metadata() or {}).get("run_hash") != run_hash:
+            raise TraceEraseError(f"'{path}' was trained with other settings; pass --overwrite to start afresh")
+    return load_file(str(path))
+
+
+def train_per_concept(adapter: FamilyAdapter, cfg: TrajectoryConfig, concepts: list[Concept],
+                      stage_a: StageAWeights | None, workdir: Path | None, run_config: dict[str, Any],
+                      progress: bool) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """One stage-B LoRA per concept (diffusers keys), trained from the stage-A model; and a log."""
+    rank, world, state = _process()
+    states: list[dict[str, torch.Tensor] | None] = [None] * len(concepts)
+    hashes: list[str] = []
+    logs: dict[str, Any] = {"final_losses": {}, "train_seconds": 0.0, "steps": cfg.steps, "resumed": []}
+    for i, concept in enumerate(concepts):
+        sub = workdir / f"concept-{i:03d}" if workdir else None
+        engine = TrajectoryEngine(adapter, cfg, progress=progress, workdir=sub,
+                                  run_config={**run_config, "concept_index": i}, stage_a=stage_a)
+        run_hash = config_hash({**engine.run_config, "concepts": [dataclasses.asdict(concept)]})
+        hashes.append(run_hash)
+        done = _load_done(sub / CONCEPT_LORA if sub else None, run_hash)
+        if done is not None:
+            states[i] = done
+            logs["resumed"].append(concept.name)
+            continue
+        if i % world != rank:
+            continue
+        with stage_a.applied() if stage_a else contextlib.nullcontext():
+            log = engine.train([concept])
+        states[i] = log["state_dict"]
+        logs["final_losses"][concept.name] = log["final_losses"]
+        logs["train_seconds"] += log["train_seconds"]
+        if sub is not None:
+            _save(sub / CONCEPT_LORA, log["state_dict"], run_hash)
+    if world > 1:  # every process reads what the others trained
+        if workdir is None:
+            raise TraceEraseError("several processes need a workdir to exchange per-concept LoRAs; pass --output")
+        state.wait_for_everyone()
+        for i in range(len(concepts)):
+            if states[i] is None:
+                states[i] = _load_done(workdir / f"concept-{i:03d}" / CONCEPT_LORA, hashes[i])
+    return [s for s in states if s is not None], logs
+
+
+def _factors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    head = prefix + "."
+    out = {}
+    for key, a in state.items():
+        if key.endswith(".lora_A.weight"):
+            name = key[len(head):-len(".lora_A.weight")]
+            out[name] = (a.double(), state[f"{head}{name}.lora_B.weight"].double())
+    return out
+
+
+def fusion_inputs(adapter: FamilyAdapter, concepts: list[Concept], states: list[dict[str, torch.Tensor]],
+                  stats_config: ClosedFormConfig, mode: str, stats: tuple[list, dict] | None = None) -> FusionInputs:
+    """Per-concept factors and, for ``fuse``, the token Grams of the text streams the LoRA modules read (``stats``:
+    stage A's per-concept statistics when it gathered them, else gathered here with ``stats_config``)."""
+    factors = [_factors(s, adapter.denoiser_name) for s in states]
+    if mode != "fuse":
+        return FusionInputs(factors, {}, [{} for _ in concepts], {})
+    engine = ClosedFormEngine(adapter, stats_config, progress=False)
+    per, shared = stats if stats is not None else engine.concept_statistics(concepts)
+    module_stream = {m: s.name for s in engine.streams if s.per_token and s.columns is None and not s.hooked
+                     for m in s.modules}
+    trained = {m for f in factors for m in f}
+    module_stream = {m: s for m, s in module_stream.items() if m in trained}
+    grams = [{name: st.g_e for name, st in p.items()} for p in per]
+    # P per row of an average concept (ours): λ_p = 1 weighs the preserved tokens as much as one concept's own
+    # tokens, whatever the corpus size (the raw sum over ~120 captions × every position would swamp each Cᵢ)
+    preserve = {}
+    for name, st in shared.items():
+        concept_rows = sum(p[name].counts["erase"] for p in per if name in p) / max(len(per), 1)
+        rows = st.counts["preserve"]
+        preserve[name] = st.g_p * (concept_rows / rows) if rows else st.g_p
+    return FusionInputs(factors, module_stream, grams, preserve)
+
+
+def combine(adapter: FamilyAdapter, inputs: FusionInputs, cfg: TrajectoryConfig, mode: str,
+            stage_a_deltas: dict[str, torch.Tensor], concepts: list[Concept],
+            scales: list[float] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The combined LoRA (diffusers keys) and the manifest's ``fusion`` record (modes, rank slices, certificate)."""
+    fused, how, slices = fuse(inputs, cfg.fusion_lambda, cfg.fusion_lambda_preserve, scales, mode)
+    state = _state(fused, adapter.denoiser_name)
+    record: dict[str, Any] = {"mode": mode, "lambda": cfg.fusion_lambda, "lambda_preserve": cfg.fusion_lambda_preserve,
+                              "modules": how, "module_streams": inputs.module_stream, "weight_name": FUSION_WEIGHT_NAME,
+                              "concepts": [{"name": c.name, "rank_slice": list(sl)}
+                                           for c, sl in zip(concepts, slices, strict=True)]}
+    if mode == "fuse" and inputs.module_stream:
+        weights = {m: adapter.module(m).weight.detach().double().cpu() + stage_a_deltas.get(m, 0)
+                   for m in inputs.module_stream}
+        for c, cert in zip(record["concepts"], certificate(inputs, fused, weights), strict=True):
+            c["certificate"] = cert
+    return state, record
+
+
+def _state(fused: dict[str, tuple[torch.Tensor, torch.Tensor]], prefix: str) -> dict[str, torch.Tensor]:
+    """Fused factors as diffusers LoRA keys (one common rank, zero-padded)."""
+    from .artifacts.lora import pad_rank
+
+    rank = max((a.shape[0] for a, _ in fused.values()), default=0)
+    state = {}
+    for m, (a, b) in fused.items():
+        a, b = pad_rank(a, b, rank)
+        state[f"{prefix}.{m}.lora_A.weight"] = a.float().contiguous()
+        state[f"{prefix}.{m}.lora_B.weight"] = b.float().contiguous()
+    return state
+
+
+def combine_tensors(tensors: dict[str, torch.Tensor], prefix: str, fusion: dict[str, Any], cfg: TrajectoryConfig,
+                    scales: list[float]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Re-fusion from a saved erasure's per-concept factors at per-concept ``scales``: (stage-A LoRA, stage-B LoRA)."""
+    inputs = inputs_from_tensors(tensors, len(fusion["concepts"]), fusion.get("module_streams", {}))
+    fused, _, _ = fuse(inputs, cfg.fusion_lambda, cfg.fusion_lambda_preserve, scales, fusion["mode"])
+    stage_a = {k[len("stage_a."):]: v for k, v in tensors.items() if k.startswith("stage_a.")}
+    return stage_a, _state(fused, prefix)
+
+
+def fusion_tensors(inputs: FusionInputs) -> dict[str, torch.Tensor]:
+    """What apply-time re-fusion (per-concept scales) needs: each concept's factors and the Grams (float32)."""
+    out: dict[str, torch.Tensor] = {}
+    for i, factors in enumerate(inputs.factors):
+        for m, (a, b) in factors.items():
+            out[f"concept.{i}.{m}.lora_A.weight"] = a.float().contiguous()
+            out[f"concept.{i}.{m}.lora_B.weight"] = b.float().contiguous()
+        for stream, g in inputs.grams[i].items():
+            out[f"gram.{i}.{stream}"] = g.float().contiguous()
+    for stream, p in inputs.preserve.items():
+        out[f"preserve.{stream}"] = p.float().contiguous()
+    return out
+
+
+def inputs_from_tensors(tensors: dict[str, torch.Tensor], n: int, module_stream: dict[str, str]) -> FusionInputs:
+    """The inverse of :func:`fusion_tensors` (float64)."""
+    factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(n)]
+    grams: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    preserve: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        kind, rest = key.split(".", 1)
+        if kind == "concept" and rest.endswith(".lora_A.weight"):
+            i, m = rest[:-len(".lora_A.weight")].split(".", 1)
+            factors[int(i)][m] = (t.double(), tensors[f"concept.{i}.{m}.lora_B.weight"].double())
+        elif kind == "gram":
+            i, stream = rest.split(".", 1)
+            grams[int(i)][stream] = t.double()
+        elif kind == "preserve":
+            preserve[rest] = t.double()
+    return FusionInputs(factors, module_stream, grams, preserve)

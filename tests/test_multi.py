@@ -1,0 +1,206 @@
+"""Several concepts: closed-form fusion of per-concept LoRAs (exact, and equal to the dense solve), its fallbacks,
+per-concept scales, resume between concepts, and one-line refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trace_erase import TraceEraseError, erase, get_adapter, load_erasure
+from trace_erase.artifacts.lora import lora_to_delta
+from trace_erase.cli import main
+from trace_erase.engines.fusion import FusionInputs, certificate, fuse
+
+from .conftest import BUILDERS
+from .test_closed_form import _pred
+
+FAST = {"steps": 2, "rollout_steps": 4, "pool_trajectories": 1, "batch_size": 1, "checkpoint_every": 1000}
+FAST_A = {"templates": ["{}", "a photo of {}"], "preserve_corpus": None, "preserve": ["boat"]}
+
+
+def _synthetic(q: int, d: int = 6, out: int = 5, r: int = 2, rows: int = 12, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    e = [rand(rows, d) for _ in range(q)]
+    p = rand(rows, d)
+    factors = [{"m": (rand(r, d), rand(out, r))} for _ in range(q)]
+    inputs = FusionInputs(factors, {"m": "s"}, [{"s": x.T @ x} for x in e], {"s": p.T @ p})
+    return inputs, e, p, rand(out, d)
+
+
+def _dense(fused):
+    a, b = fused["m"]
+    return b @ a
+
+
+def test_fusion_identity_one_concept_no_regularisation() -> None:
+    """q = 1, λ = λ_p = 0, full-rank token Gram: W*E = (W + ΔW)E exactly."""
+    inputs, e, _, w = _synthetic(1)
+    fused, how, _ = fuse(inputs, lam=0.0, lam_preserve=0.0)
+    a, b = inputs.factors[0]["m"]
+    assert how == {"m": "closed-form"}
+    assert torch.allclose((w + _dense(fused)) @ e[0].T, (w + b @ a) @ e[0].T, atol=1e-10)
+
+
+def test_fused_lora_equals_the_dense_least_squares_solution() -> None:
+    """The rank-Σr LoRA equals W* solved directly from the stacked rows of the objective (to 1e-5)."""
+    inputs, e, p, w = _synthetic(3)
+    lam, lam_p = 0.3, 0.7
+    fused, _, slices = fuse(inputs, lam, lam_p)
+    assert fused["m"][0].shape[0] == 6 and slices == [(0, 2), (2, 4), (4, 6)]  # rank Σ rᵢ
+    xs = [*e, lam_p ** 0.5 * p, lam ** 0.5 * torch.eye(6, dtype=torch.float64)]
+    targets = [x @ (w + f["m"][1] @ f["m"][0]).T for x, f in zip(e, inputs.factors, strict=True)]
+    targets += [lam_p ** 0.5 * p @ w.T, lam ** 0.5 * w.T]
+    w_star = torch.linalg.lstsq(torch.cat(xs), torch.cat(targets)).solution.T
+    assert torch.allclose(w + _dense(fused), w_star, atol=1e-5)
+
+
+def test_fusion_reproduces_each_concept_better_than_a_naive_sum() -> None:
+    inputs, _, _, w = _synthetic(3)
+    fused, _, _ = fuse(inputs, 0.1, 1.0)
+    for cert in certificate(inputs, fused, {"m": w}):
+        assert cert["reproduction_error"] < cert["naive_sum_reproduction_error"]
+    summed, how, _ = fuse(inputs, 0.1, 1.0, mode="sum")
+    assert how == {"m": "sum"}
+    assert torch.allclose(_dense(summed), sum(f["m"][1] @ f["m"][0] for f in inputs.factors))
+
+
+def test_scale_zero_drops_the_concept_and_other_scales_are_linear() -> None:
+    inputs, _, _, _ = _synthetic(3)
+    without = FusionInputs(inputs.factors[:2], inputs.module_stream, inputs.grams[:2], inputs.preserve)
+    dropped, _, slices = fuse(inputs, 0.1, 1.0, scales=[1.0, 1.0, 0.0])
+    assert torch.allclose(_dense(dropped), _dense(fuse(without, 0.1, 1.0)[0]), atol=1e-12)
+    assert slices[2] == (4, 4)
+    half, _, _ = fuse(inputs, 0.1, 1.0, scales=[1.0, 0.5, 1.0])
+    full, _, _ = fuse(inputs, 0.1, 1.0)
+    a, b = full["m"]
+    expected = b[:, :2] @ a[:2] + 0.5 * b[:, 2:4] @ a[2:4] + b[:, 4:] @ a[4:]
+    assert torch.allclose(_dense(half), expected, atol=1e-12)
+
+
+def test_modules_that_do_not_read_text_are_summed_and_recorded() -> None:
+    """FLUX's stage B sits on add_k/add_v, whose inputs are modulated per block: no token Gram, so a sum."""
+    pipe = BUILDERS["flux"]()
+    er = erase(pipe, ["cat", "dog"], method="trace", anchor="", progress=False, **FAST, **FAST_A)
+    fusion = er.manifest["fusion"]
+    assert er.manifest["multi"] == "fuse" and set(fusion["modules"].values()) == {"sum"}
+    assert fusion["module_streams"] == {}
+
+
+@pytest.fixture(scope="module")
+def sd_fused(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("multi") / "e"
+    er = erase(BUILDERS["sd"](), ["cat", "dog"], method="trace", anchor="", progress=False, **FAST, **FAST_A)
+    er.save(folder)
+    return er, folder
+
+
+def test_sd_fusion_is_closed_form_with_a_certificate_per_concept(sd_fused) -> None:
+    er, folder = sd_fused
+    fusion = er.manifest["fusion"]
+    assert set(fusion["modules"].values()) == {"closed-form"}
+    assert [c["name"] for c in fusion["concepts"]] == ["cat", "dog"]
+    assert [c["rank_slice"] for c in fusion["concepts"]] == [[0, 4], [4, 8]]
+    for c in fusion["concepts"]:
+        cert = c["certificate"]
+        assert cert["reproduction_error"] < cert["naive_sum_reproduction_error"]
+    loaded = load_erasure(folder)
+    assert loaded.fusion_state is not None and set(loaded.state_dict) == set(er.state_dict)
+
+
+def test_concept_scale_zero_equals_fusing_the_others_and_loads(sd_fused) -> None:
+    from trace_erase.multi import _state, inputs_from_tensors
+
+    er, folder = sd_fused
+    loaded = load_erasure(folder)
+    scaled = loaded.concept_scaled({"dog": 0})
+    fusion = er.manifest["fusion"]
+    inputs = inputs_from_tensors(loaded.fusion_state, 2, fusion["module_streams"])
+    only_cat = FusionInputs(inputs.factors[:1], inputs.module_stream, inputs.grams[:1], inputs.preserve)
+    expected = lora_to_delta(_state(fuse(only_cat, fusion["lambda"], fusion["lambda_preserve"])[0], "unet"), "unet")
+    stage_a = lora_to_delta({k[len("stage_a."):]: v for k, v in loaded.fusion_state.items()
+                             if k.startswith("stage_a.")}, "unet")
+    got = scaled.deltas()
+    assert set(got) == set(expected)
+    for m, delta in expected.items():  # stage A (joint, unscaled) + the fusion of cat's adapter alone
+        assert torch.allclose(got[m], stage_a[m] + delta, atol=1e-5), m
+    pipe = BUILDERS["sd"]()
+    adapter = get_adapter(pipe)
+    scaled.apply(pipe)
+    zero = _pred(adapter, ["a photo of a dog"])
+    loaded.apply(pipe)
+    both = _pred(adapter, ["a photo of a dog"])
+    assert (zero - both).abs().max() > 1e-6
+    with pytest.raises(TraceEraseError, match="'bird' is not a concept of this erasure"):
+        loaded.concept_scaled({"bird": 0.5})
+
+
+def test_single_concept_or_joint_erasure_has_no_per_concept_scales() -> None:
+    er = erase(BUILDERS["sd"](), ["cat", "dog"], method="esd-x", progress=False, **FAST)
+    assert er.manifest["multi"] == "joint" and "fusion" not in er.manifest
+    with pytest.raises(TraceEraseError, match="no per-concept adapters"):
+        er.concept_scaled({"cat": 0.0})
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--concept", "cat", "--concept", "dog", "--method", "uce", "--multi", "fuse"], "has no stage B"),
+    (["--concept", "cat", "--concept", "dog", "--multi", "blend"], "unknown --multi 'blend'"),
+    (["--concept", "cat", "--concept", "Cat"], "listed twice"),
+    (["--config", "CFG"], "both an erased concept and the anchor"),
+])
+def test_multi_bad_input_is_one_line(saved_models, tmp_path, capsys, extra, message) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("concepts: [{name: cat, anchor: dog}, dog]\n")  # dog is erased and cat's anchor at once
+    extra = [str(cfg) if a == "CFG" else a for a in extra]
+    code, _, err = _run(["erase", "--model", saved_models["sd"], "--output", str(tmp_path / "e"), *extra], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "e").exists()
+
+
+def test_scale_concept_bad_input(saved_models, sd_fused, tmp_path, capsys) -> None:
+    _, folder = sd_fused
+    for value, message in (("dog", "must be NAME=S"), ("dog=x", "must be NAME=S"), ("bird=1", "not a concept")):
+        code, _, err = _run(["generate", "--model", saved_models["sd"], "--erasure", str(folder), "--prompt", "a",
+                             "--steps", "1", "--scale-concept", value, "--output", str(tmp_path / "g")], capsys)
+        assert code == 2 and message in err, err
+
+
+def test_killed_between_two_concepts_then_resumed_is_bit_identical(saved_models, tmp_path) -> None:
+    from .test_faults import killed
+
+    fast = ["--option", "templates=['{}']", "--option", "steps=3", "--option", "rollout_steps=2",
+            "--option", "pool_trajectories=1", "--option", "checkpoint_every=1", "--option", "preserve_corpus=null"]
+    argv = ["erase", "--model", saved_models["sd"], "--concept", "cat", "--concept", "dog", "--method", "trace",
+            "--device", "cpu", *fast]
+    assert main([*argv, "--output", str(tmp_path / "ref")]) == 0
+    cut = [*argv, "--output", str(tmp_path / "cut")]
+    proc = killed(cut, "trace_erase.multi", "", "_save", 1)  # after the first concept's LoRA is written
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (tmp_path / "cut.partial" / "concept-000" / "lora.safetensors").is_file()
+    assert not (tmp_path / "cut.partial" / "concept-001" / "lora.safetensors").exists()
+    assert main([*cut, "--resume"]) == 0
+    ref = load_file(str(tmp_path / "ref" / "pytorch_lora_weights.safetensors"))
+    got = load_file(str(tmp_path / "cut" / "pytorch_lora_weights.safetensors"))
+    assert set(ref) == set(got) and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_per_concept_statistics_add_up_to_the_joint_ones() -> None:
+    from trace_erase.config import make_concepts
+    from trace_erase.engines.closed_form import ClosedFormConfig, ClosedFormEngine
+
+    engine = ClosedFormEngine(get_adapter(BUILDERS["sd"]()), ClosedFormConfig(
+        templates=["{}", "a photo of {}"], probe_prompts=["a boat"]), progress=False)
+    concepts = make_concepts(["cat", "dog"], preserve=["car"])
+    joint = engine.statistics(concepts)
+    merged = ClosedFormEngine.merged(*engine.concept_statistics(concepts))
+    for name, st in joint.items():
+        assert merged[name].counts == st.counts
+        for field in ("g_e", "c", "g_a", "g_p", "g_q"):
+            assert torch.allclose(getattr(merged[name], field), getattr(st, field), atol=1e-8), (name, field)
