@@ -199,8 +199,44 @@ def test_per_concept_statistics_add_up_to_the_joint_ones() -> None:
         templates=["{}", "a photo of {}"], probe_prompts=["a boat"]), progress=False)
     concepts = make_concepts(["cat", "dog"], preserve=["car"])
     joint = engine.statistics(concepts)
-    merged = ClosedFormEngine.merged(*engine.concept_statistics(concepts))
+    per, merged = engine.concept_statistics(concepts)
     for name, st in joint.items():
         assert merged[name].counts == st.counts
         for field in ("g_e", "c", "g_a", "g_p", "g_q"):
             assert torch.allclose(getattr(merged[name], field), getattr(st, field), atol=1e-8), (name, field)
+        assert torch.allclose(per[0][name].g_e + per[1][name].g_e, st.g_e, atol=1e-8)  # Σᵢ Cᵢ = G_e
+        assert per[0][name].rows + per[1][name].rows == st.counts["erase"]
+
+
+def test_multi_bench_subsets_are_fixed_and_include_every_singleton() -> None:
+    from trace_erase.evaluation.multi_bench import concept_sets
+
+    classes = [f"c{i}" for i in range(10)]
+    sets = concept_sets(classes, [1, 2, 5, 8], subsets=3)
+    assert sets[1] == [[c] for c in classes]
+    assert [len(s) for s in sets[5]] == [5, 5, 5] and all(len(set(s)) == 5 for s in sets[5])
+    assert concept_sets(classes, [1, 2, 5, 8], subsets=3) == sets  # seeded: the same every run
+
+
+def test_multi_bench_interference_and_worst_class() -> None:
+    from trace_erase.evaluation.multi_bench import per_class_acc_e, summarize_multi
+
+    base = {"acc_e": None, "acc_s": 1.0, "acc_g": None, "h_o": None, "drift_l2": 0.1}
+    rows = [{"n": 1, "set": ["a"], "method": "m", **base, "per_class_acc_e": {"a": 0.0}},
+            {"n": 1, "set": ["b"], "method": "m", **base, "per_class_acc_e": {"b": 0.2}},
+            {"n": 2, "set": ["a", "b"], "method": "m", **base, "per_class_acc_e": {"a": 0.4, "b": 0.2}}]
+    summary = {e["n"]: e for e in summarize_multi(rows, [1, 2])}
+    assert summary[2]["interference"] == pytest.approx((0.4 - 0.0 + 0.2 - 0.2) / 2)
+    assert summary[2]["worst_acc_e"] == pytest.approx(0.4) and summary[1]["interference"] == 0.0
+    results = {"prompts": [{"group": "erased", "label": "a"}, {"group": "erased", "label": "a"},
+                           {"group": "other", "label": "c"}],
+               "per_image": [{"erased": {"label": "a"}}, {"erased": {"label": "x"}}, {"erased": {"label": "c"}}]}
+    assert per_class_acc_e(results) == {"a": 0.5}
+
+
+@pytest.mark.parametrize("value,message", [("1,x", "must list concept counts"), ("0,2", "between 1 and 9"),
+                                           ("12", "between 1 and 9")])
+def test_bench_multi_bad_counts_are_one_line(saved_models, tmp_path, capsys, value, message) -> None:
+    code, _, err = _run(["bench", "--model", saved_models["sd"], "--output", str(tmp_path / "b"), "--methods", "uce",
+                         "--multi", value], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -134,7 +134,7 @@ def erase(
         cf_engine = ClosedFormEngine(adapter, cf_cfg, progress=progress)
         if mode == "fuse" and tr_engine is not None:  # one encoding pass serves stage A and the fusion
             concept_stats = cf_engine.concept_statistics(concept_list)
-            cf_result = cf_engine.run(concept_list, stats=ClosedFormEngine.merged(*concept_stats))
+            cf_result = cf_engine.run(concept_list, stats=concept_stats[1])
         else:
             cf_result = cf_engine.run(concept_list)
         deltas = cf_result.deltas

@@ -137,17 +137,17 @@ def fusion_inputs(adapter: FamilyAdapter, concepts: list[Concept], states: list[
     if mode != "fuse":
         return FusionInputs(factors, {}, [{} for _ in concepts], {})
     engine = ClosedFormEngine(adapter, stats_config, progress=False)
-    per, shared = stats if stats is not None else engine.concept_statistics(concepts)
+    per, joint = stats if stats is not None else engine.concept_statistics(concepts)
     module_stream = {m: s.name for s in engine.streams if s.per_token and s.columns is None and not s.hooked
                      for m in s.modules}
     trained = {m for f in factors for m in f}
     module_stream = {m: s for m, s in module_stream.items() if m in trained}
-    grams = [{name: st.g_e for name, st in p.items()} for p in per]
+    grams = [{name: cg.g_e for name, cg in p.items()} for p in per]
     # P per row of an average concept (ours): λ_p = 1 weighs the preserved tokens as much as one concept's own
     # tokens, whatever the corpus size (the raw sum over ~120 captions × every position would swamp each Cᵢ)
     preserve = {}
-    for name, st in shared.items():
-        concept_rows = sum(p[name].counts["erase"] for p in per if name in p) / max(len(per), 1)
+    for name, st in joint.items():
+        concept_rows = st.counts["erase"] / max(len(per), 1)
         rows = st.counts["preserve"]
         preserve[name] = st.g_p * (concept_rows / rows) if rows else st.g_p
     return FusionInputs(factors, module_stream, grams, preserve)

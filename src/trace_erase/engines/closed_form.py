@@ -108,6 +108,14 @@ class GramStats:
 
 
 @dataclass
+class ConceptGram:
+    """One concept's own token Gram Cᵢ = Σ e eᵀ (float64) and its row count."""
+
+    g_e: torch.Tensor
+    rows: int = 0
+
+
+@dataclass
 class RowBatch:
     """Feature rows of one stream: erase pairs (e, a), preserved rows p, or probe rows q."""
 
@@ -303,36 +311,26 @@ class ClosedFormEngine:
                 st.add_probe(batch.e)
         return stats
 
-    def concept_statistics(self, concepts: list[Concept]) -> tuple[list[dict[str, GramStats]], dict[str, GramStats]]:
-        """Per concept, the Gram of its own erase rows (``g_e``) per stream; and per stream the shared preserved
-        rows (``g_p``: preserve lists and corpus). What closed-form fusion of per-concept LoRAs reads."""
-        per: list[dict[str, GramStats]] = [{} for _ in concepts]
-        shared: dict[str, GramStats] = {}
+    def concept_statistics(self, concepts: list[Concept]) -> tuple[list[dict[str, ConceptGram]],
+                                                                      dict[str, GramStats]]:
+        """One encoding pass for both stage A and a fusion of per-concept LoRAs: per concept and stream the Gram of
+        its own erase rows (Cᵢ = Σ e eᵀ, nothing else: 100 concepts at d = 768 hold 470 MB, not 2.4 GB), and the
+        joint statistics :meth:`statistics` would give."""
+        per: list[dict[str, ConceptGram]] = [{} for _ in concepts]
+        joint: dict[str, GramStats] = {}
         for batch in self.iter_rows(concepts):
+            st = joint.setdefault(batch.stream, GramStats(batch.e.shape[1]))
             if batch.kind == "erase":
-                st = per[batch.concept].setdefault(batch.stream, GramStats(batch.e.shape[1]))
                 st.add_erase(batch.e, batch.a)
+                e = batch.e.double()
+                own = per[batch.concept].setdefault(batch.stream, ConceptGram(torch.zeros_like(st.g_e)))
+                own.g_e += e.T @ e
+                own.rows += e.shape[0]
             elif batch.kind == "preserve":
-                shared.setdefault(batch.stream, GramStats(batch.e.shape[1])).add_preserve(batch.e)
+                st.add_preserve(batch.e)
             else:
-                shared.setdefault(batch.stream, GramStats(batch.e.shape[1])).add_probe(batch.e)
-        for stream in self.streams:  # a stream with no preserved rows still needs its (zero) Gram
-            dim = next(p[stream.name].dim for p in per if stream.name in p)
-            shared.setdefault(stream.name, GramStats(dim))
-        return per, shared
-
-    @staticmethod
-    def merged(per: list[dict[str, GramStats]], shared: dict[str, GramStats]) -> dict[str, GramStats]:
-        """The joint statistics (what :meth:`statistics` gives) from :meth:`concept_statistics`'s parts."""
-        out: dict[str, GramStats] = {}
-        for name, sh in shared.items():
-            st = GramStats(sh.dim, g_p=sh.g_p.clone(), g_q=sh.g_q.clone(), counts=dict(sh.counts))
-            for p in per:
-                if name in p:
-                    st.g_e, st.c, st.g_a = st.g_e + p[name].g_e, st.c + p[name].c, st.g_a + p[name].g_a
-                    st.counts["erase"] += p[name].counts["erase"]
-            out[name] = st
-        return out
+                st.add_probe(batch.e)
+        return per, joint
 
     # ---- solve ------------------------------------------------------------------------------------------------------
     def stream_solution(self, st: GramStats) -> torch.Tensor:

@@ -43,32 +43,46 @@ def fuse(inputs: FusionInputs, lam: float, lam_preserve: float, scales: list[flo
     q = len(inputs.factors)
     scales = [1.0] * q if scales is None else list(scales)
     active = [i for i in range(q) if scales[i] != 0]
-    solved: dict[str, dict[int, torch.Tensor]] = {}
+    modules = list(dict.fromkeys(m for f in inputs.factors for m in f))
+    # down rows Aᵢ Cᵢ G⁻¹ = (G⁻¹ Cᵢ Aᵢᵀ)ᵀ: one Cholesky factor of G per stream, and all (concept, module) right-hand
+    # sides of the stream solved together — r columns each instead of a d×d solve per concept
+    downs_fused: dict[tuple[int, str], torch.Tensor] = {}
     if mode == "fuse":
         for stream in dict.fromkeys(inputs.module_stream.values()):
             dim = inputs.preserve[stream].shape[0]
             g = lam * torch.eye(dim, dtype=torch.float64) + lam_preserve * inputs.preserve[stream]
             for i in active:
                 g = g + inputs.grams[i][stream]
-            try:  # Mᵢ = Cᵢ G⁻¹ = (G⁻¹ Cᵢ)ᵀ, G symmetric
-                solved[stream] = {i: torch.linalg.solve(g, inputs.grams[i][stream]).T for i in active}
-            except torch.linalg.LinAlgError as exc:
-                raise TraceEraseError("the fusion Gram is singular; set fusion_lambda > 0") from exc
-    modules = list(dict.fromkeys(m for f in inputs.factors for m in f))
+            keys = [(i, m) for i in active for m in modules
+                    if inputs.module_stream.get(m) == stream and m in inputs.factors[i]]
+            if not keys:
+                continue
+            rhs = torch.cat([inputs.grams[i][stream] @ inputs.factors[i][m][0].double().T for i, m in keys], dim=1)
+            factor, info = torch.linalg.cholesky_ex(g)
+            if int(info) == 0:
+                sol = torch.cholesky_solve(rhs, factor)
+            else:
+                try:
+                    sol = torch.linalg.solve(g, rhs)
+                except torch.linalg.LinAlgError as exc:
+                    raise TraceEraseError("the fusion Gram is singular; set fusion_lambda > 0") from exc
+            widths = [inputs.factors[i][m][0].shape[0] for i, m in keys]
+            for key, block in zip(keys, torch.split(sol, widths, dim=1), strict=True):
+                downs_fused[key] = block.T
     out: Factors = {}
     how: dict[str, str] = {}
     for m in modules:
-        stream = inputs.module_stream.get(m) if mode == "fuse" else None
+        fusable = mode == "fuse" and m in inputs.module_stream
         downs, ups = [], []
         for i in active:
             if m not in inputs.factors[i]:
                 continue
             a, b = (t.double() for t in inputs.factors[i][m])
-            downs.append(a @ solved[stream][i] if stream is not None else a)
+            downs.append(downs_fused[(i, m)] if fusable else a)
             ups.append(scales[i] * b)
         if downs:
             out[m] = (torch.cat(downs), torch.cat(ups, dim=1))
-            how[m] = "closed-form" if stream is not None else "sum"
+            how[m] = "closed-form" if fusable else "sum"
     slices, lo = [], 0
     for i in range(q):
         r = max((f[0].shape[0] for f in [inputs.factors[i].get(m) for m in modules] if f is not None), default=0)

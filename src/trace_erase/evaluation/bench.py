@@ -164,7 +164,7 @@ def _bench_run(handle: ModelHandle, erase: Any, method: str, extra: dict[str, An
     _reset(handle)
     opts = {k: v for k, v in (options or {}).items() if _accepts(spec, k)}
     t0 = time.perf_counter()
-    er = erase(handle, [concept], method=method, progress=progress, **opts, **extra)
+    er = erase(handle, concept.split(","), method=method, progress=progress, **opts, **extra)  # "a,b": a set
     wall = time.perf_counter() - t0
     res = evaluate(handle, er, suite, concept, run_dir, **common)
     er.save(run_dir / "erasure")

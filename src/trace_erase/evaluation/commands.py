@@ -187,6 +187,9 @@ def bench(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted bench from OUTPUT.partial")] = False,
     scheduler: SchedulerOpt = None,
+    multi: Annotated[str | None, typer.Option(help="toy-objects: erase N classes at once for each N, e.g. 1,2,5,8 "
+                                                   "(quality and interference against N)")] = None,
+    subsets: Annotated[int, typer.Option(help="--multi: seeded class subsets per N > 1")] = 5,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     offload: OffloadOpt = "none",
@@ -204,7 +207,7 @@ def bench(
     from ..sampling import check_scheduler
     from ..toyworld.render import STYLES
 
-    if Path(output).exists() and not overwrite:
+    if Path(output).exists() and not overwrite and not (multi and resume):
         atomic_folder(output, overwrite, "bench output")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     for m in method_list:
@@ -213,6 +216,15 @@ def bench(
     runtime = runtime_from(device, dtype, offload, batch_size)
     if any(get_method(m).uses_trajectory for m in method_list) or sweep:
         runtime.check_training()
+    counts = None
+    if multi is not None:
+        from ..evaluation.multi_bench import parse_counts
+
+        counts = parse_counts(multi)
+        if suite != "toy-objects" or prompts or sweep:
+            raise TraceEraseError("--multi runs on --suite toy-objects with its built-in prompts and no --sweep")
+        if subsets < 1:
+            raise TraceEraseError(f"--subsets must be ≥ 1 (got {subsets})")
     if concepts in ("dev", "test"):
         if suite not in ("toy-objects",) and not (suite == "objects" and classes == "toy"):
             raise TraceEraseError(f"--concepts {concepts} is the toy classes' split; use it with --suite toy-objects")
@@ -231,6 +243,15 @@ def bench(
                                       retained, reference, scorer,
                                       scorer_options(gallery, class_map, arch, allow_pickle, threshold, runtime))
     handle = load_model(model, runtime=runtime)
+    if counts is not None:
+        from ..evaluation.multi_bench import run_multi_bench
+
+        res = run_multi_bench(handle, method_list, counts, output, subsets=subsets, seeds=seeds,
+                              options=parse_options(option or []), overwrite=overwrite, scheduler=scheduler,
+                              resume=resume, scorer=the_scorer)
+        typer.echo((Path(output) / "multi.md").read_text())
+        typer.echo(f"wrote {Path(output) / 'multi.md'} ({len(res['rows'])} runs)")
+        return
     result = run_bench(handle, method_list, concept_list, output, suite=suite, seeds=seeds,
                        options=parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite,
                        scheduler=scheduler, resume=resume, scorer=the_scorer, prompts=prompts, classes=classes,

@@ -1,0 +1,170 @@
+"""``bench --multi 1,2,5,8``: quality against the number of erased concepts on the toy world (design notes
+``multi-concept.md`` §2.6, level 1).
+
+For N = 1 every class is erased alone (the singletons give Acc_e(c | {c}) for the interference term); for each
+larger N, ``subsets`` fixed subsets drawn with a seeded RNG (listed in the results). Each concept set is one
+:func:`~trace_erase.evaluation.bench.run_bench` over the methods (its folder under ``N{n}/``, resumable), with
+per-class seeds shrinking as 1/N so the erased set holds about as many images at every N, as MACE's protocol does.
+Per method and N: Acc_e, Acc_s, Acc_g, H_o, drift (means over the subsets), the worst erased class's Acc_e, and
+interference Δ_int = mean over c ∈ S of Acc_e(c | S) − Acc_e(c | {c}).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import TraceEraseError
+from .bench import run_bench
+from .suites import load_class_set
+
+KEYS = ("acc_e", "acc_s", "acc_g", "h_o", "drift_l2")
+
+
+def parse_counts(text: str) -> list[int]:
+    """``"1,2,5,8"`` → [1, 2, 5, 8]; one line when a count is not an integer in 1…9 (10 toy classes)."""
+    try:
+        counts = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise TraceEraseError(f"--multi '{text}' must list concept counts, e.g. 1,2,5,8") from None
+    if not counts or counts[0] < 1 or counts[-1] > 9:
+        raise TraceEraseError(f"--multi counts must be between 1 and 9 (the toy world has 10 classes), not '{text}'")
+    return counts
+
+
+def concept_sets(classes: list[str], counts: list[int], subsets: int, seed: int = 0) -> dict[int, list[list[str]]]:
+    """Every singleton for N = 1 (always included: interference needs them); ``subsets`` seeded subsets per N > 1."""
+    out = {1: [[c] for c in classes]}
+    for n in counts:
+        if n > 1:
+            rng = random.Random(seed * 1000 + n)
+            out[n] = [sorted(rng.sample(classes, n)) for _ in range(subsets)]
+    return out
+
+
+def per_class_acc_e(results: dict[str, Any]) -> dict[str, float]:
+    """Acc_e of each erased class from one run's per-image judgements."""
+    hits: dict[str, list[float]] = {}
+    for item, judged in zip(results["prompts"], results.get("per_image") or [], strict=False):
+        if item["group"] == "erased":
+            hits.setdefault(item["label"], []).append(float(judged["erased"].get("label") == item["label"]))
+    return {c: float(np.mean(v)) for c, v in hits.items()}
+
+
+def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: str | Path, subsets: int = 5,
+                    seeds: int = 10, **bench_kwargs: Any) -> dict[str, Any]:
+    """Run the benches of every concept set and write ``multi.json``, ``multi.md`` and ``multi.png`` (each set's
+    bench is committed as it finishes: ``resume=True`` skips the finished ones)."""
+    import shutil
+
+    from ..artifacts.erasure import atomic_write
+
+    out = Path(output)
+    resume, overwrite = bench_kwargs.pop("resume", False), bench_kwargs.pop("overwrite", False)
+    if out.exists() and not resume:
+        if not overwrite:
+            raise TraceEraseError(f"bench output folder '{out}' already exists; pass --resume to continue it or "
+                                  "--overwrite to start afresh")
+        shutil.rmtree(out)
+    classes = list(load_class_set("toy").classes)
+    sets = concept_sets(classes, counts, subsets)
+    rows = []
+    for n, groups in sets.items():
+        per_seed = max(1, round(seeds / n))
+        for k, group in enumerate(groups):
+            folder = out / f"N{n}" / f"set{k}"
+            if (folder / "bench.json").is_file():
+                result = json.loads((folder / "bench.json").read_text())
+            else:
+                result = run_bench(handle, methods, [",".join(group)], folder, suite="toy-objects", seeds=per_seed,
+                                   resume=resume, **bench_kwargs)
+            for row in result["rows"]:
+                if row.get("status") != "ok":
+                    continue
+                run = folder / "runs" / row["concept"] / row["method"] / "results.json"
+                per_class = per_class_acc_e(json.loads(run.read_text())) if run.is_file() else {}
+                rows.append({"n": n, "set": group, "method": row["method"], "seeds": per_seed,
+                             **{key: row.get(key) for key in KEYS}, "per_class_acc_e": per_class})
+    summary = summarize_multi(rows, counts)
+    result = {"model": handle.source, "counts": counts, "subsets": {str(n): g for n, g in sets.items()},
+              "seeds_at_n1": seeds, "rows": rows, "summary": summary}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "multi.json", json.dumps(result, indent=2) + "\n")
+    atomic_write(out / "multi.md", markdown_multi(result))
+    multi_figure(result, out)
+    return result
+
+
+def summarize_multi(rows: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any]]:
+    """Means per (method, N), the worst erased class, and interference against the singletons."""
+    alone: dict[tuple[str, str], float] = {}
+    for r in rows:
+        if r["n"] == 1:
+            for c, v in r["per_class_acc_e"].items():
+                alone[(r["method"], c)] = v
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for n in counts:
+            mine = [r for r in rows if r["method"] == method and r["n"] == n]
+            if not mine:
+                continue
+            entry: dict[str, Any] = {"method": method, "n": n, "sets": len(mine)}
+            for key in KEYS:
+                vals = [r[key] for r in mine if r.get(key) is not None]
+                entry[key] = float(np.mean(vals)) if vals else None
+            worst = [max(r["per_class_acc_e"].values()) for r in mine if r["per_class_acc_e"]]
+            entry["worst_acc_e"] = float(np.mean(worst)) if worst else None
+            deltas = [v - alone[(method, c)] for r in mine for c, v in r["per_class_acc_e"].items()
+                      if (method, c) in alone]
+            entry["interference"] = float(np.mean(deltas)) if deltas and n > 1 else (0.0 if n == 1 else None)
+            out.append(entry)
+    return out
+
+
+def markdown_multi(result: dict[str, Any]) -> str:
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = ["| method | N | sets | Acc_e ↓ | worst Acc_e ↓ | Acc_s ↑ | Acc_g ↓ | H_o ↑ | drift ↓ | interference ↓ |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in result["summary"]:
+        lines.append(f"| {e['method']} | {e['n']} | {e['sets']} | {f(e['acc_e'])} | {f(e['worst_acc_e'])} | "
+                     f"{f(e['acc_s'])} | {f(e['acc_g'])} | {f(e['h_o'])} | {f(e['drift_l2'])} | "
+                     f"{f(e['interference'])} |")
+    lines.append("")
+    lines.append(f"Subsets: {json.dumps(result['subsets'])}; per-class seeds {result['seeds_at_n1']} at N = 1, "
+                 "÷ N above (a near-constant erased-set image count). Interference: mean over c ∈ S of "
+                 "Acc_e(c | S) − Acc_e(c | {c}).")
+    return "\n".join(lines) + "\n"
+
+
+def multi_figure(result: dict[str, Any], folder: Path) -> Path | None:
+    """``multi.png``: H_o and Acc_s against N, one line per method."""
+    from .plots import _pyplot
+
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8), dpi=120)
+    methods = [m for m in dict.fromkeys(e["method"] for e in result["summary"]) if m != "base"]
+    for i, m in enumerate(methods):
+        pts = [e for e in result["summary"] if e["method"] == m]
+        for ax, key in zip(axes, ("h_o", "acc_s"), strict=True):
+            ax.plot([e["n"] for e in pts], [e[key] for e in pts], marker="o", label=m, color=f"C{i % 10}")
+    for ax, label in zip(axes, ("H_o (higher is better)", "Acc_s on retained classes (higher is better)"),
+                         strict=True):
+        ax.set_xlabel("erased concepts N")
+        ax.set_ylabel(label)
+        ax.set_xticks(result["counts"])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{result['model']}: erasing N toy classes at once", fontsize=9)
+    fig.tight_layout()
+    path = folder / "multi.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
