@@ -93,21 +93,24 @@ _FLUX_GLOBAL = {
     "time_text_embed.guidance_embedder.linear_1": "guidance_in_in_layer",
     "time_text_embed.guidance_embedder.linear_2": "guidance_in_out_layer",
 }
-_FLUX_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+_FLUX_BLOCKS = {"transformer_blocks": ("double_blocks", _FLUX_DOUBLE),
+                "single_transformer_blocks": ("single_blocks", _FLUX_SINGLE)}
+_BLOCK = re.compile(r"^([a-z_]+)\.(\d+)\.(.+)$")
 
 
-def _flux_module(module: str) -> KohyaModule:
-    if module in _FLUX_GLOBAL:
-        return KohyaModule(_key(_FLUX_GLOBAL[module]), (module,))
-    m = _FLUX_BLOCK.match(module)
-    if m:
+def _fused_module(module: str, global_names: dict[str, str], blocks: dict[str, tuple[str, dict]],
+                  convention: str) -> KohyaModule:
+    """The kohya module carrying ``module`` in a fused-projection convention (FLUX's BFL, SD3's SAI)."""
+    if module in global_names:
+        return KohyaModule(_key(global_names[module]), (module,))
+    m = _BLOCK.match(module)
+    if m and m[1] in blocks:
         kind, i, rest = m[1], m[2], m[3]
-        table, bfl = (_FLUX_DOUBLE, "double_blocks") if kind == "transformer_blocks" else (_FLUX_SINGLE,
-                                                                                          "single_blocks")
+        prefix, table = blocks[kind]
         for members, name in table.items():
             if rest in members:
-                return KohyaModule(_key(f"{bfl}.{i}.{name}"), tuple(f"{kind}.{i}.{p}" for p in members))
-    raise TraceEraseError(f"the FLUX module '{module}' has no name in the kohya/BFL convention; "
+                return KohyaModule(_key(f"{prefix}.{i}.{name}"), tuple(f"{kind}.{i}.{p}" for p in members))
+    raise TraceEraseError(f"the module '{module}' has no name in the {convention} convention; "
                           "export with --format diffusers or --format full")
 
 
@@ -133,20 +136,7 @@ _SD3_GLOBAL = {
     "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
     "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
 }
-_SD3_BLOCK_RE = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
-
-
-def _sd3_module(module: str) -> KohyaModule:
-    if module in _SD3_GLOBAL:
-        return KohyaModule(_key(_SD3_GLOBAL[module]), (module,))
-    if m := _SD3_BLOCK_RE.match(module):
-        i, rest = m[1], m[2]
-        for members, name in _SD3_BLOCK.items():
-            if rest in members:
-                return KohyaModule(_key(f"joint_blocks.{i}.{name}"),
-                                   tuple(f"transformer_blocks.{i}.{p}" for p in members))
-    raise TraceEraseError(f"the SD3 module '{module}' has no name in the SAI convention; "
-                          "export with --format diffusers or --format full")
+_SD3_BLOCKS = {"transformer_blocks": ("joint_blocks", _SD3_BLOCK)}
 
 
 # ---- all families ------------------------------------------------------------------------------------------------
@@ -163,7 +153,8 @@ def kohya_modules(family: str, modules: list[str], unet_config: Any = None) -> t
     if family in ("flux", "sd3"):
         fused: dict[str, KohyaModule] = {}
         for m in modules:
-            km = _flux_module(m) if family == "flux" else _sd3_module(m)
+            km = _fused_module(m, _FLUX_GLOBAL, _FLUX_BLOCKS, "kohya/BFL") if family == "flux" else \
+                _fused_module(m, _SD3_GLOBAL, _SD3_BLOCKS, "SAI")
             fused.setdefault(km.name, km)
         return list(fused.values()), "bfl" if family == "flux" else "sai"
     raise TraceEraseError(f"no kohya naming for the {family} family; export with --format diffusers")

@@ -209,13 +209,18 @@ class FamilyAdapter(ABC):
         """LATE = low noise: model time below ``tau`` × the time range (τ is a fraction, the same for all families)."""
         return t.float() < tau * self.time_scale
 
-    @abstractmethod
     def rollout_scheduler(self, num_steps: int) -> Any:
-        """A copy of the pipeline's own scheduler, set to ``num_steps`` (for trajectories outside the pipeline)."""
+        """A copy of the pipeline's own scheduler, set to ``num_steps`` as its pipeline sets it (for trajectories
+        outside the pipeline)."""
+        import copy
 
-    @abstractmethod
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(num_steps, device=self.device)
+        return scheduler
+
     def model_time(self, scheduler_t: torch.Tensor) -> torch.Tensor:
-        """Scheduler timestep → the time value the denoiser takes (DDPM t, or flow σ)."""
+        """Scheduler timestep → the time value the denoiser takes (the same for DDPM t and SD3's σ·1000)."""
+        return scheduler_t
 
     def initial_noise(self, scheduler: Any, noise: torch.Tensor) -> torch.Tensor:
         """x_T from standard-normal ``noise`` as the pipeline's ``prepare_latents`` makes it: scaled by the (already
@@ -268,6 +273,11 @@ class FamilyAdapter(ABC):
         return out
 
     # ---- LoRA ---------------------------------------------------------------------------------------------------
+    def linear_modules_ending(self, suffixes: tuple[str, ...]) -> list[str]:
+        """Denoiser Linear layers (their peft wrappers count once, by name) whose names end with ``suffixes``."""
+        return [n for n, m in self.denoiser.named_modules()
+                if isinstance(getattr(m, "base_layer", m), torch.nn.Linear) and n.endswith(suffixes)]
+
     @abstractmethod
     def lora_target_modules(self, preset: str = "kv") -> list[str]:
         """Module names (relative to the denoiser) a LoRA targets for ``preset``."""

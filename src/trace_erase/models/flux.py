@@ -187,6 +187,4 @@ class FluxAdapter(FamilyAdapter):
     def lora_target_modules(self, preset: str = "kv") -> list[str]:
         if preset not in FLUX_LORA_PRESETS:
             raise TraceEraseError(f"unknown LoRA target preset '{preset}'; choose one of {sorted(FLUX_LORA_PRESETS)}")
-        suffixes = FLUX_LORA_PRESETS[preset]
-        return [n for n, m in self.denoiser.named_modules()
-                if isinstance(getattr(m, "base_layer", m), torch.nn.Linear) and n.endswith(suffixes)]
+        return self.linear_modules_ending(FLUX_LORA_PRESETS[preset])

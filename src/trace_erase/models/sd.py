@@ -57,15 +57,5 @@ class StableDiffusionAdapter(FamilyAdapter):
         size = int(self.denoiser.config.sample_size)
         return (batch, int(self.denoiser.config.in_channels), size, size)
 
-    def rollout_scheduler(self, num_steps: int) -> Any:
-        import copy
-
-        scheduler = copy.deepcopy(self.pipe.scheduler)
-        scheduler.set_timesteps(num_steps, device=self.device)
-        return scheduler
-
-    def model_time(self, scheduler_t: torch.Tensor) -> torch.Tensor:
-        return scheduler_t
-
     def lora_target_modules(self, preset: str = "kv") -> list[str]:
         return unet_lora_targets(self.denoiser, preset)

@@ -128,17 +128,6 @@ class SD3Adapter(FamilyAdapter):
         side = self.resolution // self.pipe.vae_scale_factor
         return (batch, int(self.denoiser.config.in_channels), side, side)
 
-    def rollout_scheduler(self, num_steps: int) -> Any:
-        """The flow-match Euler scheduler as StableDiffusion3Pipeline sets it (its configured shift, no μ)."""
-        import copy
-
-        scheduler = copy.deepcopy(self.pipe.scheduler)
-        scheduler.set_timesteps(num_steps, device=self.device)
-        return scheduler
-
-    def model_time(self, scheduler_t: torch.Tensor) -> torch.Tensor:
-        return scheduler_t
-
     def model_input(self, scheduler: Any, x: torch.Tensor, scheduler_t: torch.Tensor) -> torch.Tensor:
         return x  # flow matching has no input scaling
 
@@ -149,6 +138,4 @@ class SD3Adapter(FamilyAdapter):
     def lora_target_modules(self, preset: str = "kv") -> list[str]:
         if preset not in SD3_LORA_PRESETS:
             raise TraceEraseError(f"unknown LoRA target preset '{preset}'; choose one of {sorted(SD3_LORA_PRESETS)}")
-        suffixes = SD3_LORA_PRESETS[preset]
-        return [n for n, m in self.denoiser.named_modules()
-                if isinstance(getattr(m, "base_layer", m), torch.nn.Linear) and n.endswith(suffixes)]
+        return self.linear_modules_ending(SD3_LORA_PRESETS[preset])
