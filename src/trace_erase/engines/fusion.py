@@ -57,7 +57,10 @@ def fuse(inputs: FusionInputs, lam: float, lam_preserve: float, scales: list[flo
                     if inputs.module_stream.get(m) == stream and m in inputs.factors[i]]
             if not keys:
                 continue
-            rhs = torch.cat([inputs.grams[i][stream] @ inputs.factors[i][m][0].double().T for i, m in keys], dim=1)
+            rhs = torch.cat([  # one product per concept (Cᵢ read once: the products are memory-bound)
+                inputs.grams[i][stream] @ torch.cat([inputs.factors[i][m][0].double().T for j, m in keys if j == i],
+                                                    dim=1)
+                for i in dict.fromkeys(i for i, _ in keys)], dim=1)
             factor, info = torch.linalg.cholesky_ex(g)
             if int(info) == 0:
                 sol = torch.cholesky_solve(rhs, factor)
