@@ -52,14 +52,14 @@ def fuse(inputs: FusionInputs, lam: float, lam_preserve: float, scales: list[flo
             dim = inputs.preserve[stream].shape[0]
             g = lam * torch.eye(dim, dtype=torch.float64) + lam_preserve * inputs.preserve[stream]
             for i in active:
-                g = g + inputs.grams[i][stream]
+                g = g + inputs.grams[i][stream].double()
             keys = [(i, m) for i in active for m in modules
                     if inputs.module_stream.get(m) == stream and m in inputs.factors[i]]
             if not keys:
                 continue
             rhs = torch.cat([  # one product per concept (Cᵢ read once: the products are memory-bound)
-                inputs.grams[i][stream] @ torch.cat([inputs.factors[i][m][0].double().T for j, m in keys if j == i],
-                                                    dim=1)
+                inputs.grams[i][stream].double()
+                @ torch.cat([inputs.factors[i][m][0].double().T for j, m in keys if j == i], dim=1)
                 for i in dict.fromkeys(i for i, _ in keys)], dim=1)
             factor, info = torch.linalg.cholesky_ex(g)
             if int(info) == 0:
@@ -107,7 +107,7 @@ def certificate(inputs: FusionInputs, fused: Factors, weights: dict[str, torch.T
         for m, stream in inputs.module_stream.items():
             if m not in factors or m not in fused:
                 continue
-            c = inputs.grams[i][stream]
+            c = inputs.grams[i][stream].double()
             own = factors[m][1].double() @ factors[m][0].double()
             total = fused[m][1] @ fused[m][0]
             summed = sum(f[m][1].double() @ f[m][0].double() for f in inputs.factors if m in f)
@@ -115,7 +115,7 @@ def certificate(inputs: FusionInputs, fused: Factors, weights: dict[str, torch.T
             if den > 0:
                 rep.append(math.sqrt(max(tr(total - own, c), 0.0) / den))
                 naive.append(math.sqrt(max(tr(summed - own, c), 0.0) / den))
-            p = inputs.preserve[stream]
+            p = inputs.preserve[stream].double()
             base = tr(weights[m].double(), p)
             if base > 0:
                 kept.append(math.sqrt(max(tr(total, p), 0.0) / base))

@@ -221,8 +221,8 @@ def bench(
         from ..evaluation.multi_bench import parse_counts
 
         counts = parse_counts(multi)
-        if suite != "toy-objects" or prompts or sweep:
-            raise TraceEraseError("--multi runs on --suite toy-objects with its built-in prompts and no --sweep")
+        if suite != "toy-objects" or prompts:
+            raise TraceEraseError("--multi runs on --suite toy-objects with its built-in prompts")
         if subsets < 1:
             raise TraceEraseError(f"--subsets must be ≥ 1 (got {subsets})")
     if concepts in ("dev", "test"):
@@ -247,8 +247,8 @@ def bench(
         from ..evaluation.multi_bench import run_multi_bench
 
         res = run_multi_bench(handle, method_list, counts, output, subsets=subsets, seeds=seeds,
-                              options=parse_options(option or []), overwrite=overwrite, scheduler=scheduler,
-                              resume=resume, scorer=the_scorer)
+                              options=parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite,
+                              scheduler=scheduler, resume=resume, scorer=the_scorer)
         typer.echo((Path(output) / "multi.md").read_text())
         typer.echo(f"wrote {Path(output) / 'multi.md'} ({len(res['rows'])} runs)")
         return
