@@ -3,6 +3,8 @@ per-concept scales, resume between concepts, and one-line refusals."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -241,3 +243,30 @@ def test_bench_multi_bad_counts_are_one_line(saved_models, tmp_path, capsys, val
     code, _, err = _run(["bench", "--model", saved_models["sd"], "--output", str(tmp_path / "b"), "--methods", "uce",
                          "--multi", value], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_two_processes_share_the_concepts_and_match_one(saved_models, tmp_path) -> None:
+    """Under ``accelerate launch`` with two CPU processes each trains its share of the concepts; the result equals
+    the one-process erasure bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["erase", "--model", saved_models["sd"], "--concept", "cat", "--concept", "dog", "--method", "trace",
+            "--device", "cpu", "--option", "templates=['{}']", "--option", "steps=2", "--option", "rollout_steps=2",
+            "--option", "pool_trajectories=1", "--option", "preserve_corpus=null"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    one = subprocess.run([sys.executable, "-m", "trace_erase.cli", *args, "--output", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trace_erase.cli"]
+    two = subprocess.run([*launch, *args, "--output", str(tmp_path / "two")], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "two.partial").exists()
+    log = json.loads((tmp_path / "two" / "erasure.json").read_text())["trajectory_log"]
+    assert log["other_processes"] == ["dog"] and list(log["final_losses"]) == ["cat"]  # each trained its share

@@ -112,6 +112,10 @@ def erase(
     handle = load_model(model, allow_pickle=allow_pickle, runtime=runtime)
     result = run_erase(handle, concepts, method=method, anchor=anchor, preserve=preserve,
                        workdir=workdir if spec.uses_trajectory else None, **options)
+    from .multi import process_rank
+
+    if process_rank() != 0:  # under accelerate launch the other processes trained their share; one writes
+        return
     records: list[dict[str, Any]] = []
 
     def write_export(folder: Path) -> None:

@@ -60,6 +60,11 @@ def _process() -> tuple[int, int, Any]:
         return 0, 1, None
 
 
+def process_rank() -> int:
+    """This process's index under ``accelerate launch`` (0 alone)."""
+    return _process()[0]
+
+
 def _save(path: Path, state: dict[str, torch.Tensor], run_hash: str) -> None:
     from safetensors.torch import save
 
@@ -95,12 +100,12 @@ def train_per_concept(adapter: FamilyAdapter, cfg: TrajectoryConfig, concepts: l
                                   run_config={**run_config, "concept_index": i}, stage_a=stage_a)
         run_hash = config_hash({**engine.run_config, "concepts": [dataclasses.asdict(concept)]})
         hashes.append(run_hash)
+        if i % world != rank:  # another process's share
+            continue
         done = _load_done(sub / CONCEPT_LORA if sub else None, run_hash)
         if done is not None:
             states[i] = done
             logs["resumed"].append(concept.name)
-            continue
-        if i % world != rank:
             continue
         with stage_a.applied() if stage_a else contextlib.nullcontext():
             log = engine.train([concept])
@@ -113,6 +118,7 @@ def train_per_concept(adapter: FamilyAdapter, cfg: TrajectoryConfig, concepts: l
         if workdir is None:
             raise TraceEraseError("several processes need a workdir to exchange per-concept LoRAs; pass --output")
         state.wait_for_everyone()
+        logs["other_processes"] = [c.name for i, c in enumerate(concepts) if states[i] is None]
         for i in range(len(concepts)):
             if states[i] is None:
                 states[i] = _load_done(workdir / f"concept-{i:03d}" / CONCEPT_LORA, hashes[i])
