@@ -221,7 +221,8 @@ def test_flux_add_kv_option_uses_hooked_block_inputs() -> None:
 
 def test_certificate_from_grams_matches_row_norms() -> None:
     """The Gram-based certificate equals the norms computed directly on the rows."""
-    from trace_erase.engines.closed_form import GramStats, StreamCertifier
+    from trace_erase.engines.certificate import StreamCertifier
+    from trace_erase.engines.closed_form import GramStats
 
     torch.manual_seed(0)
     d, out = 12, 7

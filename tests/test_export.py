@@ -305,12 +305,8 @@ def test_export_refuses_another_base_model(erasures, tmp_path) -> None:
 
 def test_certify_delta_matches_the_solve_certificate() -> None:
     from trace_erase.config import make_concepts
-    from trace_erase.engines.closed_form import (
-        ClosedFormConfig,
-        ClosedFormEngine,
-        StreamCertifier,
-        certify_delta,
-    )
+    from trace_erase.engines.certificate import StreamCertifier, certify_delta
+    from trace_erase.engines.closed_form import ClosedFormConfig, ClosedFormEngine
 
     adapter = get_adapter(BUILDERS["sd"]())
     engine = ClosedFormEngine(adapter, ClosedFormConfig(templates=["{}", "a photo of {}"], probe_prompts=["a car"]),

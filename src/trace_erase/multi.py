@@ -229,3 +229,31 @@ def inputs_from_tensors(tensors: dict[str, torch.Tensor], n: int, module_stream:
         elif kind == "preserve":
             preserve[rest] = t.double()
     return FusionInputs(factors, module_stream, grams, preserve)
+
+
+def concept_scaled(erasure: Any, scales: dict[str, float]) -> Any:
+    """``erasure`` with concept ``name``'s stage-B adapter at strength ``scales[name]`` (see
+    :meth:`~trace_erase.artifacts.erasure.Erasure.concept_scaled`)."""
+    from .artifacts.erasure import Erasure
+    from .artifacts.lora import concat_loras
+
+    fusion = erasure.manifest.get("fusion")
+    if fusion is None or not erasure.fusion_state:
+        raise TraceEraseError("this erasure has no per-concept adapters (made with --multi joint or for one "
+                              "concept); per-concept scales need --multi fuse or sum")
+    names = [c["name"] for c in fusion["concepts"]]
+    lowered = {n.lower(): i for i, n in enumerate(names)}
+    unknown = [n for n in scales if n.lower() not in lowered]
+    if unknown:
+        raise TraceEraseError(f"'{unknown[0]}' is not a concept of this erasure; choose from {', '.join(names)}")
+    factors = [1.0] * len(names)
+    for n, s in scales.items():
+        factors[lowered[n.lower()]] = float(s)
+    cfg = TrajectoryConfig(fusion_lambda=fusion["lambda"], fusion_lambda_preserve=fusion["lambda_preserve"])
+    main, stage_b = combine_tensors(erasure.fusion_state, erasure.prefix, fusion, cfg, factors)
+    manifest = {**erasure.manifest, "concept_scales": dict(zip(names, factors, strict=True))}
+    if erasure.gated_state_dict is not None:
+        return Erasure(main, manifest, gated_state_dict=stage_b, fusion_state=erasure.fusion_state)
+
+    return Erasure(concat_loras([main, stage_b]) if main else stage_b, manifest,
+                   fusion_state=erasure.fusion_state)

@@ -246,30 +246,9 @@ class Erasure:
         """This erasure with concept ``name``'s stage-B adapter at strength ``scales[name]`` (the others at 1),
         re-fused from the per-concept factors (``--multi fuse|sum``); a concept at 0 leaves the integration, so the
         result equals the fusion of the others. Stage A is one joint solve and is not scaled per concept."""
-        from ..engines.trajectory import TrajectoryConfig
-        from ..multi import combine_tensors
+        from ..multi import concept_scaled
 
-        fusion = self.manifest.get("fusion")
-        if fusion is None or not self.fusion_state:
-            raise TraceEraseError("this erasure has no per-concept adapters (made with --multi joint or for one "
-                                  "concept); per-concept scales need --multi fuse or sum")
-        names = [c["name"] for c in fusion["concepts"]]
-        lowered = {n.lower(): i for i, n in enumerate(names)}
-        unknown = [n for n in scales if n.lower() not in lowered]
-        if unknown:
-            raise TraceEraseError(f"'{unknown[0]}' is not a concept of this erasure; choose from {', '.join(names)}")
-        factors = [1.0] * len(names)
-        for n, s in scales.items():
-            factors[lowered[n.lower()]] = float(s)
-        cfg = TrajectoryConfig(fusion_lambda=fusion["lambda"], fusion_lambda_preserve=fusion["lambda_preserve"])
-        main, stage_b = combine_tensors(self.fusion_state, self.prefix, fusion, cfg, factors)
-        manifest = {**self.manifest, "concept_scales": dict(zip(names, factors, strict=True))}
-        if self.gated_state_dict is not None:
-            return Erasure(main, manifest, gated_state_dict=stage_b, fusion_state=self.fusion_state)
-        from .lora import concat_loras
-
-        return Erasure(concat_loras([main, stage_b]) if main else stage_b, manifest,
-                       fusion_state=self.fusion_state)
+        return concept_scaled(self, scales)
 
     def apply(self, target: Any, scale: float = 1.0, adapter_name: str = "trace_erase", check: bool = True,
               combine: bool = False) -> Applied:

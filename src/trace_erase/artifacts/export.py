@@ -225,7 +225,8 @@ def _certificate(erasure: Erasure, handle: Any, plans: dict[str, ModuleExport],
                  exact: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """The closed-form certificate of the exported (truncated) delta next to the exact one, per certified module."""
     from ..config import config_from_dict, make_concepts
-    from ..engines.closed_form import ClosedFormConfig, ClosedFormEngine, certify_delta
+    from ..engines.certificate import certify_delta
+    from ..engines.closed_form import ClosedFormConfig, ClosedFormEngine
 
     cfg = config_from_dict(ClosedFormConfig, erasure.manifest["config"]["closed_form"], "the erasure's config")
     engine = ClosedFormEngine(handle.adapter, cfg, progress=False)
