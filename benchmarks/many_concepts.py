@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from trace_erase.artifacts.lora import pairs_to_state
 from trace_erase.config import make_concepts
 from trace_erase.engines.closed_form import ClosedFormConfig, ClosedFormEngine
 from trace_erase.engines.fusion import FusionInputs, fuse
 from trace_erase.models import get_adapter
 from trace_erase.models.builders import sd14_architecture_pipeline
-from trace_erase.multi import _state
 
 TEMPLATES = ["{}", "a photo of {}", "a painting of {}", "an image of {}", "a close-up of {}", "{} in the street"]
 
@@ -75,7 +75,7 @@ def main() -> None:
         t3 = time.perf_counter()
         fused, _, _ = fuse(inputs, 0.1, 1.0)
         fuse_s = time.perf_counter() - t3
-        state = _state(fused, "unet")
+        state = pairs_to_state(fused, "unet")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "pytorch_lora_weights.safetensors"
             save_file(state, str(path))

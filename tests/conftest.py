@@ -30,6 +30,20 @@ BUILDERS = {
 FAMILIES = list(BUILDERS)
 
 
+def run_cli(args: list[str], processes: int = 1, timeout: int = 600):
+    """The CLI in a child process (one thread per process, offline); with ``processes`` > 1 under ``accelerate
+    launch`` on CPU processes over gloo. Returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+              "--num_machines", "1", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"] \
+        if processes > 1 else [sys.executable]
+    return subprocess.run([*launch, "-m", "trace_erase.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

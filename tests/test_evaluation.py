@@ -167,18 +167,11 @@ def test_nudity_suite_on_micro_model(micro_sd, tmp_path, capsys) -> None:
 def _one_and_two_processes(args: list[str], tmp_path) -> tuple[dict, dict]:
     """results.json of the command run in one process (→ tmp_path/one) and under ``accelerate launch`` with two CPU
     processes over gloo (→ tmp_path/two)."""
-    import os
-    import subprocess
-    import sys
+    from .conftest import run_cli
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    single = subprocess.run([sys.executable, "-m", "trace_erase.cli", *args, "--output", str(tmp_path / "one")],
-                            capture_output=True, text=True, env=env)
+    single = run_cli([*args, "--output", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr[-2000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trace_erase.cli"]
-    double = subprocess.run([*launch, *args, "--output", str(tmp_path / "two")], capture_output=True, text=True,
-                            env=env, timeout=600)
+    double = run_cli([*args, "--output", str(tmp_path / "two")], processes=2)
     assert double.returncode == 0, double.stderr[-3000:]
     return tuple(json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
 

@@ -112,7 +112,8 @@ def test_sd_fusion_is_closed_form_with_a_certificate_per_concept(sd_fused) -> No
 
 
 def test_concept_scale_zero_equals_fusing_the_others_and_loads(sd_fused) -> None:
-    from trace_erase.multi import _state, inputs_from_tensors
+    from trace_erase.artifacts.lora import pairs_to_state
+    from trace_erase.multi import inputs_from_tensors
 
     er, folder = sd_fused
     loaded = load_erasure(folder)
@@ -120,7 +121,8 @@ def test_concept_scale_zero_equals_fusing_the_others_and_loads(sd_fused) -> None
     fusion = er.manifest["fusion"]
     inputs = inputs_from_tensors(loaded.fusion_state, 2, fusion["module_streams"])
     only_cat = FusionInputs(inputs.factors[:1], inputs.module_stream, inputs.grams[:1], inputs.preserve)
-    expected = lora_to_delta(_state(fuse(only_cat, fusion["lambda"], fusion["lambda_preserve"])[0], "unet"), "unet")
+    fused_cat = fuse(only_cat, fusion["lambda"], fusion["lambda_preserve"])[0]
+    expected = lora_to_delta(pairs_to_state(fused_cat, "unet"), "unet")
     stage_a = lora_to_delta({k[len("stage_a."):]: v for k, v in loaded.fusion_state.items()
                              if k.startswith("stage_a.")}, "unet")
     got = scaled.deltas()
@@ -248,21 +250,14 @@ def test_bench_multi_bad_counts_are_one_line(saved_models, tmp_path, capsys, val
 def test_two_processes_share_the_concepts_and_match_one(saved_models, tmp_path) -> None:
     """Under ``accelerate launch`` with two CPU processes each trains its share of the concepts; the result equals
     the one-process erasure bit for bit."""
-    import os
-    import subprocess
-    import sys
+    from .conftest import run_cli
 
     args = ["erase", "--model", saved_models["sd"], "--concept", "cat", "--concept", "dog", "--method", "trace",
             "--device", "cpu", "--option", "templates=['{}']", "--option", "steps=2", "--option", "rollout_steps=2",
             "--option", "pool_trajectories=1", "--option", "preserve_corpus=null"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    one = subprocess.run([sys.executable, "-m", "trace_erase.cli", *args, "--output", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=600)
+    one = run_cli([*args, "--output", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trace_erase.cli"]
-    two = subprocess.run([*launch, *args, "--output", str(tmp_path / "two")], capture_output=True, text=True,
-                         env=env, timeout=600)
+    two = run_cli([*args, "--output", str(tmp_path / "two")], processes=2)
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))

@@ -24,7 +24,7 @@ from .engines.trajectory import TrajectoryConfig, TrajectoryEngine
 from .errors import TraceEraseError
 from .methods import MethodSpec, get_method
 from .models import FamilyAdapter, ModelHandle, get_adapter
-from .multi import check_concept_set, combine, fusion_inputs, fusion_tensors, resolve_multi, train_per_concept
+from .multi import combine, fusion_inputs, fusion_tensors, resolve_multi, train_per_concept
 
 
 def library_versions() -> dict[str, str]:
@@ -115,7 +115,6 @@ def erase(
     if adapter.family not in spec.families:
         raise TraceEraseError(f"method '{method}' does not support {adapter.family}; it supports {spec.families}")
     concept_list = make_concepts(concepts, anchor=anchor, preserve=preserve)
-    check_concept_set(concept_list)
     mode = resolve_multi(spec, multi if multi is not None else options.get("multi"), len(concept_list))
     options = {k: v for k, v in options.items() if k != "multi"}
     if spec.uses_trajectory:
@@ -150,8 +149,8 @@ def erase(
     tr_log: dict[str, Any] = {}
     fusion: dict[str, Any] | None = None
     fusion_state: dict[str, torch.Tensor] = {}
+    stage_a = StageAWeights(adapter, deltas) if deltas and tr_engine is not None else None
     if tr_engine is not None and mode in ("fuse", "sum"):
-        stage_a = StageAWeights(adapter, deltas) if deltas else None
         states, tr_log = train_per_concept(adapter, tr_cfg, concept_list, stage_a, Path(workdir) if workdir else None,
                                            tr_engine.run_config, progress)
         stats_cfg = cf_cfg or config_from_dict(ClosedFormConfig, get_method("trace").defaults)
@@ -161,7 +160,6 @@ def erase(
         if "closed_form" in parts:  # apply-time re-fusion (per-concept scales) rebuilds the whole LoRA
             fusion_state.update({f"stage_a.{k}": v for k, v in parts["closed_form"].items()})
     elif tr_engine is not None:
-        stage_a = StageAWeights(adapter, deltas) if deltas else None
         tr_engine.stage_a = stage_a
         with stage_a.applied() if stage_a else contextlib.nullcontext():
             tr_log = tr_engine.train(concept_list)

@@ -89,13 +89,14 @@ def erase(
         atomic_folder(final, overwrite, "erasure output")  # raises the standard message
     # cheap checks before the (slow) model load
     spec = get_method(method)
-    from .multi import check_concept_set, resolve_multi
+    from .multi import resolve_multi
 
-    check_concept_set(make_concepts(concepts, anchor=anchor, preserve=preserve))
-    mode = resolve_multi(spec, multi, len(concepts))
-    if spec.uses_trajectory:
-        options["multi"] = mode if mode != "single" else None
-    method_configs(spec, options)
+    make_concepts(concepts, anchor=anchor, preserve=preserve)
+    if multi is not None:
+        options["multi"] = multi  # erase() resolves it (with the method's default) and checks it again
+    resolve_multi(spec, options.get("multi"), len(concepts))
+    engine_options = {k: v for k, v in options.items() if k != "multi"}
+    method_configs(spec, engine_options)
     runtime = runtime_from(device, dtype, offload, None)
     if spec.uses_trajectory:
         runtime.check_training()
@@ -104,7 +105,7 @@ def erase(
         from .artifacts.export import ExportOptions, check_gate
 
         export_options = ExportOptions(format=format or "kohya", max_rank=max_rank, ungated=ungated)
-        tau = method_configs(spec, options)[1]
+        tau = method_configs(spec, engine_options)[1]
         check_gate({"tau": tau.gate_tau} if tau is not None and tau.gate_tau is not None else None, export_options)
     workdir = prepare_workdir(final, resume, overwrite, "erase")
     if (workdir / CHECKPOINT_NAME).is_file():  # a corrupt checkpoint is refused before anything runs

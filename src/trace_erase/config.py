@@ -60,6 +60,12 @@ def make_concepts(
     names = [c.name.lower() for c in out]
     if len(set(names)) != len(names):
         raise TraceEraseError("a concept is listed twice; list each concept once")
+    erased = {n.strip() for n in names}
+    for c in out:  # erased and mapped to at once
+        anchor = c.anchor.strip().lower()
+        if anchor in erased and anchor != c.name.strip().lower():
+            raise TraceEraseError(f"'{c.anchor}' is both an erased concept and the anchor of '{c.name}'; "
+                                  "choose another anchor")
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .artifacts.lora import pairs_to_state
 from .config import Concept, config_hash
 from .engines.closed_form import ClosedFormConfig, ClosedFormEngine
 from .engines.fusion import FusionInputs, certificate, fuse
@@ -24,6 +25,7 @@ from .engines.trajectory import TrajectoryConfig, TrajectoryEngine
 from .errors import TraceEraseError
 from .methods import MethodSpec
 from .models import FamilyAdapter
+from .runtime import process_state
 
 CONCEPT_LORA = "lora.safetensors"
 FUSION_WEIGHT_NAME = "fusion_factors.safetensors"
@@ -41,28 +43,9 @@ def resolve_multi(spec: MethodSpec, multi: str | None, n_concepts: int) -> str:
     return multi or spec.multi_default
 
 
-def check_concept_set(concepts: list[Concept]) -> None:
-    """A concept that is another's anchor would be erased and mapped to at once: refused."""
-    names = {c.name.strip().lower(): c.name for c in concepts}
-    for c in concepts:
-        if c.anchor.strip().lower() in names and c.anchor.strip().lower() != c.name.strip().lower():
-            raise TraceEraseError(f"'{c.anchor}' is both an erased concept and the anchor of '{c.name}'; "
-                                  "choose another anchor")
-
-
-def _process() -> tuple[int, int, Any]:
-    try:
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())
-        return state.process_index, state.num_processes, state
-    except Exception:  # noqa: BLE001 - no accelerate environment: one process
-        return 0, 1, None
-
-
 def process_rank() -> int:
     """This process's index under ``accelerate launch`` (0 alone)."""
-    return _process()[0]
+    return process_state().process_index
 
 
 def _save(path: Path, state: dict[str, torch.Tensor], run_hash: str) -> None:
@@ -90,7 +73,8 @@ def train_per_concept(adapter: FamilyAdapter, cfg: TrajectoryConfig, concepts: l
                       stage_a: StageAWeights | None, workdir: Path | None, run_config: dict[str, Any],
                       progress: bool) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
     """One stage-B LoRA per concept (diffusers keys), trained from the stage-A model; and a log."""
-    rank, world, state = _process()
+    state = process_state()
+    rank, world = state.process_index, state.num_processes
     states: list[dict[str, torch.Tensor] | None] = [None] * len(concepts)
     hashes: list[str] = []
     logs: dict[str, Any] = {"final_losses": {}, "train_seconds": 0.0, "steps": cfg.steps, "resumed": []}
@@ -125,34 +109,29 @@ def train_per_concept(adapter: FamilyAdapter, cfg: TrajectoryConfig, concepts: l
     return [s for s in states if s is not None], logs
 
 
-def _factors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    head = prefix + "."
-    out = {}
-    for key, a in state.items():
-        if key.endswith(".lora_A.weight"):
-            name = key[len(head):-len(".lora_A.weight")]
-            out[name] = (a.double(), state[f"{head}{name}.lora_B.weight"].double())
-    return out
-
-
 def fusion_inputs(adapter: FamilyAdapter, concepts: list[Concept], states: list[dict[str, torch.Tensor]],
                   stats_config: ClosedFormConfig, mode: str, stats: tuple[list, dict] | None = None) -> FusionInputs:
     """Per-concept factors and, for ``fuse``, the token Grams of the text streams the LoRA modules read (``stats``:
     stage A's per-concept statistics when it gathered them, else gathered here with ``stats_config``)."""
-    factors = [_factors(s, adapter.denoiser_name) for s in states]
+    from .artifacts.lora import lora_pairs
+
+    factors = [{m: (a.double(), b.double()) for m, (a, b) in lora_pairs(s, adapter.denoiser_name).items()}
+               for s in states]
     if mode != "fuse":
         return FusionInputs(factors, {}, [{} for _ in concepts], {})
     engine = ClosedFormEngine(adapter, stats_config, progress=False)
-    per, joint = stats if stats is not None else engine.concept_statistics(concepts)
-    module_stream = {m: s.name for s in engine.streams if s.per_token and s.columns is None and not s.hooked
-                     for m in s.modules}
     trained = {m for f in factors for m in f}
-    module_stream = {m: s for m, s in module_stream.items() if m in trained}
-    grams = [{name: cg.g_e for name, cg in p.items()} for p in per]
+    module_stream = {m: s.name for s in engine.streams if s.per_token and s.columns is None and not s.hooked
+                     for m in s.modules if m in trained}
+    read = set(module_stream.values())  # only these Grams are used (and saved): FLUX/SD3 stage B reads none
+    if not read:  # nothing to integrate in closed form: no encoding pass
+        return FusionInputs(factors, {}, [{} for _ in concepts], {})
+    per, joint = stats if stats is not None else engine.concept_statistics(concepts)
+    grams = [{name: cg.g_e for name, cg in p.items() if name in read} for p in per]
     # P per row of an average concept (ours): λ_p = 1 weighs the preserved tokens as much as one concept's own
     # tokens, whatever the corpus size (the raw sum over ~120 captions × every position would swamp each Cᵢ)
     preserve = {}
-    for name, st in joint.items():
+    for name, st in ((n, st) for n, st in joint.items() if n in read):
         concept_rows = st.counts["erase"] / max(len(per), 1)
         rows = st.counts["preserve"]
         preserve[name] = st.g_p * (concept_rows / rows) if rows else st.g_p
@@ -164,7 +143,7 @@ def combine(adapter: FamilyAdapter, inputs: FusionInputs, cfg: TrajectoryConfig,
             scales: list[float] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The combined LoRA (diffusers keys) and the manifest's ``fusion`` record (modes, rank slices, certificate)."""
     fused, how, slices = fuse(inputs, cfg.fusion_lambda, cfg.fusion_lambda_preserve, scales, mode)
-    state = _state(fused, adapter.denoiser_name)
+    state = pairs_to_state(fused, adapter.denoiser_name)
     record: dict[str, Any] = {"mode": mode, "lambda": cfg.fusion_lambda, "lambda_preserve": cfg.fusion_lambda_preserve,
                               "modules": how, "module_streams": inputs.module_stream, "weight_name": FUSION_WEIGHT_NAME,
                               "concepts": [{"name": c.name, "rank_slice": list(sl)}
@@ -177,26 +156,13 @@ def combine(adapter: FamilyAdapter, inputs: FusionInputs, cfg: TrajectoryConfig,
     return state, record
 
 
-def _state(fused: dict[str, tuple[torch.Tensor, torch.Tensor]], prefix: str) -> dict[str, torch.Tensor]:
-    """Fused factors as diffusers LoRA keys (one common rank, zero-padded)."""
-    from .artifacts.lora import pad_rank
-
-    rank = max((a.shape[0] for a, _ in fused.values()), default=0)
-    state = {}
-    for m, (a, b) in fused.items():
-        a, b = pad_rank(a, b, rank)
-        state[f"{prefix}.{m}.lora_A.weight"] = a.float().contiguous()
-        state[f"{prefix}.{m}.lora_B.weight"] = b.float().contiguous()
-    return state
-
-
 def combine_tensors(tensors: dict[str, torch.Tensor], prefix: str, fusion: dict[str, Any], cfg: TrajectoryConfig,
                     scales: list[float]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Re-fusion from a saved erasure's per-concept factors at per-concept ``scales``: (stage-A LoRA, stage-B LoRA)."""
     inputs = inputs_from_tensors(tensors, len(fusion["concepts"]), fusion.get("module_streams", {}))
     fused, _, _ = fuse(inputs, cfg.fusion_lambda, cfg.fusion_lambda_preserve, scales, fusion["mode"])
     stage_a = {k[len("stage_a."):]: v for k, v in tensors.items() if k.startswith("stage_a.")}
-    return stage_a, _state(fused, prefix)
+    return stage_a, pairs_to_state(fused, prefix)
 
 
 def fusion_tensors(inputs: FusionInputs) -> dict[str, torch.Tensor]:

@@ -187,3 +187,12 @@ def place(pipe: Any, runtime: Runtime, phase: str) -> None:
             module.to("cpu")
         else:
             module.to(device)
+
+
+def process_state() -> Any:
+    """accelerate's process state; on a CPU-only machine the processes talk over gloo (launch them with
+    ``accelerate launch --multi_gpu --num_processes N``, which starts them through torchrun)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())

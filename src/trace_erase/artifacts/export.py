@@ -23,7 +23,7 @@ import torch
 
 from ..errors import TraceEraseError
 from .erasure import Erasure, atomic_write
-from .lora import delta_to_lora
+from .lora import delta_to_lora, lora_pairs
 from .naming import kohya_modules
 
 FORMATS = ("diffusers", "kohya", "full")
@@ -103,13 +103,10 @@ class ModuleExport:
 def _factors(erasure: Erasure, ungated: bool) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
     """(A, B) pairs per module (denoiser-relative names) of the main LoRA and, when ``ungated``, the gated one."""
     states = [erasure.state_dict] + ([erasure.gated_state_dict] if ungated and erasure.gated_state_dict else [])
-    head = erasure.prefix + "."
     out: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for state in states:
-        for key, a in state.items():
-            if key.startswith(head) and key.endswith(".lora_A.weight"):
-                name = key[len(head):-len(".lora_A.weight")]
-                out.setdefault(name, []).append((a, state[f"{head}{name}.lora_B.weight"]))
+        for name, pair in lora_pairs(state, erasure.prefix).items():
+            out.setdefault(name, []).append(pair)
     return out
 
 

@@ -29,31 +29,43 @@ def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     )
 
 
+def pairs_to_state(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], prefix: str = "",
+                   min_rank: int = 0) -> dict[str, torch.Tensor]:
+    """diffusers-format LoRA tensors (``{prefix}.{module}.lora_A/B.weight``; no prefix: the names are full keys) at
+    one common rank (zero-padded: older diffusers mis-scale mixed ranks), float32."""
+    rank = max(max((a.shape[0] for a, _ in pairs.values()), default=0), min_rank)
+    state: dict[str, torch.Tensor] = {}
+    for name, (a, b) in pairs.items():
+        a, b = pad_rank(a, b, rank)
+        key = f"{prefix}.{name}" if prefix else name
+        state[f"{key}.lora_A.weight"] = a.float().contiguous()
+        state[f"{key}.lora_B.weight"] = b.float().contiguous()
+    return state
+
+
 def deltas_to_state_dict(
     deltas: dict[str, torch.Tensor], prefix: str, rank_tolerance: float = 1e-6
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """diffusers-format LoRA tensors (``{prefix}.{module}.lora_A.weight``) for deltas, and each numerical rank."""
     pairs = {name: delta_to_lora(d, rank_tolerance) for name, d in deltas.items()}
     ranks = {name: a.shape[0] for name, (a, _) in pairs.items()}
-    rank = max(max(ranks.values(), default=0), 1)
-    state: dict[str, torch.Tensor] = {}
-    for name, (a, b) in pairs.items():
-        a, b = pad_rank(a, b, rank)
-        state[f"{prefix}.{name}.lora_A.weight"] = a.float().contiguous()
-        state[f"{prefix}.{name}.lora_B.weight"] = b.float().contiguous()
-    return state, ranks
+    return pairs_to_state(pairs, prefix, min_rank=1), ranks
 
 
-def lora_to_delta(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """ΔW = B·A per module of a diffusers-format LoRA state dict (adapter scale 1)."""
+def lora_pairs(state: dict[str, torch.Tensor], prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) per module (names relative to ``prefix``) of a diffusers-format LoRA state dict, as stored."""
     out = {}
     head = prefix + "."
     for key, a in state.items():
         if key.startswith(head) and key.endswith(".lora_A.weight"):
             name = key[len(head) : -len(".lora_A.weight")]
-            b = state[f"{head}{name}.lora_B.weight"]
-            out[name] = b.double() @ a.double()
+            out[name] = (a, state[f"{head}{name}.lora_B.weight"])
     return out
+
+
+def lora_to_delta(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """ΔW = B·A per module of a diffusers-format LoRA state dict (adapter scale 1)."""
+    return {name: b.double() @ a.double() for name, (a, b) in lora_pairs(state, prefix).items()}
 
 
 def _module_of(key: str) -> str:
@@ -67,10 +79,4 @@ def concat_loras(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     for m in modules:
         parts = [(s[f"{m}.lora_A.weight"], s[f"{m}.lora_B.weight"]) for s in states if f"{m}.lora_A.weight" in s]
         pairs[m] = (torch.cat([a for a, _ in parts], 0), torch.cat([b for _, b in parts], 1))
-    rank = max(a.shape[0] for a, _ in pairs.values())
-    out = {}
-    for m, (a, b) in pairs.items():
-        a, b = pad_rank(a, b, rank)
-        out[f"{m}.lora_A.weight"] = a.float().contiguous()
-        out[f"{m}.lora_B.weight"] = b.float().contiguous()
-    return out
+    return pairs_to_state(pairs)

@@ -47,12 +47,10 @@ def concept_sets(classes: list[str], counts: list[int], subsets: int, seed: int 
 
 
 def per_class_acc_e(results: dict[str, Any]) -> dict[str, float]:
-    """Acc_e of each erased class from one run's per-image judgements."""
-    hits: dict[str, list[float]] = {}
-    for item, judged in zip(results["prompts"], results.get("per_image") or [], strict=False):
-        if item["group"] == "erased":
-            hits.setdefault(item["label"], []).append(float(judged["erased"].get("label") == item["label"]))
-    return {c: float(np.mean(v)) for c, v in hits.items()}
+    """Acc_e of each erased class from one run's per-image judgements (the eval figure's erased-group bars)."""
+    from .plots import per_label_means
+
+    return {label: erased for group, label, _, erased in per_label_means(results) if group == "erased"}
 
 
 def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: str | Path, subsets: int = 5,

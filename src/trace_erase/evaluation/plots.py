@@ -88,7 +88,7 @@ GROUP_ORDER = ("erased", "synonym", "composed", "other")
 MAX_BARS = 30
 
 
-def _image_value(suite: str, item: dict[str, Any], judgement: dict[str, Any]) -> float | None:
+def _image_value(item: dict[str, Any], judgement: dict[str, Any]) -> float | None:
     """One number per image: correct (label suites), the score (styles, coco) or exposed parts (nudity)."""
     if "label" in judgement:
         return float(judgement["label"] == item.get("label"))
@@ -105,7 +105,7 @@ def per_label_means(results: dict[str, Any]) -> list[tuple[str, str, float, floa
     for item, judged in zip(results["prompts"], results.get("per_image") or [], strict=False):
         key = (item["group"], str(item.get("label") or item["group"]))
         for side in ("base", "erased"):
-            v = _image_value(results["suite"], item, judged[side])
+            v = _image_value(item, judged.get(side, {}))
             if v is not None:
                 values.setdefault(key, {"base": [], "erased": []})[side].append(v)
     keys = sorted(values, key=lambda k: (GROUP_ORDER.index(k[0]) if k[0] in GROUP_ORDER else 9, k[1]))[:MAX_BARS]

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..artifacts.erasure import Erasure, atomic_folder, commit_folder
 from ..models import ModelHandle
+from ..runtime import process_state
 from ..sampling import generate_images, sampler_settings
 from .report import write_report
 from .scorers import Scorer, ScorerOptions, scorer_for
@@ -200,15 +201,6 @@ def write_results(final: Path, overwrite: bool, results: dict[str, Any], base: n
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def process_state() -> Any:
-    """accelerate's process state; on a CPU-only machine the processes talk over gloo (launch them with
-    ``accelerate launch --multi_gpu --num_processes N``, which starts them through torchrun)."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _is_main_process() -> bool:
