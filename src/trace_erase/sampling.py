@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +90,16 @@ def generate_images(
     progress: bool = True,
     scheduler: str | None = None,
     cache: str | Path | None = None,
+    embeds: Callable[[list[str]], dict[str, Any]] | None = None,
     **call_kwargs: Any,
 ) -> list[Any]:
     """One PIL image per (prompt, seed) pair, each from its own ``torch.Generator`` so batching changes nothing.
 
     ``batch_size`` defaults to the runtime's (what fits a 24 GB card at this resolution). With ``cache`` each batch is
     saved there as PNGs when it is done (keyed by its prompts, seeds and sampler settings), and batches found there
-    are read back instead of drawn again: an interrupted run resumes bit-identically (same batch composition)."""
+    are read back instead of drawn again: an interrupted run resumes bit-identically (same batch composition).
+    ``embeds(chunk_prompts)`` replaces the prompts by the pipeline's ``prompt_embeds`` arguments for each batch
+    (:meth:`~trace_erase.models.base.FamilyAdapter.pipeline_embeds`): conditioning-level attacks generate this way."""
     if len(prompts) != len(seeds):
         raise ValueError("prompts and seeds must have the same length")
     settings = sampler_settings(handle, steps, guidance, scheduler)
@@ -123,8 +126,11 @@ def generate_images(
                 latents = adapter.pipeline_latents(
                     torch.stack([torch.randn(adapter.latent_shape(1)[1:], generator=g) for g in gens]))
                 guidance_kwargs = adapter.pipeline_guidance(settings["guidance"], len(chunk_p))
-                out = pipe(prompt=chunk_p, latents=latents.to(adapter.device, adapter.dtype),
-                           **guidance_kwargs, **kwargs)
+                text: dict[str, Any] = {"prompt": chunk_p}
+                if embeds is not None:
+                    text = embeds(chunk_p)
+                    guidance_kwargs.pop("negative_prompt", None)  # the negative branch comes with the embeds
+                out = pipe(**text, latents=latents.to(adapter.device, adapter.dtype), **guidance_kwargs, **kwargs)
                 images.extend(out.images)
                 if chunk_dir is not None:
                     _write_chunk(chunk_dir, out.images)
@@ -170,3 +176,21 @@ def _read_chunk(folder: Path, n: int) -> list[Any]:
         with Image.open(folder / f"{k:04d}.png") as im:
             out.append(im.convert("RGB"))
     return out
+
+
+def denoise(adapter: Any, scheduler: Any, x: torch.Tensor, cond: Any, uncond: Any, guidance: float,
+            generator: torch.Generator | None = None,
+            visit: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Run ``scheduler`` (already set) from x_T = ``x`` as the pipeline's own ``__call__`` does: the same input
+    scaling, model time and guidance semantics (the adapter's). ``visit(x_in, t)`` sees what the denoiser is fed at
+    each step. Returns the final latents. No autograd graph."""
+    step_kwargs = adapter.step_kwargs(scheduler, generator)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            tm = adapter.model_time(t.reshape(1)).to(adapter.device).expand(x.shape[0])
+            x_in = adapter.model_input(scheduler, x, t)
+            if visit is not None:
+                visit(x_in, tm)
+            guided = adapter.guided_prediction(x_in, tm, cond, uncond, guidance)
+            x = scheduler.step(guided, t, x, **step_kwargs, return_dict=False)[0]
+    return x

@@ -36,6 +36,7 @@ from ..config import Concept, config_hash, differing_keys
 from ..errors import NonFiniteLossError, TraceEraseError
 from ..models.base import Conditioning, FamilyAdapter
 from ..runtime import check_trainable
+from ..sampling import denoise
 from .pool import Pool
 from .prompts import corpus_path, load_corpus
 from .stage_a import StageAWeights
@@ -239,16 +240,14 @@ class TrajectoryEngine:
             noise = torch.randn(adapter.latent_shape(1), generator=self.gen)
         x = adapter.initial_noise(scheduler, noise)
         c, u = self.cond([prompt] * x.shape[0]), self.cond([""] * x.shape[0])
-        step_kwargs = adapter.step_kwargs(scheduler, self.gen)
         states, times = [], []
-        with torch.no_grad(), self.reference():
-            for t in scheduler.timesteps:
-                tm = adapter.model_time(t.reshape(1)).to(adapter.device).expand(x.shape[0])
-                x_in = adapter.model_input(scheduler, x, t)  # what the denoiser sees: the pool stores exactly this
-                states.append(x_in[0].detach().cpu())
-                times.append(tm[0].detach().cpu().float())
-                guided = adapter.guided_prediction(x_in, tm, c, u, cfg.rollout_guidance)
-                x = scheduler.step(guided, t, x, **step_kwargs, return_dict=False)[0]
+
+        def keep(x_in: torch.Tensor, tm: torch.Tensor) -> None:  # what the denoiser sees: the pool stores exactly this
+            states.append(x_in[0].detach().cpu())
+            times.append(tm[0].detach().cpu().float())
+
+        with self.reference():
+            x = denoise(adapter, scheduler, x, c, u, cfg.rollout_guidance, self.gen, keep)
         return torch.stack(states), torch.stack(times), x
 
     def _target_prompt(self, concepts: list[Concept]) -> str:

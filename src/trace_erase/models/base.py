@@ -7,7 +7,9 @@ what the prediction is (ε, v or flow velocity), which projections stage A edits
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -109,6 +111,7 @@ class FamilyAdapter(ABC):
     family: str = ""
     denoiser_name: str = ""  # "unet" or "transformer": the pipeline attribute and the LoRA key prefix
     time_kind: TimeKind = "ddpm"
+    _text_grad: bool = False  # encode_text keeps the autograd graph (attacks optimise text inputs through it)
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -162,6 +165,28 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Text features per stream name: ``[B, L, d]`` for per-token streams, ``[B, d]`` for pooled ones."""
+
+    def text_context(self) -> contextlib.AbstractContextManager:
+        """What ``encode_text`` runs under: no autograd graph, unless inside :meth:`text_gradients`."""
+        return torch.enable_grad() if self._text_grad else torch.no_grad()
+
+    @contextlib.contextmanager
+    def text_gradients(self) -> Iterator[None]:
+        """Encode with gradients (to the text encoders' inputs): attacks optimise word embeddings through them."""
+        self._text_grad = True
+        try:
+            yield
+        finally:
+            self._text_grad = False
+
+    def text_encoders(self) -> list[tuple[Any, Any]]:
+        """(tokenizer, text encoder) pairs of the pipeline, in the pipeline's order (absent ones skipped)."""
+        pairs = []
+        for suffix in ("", "_2", "_3"):
+            tok, enc = getattr(self.pipe, f"tokenizer{suffix}", None), getattr(self.pipe, f"text_encoder{suffix}", None)
+            if tok is not None and enc is not None:
+                pairs.append((tok, enc))
+        return pairs
 
     @abstractmethod
     def text_streams(self, targets: str = "default") -> list[TextStream]:
@@ -246,6 +271,35 @@ class FamilyAdapter(ABC):
         out = self.predict(torch.cat([x_in, x_in]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
         e_u, e_c = out[:n], out[n:]
         return e_u + guidance * (e_c - e_u)
+
+    def training_pair(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor, torch.Tensor]:
+        """The model's training example at time fraction ``u`` ∈ [0, 1) (``[B]``): (denoiser input x_t, model time,
+        target) — DDPM: x_t = √ᾱ·x0 + √(1−ᾱ)·n with target n (ε) or √ᾱ·n − √(1−ᾱ)·x0 (v); flow: x_t = (1−σ)·x0 +
+        σ·n with target n − x0. What textual inversion and UnlearnDiffAtk's loss denoise."""
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        if self.time_kind == "flow":
+            sigma = u.to(x0.device, torch.float32).clamp(1e-3, 1.0)
+            s = sigma.view(shape).to(x0.dtype)
+            return (1 - s) * x0 + s * noise, (sigma * self.time_scale).to(x0.dtype), noise - x0
+        n = int(self.time_scale)
+        t = (u * n).long().clamp(0, n - 1).to(x0.device)
+        ac = self.pipe.scheduler.alphas_cumprod.to(x0.device)[t].view(shape).to(x0.dtype)
+        x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
+        target = noise if self.prediction_type == "epsilon" else ac.sqrt() * noise - (1 - ac).sqrt() * x0
+        return x_t, t, target
+
+    def pipeline_embeds(self, cond: Conditioning, uncond: Conditioning) -> dict[str, Any]:
+        """The pipeline ``__call__`` arguments that feed ``cond`` (and ``uncond`` as the negative branch) in place of
+        prompts: what an attack at the conditioning level generates with."""
+        names = {"encoder_hidden_states": "prompt_embeds", "text_embeds": "pooled_prompt_embeds",
+                 "pooled_projections": "pooled_prompt_embeds"}
+        out: dict[str, Any] = {}
+        for key, name in names.items():
+            if key in cond.tensors:
+                out[name] = cond.tensors[key]
+                out[f"negative_{name}"] = uncond.tensors[key]
+        return out
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Extra pipeline ``__call__`` arguments that keep generation's text features the ones stage A saw (FLUX and

@@ -55,7 +55,7 @@ class FluxAdapter(FamilyAdapter):
         return min(super().prompt_capacity(), clip_capacity)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
+        with self.text_context():
             embeds, pooled, _ = self.pipe.encode_prompt(
                 prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_tokens
             )

@@ -38,7 +38,7 @@ class StableDiffusionAdapter(FamilyAdapter):
         return int(self.pipe.tokenizer.model_max_length)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
+        with self.text_context():
             embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
         return {"tokens": embeds}
 

@@ -97,7 +97,7 @@ class SD3Adapter(FamilyAdapter):
         return capacity
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
+        with self.text_context():
             embeds, _, pooled, _ = self.pipe.encode_prompt(
                 prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
                 do_classifier_free_guidance=False, max_sequence_length=self.t5_tokens,

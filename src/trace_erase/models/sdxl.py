@@ -27,7 +27,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     family = "sdxl"
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
+        with self.text_context():
             embeds, _, pooled, _ = self.pipe.encode_prompt(
                 prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
