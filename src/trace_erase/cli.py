@@ -348,12 +348,14 @@ DEMO_OPTIONS: dict[str, Any] = {"steps": 150}
 
 
 from .artifacts.commands import export  # noqa: E402 - registered in this order
+from .attacks.commands import attack  # noqa: E402
 from .evaluation.commands import bench, eval_, print_headline, rescore  # noqa: E402
 
 app.command()(export)
 app.command("eval")(eval_)
 app.command()(rescore)
 app.command()(bench)
+app.command()(attack)
 
 from .toyworld.commands import toyworld_app  # noqa: E402 - registered after the main commands
 

@@ -1,0 +1,278 @@
+"""The attacks themselves. Each takes the model as it is now (erased, or the base for the control run), optimises or
+builds its result, and hands a :class:`Candidate` to ``report(budget, candidate)`` at each budget point; the runner
+generates and scores it. Objectives, budgets and conventions: ``../shared/docs/attacks.md`` §1.2–1.5.
+
+- ``paraphrase``: prompt families (no optimisation).
+- ``concept-vector``: Ring-A-Bell's continuous form: E(neutral) + η·v, v = mean[E(with c) − E(with neutral)].
+- ``soft-prompt``: AdvUnlearn's / P4D's objective ‖ŷ_erased(x_t, t, c_adv) − ŷ_base(x_t, t, c)‖² on states of the
+  base model's trajectories; k prefix word embeddings (``word``) or the conditioning itself (``conditioning``).
+- ``inversion``: CCE's textual inversion of new word vectors through the model, on the base model's final latents
+  for the concept, with the model's own training loss.
+- ``unlearndiff``: UnlearnDiffAtk: k discrete prefix tokens as relaxed one-hot rows (simplex-projected), sampled
+  straight-through, the model's own denoising loss on the base model's latents of the concept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..engines.prompts import DEFAULT_TEMPLATES
+from ..errors import NonFiniteLossError, TraceEraseError
+from ..evaluation.suites import fill
+from ..models import ModelHandle
+from ..models.base import Conditioning
+from .config import AttackConfig
+from .inject import WordSlots, decode_tokens, editable, embeds_for, frozen, typable_ids
+from .prompts import EVAL_TEMPLATES, HELD_OUT_TEMPLATES, INVERSION_TEMPLATES, eval_prompts
+from .reference import Reference
+
+
+@dataclass
+class Candidate:
+    """An attack's current result, ready to generate: the prompts the pipeline is called with (they may hold filler
+    slots), the text the report shows, and how the attack reaches the model (word slots, or conditioning embeds)."""
+
+    prompts: list[str]
+    shown: list[str]
+    family: list[str] | None = None
+    slots: WordSlots | None = None
+    values: list[torch.Tensor | None] | None = None
+    embeds: Callable[[list[str]], dict[str, Any]] | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+Report = Callable[[int, Candidate], None]
+
+
+def _steps(cfg: AttackConfig, progress: bool, desc: str) -> Any:
+    return tqdm(range(1, cfg.the_budget + 1), desc=desc, disable=not progress, leave=False)
+
+
+def _check(loss: torch.Tensor, step: int, what: str) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"the {what} attack's loss became {loss.item()} at step {step}; lower --lr")
+
+
+def _denoiser_modules(handle: ModelHandle) -> list[torch.nn.Module]:
+    return [handle.adapter.denoiser, *(enc for _, enc in handle.adapter.text_encoders())]
+
+
+# ---- no optimisation -------------------------------------------------------------------------------------------------
+def paraphrase(handle: ModelHandle, cfg: AttackConfig, concept: str, families: dict[str, list[str]],
+               report: Report) -> None:
+    """Every family's prompts, as they are."""
+    prompts = [p for ps in families.values() for p in ps]
+    report(len(prompts), Candidate(prompts, prompts, family=[f for f, ps in families.items() for _ in ps]))
+
+
+def concept_vector(handle: ModelHandle, cfg: AttackConfig, concept: str, report: Report) -> None:
+    """E(neutral prompt) + η·v for each η; v averaged over ``budget`` templates (the attack's own, then stage A's
+    common ones: the attacker does not know which the erasure saw)."""
+    adapter = handle.adapter
+    pool = list(dict.fromkeys([*HELD_OUT_TEMPLATES, *INVERSION_TEMPLATES, *(t.replace("{}", "{a} {}")
+                                                                              for t in DEFAULT_TEMPLATES)]))
+    templates = pool[: cfg.the_budget]
+    with torch.no_grad():
+        with_c = adapter.conditioning([fill(t, concept) for t in templates])
+        without = adapter.conditioning([fill(t, cfg.neutral) for t in templates])
+        neutral = adapter.conditioning([fill(t, cfg.neutral) for t in EVAL_TEMPLATES])
+        uncond = adapter.conditioning([""])
+    keys = editable(with_c)
+    v = {k: (with_c.tensors[k].float() - without.tensors[k].float()).mean(0, keepdim=True) for k in keys}
+    shown = [fill(t, cfg.neutral) for t in EVAL_TEMPLATES]
+    for eta in cfg.etas:
+        table = {}
+        for i, prompt in enumerate(shown):
+            row = neutral.select([i])
+            tensors = dict(row.tensors)
+            for k in keys:
+                tensors[k] = (row.tensors[k].float() + eta * v[k]).to(row.tensors[k].dtype)
+            table[prompt] = Conditioning(tensors)
+        report(len(templates), Candidate(shown, [f"E({p}) + {eta}·v" for p in shown],
+                                         embeds=embeds_for(adapter, table, uncond),
+                                         detail={"eta": eta, "v_norm": {k: float(v[k].norm()) for k in keys}}))
+
+
+# ---- optimising attacks ----------------------------------------------------------------------------------------------
+def soft_prompt(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Reference, report: Report,
+                progress: bool = True) -> None:
+    """Match the base model's predictions for the concept prompts with adversarial inputs to the model as it is."""
+    if cfg.the_level == "conditioning":
+        return _soft_conditioning(handle, cfg, ref, report, progress)
+    adapter = handle.adapter
+    prompts = eval_prompts(concept)
+    slots = WordSlots(adapter, cfg.the_tokens, prompts)
+    values = [v.to(adapter.device).requires_grad_(True) for v in slots.init_from(slots.filler)]
+    opt = torch.optim.Adam(values, lr=cfg.the_lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    points = set(cfg.budget_points())
+    adv = [slots.prefixed(p) for p in prompts]
+    with frozen(_denoiser_modules(handle)):
+        for step in _steps(cfg, progress, "soft prompt"):
+            idx = torch.randint(0, len(ref.states), (cfg.batch,), generator=gen)
+            with slots.active(values), adapter.text_gradients():
+                cond = adapter.conditioning([adv[int(i)] for i in ref.state_prompt[idx]])
+            pred = adapter.predict(ref.states[idx], ref.times[idx], cond)
+            loss = torch.nn.functional.mse_loss(pred.float(), ref.base_pred[idx].float())
+            _check(loss, step, "soft-prompt")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step in points:
+                report(step, Candidate(adv, [f"<{cfg.the_tokens} soft tokens> {p}" for p in prompts], slots=slots,
+                                       values=[v.detach().clone() for v in values],
+                                       detail={"loss": float(loss.detach())}))
+    return None
+
+
+def _soft_conditioning(handle: ModelHandle, cfg: AttackConfig, ref: Reference, report: Report,
+                       progress: bool) -> None:
+    """The upper bound: a free offset on each prompt's conditioning tensors (every position, every stream)."""
+    adapter = handle.adapter
+    with torch.no_grad():
+        base = adapter.conditioning(ref.prompts)
+        uncond = adapter.conditioning([""])
+    keys = editable(base)
+    delta = {k: torch.zeros_like(base.tensors[k], dtype=torch.float32, requires_grad=True) for k in keys}
+    opt = torch.optim.Adam(list(delta.values()), lr=cfg.the_lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    points = set(cfg.budget_points())
+
+    def current() -> Conditioning:
+        tensors = dict(base.tensors)
+        for k in keys:
+            tensors[k] = base.tensors[k] + delta[k].to(base.tensors[k].dtype)
+        return Conditioning(tensors)
+
+    with frozen(_denoiser_modules(handle)):
+        for step in _steps(cfg, progress, "soft conditioning"):
+            idx = torch.randint(0, len(ref.states), (cfg.batch,), generator=gen)
+            cond = current().select(ref.state_prompt[idx])
+            pred = adapter.predict(ref.states[idx], ref.times[idx], cond)
+            loss = torch.nn.functional.mse_loss(pred.float(), ref.base_pred[idx].float())
+            _check(loss, step, "soft-prompt")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step in points:
+                now = current()
+                table = {p: Conditioning({k: v.detach() for k, v in now.select([i]).tensors.items()})
+                         for i, p in enumerate(ref.prompts)}
+                report(step, Candidate(list(ref.prompts), [f"<conditioning of> {p}" for p in ref.prompts],
+                                       embeds=embeds_for(adapter, table, uncond),
+                                       detail={"loss": float(loss.detach()),
+                                               "delta_norm": {k: float(delta[k].detach().norm()) for k in keys}}))
+
+
+def _denoising_loss(handle: ModelHandle, ref: Reference, cond: Conditioning, idx: torch.Tensor,
+                    gen: torch.Generator) -> torch.Tensor:
+    """The model's own training loss on the base model's final latents ``ref.x0[idx]`` under ``cond``."""
+    adapter = handle.adapter
+    x0 = ref.x0[idx]
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+    u = torch.rand(len(idx), generator=gen)
+    x_t, t, target = adapter.training_pair(x0, noise, u)
+    return torch.nn.functional.mse_loss(adapter.predict(x_t, t, cond).float(), target.float())
+
+
+def inversion(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Reference, report: Report,
+              progress: bool = True) -> None:
+    """Textual inversion: ``tokens`` new word vectors (starting at ``init_word``) learned in the inversion templates
+    from the base model's images of the concept, through the model as it is."""
+    adapter = handle.adapter
+    slots = WordSlots(adapter, cfg.the_tokens, list(INVERSION_TEMPLATES))
+    values = [v.to(adapter.device).requires_grad_(True) for v in slots.init_from(cfg.init_word)]
+    opt = torch.optim.Adam(values, lr=cfg.the_lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    points = set(cfg.budget_points())
+    placed = [slots.placed(t) for t in INVERSION_TEMPLATES]
+    with frozen(_denoiser_modules(handle)):
+        for step in _steps(cfg, progress, "inversion"):
+            idx = torch.randint(0, len(ref.x0), (cfg.batch,), generator=gen)
+            which = torch.randint(0, len(placed), (cfg.batch,), generator=gen)
+            with slots.active(values), adapter.text_gradients():
+                cond = adapter.conditioning([placed[int(w)] for w in which])
+            loss = _denoising_loss(handle, ref, cond, idx, gen)
+            _check(loss, step, "inversion")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step in points:
+                report(step, Candidate(placed, [t.format("<c*>") for t in INVERSION_TEMPLATES], slots=slots,
+                                       values=[v.detach().clone() for v in values],
+                                       detail={"loss": float(loss.detach())}))
+
+
+def simplex_projection(z: torch.Tensor) -> torch.Tensor:
+    """Each row of ``z`` projected onto the probability simplex (Euclidean; sort-based)."""
+    u, _ = torch.sort(z, dim=-1, descending=True)
+    css = u.cumsum(-1) - 1
+    k = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+    rho = ((u - css / k) > 0).to(z.dtype).cumsum(-1).argmax(-1, keepdim=True)
+    theta = css.gather(-1, rho) / (rho + 1).to(z.dtype)
+    return (z - theta).clamp_min(0)
+
+
+def unlearndiff(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Reference, report: Report,
+                progress: bool = True) -> None:
+    """k discrete prefix tokens of the per-token tokenizer's typable vocabulary (whole words), optimised as
+    relaxed one-hot rows; scored as the decoded text in front of each prompt (a prompt a user could type). Other
+    text encoders (FLUX's CLIP) see the filler word while optimising: only the per-token encoder is differentiated."""
+    adapter = handle.adapter
+    prompts = eval_prompts(concept)
+    slots = WordSlots(adapter, cfg.the_tokens, prompts)
+    main = next((i for i, (tok, _) in enumerate(slots.encoders) if tok is adapter.token_tokenizer), 0)
+    tok = slots.encoders[main][0]
+    table = slots.tables()[main]
+    allowed = torch.tensor(typable_ids(tok), device=table.device)
+    if len(allowed) == 0:
+        raise TraceEraseError("the tokenizer has no whole-word tokens to build a token-level attack from")
+    sub = table[allowed].float()
+    z = torch.full((cfg.the_tokens, len(allowed)), 1.0 / len(allowed), device=table.device, requires_grad=True)
+    opt = torch.optim.Adam([z], lr=cfg.the_lr, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    points = set(cfg.budget_points())
+    adv = [slots.prefixed(p) for p in prompts]
+    with frozen(_denoiser_modules(handle)):
+        for step in _steps(cfg, progress, "unlearndiff"):
+            probs = z.detach().clamp_min(0)
+            ids = torch.multinomial(probs.cpu() + 1e-12, 1, generator=gen).squeeze(1).to(z.device)
+            hard = torch.nn.functional.one_hot(ids, len(allowed)).to(z.dtype)
+            embeds = (hard + z - z.detach()) @ sub  # straight-through: forward the sample, gradient to z
+            values: list[torch.Tensor | None] = [None] * len(slots.encoders)
+            values[main] = embeds
+            idx = torch.randint(0, len(ref.x0), (cfg.batch,), generator=gen)
+            with slots.active(values), adapter.text_gradients():
+                cond = adapter.conditioning([adv[int(i)] for i in ref.x0_prompt[idx]])
+            loss = _denoising_loss(handle, ref, cond, idx, gen)
+            _check(loss, step, "unlearndiff")
+            opt.zero_grad()
+            loss.backward()
+            z.grad = z.grad.clamp(-1, 1)  # UnlearnDiffAtk's hardtanh on the straight-through gradient
+            opt.step()
+            with torch.no_grad():
+                z.copy_(simplex_projection(z))
+            if step in points:
+                best = allowed[z.detach().argmax(-1)].tolist()
+                text = decode_tokens(tok, best)
+                attacked = [f"{text} {p}".strip() for p in prompts]
+                report(step, Candidate(attacked, attacked, detail={"tokens": best, "text": text,
+                                                                   "loss": float(loss.detach())}))
+
+
+def run_method(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Reference | None,
+               families: dict[str, list[str]] | None, report: Report, progress: bool = True) -> None:
+    """Dispatch ``cfg.attack`` against the model as it is now."""
+    if cfg.attack == "paraphrase":
+        return paraphrase(handle, cfg, concept, families or {}, report)
+    if cfg.attack == "concept-vector":
+        return concept_vector(handle, cfg, concept, report)
+    if ref is None:
+        raise TraceEraseError(f"the {cfg.attack} attack needs the base model's reference trajectories")
+    fn = {"soft-prompt": soft_prompt, "inversion": inversion, "unlearndiff": unlearndiff}[cfg.attack]
+    return fn(handle, cfg, concept, ref, report, progress)
