@@ -241,3 +241,19 @@ def test_an_attack_for_one_class_does_not_raise_another_erased_class(toy):
                                      values=cand.values))
     remove_erasures(handle.pipe)
     assert _rate(attacked) <= _rate(pre) + 1 / len(pre)
+
+
+def test_bench_attacks_adds_asr_columns_with_one_control_per_concept(toy, tmp_path):
+    from trace_erase.evaluation.bench import markdown, run_bench
+
+    handle, _ = toy
+    cfg = AttackConfig("paraphrase", budget=1, seeds=1)
+    res = run_bench(handle, ["uce"], ["circle"], tmp_path / "b", seeds=1, progress=False, attacks=[cfg])
+    rows = {r["method"]: r for r in res["rows"]}
+    control = __import__("json").loads((tmp_path / "b" / "attacks" / "circle" / "paraphrase" / "results.json")
+                                       .read_text())
+    assert rows["base"]["asr_paraphrase"] == control["base_asr"]
+    run = __import__("json").loads((tmp_path / "b" / "runs" / "circle" / "uce" / "attacks" / "paraphrase" /
+                                    "results.json").read_text())
+    assert rows["uce"]["asr_paraphrase"] == run["asr"] and run["base_asr"] == control["base_asr"]
+    assert "ASR paraphrase" in markdown(res)

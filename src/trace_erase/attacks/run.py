@@ -128,10 +128,12 @@ def run_attack(
     scale: float = 1.0,
     overwrite: bool = False,
     progress: bool = True,
+    control: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Attack ``erasure`` (applied to ``handle`` at ``scale``) and the base model with ``config``; returns the results
     dict, also written to ``output`` (results.json, report.html, images/) when given. ``erasure=None`` attacks the
-    base model alone."""
+    base model alone. ``control``: the results of an earlier run of the same attack on the base model alone (a
+    matrix of erasures reuses it instead of attacking the base model again)."""
     from ..api import library_versions
     from .report import write_attack_report
 
@@ -153,7 +155,12 @@ def run_attack(
     if config.attack in OPTIMISING:
         ref = base_reference(handle, eval_prompts(label), config.trajectories, config.seed)
     t_ref = time.perf_counter() - t0
-    base = _side(handle, config, concept, label, ref, families, scoring, progress)
+    if control is not None:
+        if control["settings"]["attack"] != config.describe() or control["concept"] != label:
+            raise TraceEraseError("the control run was made with other attack settings or another concept")
+        base = {**control["base"], "_images": control["_images"]}
+    else:
+        base = _side(handle, config, concept, label, ref, families, scoring, progress)
     erased = base
     if erasure is not None:
         erasure.apply(handle, scale=scale)
@@ -197,6 +204,7 @@ def run_attack(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         results["report"] = str(Path(output) / "report.html")
+    results["_images"] = {"attacked": base["_images"]["attacked"]}  # for runs that reuse this one as their control
     return results
 
 

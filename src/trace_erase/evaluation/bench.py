@@ -79,13 +79,16 @@ def run_bench(
     classes: str | None = None,
     retained: list[str] | None = None,
     reference: str | Path | None = None,
+    attacks: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Erase each concept with each method (plus the sweep's variants of ``trace``), evaluate on ``suite`` (built per
     concept with ``prompts``/``classes``/``retained``; scored by ``scorer``, default the suite's), write the tables.
 
     Work happens in ``OUTPUT.partial/``: each (concept, method) result is committed there as it finishes, so
     ``resume=True`` after an interruption skips the finished ones (refusing changed settings). A run that fails is a
-    ``failed`` row with its one-line reason, and the others still run. The folder moves to ``OUTPUT`` at the end."""
+    ``failed`` row with its one-line reason, and the others still run. The folder moves to ``OUTPUT`` at the end.
+    ``attacks`` (:class:`~trace_erase.attacks.AttackConfig` list): each erasure is also attacked, each attack run
+    once per concept on the base model as the control; the rows gain ``asr_<attack>`` columns."""
     from ..api import erase, library_versions
 
     final = Path(output)
@@ -100,7 +103,10 @@ def run_bench(
     settings = {"model": handle.source, "suite": suite, "concepts": concepts, "methods": methods,
                 "seeds_per_prompt": seeds, "options": options or {}, "sweep": [list(s) for s in sweep or []],
                 "scheduler": scheduler, "scorer": scorer.identity, "prompts": str(prompts) if prompts else None,
-                "classes": classes, "retained": retained, "reference": str(reference) if reference else None}
+                "classes": classes, "retained": retained, "reference": str(reference) if reference else None,
+                "attacks": [a.describe() for a in attacks or []]}
+    if attacks and any("," in c for c in concepts):
+        raise TraceEraseError("--attacks attacks one erased concept at a time; drop the comma-separated sets")
     if work.exists():
         before = json.loads((work / "settings.json").read_text()) if (work / "settings.json").is_file() else {}
         if before != json.loads(json.dumps(settings)):
@@ -115,6 +121,7 @@ def run_bench(
     rows: list[dict[str, Any]] = []
     for concept in concepts:
         base = None
+        controls: dict[str, Any] | None = None
         for method, extra in [*runs, ("base", {})]:
             label = method + "".join(f"[{k}={v}]" for k, v in extra.items())
             row_file = work / "rows" / f"{concept}__{label}.json"
@@ -126,8 +133,12 @@ def run_bench(
                 if base is None:
                     _reset(handle)
                     base = images_for(handle, suites[concept].items, progress=False, scheduler=scheduler)
+                if attacks and controls is None:
+                    controls = _attack_controls(handle, attacks, concept, work / "attacks" / concept, scorer)
                 row = _bench_run(handle, erase, method, extra, label, concept, base, run_dir, suites[concept],
                                  scorer, seeds, options, scheduler, progress, reference)
+                if attacks and row["status"] == "ok":
+                    row.update(_attack_row(handle, attacks, controls, concept, run_dir, scorer))
             except Exception as exc:  # noqa: BLE001 - one bad run is a failed row, not a lost bench
                 shutil.rmtree(run_dir, ignore_errors=True)
                 row = {"concept": concept, "method": label, "status": "failed", "error": _one_line(exc)}
@@ -175,6 +186,34 @@ def _bench_run(handle: ModelHandle, erase: Any, method: str, extra: dict[str, An
                                                         if m.get(k) is not None), flush=True)
     return {"concept": concept, "method": label, "status": "ok", **res["metrics"]["erased"], "erase_s": wall,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "units": units(res)}
+
+
+def _attack_controls(handle: ModelHandle, attacks: list[Any], concept: str, folder: Path,
+                     scorer: Scorer) -> dict[str, Any]:
+    """Each attack against the base model alone, once per concept (every erasure's run reuses it)."""
+    from ..attacks import run_attack
+
+    _reset(handle)
+    return {cfg.attack: run_attack(handle, None, cfg, concept, folder / cfg.attack, scorer=scorer, overwrite=True,
+                                   progress=False) for cfg in attacks}
+
+
+def _attack_row(handle: ModelHandle, attacks: list[Any], controls: dict[str, Any], concept: str, run_dir: Path,
+                scorer: Scorer) -> dict[str, float]:
+    """``asr_<attack>`` of the run's saved erasure (the base row: the control's own rate under the attack)."""
+    from ..artifacts.erasure import load_erasure
+    from ..attacks import run_attack
+
+    if not (run_dir / "erasure" / "erasure.json").is_file():  # the base row
+        return {f"asr_{name}": c["base_asr"] for name, c in controls.items()}
+    er = load_erasure(run_dir / "erasure")
+    out = {}
+    for cfg in attacks:
+        res = run_attack(handle, er, cfg, concept, run_dir / "attacks" / cfg.attack, scorer=scorer, overwrite=True,
+                         progress=False, control=controls[cfg.attack])
+        out[f"asr_{cfg.attack}"] = res["asr"]
+    _reset(handle)
+    return out
 
 
 def _accepts(spec: Any, key: str) -> bool:
@@ -265,7 +304,9 @@ def write_tables(result: dict[str, Any], folder: Path) -> list[Path]:
 def markdown(result: dict[str, Any]) -> str:
     """The bench table (means over concepts; the suite's own columns first) and the command-relevant settings."""
     present = {k for e in result["means"] if e["status"] == "ok" for k, v in e.items() if v is not None}
-    cols = [*columns(result["suite"], present), ("erase_s", "erase s", 1), ("peak_rss_mb", "peak RSS MiB", 0)]
+    asr = [(k, f"ASR {k[4:]} ↓", 3) for k in dict.fromkeys(k for e in result["means"] for k in e)
+           if k.startswith("asr_") and k in present]
+    cols = [*columns(result["suite"], present), *asr, ("erase_s", "erase s", 1), ("peak_rss_mb", "peak RSS MiB", 0)]
     head = ("| method | " + " | ".join(h for _, h, _ in cols) + " |\n|" + "---|" * (len(cols) + 1) + "\n")
 
     def f(v: Any, d: int = 3) -> str:

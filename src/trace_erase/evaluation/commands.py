@@ -190,6 +190,9 @@ def bench(
     multi: Annotated[str | None, typer.Option(help="toy-objects: erase N classes at once for each N, e.g. 1,2,5,8 "
                                                    "(quality and interference against N)")] = None,
     subsets: Annotated[int, typer.Option(help="--multi: seeded class subsets per N > 1")] = 5,
+    attacks: Annotated[str | None, typer.Option(help="also attack every erasure (and the base model as the control) "
+                                                     "with these, e.g. paraphrase,concept-vector,soft-prompt,"
+                                                     "inversion: ASR columns")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     offload: OffloadOpt = "none",
@@ -216,6 +219,13 @@ def bench(
     runtime = runtime_from(device, dtype, offload, batch_size)
     if any(get_method(m).uses_trajectory for m in method_list) or sweep:
         runtime.check_training()
+    attack_configs = None
+    if attacks:
+        from ..attacks import AttackConfig
+
+        attack_configs = [AttackConfig(a.strip()) for a in attacks.split(",") if a.strip()]
+        if multi is not None:
+            raise TraceEraseError("--attacks attacks one erased concept at a time; it does not combine with --multi")
     counts = None
     if multi is not None:
         from ..evaluation.multi_bench import parse_counts
@@ -255,7 +265,7 @@ def bench(
     result = run_bench(handle, method_list, concept_list, output, suite=suite, seeds=seeds,
                        options=parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite,
                        scheduler=scheduler, resume=resume, scorer=the_scorer, prompts=prompts, classes=classes,
-                       retained=name_list(retained), reference=reference)
+                       retained=name_list(retained), reference=reference, attacks=attack_configs)
     from ..evaluation.bench import markdown
 
     typer.echo(markdown(result))

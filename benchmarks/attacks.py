@@ -1,0 +1,178 @@
+"""The attack matrix on a toy model: every method × class erased with its defaults, every attack run against each
+erasure and (once per class and attack) against the base model. Writes ``attacks.json``, ``attacks.md`` (ASR mean ±
+std over the classes, the base model's rates, the matrix's wall time), ``asr_bars.png`` and ``asr_budget.png``.
+Resumable: erasures and finished runs in the work folder are reused, so more classes or methods can be added later.
+
+    python benchmarks/attacks.py --model toy-sd --classes circle,triangle,cross \\
+        --methods uce,trace-closed-form,mace-cfr,esd-x,esd-u,ant,trace \\
+        --attacks paraphrase,concept-vector,soft-prompt,inversion,unlearndiff --seeds 5 \\
+        --output benchmarks/results/attacks-toy-sd
+
+Nothing here is a test; the harness is tested in tests/test_attacks.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trace_erase import erase, load_erasure, load_model
+from trace_erase.attacks import AttackConfig, run_attack
+from trace_erase.attacks.config import ATTACKS
+from trace_erase.evaluation.plots import _pyplot
+
+CURVE_METHODS = ("trace", "esd-x", "uce", "ant")
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="toy-sd")
+    ap.add_argument("--classes", default="circle,triangle,cross")
+    ap.add_argument("--methods", default="uce,trace-closed-form,mace-cfr,esd-x,esd-u,ant,trace")
+    ap.add_argument("--attacks", default=",".join(ATTACKS))
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--output", default="benchmarks/results/attacks-toy-sd")
+    args = ap.parse_args()
+    classes, methods, attacks = (args.classes.split(","), args.methods.split(","), args.attacks.split(","))
+    configs = {a: AttackConfig(a, seeds=args.seeds) for a in attacks}  # validated before anything loads
+    out = Path(args.output)
+    work = out / "work"
+    handle = load_model(args.model)
+    t_start = time.perf_counter()
+    erase_s: dict[str, float] = {}
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for cls in classes:
+        for attack in attacks:
+            cfg = configs[attack]
+            path = work / cls / "base" / attack / "results.json"
+            control = _load(path)
+            if control is None:
+                control = run_attack(handle, None, cfg, cls, path.parent, overwrite=True, progress=False)
+            rows[(cls, "base", attack)] = control
+            for method in methods:
+                er_dir = work / cls / method / "erasure"
+                if not (er_dir / "erasure.json").is_file():
+                    t0 = time.perf_counter()
+                    erase(handle, [cls], method=method, progress=False).save(er_dir, overwrite=True)
+                    erase_s[f"{cls}/{method}"] = time.perf_counter() - t0
+                run_path = work / cls / method / attack / "results.json"
+                res = _load(run_path)
+                if res is None:
+                    if "_images" not in control:  # a control read back from disk: rerun it for its images
+                        control = run_attack(handle, None, cfg, cls, path.parent, overwrite=True, progress=False)
+                    res = run_attack(handle, load_erasure(er_dir), cfg, cls, run_path.parent, overwrite=True,
+                                     progress=False, control=control)
+                rows[(cls, method, attack)] = res
+                print(f"{cls:9s} {method:18s} {attack:15s} pre {res['pre_asr']:.2f} ASR {res['asr']:.2f} "
+                      f"(base {res['base_rate']:.2f} → {res['base_asr']:.2f}) {res['timings']['total_s']:.0f} s",
+                      flush=True)
+    wall = time.perf_counter() - t_start
+    summary = collate(rows, classes, ["base", *methods], attacks)
+    summary.update(model=args.model, classes=classes, seeds=args.seeds, wall_s=wall, erase_s=erase_s,
+                   settings={a: configs[a].describe() for a in attacks},
+                   command="python benchmarks/attacks.py " + " ".join(
+                       f"--{k} {v}" for k, v in vars(args).items()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attacks.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "attacks.md").write_text(table(summary) + "\n")
+    figures(summary, rows, classes, out)
+    print(table(summary))
+
+
+def collate(rows: dict[tuple[str, str, str], dict[str, Any]], classes: list[str], methods: list[str],
+            attacks: list[str]) -> dict[str, Any]:
+    """Mean and std over classes of the no-attack rate and each attack's ASR, per method (base: the control runs)."""
+    cells: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        cells[m] = {}
+        pre = [rows[(c, m, attacks[0])]["pre_asr" if m != "base" else "base_rate"] for c in classes]
+        cells[m]["no attack"] = {"mean": float(np.mean(pre)), "std": float(np.std(pre)), "n": len(pre)}
+        for a in attacks:
+            v = [rows[(c, m, a)]["asr" if m != "base" else "base_asr"] for c in classes]
+            cells[m][a] = {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v),
+                           "level": rows[(classes[0], m, a)]["level"]}
+        para = [rows[(c, m, "paraphrase")]["erased" if m != "base" else "base"]["families"] for c in classes
+                ] if "paraphrase" in attacks else []
+        if para:
+            cells[m]["paraphrase families"] = {f: float(np.mean([p[f] for p in para])) for f in para[0]}
+    return {"cells": cells, "attacks": attacks, "methods": methods}
+
+
+def table(summary: dict[str, Any]) -> str:
+    attacks = summary["attacks"]
+    levels = {a: summary["cells"]["base"][a]["level"] for a in attacks}
+    head = "| method | no attack | " + " | ".join(f"{a} ({levels[a]})" for a in attacks) + " |"
+    lines = [head, "|---" * (len(attacks) + 2) + "|"]
+    for m in summary["methods"]:
+        c = summary["cells"][m]
+        lines.append(f"| {m} | " + " | ".join(f"{100 * c[k]['mean']:.0f} ± {100 * c[k]['std']:.0f}"
+                                                 for k in ["no attack", *attacks]) + " |")
+    fams = [m for m in summary["methods"] if "paraphrase families" in summary["cells"][m]]
+    if fams:
+        names = list(summary["cells"][fams[0]]["paraphrase families"])
+        lines += ["", "| method | " + " | ".join(f"paraphrase: {n}" for n in names) + " |",
+                  "|---" * (len(names) + 1) + "|"]
+        lines += [f"| {m} | " + " | ".join(f"{100 * summary['cells'][m]['paraphrase families'][n]:.0f}"
+                                           for n in names) + " |" for m in fams]
+    n, names = len(summary["classes"]), ", ".join(summary["classes"])
+    lines += ["", f"ASR in % (mean ± std over {n} classes: {names}; {summary['seeds']} seeds per prompt; success = "
+              "the toy classifier's class head names the erased class). base = the same attack on the un-erased "
+              "model. concept-vector: best η per run; conditioning-level rows are an upper bound, not a user's "
+              f"attack. Matrix wall time {summary['wall_s'] / 60:.1f} min (erasures included where this run made "
+              f"them). Command: `{summary['command']}`"]
+    return "\n".join(lines)
+
+
+def figures(summary: dict[str, Any], rows: dict[tuple[str, str, str], dict[str, Any]], classes: list[str],
+            out: Path) -> None:
+    plt = _pyplot()
+    if plt is None:
+        return
+    methods, attacks = summary["methods"], ["no attack", *summary["attacks"]]
+    fig, ax = plt.subplots(figsize=(10, 4.2), dpi=120)
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        c = summary["cells"][m]
+        ax.bar(np.arange(len(attacks)) + i * width, [c[a]["mean"] for a in attacks], width,
+               yerr=[c[a]["std"] for a in attacks], capsize=2, label=m, color=f"C{i % 10}")
+    ax.set_xticks(np.arange(len(attacks)) + 0.4 - width / 2, attacks, fontsize=8)
+    ax.set_ylabel("attack success rate")
+    ax.axhline(0.1, color="k", lw=0.6, ls=":")
+    ax.legend(fontsize=7, ncol=4)
+    ax.set_title(f"{summary['model']}: ASR mean ± std over {len(classes)} classes (dotted: the 10 % aim)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "asr_bars.png")
+    plt.close(fig)
+    curves = [a for a in ("soft-prompt", "inversion", "unlearndiff") if a in summary["attacks"]]
+    if not curves:
+        return
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), dpi=120, squeeze=False)
+    for ax, a in zip(axes[0], curves, strict=True):
+        for i, m in enumerate(["base", *[m for m in CURVE_METHODS if m in methods]]):
+            side = "base" if m == "base" else "erased"
+            per = [rows[(c, m, a)][side]["checkpoints"] for c in classes]
+            xs = [cp["budget"] for cp in per[0]]
+            ys = np.mean([[cp["asr"] for cp in p] for p in per], axis=0)
+            ax.plot(xs, ys, "o-" if m != "base" else "s--", label=m, color="gray" if m == "base" else f"C{i}")
+        ax.set_title(a, fontsize=9)
+        ax.set_xlabel("optimisation steps")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("ASR (mean over classes)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "asr_budget.png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
