@@ -150,6 +150,7 @@ def run_attack(
                     else paraphrase_families(label, config.the_budget, config.seed))
     t0 = time.perf_counter()
     remove_erasures(handle.pipe)
+    handle.phase("train")  # optimising attacks run the denoiser and text encoders like training (offload places)
     scoring = _Scoring(handle, the_scorer, the_suite, label, config.seeds)
     ref = None
     if config.attack in OPTIMISING:
