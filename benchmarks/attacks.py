@@ -77,7 +77,10 @@ def main() -> None:
                       flush=True)
     wall = time.perf_counter() - t_start
     summary = collate(rows, classes, ["base", *methods], attacks)
+    attack_s = sum(r["timings"]["total_s"] for (c, m, a), r in rows.items() if m != "base")
+    attack_s += sum(r["timings"]["total_s"] for (c, m, a), r in rows.items() if m == "base")
     summary.update(model=args.model, classes=classes, seeds=args.seeds, wall_s=wall, erase_s=erase_s,
+                   attack_s=attack_s,
                    settings={a: configs[a].describe() for a in attacks},
                    command="python benchmarks/attacks.py " + " ".join(
                        f"--{k} {v}" for k, v in vars(args).items()))
@@ -127,8 +130,9 @@ def table(summary: dict[str, Any]) -> str:
     lines += ["", f"ASR in % (mean ± std over {n} classes: {names}; {summary['seeds']} seeds per prompt; success = "
               "the toy classifier's class head names the erased class). base = the same attack on the un-erased "
               "model. concept-vector: best η per run; conditioning-level rows are an upper bound, not a user's "
-              f"attack. Matrix wall time {summary['wall_s'] / 60:.1f} min (erasures included where this run made "
-              f"them). Command: `{summary['command']}`"]
+              f"attack. Attack time {summary['attack_s'] / 60:.1f} min on this machine (the sum of the runs' "
+              f"timings, controls included; erasures not included); this invocation's wall time "
+              f"{summary['wall_s'] / 60:.1f} min. Command: `{summary['command']}`"]
     return "\n".join(lines)
 
 
