@@ -107,26 +107,17 @@ def soft_prompt(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Refer
     adapter = handle.adapter
     prompts = eval_prompts(concept)
     slots = WordSlots(adapter, cfg.the_tokens, prompts)
-    values = [v.to(adapter.device).requires_grad_(True) for v in slots.init_from(slots.filler)]
-    opt = torch.optim.Adam(values, lr=cfg.the_lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    points = set(cfg.budget_points())
     adv = [slots.prefixed(p) for p in prompts]
-    with frozen(_denoiser_modules(handle)):
-        for step in _steps(cfg, progress, "soft prompt"):
-            idx = torch.randint(0, len(ref.states), (cfg.batch,), generator=gen)
-            with slots.active(values), adapter.text_gradients():
-                cond = adapter.conditioning([adv[int(i)] for i in ref.state_prompt[idx]])
-            pred = adapter.predict(ref.states[idx], ref.times[idx], cond)
-            loss = torch.nn.functional.mse_loss(pred.float(), ref.base_pred[idx].float())
-            _check(loss, step, "soft-prompt")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if step in points:
-                report(step, Candidate(adv, [f"<{cfg.the_tokens} soft tokens> {p}" for p in prompts], slots=slots,
-                                       values=[v.detach().clone() for v in values],
-                                       detail={"loss": float(loss.detach())}))
+
+    def loss_at(values: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, len(ref.states), (cfg.batch,), generator=gen)
+        with slots.active(values), adapter.text_gradients():
+            cond = adapter.conditioning([adv[int(i)] for i in ref.state_prompt[idx]])
+        pred = adapter.predict(ref.states[idx], ref.times[idx], cond)
+        return torch.nn.functional.mse_loss(pred.float(), ref.base_pred[idx].float())
+
+    _optimise_words(handle, cfg, slots, slots.init_from(slots.filler), loss_at, report, adv,
+                    [f"<{cfg.the_tokens} soft tokens> {p}" for p in prompts], "soft prompt", progress)
     return None
 
 
@@ -186,25 +177,37 @@ def inversion(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Referen
     from the base model's images of the concept, through the model as it is."""
     adapter = handle.adapter
     slots = WordSlots(adapter, cfg.the_tokens, list(INVERSION_TEMPLATES))
-    values = [v.to(adapter.device).requires_grad_(True) for v in slots.init_from(cfg.init_word)]
+    placed = [slots.placed(t) for t in INVERSION_TEMPLATES]
+
+    def loss_at(values: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, len(ref.x0), (cfg.batch,), generator=gen)
+        which = torch.randint(0, len(placed), (cfg.batch,), generator=gen)
+        with slots.active(values), adapter.text_gradients():
+            cond = adapter.conditioning([placed[int(w)] for w in which])
+        return _denoising_loss(handle, ref, cond, idx, gen)
+
+    _optimise_words(handle, cfg, slots, slots.init_from(cfg.init_word), loss_at, report, placed,
+                    [t.format("<c*>") for t in INVERSION_TEMPLATES], "inversion", progress)
+
+
+def _optimise_words(handle: ModelHandle, cfg: AttackConfig, slots: WordSlots, init: list[torch.Tensor],
+                    loss_at: Callable[[list[torch.Tensor], torch.Generator], torch.Tensor], report: Report,
+                    prompts: list[str], shown: list[str], what: str, progress: bool) -> None:
+    """Adam on word-slot values from ``init``; at each budget point the current values are reported as a candidate
+    that generates ``prompts`` (shown as ``shown``)."""
+    values = [v.to(handle.adapter.device).requires_grad_(True) for v in init]
     opt = torch.optim.Adam(values, lr=cfg.the_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     points = set(cfg.budget_points())
-    placed = [slots.placed(t) for t in INVERSION_TEMPLATES]
     with frozen(_denoiser_modules(handle)):
-        for step in _steps(cfg, progress, "inversion"):
-            idx = torch.randint(0, len(ref.x0), (cfg.batch,), generator=gen)
-            which = torch.randint(0, len(placed), (cfg.batch,), generator=gen)
-            with slots.active(values), adapter.text_gradients():
-                cond = adapter.conditioning([placed[int(w)] for w in which])
-            loss = _denoising_loss(handle, ref, cond, idx, gen)
-            _check(loss, step, "inversion")
+        for step in _steps(cfg, progress, what):
+            loss = loss_at(values, gen)
+            _check(loss, step, what)
             opt.zero_grad()
             loss.backward()
             opt.step()
             if step in points:
-                report(step, Candidate(placed, [t.format("<c*>") for t in INVERSION_TEMPLATES], slots=slots,
-                                       values=[v.detach().clone() for v in values],
+                report(step, Candidate(prompts, shown, slots=slots, values=[v.detach().clone() for v in values],
                                        detail={"loss": float(loss.detach())}))
 
 
