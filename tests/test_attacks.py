@@ -257,3 +257,16 @@ def test_bench_attacks_adds_asr_columns_with_one_control_per_concept(toy, tmp_pa
                                     "results.json").read_text())
     assert rows["uce"]["asr_paraphrase"] == run["asr"] and run["base_asr"] == control["base_asr"]
     assert "ASR paraphrase" in markdown(res)
+
+
+def test_paraphrase_reads_a_prompt_file_and_needs_one_beyond_the_toy_world(tmp_path):
+    from trace_erase.attacks.prompts import file_families
+    from trace_erase.attacks.run import check_attack
+
+    path = tmp_path / "p.csv"
+    path.write_text("prompt\na church at dusk\nan old chapel\na cathedral\n")
+    assert file_families(str(path), 2) == {"file": ["a church at dusk", "an old chapel"]}
+    with pytest.raises(TraceEraseError, match="pass --prompts FILE"):
+        check_attack(AttackConfig("paraphrase"), "church")
+    check_attack(AttackConfig("paraphrase", prompts=str(path)), "church")
+    check_attack(AttackConfig("paraphrase"), "circle")
