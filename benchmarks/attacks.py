@@ -77,8 +77,7 @@ def main() -> None:
                       flush=True)
     wall = time.perf_counter() - t_start
     summary = collate(rows, classes, ["base", *methods], attacks)
-    attack_s = sum(r["timings"]["total_s"] for (c, m, a), r in rows.items() if m != "base")
-    attack_s += sum(r["timings"]["total_s"] for (c, m, a), r in rows.items() if m == "base")
+    attack_s = sum(r["timings"]["total_s"] for r in rows.values())  # controls (the base rows) included
     summary.update(model=args.model, classes=classes, seeds=args.seeds, wall_s=wall, erase_s=erase_s,
                    attack_s=attack_s,
                    settings={a: configs[a].describe() for a in attacks},

@@ -118,7 +118,6 @@ def soft_prompt(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Refer
 
     _optimise_words(handle, cfg, slots, slots.init_from(slots.filler), loss_at, report, adv,
                     [f"<{cfg.the_tokens} soft tokens> {p}" for p in prompts], "soft prompt", progress)
-    return None
 
 
 def _soft_conditioning(handle: ModelHandle, cfg: AttackConfig, ref: Reference, report: Report,

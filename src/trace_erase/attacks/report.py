@@ -69,12 +69,9 @@ def write_attack_report(folder: Path, results: dict[str, Any], per_row: int = 10
             blocks.append(f"<div class=row><span>{html.escape(prompt)}</span>{imgs}</div>")
         return f"<h3>{title}</h3>" + "".join(blocks)
 
-    best = er["best"]
     strips = (strip("pre", er["pre_cases"], "erased model, no attack")
-              + strip("attacked", next(c for c in er["checkpoints"] if c["budget"] == best["budget"]
-                                       and c["detail"] == best["detail"])["cases"], "erased model, attacked")
-              + strip("base_attacked", next(c for c in base["checkpoints"] if c["budget"] == base["best"]["budget"]
-                                            and c["detail"] == base["best"]["detail"])["cases"],
+              + strip("attacked", er["checkpoints"][er["best_index"]]["cases"], "erased model, attacked")
+              + strip("base_attacked", base["checkpoints"][base["best_index"]]["cases"],
                       "base model, attacked (control)"))
     s = results["settings"]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>trace-erase attack report</title><style>

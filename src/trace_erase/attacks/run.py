@@ -94,7 +94,7 @@ def _side(handle: ModelHandle, config: AttackConfig, concept: str, label: str, r
     plain = Candidate(eval_prompts(label), eval_prompts(label))
     pre_cases, pre_images = scoring(plain)
     checkpoints: list[dict[str, Any]] = []
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = {}  # the checkpoint that counts (the final one; concept-vector: the best η) + its images
 
     def report(budget: int, cand: Candidate) -> None:
         cases, images = scoring(cand)
@@ -106,12 +106,12 @@ def _side(handle: ModelHandle, config: AttackConfig, concept: str, label: str, r
                                                 for a, b in zip(cases, pre_cases, strict=True)]))
         checkpoints.append(entry)
         if not last or entry["asr"] >= last["entry"]["asr"] or config.attack != "concept-vector":
-            last.update(entry=entry, images=images)
+            last.update(entry=entry, index=len(checkpoints) - 1, images=images)
 
     run_method(handle, config, concept, ref, families, report, progress)
     best = last["entry"]
     return {"pre_asr": _rate(pre_cases), "asr": best["asr"], "asr_union": best.get("asr_union"),
-            "families": best.get("families"), "best": {k: v for k, v in best.items() if k != "cases"},
+            "families": best.get("families"), "best_index": last["index"],
             "pre_cases": pre_cases, "checkpoints": checkpoints, "seconds": time.perf_counter() - t0,
             "_images": {"pre": pre_images, "attacked": last["images"]}}
 
