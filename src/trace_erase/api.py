@@ -208,7 +208,8 @@ def erase(
         manifest["timings"].update({f"stage_a_{k}": v for k, v in cf_result.timings.items()})
     if tr_log:
         manifest["trajectory_log"] = {"final_losses": tr_log["final_losses"], "steps": tr_log["steps"],
-                                      **{k: tr_log[k] for k in ("resumed", "other_processes") if tr_log.get(k)}}
+                                      **{k: tr_log[k] for k in ("resumed", "other_processes", "adversarial_losses")
+                                         if tr_log.get(k)}}
         manifest["timings"]["stage_b_s"] = tr_log["train_seconds"]
     manifest["multi"] = mode
     if fusion is not None:

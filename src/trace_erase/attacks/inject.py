@@ -87,7 +87,7 @@ class WordSlots:
                     return out
                 out = out.clone()
                 for b in rows:
-                    out[b, mask[b]] = val.to(out.dtype)
+                    out[b, mask[b]] = val.to(out.device, out.dtype)  # an offloaded encoder runs on the CPU
                 return out
 
             for table in token_tables(enc):

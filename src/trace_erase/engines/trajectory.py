@@ -23,7 +23,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,96 +36,14 @@ from ..errors import NonFiniteLossError, TraceEraseError
 from ..models.base import Conditioning, FamilyAdapter
 from ..runtime import check_trainable
 from ..sampling import denoise
+from .adversarial import AdversarialPrompts
 from .pool import Pool
-from .prompts import corpus_path, load_corpus
+from .prompts import load_corpus
 from .stage_a import StageAWeights
+from .trajectory_config import RESUME_FREE, TrajectoryConfig
 
-WINDOWS = ("two", "late", "all")
-# options a resumed run may change: they do not alter the trained weights
-RESUME_FREE = ("checkpoint_every", "gate_tau", "multi", "fusion_lambda", "fusion_lambda_preserve")
-MULTI_MODES = ("fuse", "joint", "sum")
-EARLY_MODES = ("keep", "positive", "none")
-REFERENCES = ("stage-a", "original")
 ADAPTER_NAME = "trace_erase_train"
 CHECKPOINT_NAME = "trajectory_checkpoint.pt"
-
-
-@dataclass
-class TrajectoryConfig:
-    """Knobs of the trajectory engine (defaults are TRACE stage B's; methods override a few)."""
-
-    lora_targets: str = "kv"  # preset: kv | cross-attn | attn | non-cross (ESD-u) | kq (FLUX)
-    rank: int = 4
-    steps: int = 1000
-    lr: float = 1e-4
-    batch_size: int = 2  # states per optimizer micro-step
-    grad_accum: int = 1
-    eta: float = 1.0  # strength of the reversed (or positive, ANT-early) guidance target
-    tau: float = 0.5  # EARLY/LATE split as a fraction of the model's time (DDPM t/T, flow σ)
-    window: str = "two"  # two: EARLY keep + LATE erase | late: sample only LATE states | all: erase everywhere (ESD)
-    early_mode: str = "keep"  # what EARLY states learn: keep (TRACE) | positive (ANT) | none
-    # which model gives the concept direction ε_r(c) − ε_r(∅) and rolls out the trajectories: "stage-a" (θ*, the
-    # model stage B starts from) or "original" (θ0, before stage A; the same as θ* for methods without stage A)
-    reference: str = "stage-a"
-    beta: float = 0.5  # weight of the EARLY term
-    gamma: float = 0.5  # weight of L_unc (unconditional field kept)
-    rho: float = 0.0  # weight of L_pres over preserve prompts
-    # text file or "builtin": captions L_pres also samples, besides the concepts' preserve prompts (ours; the
-    # captions naming a concept or its anchor are dropped, as in the closed-form engine). Needs rho > 0.
-    pres_corpus: str | None = None
-    rollout_steps: int = 25  # sampler steps of the frozen model's trajectories
-    rollout_guidance: float = 3.0
-    pool_trajectories: int = 4  # trajectories held in the replay pool
-    refresh_every: int = 25  # iterations between replacing the oldest trajectory
-    train_templates: list[str] = field(
-        default_factory=lambda: ["{}", "a photo of {}", "an image of {}", "a drawing of {}"]
-    )  # prompts the trajectories are sampled under
-    gate_tau: float | None = None  # (c) gated adapter: at inference the stage-B LoRA acts only for t < gate_tau
-    checkpoint_every: int = 100
-    gradient_checkpointing: bool = False
-    # "sequential": each trained branch (c, ∅, p) runs and backpropagates on its own — peak activation memory of
-    # one branch (ours; the default). "batched": one call for all branches (faster on a GPU with memory to spare).
-    branches: str = "sequential"
-    seed: int = 0
-    # several concepts: "joint" (one LoRA, a concept sampled per step), "sum" (one LoRA per concept, added) or
-    # "fuse" (one per concept, closed-form integration over each concept's tokens; engines/fusion.py). None: the
-    # method's default. λ and λ_p of the integration (ours: the closed-form engine's defaults).
-    multi: str | None = None
-    fusion_lambda: float = 0.1
-    fusion_lambda_preserve: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.window not in WINDOWS:
-            raise TraceEraseError(f"unknown window '{self.window}'; choose one of {', '.join(WINDOWS)}")
-        if self.reference not in REFERENCES:
-            raise TraceEraseError(f"unknown reference '{self.reference}'; choose one of {', '.join(REFERENCES)}")
-        if self.early_mode not in EARLY_MODES:
-            raise TraceEraseError(f"unknown early_mode '{self.early_mode}'; choose one of {', '.join(EARLY_MODES)}")
-        if not 0.0 < self.tau <= 1.0:
-            raise TraceEraseError("tau must be in (0, 1]: a fraction of the model's time range")
-        if self.gate_tau is not None and not 0.0 < self.gate_tau <= 1.0:
-            raise TraceEraseError("gate_tau must be in (0, 1]")
-        if self.multi is not None and self.multi not in MULTI_MODES:
-            raise TraceEraseError(f"unknown multi '{self.multi}'; choose one of {', '.join(MULTI_MODES)}")
-        if self.fusion_lambda < 0 or self.fusion_lambda_preserve < 0:
-            raise TraceEraseError("fusion_lambda and fusion_lambda_preserve must be ≥ 0")
-        if self.branches not in ("sequential", "batched"):
-            raise TraceEraseError(f"branches must be 'sequential' or 'batched', not '{self.branches}'")
-        for name in ("rank", "steps", "batch_size", "grad_accum", "rollout_steps", "pool_trajectories",
-                     "refresh_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise TraceEraseError(f"{name} must be ≥ 1 (got {getattr(self, name)})")
-        for name in ("beta", "gamma", "rho", "eta", "rollout_guidance"):
-            if getattr(self, name) < 0:
-                raise TraceEraseError(f"{name} must be ≥ 0 (got {getattr(self, name)})")
-        if not self.lr > 0:
-            raise TraceEraseError(f"lr must be > 0 (got {self.lr})")
-        if not self.train_templates:
-            raise TraceEraseError("train_templates is empty; give at least '{}'")
-        if self.pres_corpus and self.rho <= 0:
-            raise TraceEraseError("pres_corpus is only read by L_pres; set rho > 0 as well (e.g. rho=0.5)")
-        if self.pres_corpus:
-            corpus_path(self.pres_corpus)
 
 
 class TrajectoryEngine:
@@ -146,6 +63,7 @@ class TrajectoryEngine:
         self.gen = torch.Generator().manual_seed(config.seed)
         self.targets = adapter.lora_target_modules(config.lora_targets)
         self._cond_cache: dict[str, Conditioning] = {}
+        self.adversarial: AdversarialPrompts | None = None  # the defence's slots while training with it
         check_trainable(adapter.device, adapter.dtype)
         # fp16 activations need loss scaling to keep small gradients (bf16 and fp32 do not)
         self.scaler = torch.amp.GradScaler(adapter.device.type) if adapter.dtype == torch.float16 else None
@@ -303,6 +221,8 @@ class TrajectoryEngine:
         use_unc = cfg.gamma > 0
         use_pres = cfg.rho > 0 and bool(preserve)
         frozen_conds, live = [c, u], {"c": c} | ({"u": u} if use_unc else {})
+        if self.adversarial is not None:
+            live["a"] = self.adversarial.cond(prompts)
         if use_pres:
             i = int(torch.randint(0, len(preserve), (1,), generator=self.gen))
             p = self.cond([preserve[i]] * n)
@@ -324,20 +244,23 @@ class TrajectoryEngine:
         late_f = late.float()
         per = lambda a, b: (a.float() - b.float()).pow(2).flatten(1).mean(1)  # noqa: E731
         zero = torch.zeros((), device=x.device)
-        weights = {"erase": 1.0, "early": cfg.beta, "unc": cfg.gamma, "pres": cfg.rho}
+        weights = {"erase": 1.0, "early": cfg.beta, "unc": cfg.gamma, "pres": cfg.rho, "adv": cfg.adversarial_weight}
+        erase_target = e_u - cfg.eta * (r_c - r_u)
 
         def branch_terms(name: str, pred: torch.Tensor) -> dict[str, torch.Tensor]:
             if name == "u":
                 return {"unc": per(pred, e_u).mean()}
             if name == "p":
                 return {"pres": per(pred, ref[-1]).mean()}
-            l_erase = per(pred, e_u - cfg.eta * (r_c - r_u))
+            if name == "a":  # the adversarial prompt: the concept prompt's erase target, in the same window
+                return {"adv": (per(pred, erase_target) * late_f).sum() / n}
+            l_erase = per(pred, erase_target)
             # ANT: positive guidance before the cut-off; TRACE: keep θ*'s prediction
             l_early = per(pred, e_u + cfg.eta * (r_c - r_u)) if cfg.early_mode == "positive" else per(pred, e_c)
             return {"erase": (l_erase * late_f).sum() / n,
                     "early": (l_early * (1 - late_f)).sum() / n if cfg.early_mode != "none" else zero}
 
-        terms: dict[str, torch.Tensor] = {"erase": zero, "early": zero, "unc": zero, "pres": zero}
+        terms: dict[str, torch.Tensor] = {key: zero for key in weights}
         if cfg.branches == "batched" or backward_scale is None:
             k = len(live)
             preds = self.adapter.predict(x.repeat(k, 1, 1, 1), t.repeat(k), Conditioning.cat(list(live.values())))
@@ -376,6 +299,7 @@ class TrajectoryEngine:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "gen": self.gen.get_state(),
             "pool": pool.state_dict(),
+            "adversarial": self.adversarial.state_dict() if self.adversarial is not None else None,
         }
         write_checkpoint(path, state)  # atomic and checksummed: a kill mid-write keeps the previous checkpoint
 
@@ -398,6 +322,8 @@ class TrajectoryEngine:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.gen.set_state(state["gen"])
+        if self.adversarial is not None and state.get("adversarial"):
+            self.adversarial.load_state_dict(state["adversarial"])
         return int(state["step"]), Pool.from_state(state["pool"])
 
     # ---- training ----
@@ -415,6 +341,7 @@ class TrajectoryEngine:
             for p in params:
                 p.requires_grad_(True)
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+            self.adversarial = AdversarialPrompts(self, concepts) if cfg.adversarial_every > 0 else None
             resumed = self.load_checkpoint(opt)
             step, pool = resumed if resumed else (0, Pool())
             # every prompt training reads, encoded once now: the text encoders are idle (or offloaded) from here on
@@ -425,6 +352,8 @@ class TrajectoryEngine:
             while step < cfg.steps:
                 if step > 0 and step % cfg.refresh_every == 0:
                     self.refresh(pool, concepts)
+                if self.adversarial is not None and step % cfg.adversarial_every == 0:
+                    self.adversarial.attack(pool)
                 opt.zero_grad(set_to_none=True)
                 logged: dict[str, float] = {}
                 for _ in range(cfg.grad_accum):
@@ -452,10 +381,12 @@ class TrajectoryEngine:
             state = self.export()
         finally:
             self.detach()
+            adversarial, self.adversarial = self.adversarial, None
         window = history[-min(len(history), 50):] if history else []
         final = {k: sum(h[k] for h in window) / len(window) for k in window[0]} if window else {}
         return {"state_dict": state, "final_losses": final, "train_seconds": time.perf_counter() - start,
-                "steps": cfg.steps, "target_modules": self.targets}
+                "steps": cfg.steps, "target_modules": self.targets,
+                **({"adversarial_losses": adversarial.losses} if adversarial is not None else {})}
 
     def export(self) -> dict[str, torch.Tensor]:
         """The trained LoRA in diffusers keys (``{prefix}.{module}.lora_A.weight``), scale folded into B."""

@@ -1,0 +1,103 @@
+"""The trajectory engine's options (TRACE stage B's defaults; ESD and ANT override a few) and their validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import TraceEraseError
+from .prompts import corpus_path
+
+WINDOWS = ("two", "late", "all")
+# options a resumed run may change: they do not alter the trained weights
+RESUME_FREE = ("checkpoint_every", "gate_tau", "multi", "fusion_lambda", "fusion_lambda_preserve")
+MULTI_MODES = ("fuse", "joint", "sum")
+EARLY_MODES = ("keep", "positive", "none")
+REFERENCES = ("stage-a", "original")
+
+
+@dataclass
+class TrajectoryConfig:
+    """Knobs of the trajectory engine (defaults are TRACE stage B's; methods override a few)."""
+
+    lora_targets: str = "kv"  # preset: kv | cross-attn | attn | non-cross (ESD-u) | kq (FLUX)
+    rank: int = 4
+    steps: int = 1000
+    lr: float = 1e-4
+    batch_size: int = 2  # states per optimizer micro-step
+    grad_accum: int = 1
+    eta: float = 1.0  # strength of the reversed (or positive, ANT-early) guidance target
+    tau: float = 0.5  # EARLY/LATE split as a fraction of the model's time (DDPM t/T, flow σ)
+    window: str = "two"  # two: EARLY keep + LATE erase | late: sample only LATE states | all: erase everywhere (ESD)
+    early_mode: str = "keep"  # what EARLY states learn: keep (TRACE) | positive (ANT) | none
+    # which model gives the concept direction ε_r(c) − ε_r(∅) and rolls out the trajectories: "stage-a" (θ*, the
+    # model stage B starts from) or "original" (θ0, before stage A; the same as θ* for methods without stage A)
+    reference: str = "stage-a"
+    beta: float = 0.5  # weight of the EARLY term
+    gamma: float = 0.5  # weight of L_unc (unconditional field kept)
+    rho: float = 0.0  # weight of L_pres over preserve prompts
+    # text file or "builtin": captions L_pres also samples, besides the concepts' preserve prompts (ours; the
+    # captions naming a concept or its anchor are dropped, as in the closed-form engine). Needs rho > 0.
+    pres_corpus: str | None = None
+    rollout_steps: int = 25  # sampler steps of the frozen model's trajectories
+    rollout_guidance: float = 3.0
+    pool_trajectories: int = 4  # trajectories held in the replay pool
+    refresh_every: int = 25  # iterations between replacing the oldest trajectory
+    train_templates: list[str] = field(
+        default_factory=lambda: ["{}", "a photo of {}", "an image of {}", "a drawing of {}"]
+    )  # prompts the trajectories are sampled under
+    gate_tau: float | None = None  # (c) gated adapter: at inference the stage-B LoRA acts only for t < gate_tau
+    checkpoint_every: int = 100
+    gradient_checkpointing: bool = False
+    # "sequential": each trained branch (c, ∅, p) runs and backpropagates on its own — peak activation memory of
+    # one branch (ours; the default). "batched": one call for all branches (faster on a GPU with memory to spare).
+    branches: str = "sequential"
+    seed: int = 0
+    # several concepts: "joint" (one LoRA, a concept sampled per step), "sum" (one LoRA per concept, added) or
+    # "fuse" (one per concept, closed-form integration over each concept's tokens; engines/fusion.py). None: the
+    # method's default. λ and λ_p of the integration (ours: the closed-form engine's defaults).
+    multi: str | None = None
+    fusion_lambda: float = 0.1
+    fusion_lambda_preserve: float = 1.0
+    # defence against word-level attacks (ours; engines/adversarial.py): every ``adversarial_every`` steps (0: off)
+    # an inner soft-prompt attack of ``adversarial_steps`` Adam steps (lr ``adversarial_lr``) updates
+    # ``adversarial_tokens`` prefix word embeddings per concept; their conditioning joins the LATE erase loss with
+    # weight ``adversarial_weight``
+    adversarial_every: int = 0
+    adversarial_steps: int = 30
+    adversarial_lr: float = 1e-2
+    adversarial_tokens: int = 1
+    adversarial_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.window not in WINDOWS:
+            raise TraceEraseError(f"unknown window '{self.window}'; choose one of {', '.join(WINDOWS)}")
+        if self.reference not in REFERENCES:
+            raise TraceEraseError(f"unknown reference '{self.reference}'; choose one of {', '.join(REFERENCES)}")
+        if self.early_mode not in EARLY_MODES:
+            raise TraceEraseError(f"unknown early_mode '{self.early_mode}'; choose one of {', '.join(EARLY_MODES)}")
+        if not 0.0 < self.tau <= 1.0:
+            raise TraceEraseError("tau must be in (0, 1]: a fraction of the model's time range")
+        if self.gate_tau is not None and not 0.0 < self.gate_tau <= 1.0:
+            raise TraceEraseError("gate_tau must be in (0, 1]")
+        if self.multi is not None and self.multi not in MULTI_MODES:
+            raise TraceEraseError(f"unknown multi '{self.multi}'; choose one of {', '.join(MULTI_MODES)}")
+        if self.fusion_lambda < 0 or self.fusion_lambda_preserve < 0:
+            raise TraceEraseError("fusion_lambda and fusion_lambda_preserve must be ≥ 0")
+        if self.branches not in ("sequential", "batched"):
+            raise TraceEraseError(f"branches must be 'sequential' or 'batched', not '{self.branches}'")
+        for name in ("rank", "steps", "batch_size", "grad_accum", "rollout_steps", "pool_trajectories",
+                     "refresh_every", "checkpoint_every", "adversarial_steps", "adversarial_tokens"):
+            if getattr(self, name) < 1:
+                raise TraceEraseError(f"{name} must be ≥ 1 (got {getattr(self, name)})")
+        for name in ("beta", "gamma", "rho", "eta", "rollout_guidance", "adversarial_every", "adversarial_weight"):
+            if getattr(self, name) < 0:
+                raise TraceEraseError(f"{name} must be ≥ 0 (got {getattr(self, name)})")
+        for name in ("lr", "adversarial_lr"):
+            if not getattr(self, name) > 0:
+                raise TraceEraseError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if not self.train_templates:
+            raise TraceEraseError("train_templates is empty; give at least '{}'")
+        if self.pres_corpus and self.rho <= 0:
+            raise TraceEraseError("pres_corpus is only read by L_pres; set rho > 0 as well (e.g. rho=0.5)")
+        if self.pres_corpus:
+            corpus_path(self.pres_corpus)
