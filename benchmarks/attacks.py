@@ -2,6 +2,8 @@
 erasure and (once per class and attack) against the base model. Writes ``attacks.json``, ``attacks.md`` (ASR mean ±
 std over the classes, the base model's rates, the matrix's wall time), ``asr_bars.png`` and ``asr_budget.png``.
 Resumable: erasures and finished runs in the work folder are reused, so more classes or methods can be added later.
+A ``--variant NAME=METHOD:KEY=VALUE,...`` row is METHOD with engine options (list NAME in ``--methods``), e.g. the
+stage-B defence: ``--variant trace-adv=trace:adversarial_every=25 --methods ...,trace,trace-adv``.
 
     python benchmarks/attacks.py --model toy-sd --classes circle,triangle,cross \\
         --methods uce,trace-closed-form,mace-cfr,esd-x,esd-u,ant,trace \\
@@ -41,8 +43,10 @@ def main() -> None:
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--output", default="benchmarks/results/attacks-toy-sd")
+    ap.add_argument("--variant", action="append", default=[], help="NAME=METHOD:KEY=VALUE,... (repeatable)")
     args = ap.parse_args()
     classes, methods, attacks = (args.classes.split(","), args.methods.split(","), args.attacks.split(","))
+    variants = dict(parse_variant(v) for v in args.variant)
     configs = {a: AttackConfig(a, seeds=args.seeds) for a in attacks}  # validated before anything loads
     out = Path(args.output)
     work = out / "work"
@@ -62,7 +66,8 @@ def main() -> None:
                 er_dir = work / cls / method / "erasure"
                 if not (er_dir / "erasure.json").is_file():
                     t0 = time.perf_counter()
-                    erase(handle, [cls], method=method, progress=False).save(er_dir, overwrite=True)
+                    base_method, options = variants.get(method, (method, {}))
+                    erase(handle, [cls], method=base_method, progress=False, **options).save(er_dir, overwrite=True)
                     erase_s[f"{cls}/{method}"] = time.perf_counter() - t0
                 run_path = work / cls / method / attack / "results.json"
                 res = _load(run_path)
@@ -80,7 +85,7 @@ def main() -> None:
     attack_s = sum(r["timings"]["total_s"] for r in rows.values())  # controls (the base rows) included
     summary.update(model=args.model, classes=classes, seeds=args.seeds, wall_s=wall, erase_s=erase_s,
                    attack_s=attack_s,
-                   settings={a: configs[a].describe() for a in attacks},
+                   settings={a: configs[a].describe() for a in attacks}, variants=variants,
                    command="python benchmarks/attacks.py " + " ".join(
                        f"--{k} {v}" for k, v in vars(args).items()))
     out.mkdir(parents=True, exist_ok=True)
@@ -88,6 +93,22 @@ def main() -> None:
     (out / "attacks.md").write_text(table(summary) + "\n")
     figures(summary, rows, classes, out)
     print(table(summary))
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:
+    """``NAME=METHOD:KEY=VALUE,...`` → (NAME, (METHOD, options)); values read as JSON where they parse."""
+    name, _, rest = text.partition("=")
+    method, _, opts = rest.partition(":")
+    if not name or not method:
+        raise SystemExit(f"--variant '{text}': write NAME=METHOD:KEY=VALUE,...")
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, (method, options)
 
 
 def collate(rows: dict[tuple[str, str, str], dict[str, Any]], classes: list[str], methods: list[str],
@@ -160,7 +181,8 @@ def figures(summary: dict[str, Any], rows: dict[tuple[str, str, str], dict[str, 
         return
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), dpi=120, squeeze=False)
     for ax, a in zip(axes[0], curves, strict=True):
-        for i, m in enumerate(["base", *[m for m in CURVE_METHODS if m in methods]]):
+        shown = [m for m in (*CURVE_METHODS, *summary.get("variants", {})) if m in methods]
+        for i, m in enumerate(["base", *shown]):
             side = "base" if m == "base" else "erased"
             per = [rows[(c, m, a)][side]["checkpoints"] for c in classes]
             xs = [cp["budget"] for cp in per[0]]

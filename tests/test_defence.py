@@ -38,7 +38,7 @@ def test_adversarial_term_is_the_erase_loss_on_the_adversarial_conditioning() ->
                     p.add_(0.05)
             prompts = ["a photo of a cat"] * 2
             eng.adversarial = AdversarialPrompts(eng, [Concept("cat")])
-            eng.adversarial.cond = lambda ps: eng.cond(ps)  # the slots' conditioning := the concept's own
+            eng.adversarial.cond = eng.cond  # the slots' conditioning := the concept's own
             x = torch.randn(eng.adapter.latent_shape(2), generator=torch.Generator().manual_seed(0))
             terms = eng.loss_terms(x, _times(eng), prompts, [])
             assert terms["erase"] > 0
@@ -116,3 +116,17 @@ def test_interrupted_adversarial_run_resumes_to_the_uninterrupted_weights(tmp_pa
 def test_bad_adversarial_options(option, value, message) -> None:
     with pytest.raises(TraceEraseError, match=message):
         TrajectoryConfig(**{option: value})
+
+
+def test_bench_sweeps_an_integer_option_and_refuses_a_bad_value_before_loading(tmp_path, capsys) -> None:
+    """``--sweep adversarial_every=10,25`` keeps integers (integer options refuse 25.0); a bad value is one line."""
+    from trace_erase.cli import main
+    from trace_erase.evaluation.bench import parse_sweep
+
+    assert parse_sweep("adversarial_every=10,25") == [("adversarial_every", 10), ("adversarial_every", 25)]
+    assert all(type(v) is int for _, v in parse_sweep("adversarial_every=10,25"))
+    assert parse_sweep("tau=0.3") == [("tau", 0.3)]
+    code = main(["bench", "--model", "toy-sd", "--output", str(tmp_path / "o"), "--methods", "trace",
+                 "--sweep", "adversarial_every=-5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "adversarial_every must be ≥ 0" in err and len(err.strip().splitlines()) == 1, err

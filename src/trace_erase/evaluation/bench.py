@@ -35,10 +35,12 @@ def parse_sweep(text: str | None) -> list[tuple[str, Any]]:
     key, values = text.split("=", 1)
 
     def value(v: str) -> Any:
-        try:
-            return float(v)
-        except ValueError:
-            return v.strip()
+        for kind in (int, float):  # "25" stays an integer: integer options refuse 25.0
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v.strip()
 
     return [(key.strip(), value(v)) for v in values.split(",") if v.strip()]
 

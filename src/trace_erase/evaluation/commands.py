@@ -219,6 +219,10 @@ def bench(
     runtime = runtime_from(device, dtype, offload, batch_size)
     if any(get_method(m).uses_trajectory for m in method_list) or sweep:
         runtime.check_training()
+    from ..api import method_configs
+
+    for key, value in parse_sweep(sweep):  # each sweep value builds trace's configs now, before a model loads
+        method_configs(get_method("trace"), {key: value})
     attack_configs = None
     if attacks:
         from ..attacks import AttackConfig
