@@ -123,9 +123,11 @@ def test_bench_sweeps_an_integer_option_and_refuses_a_bad_value_before_loading(t
     from trace_erase.cli import main
     from trace_erase.evaluation.bench import parse_sweep
 
-    assert parse_sweep("adversarial_every=10,25") == [("adversarial_every", 10), ("adversarial_every", 25)]
-    assert all(type(v) is int for _, v in parse_sweep("adversarial_every=10,25"))
-    assert parse_sweep("tau=0.3") == [("tau", 0.3)]
+    assert parse_sweep("adversarial_every=10,25") == [{"adversarial_every": 10}, {"adversarial_every": 25}]
+    assert all(type(r["adversarial_every"]) is int for r in parse_sweep("adversarial_every=10,25"))
+    assert parse_sweep("tau=0.3,0.5") == [{"tau": 0.3}, {"tau": 0.5}]
+    assert parse_sweep("adversarial_every=25+adversarial_tokens=1,3") == [
+        {"adversarial_every": 25, "adversarial_tokens": 1}, {"adversarial_every": 25, "adversarial_tokens": 3}]
     code = main(["bench", "--model", "toy-sd", "--output", str(tmp_path / "o"), "--methods", "trace",
                  "--sweep", "adversarial_every=-5"])
     err = capsys.readouterr().err

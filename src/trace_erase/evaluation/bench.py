@@ -25,14 +25,15 @@ from .suites import Suite, build_suite
 NOT_METRICS = {"concept", "method", "status", "error", "erase_s", "peak_rss_mb"}
 
 
-def parse_sweep(text: str | None) -> list[tuple[str, Any]]:
-    """``tau=0.3,0.5`` → [("tau", 0.3), ("tau", 0.5)]; a value that is not a number stays text
-    (``reference=original``)."""
+def parse_sweep(text: str | None) -> list[dict[str, Any]]:
+    """Extra ``trace`` runs, one options dict each: ``tau=0.3,0.5`` → [{tau: 0.3}, {tau: 0.5}] (a bare value reuses
+    the previous key); ``+`` joins options of one run: ``adversarial_every=25+adversarial_tokens=1,3`` →
+    [{adversarial_every: 25, adversarial_tokens: 1}, {adversarial_every: 25, adversarial_tokens: 3}]. Integers
+    stay integers; a value that is not a number stays text (``reference=original``)."""
     if not text:
         return []
-    if "=" not in text:
+    if "=" not in text.split(",")[0]:
         raise TraceEraseError(f"--sweep '{text}' must look like tau=0.3,0.5,0.7 or reference=original")
-    key, values = text.split("=", 1)
 
     def value(v: str) -> Any:
         for kind in (int, float):  # "25" stays an integer: integer options refuse 25.0
@@ -42,7 +43,23 @@ def parse_sweep(text: str | None) -> list[tuple[str, Any]]:
                 pass
         return v.strip()
 
-    return [(key.strip(), value(v)) for v in values.split(",") if v.strip()]
+    runs: list[dict[str, Any]] = []
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        if "=" not in item:  # another value of the previous run's last key
+            last = dict(runs[-1])
+            last[list(last)[-1]] = value(item)
+            runs.append(last)
+            continue
+        run = {}
+        for part in item.split("+"):
+            key, _, v = part.partition("=")
+            if not key.strip() or not v.strip():
+                raise TraceEraseError(f"--sweep '{text}': '{part}' must look like key=value")
+            run[key.strip()] = value(v)
+        runs.append(run)
+    return runs
 
 
 def _reset(handle: ModelHandle) -> None:
@@ -70,7 +87,7 @@ def run_bench(
     suite: str = "toy-objects",
     seeds: int = 10,
     options: dict[str, Any] | None = None,
-    sweep: list[tuple[str, Any]] | None = None,
+    sweep: list[dict[str, Any]] | None = None,
     overwrite: bool = False,
     progress: bool = True,
     scheduler: str | None = None,
@@ -103,7 +120,7 @@ def run_bench(
         scorer.check(s)
     work = prepare_workdir(final, resume, overwrite, "bench")
     settings = {"model": handle.source, "suite": suite, "concepts": concepts, "methods": methods,
-                "seeds_per_prompt": seeds, "options": options or {}, "sweep": [list(s) for s in sweep or []],
+                "seeds_per_prompt": seeds, "options": options or {}, "sweep": list(sweep or []),
                 "scheduler": scheduler, "scorer": scorer.identity, "prompts": str(prompts) if prompts else None,
                 "classes": classes, "retained": retained, "reference": str(reference) if reference else None,
                 "attacks": [a.describe() for a in attacks or []]}
@@ -119,7 +136,7 @@ def run_bench(
     _write_json(work / "settings.json", settings)
 
     runs = [(m, {}) for m in methods]
-    runs += [("trace", {k: v}) for k, v in (sweep or [])]
+    runs += [("trace", dict(extra)) for extra in (sweep or [])]
     rows: list[dict[str, Any]] = []
     for concept in concepts:
         base = None

@@ -183,7 +183,8 @@ def bench(
     reference: ReferenceOpt = None,
     seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 10,
     option: Annotated[list[str] | None, typer.Option(help="engine option KEY=VALUE for every method")] = None,
-    sweep: Annotated[str | None, typer.Option(help="extra trace runs, e.g. tau=0.3,0.5,0.7,0.86")] = None,
+    sweep: Annotated[str | None, typer.Option(help="extra trace runs, e.g. tau=0.3,0.5,0.7,0.86; "
+                                                             "+ joins options of one run: a=1+b=2,3")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted bench from OUTPUT.partial")] = False,
     scheduler: SchedulerOpt = None,
@@ -221,8 +222,8 @@ def bench(
         runtime.check_training()
     from ..api import method_configs
 
-    for key, value in parse_sweep(sweep):  # each sweep value builds trace's configs now, before a model loads
-        method_configs(get_method("trace"), {key: value})
+    for extra in parse_sweep(sweep):  # each sweep run builds trace's configs now, before a model loads
+        method_configs(get_method("trace"), extra)
     attack_configs = None
     if attacks:
         from ..attacks import AttackConfig
