@@ -374,7 +374,8 @@ class TrajectoryEngine:
                 step += 1
                 history.append(logged)
                 bar.update(1)
-                bar.set_postfix(loss=f"{logged['total']:.4f}", erase=f"{logged['erase']:.4f}")
+                bar.set_postfix(loss=f"{logged['total']:.4f}", erase=f"{logged['erase']:.4f}",
+                                **({"adv": f"{logged['adv']:.4f}"} if self.adversarial is not None else {}))
                 if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     self.save_checkpoint(step, opt, pool)
             bar.close()
