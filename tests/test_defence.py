@@ -53,7 +53,7 @@ def test_adversarial_term_is_the_erase_loss_on_the_adversarial_conditioning() ->
 def test_inner_attack_lowers_its_objective_and_changes_the_conditioning(name) -> None:
     """The inner soft-prompt attack moves every encoder's slots (CLIP, and T5 for FLUX) so that the model being
     trained matches θ0's concept predictions better than the filler word did."""
-    eng = _engine(name, adversarial_every=1, adversarial_steps=25, adversarial_lr=5e-2, pool_trajectories=2)
+    eng = _engine(name, adversarial_every=1, adversarial_steps=10, adversarial_lr=1e-1, pool_trajectories=2)
     concepts = [Concept("cat")]
     eng.attach()
     try:
@@ -132,3 +132,12 @@ def test_bench_sweeps_an_integer_option_and_refuses_a_bad_value_before_loading(t
                  "--sweep", "adversarial_every=-5"])
     err = capsys.readouterr().err
     assert code == 2 and "adversarial_every must be ≥ 0" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_each_concepts_own_slots_with_per_concept_loras() -> None:
+    """With several concepts and per-concept LoRAs (TRACE's fuse), each concept's LoRA trains against its own
+    adversarial slots, and the manifest records each inner attack's last loss."""
+    er = erase(BUILDERS["sd"](), ["cat", "car"], method="trace", progress=False, multi="fuse", templates=["{}"],
+               **{**FAST, "adversarial_every": 1, "adversarial_steps": 2})
+    losses = er.manifest["trajectory_log"]["adversarial_losses"]
+    assert set(losses) == {"cat", "car"} and all(v > 0 for v in losses.values())

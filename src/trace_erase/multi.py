@@ -95,6 +95,8 @@ def train_per_concept(adapter: FamilyAdapter, cfg: TrajectoryConfig, concepts: l
             log = engine.train([concept])
         states[i] = log["state_dict"]
         logs["final_losses"][concept.name] = log["final_losses"]
+        if "adversarial_losses" in log:
+            logs.setdefault("adversarial_losses", {}).update(log["adversarial_losses"])
         logs["train_seconds"] += log["train_seconds"]
         if sub is not None:
             _save(sub / CONCEPT_LORA, log["state_dict"], run_hash)
