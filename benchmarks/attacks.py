@@ -26,6 +26,7 @@ import numpy as np
 from trace_erase import erase, load_erasure, load_model
 from trace_erase.attacks import AttackConfig, run_attack
 from trace_erase.attacks.config import ATTACKS
+from trace_erase.cli_common import parse_options
 from trace_erase.evaluation.plots import _pyplot
 
 CURVE_METHODS = ("trace", "esd-x", "uce", "ant")
@@ -96,19 +97,12 @@ def main() -> None:
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:
-    """``NAME=METHOD:KEY=VALUE,...`` → (NAME, (METHOD, options)); values read as JSON where they parse."""
+    """``NAME=METHOD:KEY=VALUE,...`` → (NAME, (METHOD, options)); values read as ``--option`` reads them (YAML)."""
     name, _, rest = text.partition("=")
     method, _, opts = rest.partition(":")
     if not name or not method:
         raise SystemExit(f"--variant '{text}': write NAME=METHOD:KEY=VALUE,...")
-    options = {}
-    for item in filter(None, opts.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return name, (method, options)
+    return name, (method, parse_options([o for o in opts.split(",") if o]))
 
 
 def collate(rows: dict[tuple[str, str, str], dict[str, Any]], classes: list[str], methods: list[str],

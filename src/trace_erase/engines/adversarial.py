@@ -55,7 +55,7 @@ class AdversarialPrompts:
                 live = [v.detach().clone().requires_grad_(True) for v in values]
                 opt = torch.optim.Adam(live, lr=cfg.adversarial_lr)
                 for step in range(cfg.adversarial_steps):
-                    x, t, prompts = self._batch(pool, rows)
+                    x, t, prompts = engine.sample(pool, rows, any_time=True)
                     with torch.no_grad(), engine.original():
                         target = adapter.predict(x, t, engine.cond(prompts))
                     with self.slots.active(live), adapter.text_gradients():
@@ -71,18 +71,6 @@ class AdversarialPrompts:
                 self.values[name] = [v.detach() for v in live]
                 self.losses[name] = float(loss.detach())
         self._encode()
-
-    def _batch(self, pool: Pool, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """``batch_size`` (state, time, prompt) from the trajectories ``rows``, at any time (the engine's generator)."""
-        gen, adapter = self.engine.gen, self.engine.adapter
-        xs, ts, ps = [], [], []
-        for _ in range(self.engine.config.batch_size):
-            j = rows[int(torch.randint(0, len(rows), (1,), generator=gen))]
-            k = int(torch.randint(0, len(pool.times[j]), (1,), generator=gen))
-            xs.append(pool.states[j][k])
-            ts.append(pool.times[j][k])
-            ps.append(pool.prompts[j])
-        return torch.stack(xs).to(adapter.device, adapter.dtype), torch.stack(ts).to(adapter.device), ps
 
     def _encode(self) -> None:
         """Each training prompt's adversarial conditioning under its concept's current slots."""

@@ -188,15 +188,18 @@ class TrajectoryEngine:
         pool.prompts.pop(0)
         self.fill_pool(pool, concepts)
 
-    def sample(self, pool: Pool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """A batch of (x_t, t, prompt) from the pool; with window='late' only LATE states."""
+    def sample(self, pool: Pool, rows: list[int] | None = None,
+               any_time: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """A batch of (x_t, t, prompt) from the pool (from trajectories ``rows`` only, when given); with
+        window='late' only LATE states, unless ``any_time``."""
         cfg = self.config
+        rows = list(range(len(pool.states))) if rows is None else rows
         xs, ts, ps = [], [], []
         for _ in range(cfg.batch_size):
-            j = int(torch.randint(0, len(pool.states), (1,), generator=self.gen))
+            j = rows[int(torch.randint(0, len(rows), (1,), generator=self.gen))]
             times = pool.times[j]
             allowed = torch.arange(len(times))
-            if cfg.window == "late":
+            if cfg.window == "late" and not any_time:
                 allowed = allowed[self.adapter.is_late(times, cfg.tau)]
                 if len(allowed) == 0:
                     raise TraceEraseError("no sampler step falls in the LATE window; raise tau or rollout_steps")
