@@ -29,25 +29,27 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts.checkpoint import load_checkpoint as read_checkpoint
-from ..artifacts.checkpoint import save_checkpoint as write_checkpoint
-from ..config import Concept, config_hash, differing_keys
+from ..config import Concept
 from ..errors import NonFiniteLossError, TraceEraseError
 from ..models.base import Conditioning, FamilyAdapter
 from ..runtime import check_trainable
 from ..sampling import denoise
 from .adversarial import AdversarialPrompts
+from .checkpointing import CHECKPOINT_NAME, CheckpointMixin
+from .eraseanything import attention_penalty, concept_mask, lower_terms
 from .pool import Pool
 from .prompts import load_corpus
 from .stage_a import StageAWeights
 from .trajectory_config import RESUME_FREE, TrajectoryConfig
 
 ADAPTER_NAME = "trace_erase_train"
-CHECKPOINT_NAME = "trajectory_checkpoint.pt"
+__all__ = ["ADAPTER_NAME", "CHECKPOINT_NAME", "TrajectoryConfig", "TrajectoryEngine", "late_fraction"]
 
 
-class TrajectoryEngine:
+class TrajectoryEngine(CheckpointMixin):
     """Trains a LoRA on the adapter's denoiser; the pipeline's own weights are never changed."""
+
+    adapter_name = ADAPTER_NAME
 
     def __init__(self, adapter: FamilyAdapter, config: TrajectoryConfig, progress: bool = True,
                  workdir: str | Path | None = None, run_config: dict[str, Any] | None = None,
@@ -64,6 +66,8 @@ class TrajectoryEngine:
         self.targets = adapter.lora_target_modules(config.lora_targets)
         self._cond_cache: dict[str, Conditioning] = {}
         self.adversarial: AdversarialPrompts | None = None  # the defence's slots while training with it
+        self.concepts: list[Concept] = []  # what train() erases (the attention terms locate their tokens)
+        self._mask_cache: dict[str, torch.Tensor] = {}
         check_trainable(adapter.device, adapter.dtype)
         # fp16 activations need loss scaling to keep small gradients (bf16 and fp32 do not)
         self.scaler = torch.amp.GradScaler(adapter.device.type) if adapter.dtype == torch.float16 else None
@@ -176,16 +180,19 @@ class TrajectoryEngine:
     def fill_pool(self, pool: Pool, concepts: list[Concept]) -> None:
         while len(pool.states) < self.config.pool_trajectories:
             prompt = self._target_prompt(concepts)
-            s, t, _ = self.rollout(prompt)
+            s, t, final = self.rollout(prompt)
             pool.states.append(s)
             pool.times.append(t)
             pool.prompts.append(prompt)
+            pool.finals.append(final[0].detach().cpu())
 
     def refresh(self, pool: Pool, concepts: list[Concept]) -> None:
         """Replace the oldest trajectory with a fresh one."""
         pool.states.pop(0)
         pool.times.pop(0)
         pool.prompts.pop(0)
+        if pool.finals:
+            pool.finals.pop(0)
         self.fill_pool(pool, concepts)
 
     def sample(self, pool: Pool, rows: list[int] | None = None,
@@ -247,8 +254,11 @@ class TrajectoryEngine:
         late_f = late.float()
         per = lambda a, b: (a.float() - b.float()).pow(2).flatten(1).mean(1)  # noqa: E731
         zero = torch.zeros((), device=x.device)
-        weights = {"erase": 1.0, "early": cfg.beta, "unc": cfg.gamma, "pres": cfg.rho, "adv": cfg.adversarial_weight}
+        weights = self.term_weights()
         erase_target = e_u - cfg.eta * (r_c - r_u)
+        # EraseAnything's regulariser reads the concept tokens' attention in the concept branch's forward
+        c_mask = concept_mask(self, prompts, self.concepts) if cfg.attention_weight > 0 else None
+        maps: list[torch.Tensor] = []
 
         def branch_terms(name: str, pred: torch.Tensor) -> dict[str, torch.Tensor]:
             if name == "u":
@@ -261,82 +271,58 @@ class TrajectoryEngine:
             # ANT: positive guidance before the cut-off; TRACE: keep θ*'s prediction
             l_early = per(pred, e_u + cfg.eta * (r_c - r_u)) if cfg.early_mode == "positive" else per(pred, e_c)
             return {"erase": (l_erase * late_f).sum() / n,
-                    "early": (l_early * (1 - late_f)).sum() / n if cfg.early_mode != "none" else zero}
+                    "early": (l_early * (1 - late_f)).sum() / n if cfg.early_mode != "none" else zero,
+                    **({"attn": attention_penalty([m[:n] for m in maps])} if c_mask is not None else {})}
+
+        def predict(names: list[str]) -> torch.Tensor:
+            conds = Conditioning.cat([live[name] for name in names])
+            xs, ts = x.repeat(len(names), 1, 1, 1), t.repeat(len(names))
+            if c_mask is None or "c" not in names:
+                return self.adapter.predict(xs, ts, conds)
+            mask = torch.cat([c_mask if name == "c" else torch.zeros_like(c_mask) for name in names])
+            with self.adapter.token_attention(mask) as sink:  # "c" comes first: its rows are [:n]
+                pred = self.adapter.predict(xs, ts, conds)
+            maps[:] = sink
+            return pred
 
         terms: dict[str, torch.Tensor] = {key: zero for key in weights}
         if cfg.branches == "batched" or backward_scale is None:
-            k = len(live)
-            preds = self.adapter.predict(x.repeat(k, 1, 1, 1), t.repeat(k), Conditioning.cat(list(live.values())))
-            for name, pred in zip(live, preds.chunk(k), strict=True):
+            preds = predict(list(live))
+            for name, pred in zip(live, preds.chunk(len(live)), strict=True):
                 terms.update(branch_terms(name, pred))
             terms["total"] = sum(weights[key] * terms[key] for key in weights)
             if backward_scale is not None:
                 self._backward(backward_scale * terms["total"])
                 terms = {key: v.detach() for key, v in terms.items()}
             return terms
-        for name, cond in live.items():
-            part = branch_terms(name, self.adapter.predict(x, t, cond))
+        for name in live:
+            part = branch_terms(name, predict([name]))
             self._backward(backward_scale * sum(weights[key] * v for key, v in part.items()))
             terms.update({key: v.detach() for key, v in part.items()})
         terms["total"] = sum(weights[key] * terms[key] for key in weights)
         return terms
 
+    def term_weights(self) -> dict[str, float]:
+        """Each loss term's weight in the total (upper and lower steps log the same keys)."""
+        cfg = self.config
+        return {"erase": 1.0, "early": cfg.beta, "unc": cfg.gamma, "pres": cfg.rho, "adv": cfg.adversarial_weight,
+                "attn": cfg.attention_weight, "flow": cfg.flow_weight, "contrast": cfg.contrast_weight}
+
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    # ---- checkpoints -----------------------------------------------------------------------------------------------
-    def _ckpt(self) -> Path | None:
-        return self.workdir / CHECKPOINT_NAME if self.workdir else None
-
-    def save_checkpoint(self, step: int, opt: torch.optim.Optimizer, pool: Pool) -> None:
-        path = self._ckpt()
-        if path is None:
-            return
-        state = {
-            "run_config": self.run_config,
-            "run_hash": config_hash(self.run_config),
-            "step": step,
-            "lora": {n: p.detach().cpu().clone() for n, p in self.adapter.denoiser.named_parameters()
-                     if ADAPTER_NAME in n},
-            "opt": opt.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "gen": self.gen.get_state(),
-            "pool": pool.state_dict(),
-            "adversarial": self.adversarial.state_dict() if self.adversarial is not None else None,
-        }
-        write_checkpoint(path, state)  # atomic and checksummed: a kill mid-write keeps the previous checkpoint
-
-    def load_checkpoint(self, opt: torch.optim.Optimizer) -> tuple[int, Pool] | None:
-        path = self._ckpt()
-        if path is None or not path.exists():
-            return None
-        state = read_checkpoint(path)
-        if not isinstance(state, dict) or "step" not in state or "lora" not in state:
-            raise TraceEraseError(f"'{path}' is not a stage-B checkpoint; delete it or rerun with --overwrite")
-        if state.get("run_hash") != config_hash(self.run_config):
-            changed = ", ".join(differing_keys(state.get("run_config") or {}, self.run_config))
-            raise TraceEraseError(f"--resume with different settings ({changed or 'an older checkpoint'}) than the "
-                                  "interrupted run; rerun them unchanged, or --overwrite")
-        params = dict(self.adapter.denoiser.named_parameters())
-        with torch.no_grad():
-            for n, v in state["lora"].items():
-                params[n].copy_(v)
-        opt.load_state_dict(state["opt"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.gen.set_state(state["gen"])
-        if self.adversarial is not None and state.get("adversarial"):
-            self.adversarial.load_state_dict(state["adversarial"])
-        return int(state["step"]), Pool.from_state(state["pool"])
 
     # ---- training ----
     def train(self, concepts: list[Concept]) -> dict[str, Any]:
         """Run (or resume) training; returns the LoRA tensors in diffusers keys and a log. Detaches the adapter."""
         cfg = self.config
         self.run_config["concepts"] = [dataclasses.asdict(c) for c in concepts]
+        self.concepts = concepts
         preserve = [p for c in concepts for p in c.preserve]
         if cfg.pres_corpus:
             preserve += load_corpus(self.adapter, cfg.pres_corpus, concepts)
+        # EraseAnything's irrelevant concepts: the preserve prompts, else our built-in captions
+        irrelevant = ([p for c in concepts for p in c.preserve] or load_corpus(self.adapter, "builtin", concepts)) \
+            if cfg.contrast_weight > 0 else []
         start = time.perf_counter()
         self.attach()
         try:
@@ -348,7 +334,7 @@ class TrajectoryEngine:
             resumed = self.load_checkpoint(opt)
             step, pool = resumed if resumed else (0, Pool())
             # every prompt training reads, encoded once now: the text encoders are idle (or offloaded) from here on
-            self.cond(["", *preserve, *(t.format(c.name) for c in concepts for t in cfg.train_templates)])
+            self.cond(["", *preserve, *irrelevant, *(t.format(c.name) for c in concepts for t in cfg.train_templates)])
             self.fill_pool(pool, concepts)
             history: list[dict[str, float]] = []
             bar = tqdm(total=cfg.steps, initial=step, desc="trajectory fine-tuning", disable=not self.progress)
@@ -360,8 +346,13 @@ class TrajectoryEngine:
                 opt.zero_grad(set_to_none=True)
                 logged: dict[str, float] = {}
                 for _ in range(cfg.grad_accum):
-                    x, t, prompts = self.sample(pool)
-                    terms = self.loss_terms(x, t, prompts, preserve, backward_scale=1.0 / cfg.grad_accum)
+                    if cfg.bilevel and step % 2 == 1:  # EraseAnything's lower step
+                        part = lower_terms(self, pool, irrelevant, backward_scale=1.0 / cfg.grad_accum)
+                        terms = {key: torch.zeros(()) for key in self.term_weights()} | part
+                        terms["total"] = cfg.flow_weight * part["flow"] + cfg.contrast_weight * part["contrast"]
+                    else:
+                        x, t, prompts = self.sample(pool)
+                        terms = self.loss_terms(x, t, prompts, preserve, backward_scale=1.0 / cfg.grad_accum)
                     if not torch.isfinite(terms["total"]):  # checked before opt.step: the weights stay finite
                         raise NonFiniteLossError(
                             f"loss became {terms['total'].item()} at step {step}; the last checkpoint is kept — "

@@ -67,6 +67,16 @@ class TrajectoryConfig:
     adversarial_lr: float = 1e-2
     adversarial_tokens: int = 1
     adversarial_weight: float = 1.0
+    # EraseAnything's terms (engines/eraseanything.py; FLUX only): ``bilevel`` alternates upper steps (the erase
+    # loss + ``attention_weight`` × the concept tokens' attention mass) with lower steps (``flow_weight`` × flow
+    # matching on the base model's images of the concept + ``contrast_weight`` × the reverse self-contrastive loss
+    # against ``contrast_irrelevant`` irrelevant prompts at ``contrast_temperature``)
+    bilevel: bool = False
+    attention_weight: float = 0.0
+    flow_weight: float = 0.0
+    contrast_weight: float = 0.0
+    contrast_irrelevant: int = 3
+    contrast_temperature: float = 0.07
 
     def __post_init__(self) -> None:
         if self.window not in WINDOWS:
@@ -86,17 +96,22 @@ class TrajectoryConfig:
         if self.branches not in ("sequential", "batched"):
             raise TraceEraseError(f"branches must be 'sequential' or 'batched', not '{self.branches}'")
         for name in ("rank", "steps", "batch_size", "grad_accum", "rollout_steps", "pool_trajectories",
-                     "refresh_every", "checkpoint_every", "adversarial_steps", "adversarial_tokens"):
+                     "refresh_every", "checkpoint_every", "adversarial_steps", "adversarial_tokens",
+                     "contrast_irrelevant"):
             if getattr(self, name) < 1:
                 raise TraceEraseError(f"{name} must be ≥ 1 (got {getattr(self, name)})")
-        for name in ("beta", "gamma", "rho", "eta", "rollout_guidance", "adversarial_every", "adversarial_weight"):
+        for name in ("beta", "gamma", "rho", "eta", "rollout_guidance", "adversarial_every", "adversarial_weight",
+                     "attention_weight", "flow_weight", "contrast_weight"):
             if getattr(self, name) < 0:
                 raise TraceEraseError(f"{name} must be ≥ 0 (got {getattr(self, name)})")
-        for name in ("lr", "adversarial_lr"):
+        for name in ("lr", "adversarial_lr", "contrast_temperature"):
             if not getattr(self, name) > 0:
                 raise TraceEraseError(f"{name} must be > 0 (got {getattr(self, name)})")
         if not self.train_templates:
             raise TraceEraseError("train_templates is empty; give at least '{}'")
+        if (self.flow_weight > 0 or self.contrast_weight > 0) and not self.bilevel:
+            raise TraceEraseError("flow_weight and contrast_weight act in the lower step of bilevel training; "
+                                  "set bilevel=true as well")
         if self.pres_corpus and self.rho <= 0:
             raise TraceEraseError("pres_corpus is only read by L_pres; set rho > 0 as well (e.g. rho=0.5)")
         if self.pres_corpus:

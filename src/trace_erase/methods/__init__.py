@@ -5,13 +5,15 @@ from __future__ import annotations
 from ..errors import TraceEraseError
 from .ant import ANT
 from .base import MethodSpec
+from .eraseanything import ERASEANYTHING
 from .esd import ESD_U, ESD_X
 from .mace_cfr import MACE_CFR
 from .trace import TRACE, TRACE_CLOSED_FORM, TRACE_LATE_ONLY, TRACE_STAGE_B
 from .uce import UCE
 
 METHODS: dict[str, MethodSpec] = {
-    m.name: m for m in (TRACE, TRACE_CLOSED_FORM, TRACE_LATE_ONLY, TRACE_STAGE_B, UCE, MACE_CFR, ESD_X, ESD_U, ANT)
+    m.name: m for m in (TRACE, TRACE_CLOSED_FORM, TRACE_LATE_ONLY, TRACE_STAGE_B, UCE, MACE_CFR, ESD_X, ESD_U, ANT,
+                        ERASEANYTHING)
 }
 
 

@@ -201,6 +201,12 @@ class FamilyAdapter(ABC):
         """Token positions of the character span ``span`` of ``prompt`` in the per-token features."""
         return layout_in(self.token_tokenizer, self.max_tokens, prompt, span)
 
+    def token_attention(self, mask: torch.Tensor) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
+        """Context recording how much image positions attend to the text positions in ``mask`` (joint-attention
+        families only; EraseAnything's attention terms read it)."""
+        raise TraceEraseError(f"attention maps over text tokens are not available for {self.family}; "
+                              "the attention terms (attention_weight, contrast_weight) are FLUX-only")
+
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` takes without special tokens."""
         # verbose=False: counting an over-long text is the point here, not an indexing error to warn about

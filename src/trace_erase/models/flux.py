@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,6 +25,41 @@ FLUX_LORA_PRESETS: dict[str, tuple[str, ...]] = {
 # stage-A targets: "default" edits the time-independent text projections (UCE's FLUX choice)
 CONTEXT_EMBEDDER = "context_embedder"
 POOLED_PROJECTION = "time_text_embed.text_embedder.linear_1"
+
+
+class _TokenAttentionProbe:
+    """An attention processor for FLUX's double-stream blocks: the block's output is FluxAttnProcessor's, unchanged;
+    besides it records, per image position, the attention mass (softmax over every key, mean over heads) the image
+    queries put on the text positions where ``mask`` is 1 (``[B, L_text]``). Queries and keys are recomputed
+    through the block's own projections (LoRA included) so gradients reach them. What EraseAnything's attention
+    regulariser and contrastive term read (our reconstruction: its code returns maps from a forked diffusers)."""
+
+    def __init__(self, inner: Any, mask: torch.Tensor, sink: list[torch.Tensor]):
+        self.inner, self.mask, self.sink = inner, mask, sink
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None) -> Any:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if encoder_hidden_states is None:
+            return out
+        if getattr(attn, "fused_projections", False):
+            raise TraceEraseError("attention terms need unfused projections; call transformer.unfuse_qkv_projections()")
+        heads = lambda y: y.unflatten(-1, (-1, attn.head_dim))  # noqa: E731
+        query = attn.norm_q(heads(attn.to_q(hidden_states)))
+        key = attn.norm_k(heads(attn.to_k(hidden_states)))
+        text_query = attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states)))
+        text_key = attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states)))
+        query, key = torch.cat([text_query, query], dim=1), torch.cat([text_key, key], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        n_text = encoder_hidden_states.shape[1]
+        scores = torch.einsum("bqhd,bkhd->bhqk", query[:, n_text:].float(), key.float()) * attn.head_dim ** -0.5
+        probs = scores.softmax(dim=-1)[..., :n_text]  # image queries → text keys, normalised over every key
+        self.sink.append((probs * self.mask[:, None, None, :].to(probs)).sum(-1).mean(1))  # [B, N_img]
+        return out
 
 
 class FluxAdapter(FamilyAdapter):
@@ -127,6 +164,22 @@ class FluxAdapter(FamilyAdapter):
         )[0]
         scale = self.pipe.vae_scale_factor
         return pipe._unpack_latents(out, h * scale, w * scale, scale)
+
+    @contextlib.contextmanager
+    def token_attention(self, mask: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+        """Within the context every double-stream block appends to the yielded list the attention mass its image
+        queries put on the text positions where ``mask`` (``[B, L_text]``) is 1: one ``[B, N_img]`` map per block
+        and forward. Outputs are unchanged; the original processors come back on exit."""
+        sink: list[torch.Tensor] = []
+        blocks = [block.attn for block in self.denoiser.transformer_blocks]
+        originals = [attn.processor for attn in blocks]
+        for attn, inner in zip(blocks, originals, strict=True):
+            attn.set_processor(_TokenAttentionProbe(inner, mask.to(self.device), sink))
+        try:
+            yield sink
+        finally:
+            for attn, inner in zip(blocks, originals, strict=True):
+                attn.set_processor(inner)
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         scale = self.pipe.vae_scale_factor
