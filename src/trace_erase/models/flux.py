@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from ..errors import TraceEraseError
 from .base import Conditioning, FamilyAdapter, PredictionType, TextStream
@@ -56,10 +57,19 @@ class _TokenAttentionProbe:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         n_text = encoder_hidden_states.shape[1]
-        scores = torch.einsum("bqhd,bkhd->bhqk", query[:, n_text:].float(), key.float()) * attn.head_dim ** -0.5
-        probs = scores.softmax(dim=-1)[..., :n_text]  # image queries → text keys, normalised over every key
-        self.sink.append((probs * self.mask[:, None, None, :].to(probs)).sum(-1).mean(1))  # [B, N_img]
+        # recomputed in backward (checkpoint): only q and k stay alive, not a [B, heads, N_img, N] score matrix
+        # per block (FLUX at 1024²: ~3.6 GB each in fp32)
+        self.sink.append(torch.utils.checkpoint.checkpoint(
+            _text_mass, query[:, n_text:], key, self.mask, n_text, attn.head_dim ** -0.5, use_reentrant=False))
         return out
+
+
+def _text_mass(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, n_text: int,
+               scale: float) -> torch.Tensor:
+    """Mean over heads of the attention mass image queries put on the masked text keys (softmax over every key)."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", query.float(), key.float()) * scale
+    probs = scores.softmax(dim=-1)[..., :n_text]
+    return (probs * mask[:, None, None, :].to(probs)).sum(-1).mean(1)  # [B, N_img]
 
 
 class FluxAdapter(FamilyAdapter):
