@@ -67,8 +67,8 @@ def main() -> None:
             f = {}
             for m in modules:
                 w = adapter.module(m).weight
-                f[m] = (torch.randn(args.rank, w.shape[1], generator=g, dtype=torch.float64) * 0.01,
-                        torch.randn(w.shape[0], args.rank, generator=g, dtype=torch.float64) * 0.01)
+                f[m] = (torch.randn(args.rank, w.shape[1], generator=g) * 0.01,  # float32, as trained
+                        torch.randn(w.shape[0], args.rank, generator=g) * 0.01)
             factors.append(f)
         inputs = FusionInputs(factors, dict.fromkeys(modules, stream.name),
                               [{stream.name: s[stream.name].g_e} for s in per], {stream.name: joint[stream.name].g_p})
