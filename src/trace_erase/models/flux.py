@@ -31,9 +31,12 @@ POOLED_PROJECTION = "time_text_embed.text_embedder.linear_1"
 class _TokenAttentionProbe:
     """An attention processor for FLUX's double-stream blocks: the block's output is FluxAttnProcessor's, unchanged;
     besides it records, per image position, the attention mass (softmax over every key, mean over heads) the image
-    queries put on the text positions where ``mask`` is 1 (``[B, L_text]``). Queries and keys are recomputed
-    through the block's own projections (LoRA included) so gradients reach them. What EraseAnything's attention
-    regulariser and contrastive term read (our reconstruction: its code returns maps from a forked diffusers)."""
+    queries put on the text positions where ``mask`` is 1 (``[B, L_text]``). The queries and keys are the ones the
+    block itself computes (LoRA included, gradients kept), caught at the outputs of its q/k norms — nothing is
+    projected twice. What EraseAnything's attention regulariser and contrastive term read (our reconstruction: its
+    code returns maps from a forked diffusers)."""
+
+    NORMS = ("norm_added_q", "norm_q", "norm_added_k", "norm_k")  # text then image, queries then keys
 
     def __init__(self, inner: Any, mask: torch.Tensor, sink: list[torch.Tensor]):
         self.inner, self.mask, self.sink = inner, mask, sink
@@ -42,17 +45,18 @@ class _TokenAttentionProbe:
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None) -> Any:
         from diffusers.models.embeddings import apply_rotary_emb
 
-        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if encoder_hidden_states is None:
-            return out
-        if getattr(attn, "fused_projections", False):
-            raise TraceEraseError("attention terms need unfused projections; call transformer.unfuse_qkv_projections()")
-        heads = lambda y: y.unflatten(-1, (-1, attn.head_dim))  # noqa: E731
-        query = attn.norm_q(heads(attn.to_q(hidden_states)))
-        key = attn.norm_k(heads(attn.to_k(hidden_states)))
-        text_query = attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states)))
-        text_key = attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states)))
-        query, key = torch.cat([text_query, query], dim=1), torch.cat([text_key, key], dim=1)
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [getattr(attn, name).register_forward_hook(
+            lambda mod, args, out, name=name: seen.__setitem__(name, out)) for name in self.NORMS]
+        try:
+            out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        query = torch.cat([seen["norm_added_q"], seen["norm_q"]], dim=1)
+        key = torch.cat([seen["norm_added_k"], seen["norm_k"]], dim=1)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
