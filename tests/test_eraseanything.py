@@ -158,6 +158,8 @@ def test_eraseanything_refuses_other_families_and_bad_options(saved_models) -> N
     assert len(lines) == 1 and "eraseanything" in lines[0] and "flux" in lines[0]
     with pytest.raises(TraceEraseError, match="bilevel"):
         TrajectoryConfig(flow_weight=0.1)
+    with pytest.raises(TraceEraseError, match="lower-step term"):
+        TrajectoryConfig(bilevel=True)
     with pytest.raises(TraceEraseError, match="contrast_temperature"):
         TrajectoryConfig(contrast_temperature=0)
     with pytest.raises(TraceEraseError, match="FLUX-only"):

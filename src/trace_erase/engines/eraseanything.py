@@ -90,8 +90,8 @@ def lower_terms(engine: TrajectoryEngine, pool: Pool, irrelevant: list[str],
     u = torch.rand(len(rows), generator=gen)
     x_t, t, target = adapter.training_pair(x0, noise, u)
     cond = engine.cond(prompts)
-    mask = concept_mask(engine, prompts, engine.concepts)
     use_contrast = cfg.contrast_weight > 0
+    mask = concept_mask(engine, prompts, engine.concepts) if use_contrast else None
     with adapter.token_attention(mask) if use_contrast else contextlib.nullcontext([]) as maps:
         pred = adapter.predict(x_t, t, cond)
     flow = (pred.float() - target.float()).pow(2).flatten(1).mean(1).mean()

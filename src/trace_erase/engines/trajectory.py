@@ -317,12 +317,10 @@ class TrajectoryEngine(CheckpointMixin):
         cfg = self.config
         self.run_config["concepts"] = [dataclasses.asdict(c) for c in concepts]
         self.concepts = concepts
-        preserve = [p for c in concepts for p in c.preserve]
-        if cfg.pres_corpus:
-            preserve += load_corpus(self.adapter, cfg.pres_corpus, concepts)
+        own_preserve = [p for c in concepts for p in c.preserve]
+        preserve = own_preserve + (load_corpus(self.adapter, cfg.pres_corpus, concepts) if cfg.pres_corpus else [])
         # EraseAnything's irrelevant concepts: the preserve prompts, else our built-in captions
-        irrelevant = ([p for c in concepts for p in c.preserve] or load_corpus(self.adapter, "builtin", concepts)) \
-            if cfg.contrast_weight > 0 else []
+        irrelevant = (own_preserve or load_corpus(self.adapter, "builtin", concepts)) if cfg.contrast_weight > 0 else []
         start = time.perf_counter()
         self.attach()
         try:

@@ -112,6 +112,9 @@ class TrajectoryConfig:
         if (self.flow_weight > 0 or self.contrast_weight > 0) and not self.bilevel:
             raise TraceEraseError("flow_weight and contrast_weight act in the lower step of bilevel training; "
                                   "set bilevel=true as well")
+        if self.bilevel and not (self.flow_weight > 0 or self.contrast_weight > 0):
+            raise TraceEraseError("bilevel training needs a lower-step term; set flow_weight or contrast_weight > 0 "
+                                  "(e.g. flow_weight=0.1)")
         if self.pres_corpus and self.rho <= 0:
             raise TraceEraseError("pres_corpus is only read by L_pres; set rho > 0 as well (e.g. rho=0.5)")
         if self.pres_corpus:
