@@ -39,7 +39,12 @@ LABEL_COLUMNS = ("class", "celebrity", "artist", "type", "label", "concept")
 def read_prompts(path: str | Path, kind: str = "auto") -> list[PromptRecord]:
     """Read a CSV (I2P / MACE-style / captions) or a COCO captions JSON; missing columns are named in the error."""
     p = Path(path)
-    if not p.is_file():
+    try:
+        exists = p.is_file()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise TraceEraseError(f"prompts file '{str(path)[:80]}…' cannot be read ({exc.strerror}); pass a path to a "
+                              ".csv, .json or .txt file") from None
+    if not exists:
         raise TraceEraseError(f"prompts file '{path}' does not exist")
     if p.suffix == ".json":
         return _coco_json(p)
