@@ -150,12 +150,16 @@ def test_eraseanything_trains_its_layer_set_with_every_term() -> None:
     assert final["erase"] > 0 and final["attn"] > 0 and final["flow"] > 0 and final["contrast"] != 0
 
 
-def test_eraseanything_refuses_other_families_and_bad_options(saved_models) -> None:
-    res = run_cli(["erase", "--model", saved_models["sd"], "--concept", "cat", "--method", "eraseanything",
-                   "--output", "unused"])
-    assert res.returncode == 2
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "eraseanything" in lines[0] and "flux" in lines[0]
+def test_eraseanything_refuses_other_families_before_loading_and_bad_options(tmp_path) -> None:
+    # a folder with only its model_index.json: a load would fail with another message, so the refusal comes first
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    for cmd in (["erase", "--concept", "cat", "--method", "eraseanything", "--output", str(tmp_path / "o")],
+                ["bench", "--methods", "trace,eraseanything", "--concepts", "circle", "--output", str(tmp_path / "b")]):
+        res = run_cli([*cmd, "--model", str(tmp_path / "sd")])
+        assert res.returncode == 2, res.stderr
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and "'eraseanything' does not support sd" in lines[0] and "flux" in lines[0], lines
     with pytest.raises(TraceEraseError, match="bilevel"):
         TrajectoryConfig(flow_weight=0.1)
     with pytest.raises(TraceEraseError, match="lower-step term"):

@@ -112,8 +112,7 @@ def erase(
         adapter = get_adapter(pipe)
         source = model_id or getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path") or "in-memory"
     spec = get_method(method)
-    if adapter.family not in spec.families:
-        raise TraceEraseError(f"method '{method}' does not support {adapter.family}; it supports {spec.families}")
+    spec.check_family(adapter.family)
     concept_list = make_concepts(concepts, anchor=anchor, preserve=preserve)
     mode = resolve_multi(spec, multi if multi is not None else options.get("multi"), len(concept_list))
     options = {k: v for k, v in options.items() if k != "multi"}

@@ -89,6 +89,9 @@ def erase(
         atomic_folder(final, overwrite, "erasure output")  # raises the standard message
     # cheap checks before the (slow) model load
     spec = get_method(method)
+    from .models.loading import peek_family
+
+    spec.check_family(peek_family(model))
     from .multi import resolve_multi
 
     make_concepts(concepts, anchor=anchor, preserve=preserve)

@@ -214,9 +214,10 @@ def bench(
     if Path(output).exists() and not overwrite and not (multi and resume):
         atomic_folder(output, overwrite, "bench output")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    family = peek_family(model)
     for m in method_list:
-        get_method(m)
-    check_scheduler(scheduler, peek_family(model))
+        get_method(m).check_family(family)
+    check_scheduler(scheduler, family)
     runtime = runtime_from(device, dtype, offload, batch_size)
     if any(get_method(m).uses_trajectory for m in method_list) or sweep:
         runtime.check_training()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import TraceEraseError
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -19,6 +21,12 @@ class MethodSpec:
     # several concepts with stage B: "fuse" (per-concept LoRAs + closed-form integration: TRACE's multi-concept
     # recipe) or "joint" (one LoRA, a concept sampled per step: ESD's and ANT's)
     multi_default: str = "joint"
+
+    def check_family(self, family: str | None) -> None:
+        """Refuse a model family this method does not support (None: not known yet, nothing to check)."""
+        if family is not None and family not in self.families:
+            raise TraceEraseError(f"method '{self.name}' does not support {family}; it supports "
+                                  f"{', '.join(self.families)} — pick another --method or model")
 
     @property
     def uses_closed_form(self) -> bool:
