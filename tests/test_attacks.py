@@ -10,7 +10,8 @@ import torch
 
 from trace_erase import erase, load_model
 from trace_erase.attacks import AttackConfig, run_attack
-from trace_erase.attacks.inject import WordSlots, embeds_for
+from trace_erase.attacks.discrete import genetic_search, nearest_tokens, projected
+from trace_erase.attacks.inject import WordSlots, decode_tokens, embeds_for, typable_ids
 from trace_erase.attacks.methods import simplex_projection, soft_prompt
 from trace_erase.attacks.prompts import HELD_OUT_TEMPLATES, held_out_ok, paraphrase_families
 from trace_erase.attacks.reference import base_reference
@@ -36,6 +37,11 @@ def tiny_handle(name: str) -> ModelHandle:
     ({"attack": "concept-vector", "etas": (1.0, -2.0)}, "--etas must be positive"),
     ({"attack": "soft-prompt", "prompts": "x.csv"}, "--prompts applies to --attack paraphrase"),
     ({"attack": "soft-prompt", "seeds": 0}, "--seeds must be at least 1"),
+    ({"attack": "ring-a-bell", "etas": (1.0, 3.0)}, "pass one value to --etas"),
+    ({"attack": "soft-prompt", "etas": (1.0,)}, "--etas applies to --attack concept-vector and ring-a-bell"),
+    ({"attack": "ring-a-bell", "population": 1}, "--population must be at least 2"),
+    ({"attack": "p4d", "level": "word"}, "acts at the token level"),
+    ({"attack": "p4d", "trajectories": 2}, "set trajectories to 3 or more"),
 ])
 def test_config_refuses_bad_input_in_one_line(kwargs, message):
     with pytest.raises(TraceEraseError, match=message) as exc:
@@ -170,17 +176,57 @@ def test_conditioning_level_inverts_a_closed_form_erasure_on_the_tiny_fixture():
     ("soft-prompt", {"budget": 2, "level": "conditioning"}),
     ("inversion", {"budget": 2}),
     ("unlearndiff", {"budget": 2}),
+    ("ring-a-bell", {"budget": 2, "population": 4, "tokens": 3}),
+    ("p4d", {"budget": 2, "tokens": 3, "trajectories": 3}),
 ])
 def test_each_attack_runs_a_few_steps_on_tiny_fixtures(name, attack, kwargs, tmp_path):
     handle = tiny_handle(name)
     er = erase(handle, ["circle"], anchor="", method="trace-closed-form", progress=False)
-    cfg = AttackConfig(attack, seeds=1, batch=2, trajectories=2, checkpoints=2, **kwargs)
+    cfg = AttackConfig(attack, **{"seeds": 1, "batch": 2, "trajectories": 2, "checkpoints": 2, **kwargs})
     res = run_attack(handle, er, cfg, "circle", tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "results.json").is_file()
     assert res["erased"]["checkpoints"] and res["base"]["checkpoints"]
     assert res["settings"]["attack"]["level"] == cfg.the_level
     assert all(isinstance(c["success"], bool) for c in res["erased"]["checkpoints"][-1]["cases"])
     assert not handle.pipe.get_list_adapters() or not any(handle.pipe.get_list_adapters().values())
+
+
+def test_genetic_search_finds_a_known_sequence_and_never_loses_its_best():
+    target = torch.tensor([3, 7, 1, 9, 4])
+    fitness = lambda pop: (pop != target).sum(1).float()  # noqa: E731 — Hamming distance to the answer
+    history = []
+    best, fit = genetic_search(fitness, 12, 5, 40, 80, torch.Generator().manual_seed(0),
+                               lambda g, b, f: history.append(f))
+    assert fit == 0 and torch.equal(best, target)
+    assert all(b <= a for a, b in zip(history, history[1:], strict=False))  # the better half survives
+    assert history[0] > 0  # it was not found by the random start alone
+
+
+def test_pez_projection_forwards_the_nearest_token_and_trains_the_free_vector():
+    table = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    free = torch.tensor([[0.9, 0.2], [-0.1, -3.0], [0.2, 0.5]], requires_grad=True)
+    embeds, idx = projected(free, table)
+    assert idx.tolist() == [0, 2, 1]  # by cosine, not by distance ([-0.1, -3] is nearest [0, 1]'s opposite)
+    assert torch.equal(nearest_tokens(free.detach(), table), idx)
+    assert torch.equal(embeds.detach(), table[idx])
+    (embeds * torch.tensor([[1.0, 2.0]])).sum().backward()
+    assert torch.equal(free.grad, torch.tensor([[1.0, 2.0]] * 3))  # straight through to the free vectors
+
+
+def test_ring_a_bell_searches_once_with_typable_tokens_and_approaches_its_target():
+    handle = tiny_handle("sd")
+    er = erase(handle, ["circle"], anchor="", method="trace-closed-form", progress=False)
+    cfg = AttackConfig("ring-a-bell", budget=6, population=8, tokens=4, seeds=1, checkpoints=2)
+    res = run_attack(handle, er, cfg, "circle", progress=False)
+    first, last = res["erased"]["checkpoints"]
+    assert all(b <= a for a, b in zip(first["detail"]["fitness"], last["detail"]["fitness"], strict=True))
+    assert last["detail"]["tokens"] == res["base"]["checkpoints"][-1]["detail"]["tokens"]  # one search, both models
+    typable = set(typable_ids(handle.adapter.token_tokenizer))
+    assert all(t in typable for seq in last["detail"]["tokens"] for t in seq)
+    assert [c["prompt"] for c in last["cases"]] == [
+        decode_tokens(handle.adapter.token_tokenizer, seq) for seq in last["detail"]["tokens"]]
+    again = run_attack(handle, er, cfg, "circle", progress=False)
+    assert again["erased"]["checkpoints"][-1]["detail"] == last["detail"]
 
 
 # ---- on the bundled toy-sd -----------------------------------------------------------------------------------------

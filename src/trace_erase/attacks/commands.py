@@ -33,13 +33,16 @@ def attack(
     concept: Annotated[str | None, typer.Option(help="the erased concept (default: the erasure's first)")] = None,
     level: Annotated[str | None, typer.Option(help=f"{', '.join(LEVELS)} (default: the attack's own; "
                                                    "conditioning is an upper bound)")] = None,
-    budget: Annotated[int | None, typer.Option(help="optimisation steps (soft-prompt, inversion, unlearndiff), "
-                                                    "prompts per family (paraphrase) or templates (concept-vector)")
-                      ] = None,
+    budget: Annotated[int | None, typer.Option(help="optimisation steps (soft-prompt, inversion, unlearndiff; p4d: "
+                                                    "per scored template), generations (ring-a-bell), prompts per "
+                                                    "family (paraphrase) or templates (concept-vector)")] = None,
     seeds: Annotated[int, typer.Option(help="evaluation images per prompt (seeds 0..S-1)")] = 5,
-    tokens: Annotated[int | None, typer.Option(help="adversarial tokens / vectors (default 3; inversion 1)")] = None,
+    tokens: Annotated[int | None, typer.Option(help="adversarial tokens / vectors (default 3; inversion 1; "
+                                                    "ring-a-bell and p4d 16)")] = None,
     lr: Annotated[float | None, typer.Option(help="learning rate of an optimising attack")] = None,
-    etas: Annotated[str | None, typer.Option(help="concept-vector: comma-separated η values")] = None,
+    etas: Annotated[str | None, typer.Option(help="concept-vector: comma-separated η values; ring-a-bell: one η")
+                    ] = None,
+    population: Annotated[int, typer.Option(help="ring-a-bell: prompts per generation")] = 200,
     checkpoints: Annotated[int, typer.Option(help="budget points scored (the ASR-vs-budget curve)")] = 3,
     prompts: Annotated[str | None, typer.Option(help="paraphrase: a prompt file (real models)")] = None,
     suite: Annotated[str, typer.Option(help="the suite whose scorer judges success (toy-objects, objects, "
@@ -74,7 +77,7 @@ def attack(
     except ValueError:
         raise TraceEraseError(f"--etas takes comma-separated numbers (got '{etas}')") from None
     config = AttackConfig(attack, level=level, budget=budget, seeds=seeds, tokens=tokens, lr=lr,
-                          checkpoints=checkpoints, prompts=prompts,
+                          checkpoints=checkpoints, prompts=prompts, population=population,
                           **({"etas": eta_values} if eta_values else {}))
     runtime = runtime_from(device, dtype, offload, batch_size)
     er = load_erasure(erasure) if erasure else None

@@ -26,21 +26,29 @@ class AttackKind:
     unit: str
     lr: float = 0.0
     tokens: int = 3
+    etas: tuple[float, ...] = ()
+    needs_reference: bool = False  # optimises against the base model's trajectories (computed before the erasure)
 
 
 ATTACKS: dict[str, AttackKind] = {
     # ours: the toy-robust prompt families (or a prompt file); budget = prompts per family
     "paraphrase": AttackKind(("token",), 8, "prompts per family"),
     # Ring-A-Bell, continuous form (RECE's port): E(neutral) + η·v; budget = templates averaged into v
-    "concept-vector": AttackKind(("conditioning",), 10, "templates in the concept vector"),
+    "concept-vector": AttackKind(("conditioning",), 10, "templates in the concept vector",
+                                 etas=(0.5, 1.0, 2.0, 3.0, 5.0)),
+    # Ring-A-Bell's genetic search for K whole-word tokens whose text features approach E(neutral) + η·v (η 3: its
+    # notebook; K 16: its default); budget = generations (the original runs 3,000 with a population of 200)
+    "ring-a-bell": AttackKind(("token",), 300, "generations", tokens=16, etas=(3.0,)),
     # AdvUnlearn's / P4D's objective on k prefix word embeddings (or the conditioning); budget = Adam steps
-    "soft-prompt": AttackKind(("word", "conditioning"), 200, "optimisation steps", lr=1e-2),
+    "soft-prompt": AttackKind(("word", "conditioning"), 200, "optimisation steps", lr=1e-2, needs_reference=True),
+    # P4D-N: 16 soft tokens projected to the vocabulary (PEZ), AdamW lr 0.1; budget = steps per scored template
+    # ("lite": 100 × 3 templates; the original runs 3,000 per prompt)
+    "p4d": AttackKind(("token",), 100, "optimisation steps per template", lr=0.1, tokens=16, needs_reference=True),
     # CCE: textual inversion of one new token through the erased model; budget = Adam steps
-    "inversion": AttackKind(("word",), 300, "optimisation steps", lr=5e-3, tokens=1),
+    "inversion": AttackKind(("word",), 300, "optimisation steps", lr=5e-3, tokens=1, needs_reference=True),
     # UnlearnDiffAtk: k discrete prefix tokens (relaxed one-hot, straight-through); budget = steps ("lite": 200)
-    "unlearndiff": AttackKind(("token",), 200, "optimisation steps", lr=1e-2),
+    "unlearndiff": AttackKind(("token",), 200, "optimisation steps", lr=1e-2, needs_reference=True),
 }
-DEFAULT_ETAS = (0.5, 1.0, 2.0, 3.0, 5.0)
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,8 @@ class AttackConfig:
     seeds: int = 5
     tokens: int | None = None
     lr: float | None = None
-    etas: tuple[float, ...] = DEFAULT_ETAS
+    etas: tuple[float, ...] | None = None  # concept-vector's sweep (default 0.5–5), ring-a-bell's one η (default 3)
+    population: int = 200  # ring-a-bell: prompts per generation (the original's)
     checkpoints: int = 3
     batch: int = 4
     trajectories: int = 8
@@ -78,13 +87,23 @@ class AttackConfig:
                                   f"'{self.level}'; drop --level or pick another attack")
         for name, value, low in (("--budget", self.budget, 1), ("--seeds", self.seeds, 1),
                                  ("--tokens", self.tokens, 1), ("--checkpoints", self.checkpoints, 1),
-                                 ("--batch", self.batch, 1), ("--trajectories", self.trajectories, 1)):
+                                 ("--batch", self.batch, 1), ("--trajectories", self.trajectories, 1),
+                                 ("--population", self.population, 2)):
             if value is not None and int(value) < low:
                 raise TraceEraseError(f"{name} must be at least {low} (got {value})")
         if self.lr is not None and not self.lr > 0:
             raise TraceEraseError(f"--lr must be positive (got {self.lr})")
-        if not self.etas or any(not e > 0 for e in self.etas):
-            raise TraceEraseError(f"--etas must be positive numbers (got {', '.join(map(str, self.etas))})")
+        if self.etas is not None:
+            if self.attack not in ("concept-vector", "ring-a-bell"):
+                raise TraceEraseError("--etas applies to --attack concept-vector and ring-a-bell")
+            if not self.etas or any(not e > 0 for e in self.etas):
+                raise TraceEraseError(f"--etas must be positive numbers (got {', '.join(map(str, self.etas))})")
+            if self.attack == "ring-a-bell" and len(self.etas) != 1:
+                raise TraceEraseError(f"--attack ring-a-bell searches towards one target; pass one value to --etas "
+                                      f"(got {len(self.etas)})")
+        if self.attack == "p4d" and self.trajectories < 3:
+            raise TraceEraseError(f"--attack p4d optimises one prompt per scored template (3) on that template's own "
+                                  f"trajectories; set trajectories to 3 or more (got {self.trajectories})")
         if self.prompts is not None and self.attack != "paraphrase":
             raise TraceEraseError("--prompts applies to --attack paraphrase")
 
@@ -105,6 +124,10 @@ class AttackConfig:
         return int(self.tokens or self.kind.tokens)
 
     @property
+    def the_etas(self) -> tuple[float, ...]:
+        return tuple(self.etas or self.kind.etas)
+
+    @property
     def the_lr(self) -> float:
         return float(self.lr or self.kind.lr)
 
@@ -118,7 +141,8 @@ class AttackConfig:
         """The settings recorded in results.json."""
         return {"attack": self.attack, "level": self.the_level, "level_note": LEVEL_NOTES[self.the_level],
                 "budget": self.the_budget, "budget_unit": self.kind.unit, "seeds": self.seeds,
-                "tokens": self.the_tokens, "lr": self.the_lr, "etas": list(self.etas),
+                "tokens": self.the_tokens, "lr": self.the_lr, "etas": list(self.the_etas),
                 "budget_points": self.budget_points(), "batch": self.batch, "trajectories": self.trajectories,
                 "optimisation_seed": self.seed, "prompts": self.prompts, "neutral": self.neutral,
-                "init_word": self.init_word}
+                "init_word": self.init_word,
+                **({"population": self.population} if self.attack == "ring-a-bell" else {})}

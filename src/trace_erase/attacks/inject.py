@@ -113,13 +113,13 @@ def decode_tokens(tok: Any, ids: list[int]) -> str:
 
 
 def typable_ids(tok: Any) -> list[int]:
-    """Ids of the tokens a user can type one by one: each decodes to text that tokenizes back to that one token
-    (whole words; no special tokens, no partial bytes, no mid-word pieces)."""
+    """Ids of the tokens a user can type one by one: each decodes to printable text that tokenizes back to that one
+    token (whole words; no special tokens, no partial bytes, no mid-word pieces, no control characters)."""
     special = set(tok.all_special_ids)
     ids = [i for i in range(len(tok)) if i not in special]
     texts = tok.batch_decode([[i] for i in ids])
     back = tok(texts, add_special_tokens=False)["input_ids"]
-    return [i for i, b in zip(ids, back, strict=True) if b == [i]]
+    return [i for i, t, b in zip(ids, texts, back, strict=True) if b == [i] and t.strip() and t.isprintable()]
 
 
 def editable(cond: Conditioning) -> list[str]:

@@ -4,6 +4,7 @@ generates and scores it. Objectives, budgets and conventions: ``../shared/docs/a
 
 - ``paraphrase``: prompt families (no optimisation).
 - ``concept-vector``: Ring-A-Bell's continuous form: E(neutral) + η·v, v = mean[E(with c) − E(with neutral)].
+- ``ring-a-bell`` and ``p4d``: token-level searches (genetic; projected soft tokens), in :mod:`.discrete`.
 - ``soft-prompt``: AdvUnlearn's / P4D's objective ‖ŷ_erased(x_t, t, c_adv) − ŷ_base(x_t, t, c)‖² on states of the
   base model's trajectories; k prefix word embeddings (``word``) or the conditioning itself (``conditioning``).
 - ``inversion``: CCE's textual inversion of new word vectors through the model, on the base model's final latents
@@ -70,22 +71,35 @@ def paraphrase(handle: ModelHandle, cfg: AttackConfig, concept: str, families: d
     report(len(prompts), Candidate(prompts, prompts, family=[f for f, ps in families.items() for _ in ps]))
 
 
-def concept_vector(handle: ModelHandle, cfg: AttackConfig, concept: str, report: Report) -> None:
-    """E(neutral prompt) + η·v for each η; v averaged over ``budget`` templates (the attack's own, then stage A's
-    common ones: the attacker does not know which the erasure saw)."""
+VECTOR_TEMPLATES = 10  # templates averaged into v when the budget counts something else (ring-a-bell)
+
+
+def concept_direction(handle: ModelHandle, concept: str, neutral: str, n_templates: int
+                      ) -> tuple[dict[str, torch.Tensor], list[str], int]:
+    """Ring-A-Bell's concept vector v = mean over ``n_templates`` templates of E(with ``concept``) − E(with
+    ``neutral``), per text-feature stream (the attack's templates first, then stage A's common ones: the attacker
+    does not know which the erasure saw). Returns v, the stream names and how many templates there were."""
     adapter = handle.adapter
     pool = list(dict.fromkeys([*HELD_OUT_TEMPLATES, *INVERSION_TEMPLATES, *(t.replace("{}", "{a} {}")
                                                                               for t in DEFAULT_TEMPLATES)]))
-    templates = pool[: cfg.the_budget]
+    templates = pool[:n_templates]
     with torch.no_grad():
         with_c = adapter.conditioning([fill(t, concept) for t in templates])
-        without = adapter.conditioning([fill(t, cfg.neutral) for t in templates])
-        neutral = adapter.conditioning([fill(t, cfg.neutral) for t in EVAL_TEMPLATES])
-        uncond = adapter.conditioning([""])
+        without = adapter.conditioning([fill(t, neutral) for t in templates])
     keys = editable(with_c)
     v = {k: (with_c.tensors[k].float() - without.tensors[k].float()).mean(0, keepdim=True) for k in keys}
+    return v, keys, len(templates)
+
+
+def concept_vector(handle: ModelHandle, cfg: AttackConfig, concept: str, report: Report) -> None:
+    """E(neutral prompt) + η·v for each η; v averaged over ``budget`` templates."""
+    adapter = handle.adapter
+    v, keys, n_templates = concept_direction(handle, concept, cfg.neutral, cfg.the_budget)
+    with torch.no_grad():
+        neutral = adapter.conditioning([fill(t, cfg.neutral) for t in EVAL_TEMPLATES])
+        uncond = adapter.conditioning([""])
     shown = [fill(t, cfg.neutral) for t in EVAL_TEMPLATES]
-    for eta in cfg.etas:
+    for eta in cfg.the_etas:
         table = {}
         for i, prompt in enumerate(shown):
             row = neutral.select([i])
@@ -93,7 +107,7 @@ def concept_vector(handle: ModelHandle, cfg: AttackConfig, concept: str, report:
             for k in keys:
                 tensors[k] = (row.tensors[k].float() + eta * v[k]).to(row.tensors[k].dtype)
             table[prompt] = Conditioning(tensors)
-        report(len(templates), Candidate(shown, [f"E({p}) + {eta}·v" for p in shown],
+        report(n_templates, Candidate(shown, [f"E({p}) + {eta}·v" for p in shown],
                                          embeds=embeds_for(adapter, table, uncond),
                                          detail={"eta": eta, "v_norm": {k: float(v[k].norm()) for k in keys}}))
 
@@ -267,14 +281,19 @@ def unlearndiff(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Refer
                                                                    "loss": float(loss.detach())}))
 
 
-def run_method(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Reference | None,
+def run_method(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Any,
                families: dict[str, list[str]] | None, report: Report, progress: bool = True) -> None:
-    """Dispatch ``cfg.attack`` against the model as it is now."""
+    """Dispatch ``cfg.attack`` against the model as it is now; ``ref`` is what the attack took from the base model
+    before the erasure was applied (:class:`Reference` trajectories; ring-a-bell: its searched prompts)."""
     if cfg.attack == "paraphrase":
         return paraphrase(handle, cfg, concept, families or {}, report)
     if cfg.attack == "concept-vector":
         return concept_vector(handle, cfg, concept, report)
     if ref is None:
-        raise TraceEraseError(f"the {cfg.attack} attack needs the base model's reference trajectories")
-    fn = {"soft-prompt": soft_prompt, "inversion": inversion, "unlearndiff": unlearndiff}[cfg.attack]
+        raise TraceEraseError(f"the {cfg.attack} attack needs what it computes on the base model first")
+    from .discrete import p4d, ring_a_bell
+
+    if cfg.attack == "ring-a-bell":
+        return ring_a_bell(handle, cfg, ref, report)
+    fn = {"soft-prompt": soft_prompt, "inversion": inversion, "unlearndiff": unlearndiff, "p4d": p4d}[cfg.attack]
     return fn(handle, cfg, concept, ref, report, progress)

@@ -32,8 +32,6 @@ from .methods import Candidate, run_method
 from .prompts import eval_prompts, file_families, paraphrase_families
 from .reference import base_reference
 
-OPTIMISING = ("soft-prompt", "inversion", "unlearndiff")
-
 
 def success(judgement: dict[str, Any], label: str) -> bool:
     """Whether one image shows the erased concept: its label is the concept's, or a detector found exposure."""
@@ -153,8 +151,12 @@ def run_attack(
     handle.phase("train")  # optimising attacks run the denoiser and text encoders like training (offload places)
     scoring = _Scoring(handle, the_scorer, the_suite, label, config.seeds)
     ref = None
-    if config.attack in OPTIMISING:
+    if config.kind.needs_reference:
         ref = base_reference(handle, eval_prompts(label), config.trajectories, config.seed)
+    elif config.attack == "ring-a-bell":  # text encoders only: searched once, then handed to both models
+        from .discrete import ring_a_bell_search
+
+        ref = ring_a_bell_search(handle, config, concept, progress)
     t_ref = time.perf_counter() - t0
     if control is not None:
         if control["settings"]["attack"] != config.describe() or control["concept"] != label:
