@@ -229,6 +229,21 @@ def test_ring_a_bell_searches_once_with_typable_tokens_and_approaches_its_target
     assert again["erased"]["checkpoints"][-1]["detail"] == last["detail"]
 
 
+def test_a_run_with_a_control_reuses_its_base_model_reference_and_gets_the_same_result(monkeypatch):
+    handle = tiny_handle("sd")
+    er = erase(handle, ["circle"], anchor="", method="trace-closed-form", progress=False)
+    cfg = AttackConfig("soft-prompt", budget=2, seeds=1, batch=2, trajectories=2, checkpoints=1)
+    alone = run_attack(handle, er, cfg, "circle", progress=False)
+    control = run_attack(handle, None, cfg, "circle", progress=False)
+
+    def no_second_reference(*args, **kwargs):
+        raise AssertionError("the base-model reference was computed again")
+
+    monkeypatch.setattr("trace_erase.attacks.run.base_reference", no_second_reference)
+    reused = run_attack(handle, er, cfg, "circle", progress=False, control=control)
+    assert reused["erased"]["checkpoints"] == alone["erased"]["checkpoints"]
+
+
 # ---- on the bundled toy-sd -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def toy():

@@ -131,7 +131,8 @@ def run_attack(
     """Attack ``erasure`` (applied to ``handle`` at ``scale``) and the base model with ``config``; returns the results
     dict, also written to ``output`` (results.json, report.html, images/) when given. ``erasure=None`` attacks the
     base model alone. ``control``: the results of an earlier run of the same attack on the base model alone (a
-    matrix of erasures reuses it instead of attacking the base model again)."""
+    matrix of erasures reuses it, and the base-model trajectories or searched prompts it made, instead of attacking
+    the base model again)."""
     from ..api import library_versions
     from .report import write_attack_report
 
@@ -150,10 +151,10 @@ def run_attack(
     remove_erasures(handle.pipe)
     handle.phase("train")  # optimising attacks run the denoiser and text encoders like training (offload places)
     scoring = _Scoring(handle, the_scorer, the_suite, label, config.seeds)
-    ref = None
-    if config.kind.needs_reference:
+    ref = control.get("_ref") if control is not None else None  # what the control run took from the base model
+    if ref is None and config.kind.needs_reference:
         ref = base_reference(handle, eval_prompts(label), config.trajectories, config.seed)
-    elif config.attack == "ring-a-bell":  # text encoders only: searched once, then handed to both models
+    elif ref is None and config.attack == "ring-a-bell":  # text encoders only: one search for both models
         from .discrete import ring_a_bell_search
 
         ref = ring_a_bell_search(handle, config, concept, progress)
@@ -207,7 +208,9 @@ def run_attack(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         results["report"] = str(Path(output) / "report.html")
-    results["_images"] = {"attacked": base["_images"]["attacked"]}  # for runs that reuse this one as their control
+    # for runs that reuse this one as their control: its images and what it computed on the base model
+    results["_images"] = {"attacked": base["_images"]["attacked"]}
+    results["_ref"] = ref
     return results
 
 
