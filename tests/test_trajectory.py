@@ -214,8 +214,8 @@ def test_gated_adapter_leaves_early_latents_identical(tmp_path) -> None:
     weights = [w for _, w in applied.gate.history]
     n_early = weights.index(1.0)
     assert n_early > 0 and all(w == 0.0 for w in weights[:n_early]) and all(w == 1.0 for w in weights[n_early:])
-    assert all(t >= 500 for t, _ in applied.gate.history[:n_early])
-    assert all(t < 500 for t, _ in applied.gate.history[n_early:])
+    assert all(t >= 500 for t, _ in list(applied.gate.history)[:n_early])
+    assert all(t < 500 for t, _ in list(applied.gate.history)[n_early:])
     for i in range(n_early):  # latents after each EARLY step: bit-identical to the stage-A model
         assert torch.equal(with_gate[i], without[i]), i
     assert not torch.equal(with_gate[-1], without[-1])  # the gated LoRA does act in LATE steps

@@ -8,9 +8,12 @@ a plain ``pipe(prompt)`` honours it, whatever scheduler or number of steps the c
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import torch
+
+HISTORY = 10_000  # denoiser calls the gate remembers
 
 
 class LateGate:
@@ -21,7 +24,9 @@ class LateGate:
         self.name = name
         self.scale = scale
         self.tau = tau
-        self.history: list[tuple[float, float]] = []  # (model time, gated scale) per denoiser call, for inspection
+        # (model time, gated scale) of the latest denoiser calls, for inspection; bounded so a long-lived server's
+        # pipeline does not grow it forever
+        self.history: deque[tuple[float, float]] = deque(maxlen=HISTORY)
         den = adapter.denoiser
         self.layers = [m for m in den.modules() if hasattr(m, "set_scale") and name in getattr(m, "scaling", {})]
         self._handle = den.register_forward_pre_hook(self._before, with_kwargs=True)
