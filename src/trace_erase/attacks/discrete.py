@@ -29,7 +29,7 @@ from ..models import ModelHandle
 from ..models.base import Conditioning
 from .config import AttackConfig
 from .inject import WordSlots, decode_tokens, frozen, typable_ids
-from .methods import Candidate, Report, _check, _denoiser_modules
+from .methods import Candidate, Report, _denoiser_modules, _descend, match_base_loss
 from .prompts import EVAL_TEMPLATES
 from .reference import Reference
 
@@ -181,12 +181,8 @@ def p4d(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Reference, re
                 pick = mine[torch.randint(0, len(mine), (cfg.batch,), generator=gen)]
                 with slots.active(values), adapter.text_gradients():
                     cond = adapter.conditioning([alone] * len(pick))
-                pred = adapter.predict(ref.states[pick], ref.times[pick], cond)
-                loss = torch.nn.functional.mse_loss(pred.float(), ref.base_pred[pick].float())
-                _check(loss, step, "p4d")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                loss = match_base_loss(handle, ref, pick, cond)
+                _descend(opt, loss, step, "p4d")
                 bar.update(1)
                 if step in points:
                     found[step].append((ids[nearest_tokens(free.detach(), sub)].tolist(), float(loss.detach())))

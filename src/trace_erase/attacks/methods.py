@@ -59,6 +59,21 @@ def _check(loss: torch.Tensor, step: int, what: str) -> None:
         raise NonFiniteLossError(f"the {what} attack's loss became {loss.item()} at step {step}; lower --lr")
 
 
+def _descend(opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, what: str) -> None:
+    """One optimiser step on a finite loss (a non-finite one is an error naming the fix)."""
+    _check(loss, step, what)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def match_base_loss(handle: ModelHandle, ref: Reference, idx: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """AdvUnlearn's / P4D's objective: the model's prediction on the base model's states ``idx`` under ``cond``
+    against the base model's own prediction there for the concept prompt."""
+    pred = handle.adapter.predict(ref.states[idx], ref.times[idx], cond)
+    return torch.nn.functional.mse_loss(pred.float(), ref.base_pred[idx].float())
+
+
 def _denoiser_modules(handle: ModelHandle) -> list[torch.nn.Module]:
     return [handle.adapter.denoiser, *(enc for _, enc in handle.adapter.text_encoders())]
 
@@ -127,8 +142,7 @@ def soft_prompt(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Refer
         idx = torch.randint(0, len(ref.states), (cfg.batch,), generator=gen)
         with slots.active(values), adapter.text_gradients():
             cond = adapter.conditioning([adv[int(i)] for i in ref.state_prompt[idx]])
-        pred = adapter.predict(ref.states[idx], ref.times[idx], cond)
-        return torch.nn.functional.mse_loss(pred.float(), ref.base_pred[idx].float())
+        return match_base_loss(handle, ref, idx, cond)
 
     _optimise_words(handle, cfg, slots, slots.init_from(slots.filler), loss_at, report, adv,
                     [f"<{cfg.the_tokens} soft tokens> {p}" for p in prompts], "soft prompt", progress)
@@ -156,13 +170,8 @@ def _soft_conditioning(handle: ModelHandle, cfg: AttackConfig, ref: Reference, r
     with frozen(_denoiser_modules(handle)):
         for step in _steps(cfg, progress, "soft conditioning"):
             idx = torch.randint(0, len(ref.states), (cfg.batch,), generator=gen)
-            cond = current().select(ref.state_prompt[idx])
-            pred = adapter.predict(ref.states[idx], ref.times[idx], cond)
-            loss = torch.nn.functional.mse_loss(pred.float(), ref.base_pred[idx].float())
-            _check(loss, step, "soft-prompt")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            loss = match_base_loss(handle, ref, idx, current().select(ref.state_prompt[idx]))
+            _descend(opt, loss, step, "soft-prompt")
             if step in points:
                 now = current()
                 table = {p: Conditioning({k: v.detach() for k, v in now.select([i]).tensors.items()})
@@ -215,10 +224,7 @@ def _optimise_words(handle: ModelHandle, cfg: AttackConfig, slots: WordSlots, in
     with frozen(_denoiser_modules(handle)):
         for step in _steps(cfg, progress, what):
             loss = loss_at(values, gen)
-            _check(loss, step, what)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            _descend(opt, loss, step, what)
             if step in points:
                 report(step, Candidate(prompts, shown, slots=slots, values=[v.detach().clone() for v in values],
                                        detail={"loss": float(loss.detach())}))
