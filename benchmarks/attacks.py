@@ -88,7 +88,8 @@ def main() -> None:
                    attack_s=attack_s,
                    settings={a: configs[a].describe() for a in attacks}, variants=variants,
                    command="python benchmarks/attacks.py " + " ".join(
-                       f"--{k} {v}" for k, v in vars(args).items()))
+                       [f"--{k} {v}" for k, v in vars(args).items() if k != "variant"]
+                       + [f"--variant {v}" for v in args.variant]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "attacks.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "attacks.md").write_text(table(summary) + "\n")
