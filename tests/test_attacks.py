@@ -254,7 +254,7 @@ def toy():
 
 def test_same_seeds_same_results(toy):
     handle, er = toy
-    cfg = AttackConfig("soft-prompt", budget=4, seeds=2, checkpoints=1)
+    cfg = AttackConfig("soft-prompt", budget=4, seeds=2, checkpoints=1, trajectories=2)
     a = run_attack(handle, er, cfg, "circle", progress=False)
     b = run_attack(handle, er, cfg, "circle", progress=False)
     assert a["erased"]["checkpoints"] == b["erased"]["checkpoints"]
@@ -265,7 +265,8 @@ def test_scale_zero_gives_the_base_rates(toy):
     handle, er = toy
     res = run_attack(handle, er, AttackConfig("paraphrase", budget=1, seeds=2), "circle", scale=0.0, progress=False)
     assert res["pre_asr"] == res["base_rate"] and res["asr"] == res["base_asr"]
-    full = run_attack(handle, er, AttackConfig("paraphrase", budget=1, seeds=2), "circle", progress=False)
+    full = run_attack(handle, er, AttackConfig("paraphrase", budget=1, seeds=2), "circle", progress=False,
+                      control=res)  # the same base-model side: reused
     assert full["pre_asr"] < full["base_rate"]  # at full strength the erasure does act
 
 

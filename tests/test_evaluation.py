@@ -256,6 +256,14 @@ def test_merge_relabel_makes_option_variants_rows_of_one_table() -> None:
     assert [e["h_o"] for e in merged["means"]][1:] == [0.8, 0.9]
     with pytest.raises(TraceEraseError, match="differ in 'options'"):
         merge_results([run({}, 0.8), run({"reference": "original"}, 0.9)])
+    # a merge of default-option runs merges again with plain names (its options read as the defaults)
+    same = merge_results([run({}, 0.8), run({}, 0.8) | {"concepts": ["heart"], "rows": [
+        {"concept": "heart", "method": "trace", "status": "ok", "h_o": 0.6}]}], relabel=True)
+    assert same["options"] == {}
+    other = run({}, 0.7) | {"concepts": ["star"], "methods": ["trace", "ant"], "rows": [
+        {"concept": "star", "method": "trace", "status": "ok", "h_o": 0.7}]}
+    again = merge_results([same | {"options": {"per run": [{}, {}]}}, other], relabel=True)
+    assert [e["method"] for e in again["means"]] == ["base", "trace"] and again["options"] == {}
 
 
 def test_bench_report_renders_in_headless_chromium(tmp_path) -> None:

@@ -282,17 +282,21 @@ def merge_results(results: list[dict[str, Any]], relabel: bool = False) -> dict[
     ``relabel`` they may differ in options (and methods): each run's rows are named ``method{key=value,...}`` after
     its options, so variants run in parallel processes become rows of one table (one base row per concept is kept)."""
     first = results[0]
-    shared = [k for k in MERGE_SHARED if not relabel or k not in ("options", "methods", "sweep")]
+    opts = [_shared_options(r["options"]) for r in results]
+    shared = [k for k in MERGE_SHARED if k != "options" and (not relabel or k not in ("methods", "sweep"))]
     for r in results[1:]:
         for key in shared:
             if r[key] != first[key]:
                 raise TraceEraseError(f"the runs differ in '{key}' ({first[key]} vs {r[key]}); merge only runs made "
                                       "with the same settings")
+    if not relabel and any(o != opts[0] for o in opts[1:]):
+        raise TraceEraseError(f"the runs differ in 'options' ({opts[0]} vs {next(o for o in opts if o != opts[0])}); "
+                              "merge only runs made with the same settings, or pass relabel")
     rows: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
-    for r in results:
-        tag = "{" + ",".join(f"{k}={v}" for k, v in sorted(r["options"].items())) + "}" if relabel and r["options"] \
-            else ""
+    for r, o in zip(results, opts, strict=True):
+        # a run that is itself a merge of differing options already names its rows
+        tag = "{" + ",".join(f"{k}={v}" for k, v in sorted(o.items())) + "}" if relabel and o else ""
         for row in r["rows"]:
             name = row["method"] if row["method"] == "base" else row["method"] + tag
             if (row["concept"], name) in seen:
@@ -305,9 +309,17 @@ def merge_results(results: list[dict[str, Any]], relabel: bool = False) -> dict[
     concepts = list(dict.fromkeys(c for r in results for c in r["concepts"]))
     merged = {**first, "concepts": concepts, "rows": rows, "means": summarize(rows, first["suite"])}
     if relabel:
-        merged["options"] = {"per run": [r["options"] for r in results]}
+        merged["options"] = opts[0] if all(o == opts[0] for o in opts) else {"per run": opts}
     return merged
 
+
+def _shared_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A bench's options, looking through a merge whose runs all had the same ones (``{"per run": [{}, {}]}`` is
+    ``{}``); a merge of differing options stays as it is (its rows are already named after them)."""
+    if set(options) != {"per run"}:
+        return options
+    inner = [_shared_options(o) for o in options["per run"]]
+    return inner[0] if all(o == inner[0] for o in inner) else {}
 
 def write_tables(result: dict[str, Any], folder: Path) -> list[Path]:
     """``bench.md``, the figures (``tradeoff.png``, ``per_concept.png``; with matplotlib) and ``report.html``."""
