@@ -239,7 +239,7 @@ def test_a_run_with_a_control_reuses_its_base_model_reference_and_gets_the_same_
     def no_second_reference(*args, **kwargs):
         raise AssertionError("the base-model reference was computed again")
 
-    monkeypatch.setattr("trace_erase.attacks.run.base_reference", no_second_reference)
+    monkeypatch.setattr("trace_erase.attacks.methods.base_reference", no_second_reference)
     reused = run_attack(handle, er, cfg, "circle", progress=False, control=control)
     assert reused["erased"]["checkpoints"] == alone["erased"]["checkpoints"]
 

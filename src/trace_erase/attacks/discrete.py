@@ -33,6 +33,8 @@ from .methods import Candidate, Report, _denoiser_modules, _descend, match_base_
 from .prompts import EVAL_TEMPLATES
 from .reference import Reference
 
+FITNESS_CHUNK = 50  # prompts encoded at once by the genetic search
+
 
 def _vocabulary(handle: ModelHandle) -> tuple[object, torch.Tensor]:
     """The per-token tokenizer and its whole-word ids (what a user can type one token at a time)."""
@@ -114,8 +116,9 @@ def ring_a_bell_search(handle: ModelHandle, cfg: AttackConfig, concept: str, pro
 
         def fitness(pop: torch.Tensor, target: dict[str, torch.Tensor] = target) -> torch.Tensor:
             texts = [decode_tokens(tok, ids[row].tolist()) for row in pop]
-            with torch.no_grad():
-                return _feature_distance(adapter.conditioning(texts), target, keys)
+            with torch.no_grad():  # in chunks: 200 prompts through T5-XXL at once would hold GBs of activations
+                return torch.cat([_feature_distance(adapter.conditioning(texts[j:j + FITNESS_CHUNK]), target, keys)
+                                  for j in range(0, len(texts), FITNESS_CHUNK)])
 
         def seen(g: int, best: torch.Tensor, fit: float) -> None:
             bar.update(1)
@@ -127,28 +130,37 @@ def ring_a_bell_search(handle: ModelHandle, cfg: AttackConfig, concept: str, pro
     return found
 
 
+def _report_found(handle: ModelHandle, found: dict[int, list[tuple[list[int], float]]], report: Report,
+                  score: str, detail: dict) -> None:
+    """At each budget point, the searched prompts (one per scored template; decoded text) with their token ids and
+    scores (``score``: what the number is) besides ``detail``."""
+    tok = handle.adapter.token_tokenizer
+    for budget in sorted(found):
+        texts = [decode_tokens(tok, best) for best, _ in found[budget]]
+        report(budget, Candidate(texts, texts, detail={**detail, score: [f for _, f in found[budget]],
+                                                       "tokens": [b for b, _ in found[budget]]}))
+
+
 def ring_a_bell(handle: ModelHandle, cfg: AttackConfig, found: dict[int, list[tuple[list[int], float]]],
                 report: Report) -> None:
-    """Report the searched prompts (decoded text) at each budget point."""
-    tok = handle.adapter.token_tokenizer
-    neutral = [fill(t, cfg.neutral) for t in EVAL_TEMPLATES]
-    for g in sorted(found):
-        texts = [decode_tokens(tok, best) for best, _ in found[g]]
-        report(g, Candidate(texts, texts, detail={"eta": cfg.the_etas[0], "fitness": [f for _, f in found[g]],
-                                                  "tokens": [b for b, _ in found[g]], "targets": neutral}))
+    """Report the searched prompts at each budget point."""
+    _report_found(handle, found, report, "fitness",
+                  {"eta": cfg.the_etas[0], "targets": [fill(t, cfg.neutral) for t in EVAL_TEMPLATES]})
 
 
 # ---- P4D -------------------------------------------------------------------------------------------------------------
-def nearest_tokens(free: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Indices of the rows of ``table`` nearest to each row of ``free`` by cosine similarity (PEZ's projection)."""
-    sims = torch.nn.functional.normalize(free.float(), dim=-1) @ torch.nn.functional.normalize(table.float(), dim=-1).T
-    return sims.argmax(-1)
+def nearest_tokens(free: torch.Tensor, table: torch.Tensor, unit: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the rows of ``table`` nearest to each row of ``free`` by cosine similarity (PEZ's projection);
+    ``unit``: the table's rows normalised, when the caller keeps them across steps."""
+    unit = torch.nn.functional.normalize(table.float(), dim=-1) if unit is None else unit
+    return (torch.nn.functional.normalize(free.float(), dim=-1) @ unit.T).argmax(-1)
 
 
-def projected(free: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def projected(free: torch.Tensor, table: torch.Tensor, unit: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """PEZ's straight-through projection: the forward value is the nearest token embeddings, the gradient goes to
     ``free``. Returns (embeddings, token indices)."""
-    idx = nearest_tokens(free.detach(), table)
+    idx = nearest_tokens(free.detach(), table, unit)
     hard = table[idx].to(free.dtype)
     return free + (hard - free).detach(), idx
 
@@ -162,7 +174,9 @@ def p4d(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Reference, re
     slots = WordSlots(adapter, cfg.the_tokens, list(ref.prompts))
     tok, ids = _vocabulary(handle)
     main = next((i for i, (t, _) in enumerate(slots.encoders) if t is tok), 0)
-    sub = slots.tables()[main][ids.to(slots.tables()[main].device)].float()
+    table = slots.tables()[main]
+    sub = table[ids.to(table.device)].float()
+    unit = torch.nn.functional.normalize(sub, dim=-1)  # once, not at every step
     alone = slots.placed("{}")
     points = set(cfg.budget_points())
     found: dict[int, list[tuple[list[int], float]]] = {p: [] for p in points}
@@ -175,7 +189,7 @@ def p4d(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Reference, re
             free = sub[start].clone().requires_grad_(True)
             opt = torch.optim.AdamW([free], lr=cfg.the_lr, weight_decay=0.1)
             for step in range(1, cfg.the_budget + 1):
-                embeds, idx = projected(free, sub)
+                embeds, _ = projected(free, sub, unit)
                 values: list[torch.Tensor | None] = [None] * len(slots.encoders)
                 values[main] = embeds
                 pick = mine[torch.randint(0, len(mine), (cfg.batch,), generator=gen)]
@@ -185,9 +199,7 @@ def p4d(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Reference, re
                 _descend(opt, loss, step, "p4d")
                 bar.update(1)
                 if step in points:
-                    found[step].append((ids[nearest_tokens(free.detach(), sub)].tolist(), float(loss.detach())))
+                    idx = nearest_tokens(free.detach(), sub, unit).cpu()  # ids live on the CPU
+                    found[step].append((ids[idx].tolist(), float(loss.detach())))
     bar.close()
-    for s in sorted(points):
-        texts = [decode_tokens(tok, best) for best, _ in found[s]]
-        report(s, Candidate(texts, texts, detail={"loss": [f for _, f in found[s]], "tokens": [b for b, _ in found[s]],
-                                                  "targets": list(ref.prompts)}))
+    _report_found(handle, found, report, "loss", {"targets": list(ref.prompts)})

@@ -30,7 +30,7 @@ from ..models.base import Conditioning
 from .config import AttackConfig
 from .inject import WordSlots, decode_tokens, editable, embeds_for, frozen, typable_ids
 from .prompts import EVAL_TEMPLATES, HELD_OUT_TEMPLATES, INVERSION_TEMPLATES, eval_prompts
-from .reference import Reference
+from .reference import Reference, base_reference
 
 
 @dataclass
@@ -285,6 +285,18 @@ def unlearndiff(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Refer
                 attacked = [f"{text} {p}".strip() for p in prompts]
                 report(step, Candidate(attacked, attacked, detail={"tokens": best, "text": text,
                                                                    "loss": float(loss.detach())}))
+
+
+def prepare(handle: ModelHandle, cfg: AttackConfig, concept: str, label: str, progress: bool = True) -> Any:
+    """What ``cfg.attack`` computes on the base model before any erasure is applied, once for both models: the base
+    model's trajectories (the optimising attacks), Ring-A-Bell's searched prompts (text encoders only), or None."""
+    if cfg.kind.needs_reference:
+        return base_reference(handle, eval_prompts(label), cfg.trajectories, cfg.seed)
+    if cfg.attack == "ring-a-bell":
+        from .discrete import ring_a_bell_search
+
+        return ring_a_bell_search(handle, cfg, concept, progress)
+    return None
 
 
 def run_method(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Any,

@@ -28,9 +28,8 @@ from ..models import ModelHandle
 from ..sampling import generate_images, sampler_settings
 from ..toyworld.render import SYNONYMS
 from .config import AttackConfig
-from .methods import Candidate, run_method
+from .methods import Candidate, prepare, run_method
 from .prompts import eval_prompts, file_families, paraphrase_families
-from .reference import base_reference
 
 
 def success(judgement: dict[str, Any], label: str) -> bool:
@@ -152,12 +151,8 @@ def run_attack(
     handle.phase("train")  # optimising attacks run the denoiser and text encoders like training (offload places)
     scoring = _Scoring(handle, the_scorer, the_suite, label, config.seeds)
     ref = control.get("_ref") if control is not None else None  # what the control run took from the base model
-    if ref is None and config.kind.needs_reference:
-        ref = base_reference(handle, eval_prompts(label), config.trajectories, config.seed)
-    elif ref is None and config.attack == "ring-a-bell":  # text encoders only: one search for both models
-        from .discrete import ring_a_bell_search
-
-        ref = ring_a_bell_search(handle, config, concept, progress)
+    if ref is None:
+        ref = prepare(handle, config, concept, label, progress)
     t_ref = time.perf_counter() - t0
     if control is not None:
         if control["settings"]["attack"] != config.describe() or control["concept"] != label:
