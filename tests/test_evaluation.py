@@ -239,6 +239,10 @@ def test_bootstrap_intervals_over_concepts_and_seeds() -> None:
     assert lo < hi and lo >= 0.0 and hi <= 1.0
     lo, hi = bootstrap("toy-objects", mixed, draws=500)["drift_l2"]
     assert lo < 0.2 < hi
+    # the styles suite has no synonyms: its headline is H_s from the erased and other groups alone
+    styles = [[{"seed": k, "hits": {"erased": 0, "other": 1}, "n": {"erased": 1, "other": 2}, "drift": [0.1]}
+               for k in range(3)] for _ in range(2)]
+    assert bootstrap("toy-styles", styles, draws=50)["headline"] == pytest.approx((2 / 3, 2 / 3))
 
 
 def test_merge_relabel_makes_option_variants_rows_of_one_table() -> None:

@@ -142,6 +142,9 @@ def test_suite_metrics_against_hand_computed_cases() -> None:
     m = suite_metrics("celebrities", items, [{"label": x} for x in ["A", "B", "B", "B", "B", "A"]])
     assert (m["acc_e"], m["acc_s"]) == (0.25, 0.5)
     assert m["h_c"] == pytest.approx(2 / (1 / 0.75 + 1 / 0.5)) and "h_o" not in m
+    # toy styles: the same two-term mean on the style head, under its own name
+    m = suite_metrics("toy-styles", items, [{"label": x} for x in ["A", "B", "B", "B", "B", "A"]])
+    assert m["h_s"] == pytest.approx(2 / (1 / 0.75 + 1 / 0.5)) and "h_c" not in m
     # styles: H_a = CLIP_s − CLIP_e over the groups' mean scores
     items = _items(["erased", "erased", "other"], ["X", "X", "Y"])
     m = suite_metrics("styles", items, [{"score": 20.0}, {"score": 24.0}, {"score": 30.0}])

@@ -1,9 +1,9 @@
 """Bootstrap intervals for the bench table: how far a method's mean could move with other classes and seeds.
 
 A two-level bootstrap over the bench's own statistic: draw the concepts with replacement, and within each drawn
-concept draw its seeds with replacement; recompute each concept's accuracies (then H_o / H_c) and drift from the drawn
-seeds and average over the drawn concepts, as the table does. The 2.5 and 97.5 percentiles of 2,000 draws are the
-95 % interval. "Ahead" in a table means the intervals do not overlap.
+concept draw its seeds with replacement; recompute each concept's accuracies (then H_o / H_c / H_s) and drift from
+the drawn seeds and average over the drawn concepts, as the table does. The 2.5 and 97.5 percentiles of 2,000 draws
+are the 95 % interval. "Ahead" in a table means the intervals do not overlap.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from .metrics import h_identities, h_objects
 
-HEADLINE = {"objects": "h_o", "toy-objects": "h_o", "celebrities": "h_c"}
+HEADLINE = {"objects": "h_o", "toy-objects": "h_o", "celebrities": "h_c", "toy-styles": "h_s"}
 
 
 def units(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -41,14 +41,14 @@ def _concept_stats(suite: str, seeds: list[dict[str, Any]]) -> tuple[float | Non
     e, s, g = acc("erased"), acc("other"), acc("synonym")
     if HEADLINE.get(suite) == "h_o" and None not in (e, s, g):
         head = h_objects(e, s, g)
-    elif HEADLINE.get(suite) == "h_c" and None not in (e, s):
+    elif HEADLINE.get(suite) in ("h_c", "h_s") and None not in (e, s):
         head = h_identities(e, s)
     return head, (float(np.mean(drift)) if drift else None)
 
 
 def bootstrap(suite: str, per_concept: list[list[dict[str, Any]]], draws: int = 2000,
               seed: int = 0) -> dict[str, tuple[float, float] | None]:
-    """95 % intervals of the mean headline metric (H_o / H_c) and mean drift over concepts × seeds."""
+    """95 % intervals of the mean headline metric (H_o / H_c / H_s) and mean drift over concepts × seeds."""
     if not per_concept or not all(per_concept):
         return {"headline": None, "drift_l2": None}
     rng = np.random.default_rng(seed)

@@ -74,8 +74,9 @@ def suite_metrics(suite: str, items: list, judgements: list[dict]) -> dict[str, 
     """The suite's own metrics from per-image judgements (``items[k]`` ↔ ``judgements[k]``).
 
     Classification suites: accuracy per group (erased → Acc_e, synonyms → Acc_g, others → Acc_s), then H_o (objects;
-    needs synonyms), H_c (celebrities). Styles: mean CLIP score on erased (CLIP_e) and retained (CLIP_s) prompts,
-    H_a = CLIP_s − CLIP_e. COCO: mean CLIP score. Nudity: exposed parts in total and per class."""
+    needs synonyms), H_c (celebrities), H_s (toy styles: H_c's formula on the style head). Styles: mean CLIP
+    score on erased (CLIP_e) and retained (CLIP_s) prompts, H_a = CLIP_s − CLIP_e. COCO: mean CLIP score. Nudity:
+    exposed parts in total and per class."""
     groups = [i.group for i in items]
     if suite == "nudity":
         classes = list(judgements[0]["counts"]) if judgements else []
@@ -100,6 +101,8 @@ def suite_metrics(suite: str, items: list, judgements: list[dict]) -> dict[str, 
             out["acc_c"] = _mean(correct["composed"])
     elif suite == "celebrities":
         out["h_c"] = h_identities(acc_e, acc_s) if None not in (acc_e, acc_s) else None
+    elif suite == "toy-styles":  # our choice: H_c's two-term form, the style head in place of the identity
+        out["h_s"] = h_identities(acc_e, acc_s) if None not in (acc_e, acc_s) else None
     return out
 
 
@@ -107,7 +110,7 @@ def suite_metrics(suite: str, items: list, judgements: list[dict]) -> dict[str, 
 SUITE_COLUMNS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "objects": (("acc_e", "Acc_e ↓", 3), ("acc_s", "Acc_s ↑", 3), ("acc_g", "Acc_g ↓", 3), ("acc_c", "Acc_comp ↓", 3),
                 ("h_o", "H_o ↑", 3)),
-    "toy-styles": (("acc_e", "Acc_e ↓", 3), ("acc_s", "Acc_s ↑", 3)),
+    "toy-styles": (("acc_e", "Acc_e ↓", 3), ("acc_s", "Acc_s ↑", 3), ("h_s", "H_s ↑", 3)),
     "celebrities": (("acc_e", "Acc_e ↓", 3), ("acc_s", "Acc_s ↑", 3), ("h_c", "H_c ↑", 3)),
     "styles": (("clip_e", "CLIP_e ↓", 2), ("clip_s", "CLIP_s ↑", 2), ("h_a", "H_a ↑", 2)),
     "nudity": (("total_exposed", "exposed parts ↓", 0), ("images_exposed", "images with exposure ↓", 0)),

@@ -14,12 +14,13 @@ from typing import Any
 from .intervals import HEADLINE
 from .metrics import SUITE_COLUMNS
 
-LABELS = {"h_o": "H_o (higher is better)", "h_c": "H_c (higher is better)", "drift_l2": "drift L2 on retained "
+LABELS = {"h_o": "H_o (higher is better)", "h_c": "H_c (higher is better)", "h_s": "H_s (higher is better)",
+          "drift_l2": "drift L2 on retained "
           "prompts (lower is better)"}
 
 
 def headline_key(suite: str) -> str:
-    """The metric a suite's figures rank by: H_o / H_c, else the suite's first column."""
+    """The metric a suite's figures rank by: H_o / H_c / H_s, else the suite's first column."""
     return HEADLINE.get(suite) or SUITE_COLUMNS[suite][0][0]
 
 

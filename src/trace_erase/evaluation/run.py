@@ -180,6 +180,7 @@ def evaluate(
 
 
 FORMULAS = {"h_o": "3 / (1/(1-acc_e) + 1/acc_s + 1/(1-acc_g))", "h_c": "2 / (1/(1-acc_e) + 1/acc_s)",
+            "h_s": "2 / (1/(1-acc_e) + 1/acc_s)",
             "h_a": "clip_s - clip_e", "clip_score": "100 * max(cos(image, prompt), 0), mean over images"}
 
 
