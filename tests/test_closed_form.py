@@ -11,6 +11,7 @@ from trace_erase import erase, get_adapter
 from trace_erase.artifacts.lora import delta_to_lora, deltas_to_state_dict, lora_to_delta
 from trace_erase.config import Concept
 from trace_erase.engines.closed_form import ClosedFormConfig, ClosedFormEngine, aligned_positions
+from trace_erase.errors import TraceEraseError
 from trace_erase.models.base import TokenLayout
 from trace_erase.models.builders import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -277,10 +278,47 @@ def test_preserve_corpus_lowers_collateral_on_unseen_probes(tmp_path) -> None:
 
 def test_missing_or_empty_corpus_is_one_line_error(tmp_path) -> None:
     from trace_erase.engines.prompts import read_corpus
-    from trace_erase.errors import TraceEraseError
 
     with pytest.raises(TraceEraseError, match="does not exist"):
         read_corpus(str(tmp_path / "nope.txt"))
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(TraceEraseError, match="is empty"):
         read_corpus(str(tmp_path / "empty.txt"))
+
+
+def test_rece_round_erases_the_conditioning_that_still_recovered_the_concept() -> None:
+    """RECE-style rounds: M is the ridge least-squares conditioning through W·S, and after one round the conditioning
+    found against plain stage A no longer gives the concept's outputs back, while the concept stays erased."""
+    from trace_erase.engines.rece import adversarial_map, projection_gram, recovered
+
+    adapter = get_adapter(BUILDERS["sd"]())
+    concepts = [Concept("cat", "dog")]
+    plain = ClosedFormEngine(adapter, ClosedFormConfig(templates=["{}", "a photo of {}"], probe_prompts=[]),
+                             progress=False)
+    stream = plain.streams[0]
+    st = plain.statistics(concepts)[stream.name]
+    s1, none = plain.solve(stream, st)
+    assert none == []
+    weights = [adapter.module(n).weight.detach().double() for n in stream.modules]
+    k = projection_gram(weights)
+    m1 = adversarial_map(s1, k, 0.01)
+    # M against the stacked least squares of Σ_l ||W_l S c' − W_l c||² + μ||c'||²
+    c = torch.randn(st.dim, dtype=torch.float64)
+    mu = 0.01 * float(torch.trace(s1.T @ k @ s1)) / st.dim
+    x = torch.cat([*(w @ s1 for w in weights), mu**0.5 * torch.eye(st.dim, dtype=torch.float64)])
+    y = torch.cat([*(w @ c for w in weights), torch.zeros(st.dim, dtype=torch.float64)])
+    assert torch.allclose(m1 @ c, torch.linalg.lstsq(x, y[:, None]).solution[:, 0], rtol=1e-5, atol=1e-8)
+
+    rece = ClosedFormEngine(adapter, ClosedFormConfig(templates=["{}", "a photo of {}"], probe_prompts=[],
+                                                      rece_rounds=1), progress=False)
+    s2, history = rece.solve(stream, st)
+    assert history == [pytest.approx(recovered(s1, m1, k, st))]
+    before, after = recovered(s1, m1, k, st), recovered(s2, m1, k, st)
+    assert before > 0.9 and after < 0.5 * before, (before, after)  # the round-1 conditioning no longer works
+    result = rece.run(concepts)
+    assert set(result.rece) == {s.name for s in rece.streams}
+    assert max(cert["erasure_residual"] for cert in result.certificate.values()) < 0.5
+    with pytest.raises(TraceEraseError, match="rece_rounds must be ≥ 0"):
+        ClosedFormConfig(rece_rounds=-1)
+    with pytest.raises(TraceEraseError, match="rece_lambda must be > 0"):
+        ClosedFormConfig(rece_lambda=0)

@@ -205,6 +205,8 @@ def erase(
         manifest["rows"] = cf_result.counts
         manifest["certificate"] = {"summary": _summary(cf_result.certificate), "per_module": cf_result.certificate}
         manifest["timings"].update({f"stage_a_{k}": v for k, v in cf_result.timings.items()})
+        if cf_result.rece:
+            manifest["certificate"]["rece_recovered"] = cf_result.rece
     if tr_log:
         manifest["trajectory_log"] = {"final_losses": tr_log["final_losses"], "steps": tr_log["steps"],
                                       **{k: tr_log[k] for k in ("resumed", "other_processes", "adversarial_losses")

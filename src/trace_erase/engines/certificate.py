@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .closed_form import GramStats
+    from .gram import GramStats
 
 
 class StreamCertifier:

@@ -22,7 +22,9 @@ from ..config import Concept
 from ..errors import TraceEraseError
 from ..models.base import FamilyAdapter, SegmentedLayout, TextStream, TokenLayout
 from .certificate import StreamCertifier
+from .gram import ConceptGram, GramStats
 from .prompts import DEFAULT_TEMPLATES, check_templates, fill, load_corpus
+from .rece import projection_gram, rece_solve
 
 TOKEN_SELECTIONS = ("surrounding", "context", "target", "last", "all")
 
@@ -52,6 +54,10 @@ class ClosedFormConfig:
     targets: str = "default"  # which projections (adapter-specific: 'kv' for UNets, 'context' for FLUX)
     rank_tolerance: float = 1e-6  # singular values below this × the largest are dropped in the LoRA export
     batch_size: int = 32  # prompts encoded per text-encoder call
+    # RECE-style rounds (engines/rece.py; ours): after each solve, erase the conditioning the edited projections
+    # still map onto the concept, found in closed form with a ridge of rece_lambda × the mean eigenvalue
+    rece_rounds: int = 0
+    rece_lambda: float = 0.01
 
     def __post_init__(self) -> None:
         if self.token_selection not in TOKEN_SELECTIONS:
@@ -66,53 +72,14 @@ class ClosedFormConfig:
             raise TraceEraseError(f"batch_size must be ≥ 1 (got {self.batch_size})")
         if self.suffix_tokens is not None and self.suffix_tokens < 0:
             raise TraceEraseError(f"suffix_tokens must be ≥ 0 or null (got {self.suffix_tokens})")
+        if self.rece_rounds < 0:
+            raise TraceEraseError(f"rece_rounds must be ≥ 0 (got {self.rece_rounds})")
+        if not self.rece_lambda > 0:
+            raise TraceEraseError(f"rece_lambda must be > 0 (got {self.rece_lambda}); it keeps the search well-posed")
         if not 0 <= self.rank_tolerance < 1:
             raise TraceEraseError(f"rank_tolerance must be in [0, 1) (got {self.rank_tolerance})")
         if self.templates is not None:
             self.templates = check_templates(self.templates)
-
-
-@dataclass
-class GramStats:
-    """Sufficient statistics of one stream (float64): enough to solve and to certify without the rows."""
-
-    dim: int
-    g_e: torch.Tensor = None  # Σ e eᵀ
-    c: torch.Tensor = None  # Σ e aᵀ
-    g_a: torch.Tensor = None  # Σ a aᵀ
-    g_p: torch.Tensor = None  # Σ p pᵀ (preserved)
-    g_q: torch.Tensor = None  # Σ q qᵀ (probes: certificate only)
-    counts: dict[str, int] = field(default_factory=lambda: {"erase": 0, "preserve": 0, "probe": 0})
-
-    def __post_init__(self) -> None:
-        for name in ("g_e", "c", "g_a", "g_p", "g_q"):
-            if getattr(self, name) is None:
-                setattr(self, name, torch.zeros(self.dim, self.dim, dtype=torch.float64))
-
-    def add_erase(self, e: torch.Tensor, a: torch.Tensor) -> None:
-        e, a = e.double(), a.double()
-        self.g_e += e.T @ e
-        self.c += e.T @ a
-        self.g_a += a.T @ a
-        self.counts["erase"] += e.shape[0]
-
-    def add_preserve(self, p: torch.Tensor) -> None:
-        p = p.double()
-        self.g_p += p.T @ p
-        self.counts["preserve"] += p.shape[0]
-
-    def add_probe(self, q: torch.Tensor) -> None:
-        q = q.double()
-        self.g_q += q.T @ q
-        self.counts["probe"] += q.shape[0]
-
-
-@dataclass
-class ConceptGram:
-    """One concept's own token Gram Cᵢ = Σ e eᵀ (float32) and its row count."""
-
-    g_e: torch.Tensor
-    rows: int = 0
 
 
 @dataclass
@@ -135,6 +102,7 @@ class ClosedFormResult:
     streams: dict[str, list[str]]
     counts: dict[str, dict[str, int]]
     timings: dict[str, float]
+    rece: dict[str, list[float]] = field(default_factory=dict)  # per stream: what each RECE round's search recovered
 
 
 def aligned_positions(
@@ -342,6 +310,19 @@ class ClosedFormEngine:
         s_t = torch.linalg.solve(m, b.T)  # M symmetric: S = B M⁻¹ ⇔ Sᵀ = M⁻¹ Bᵀ
         return s_t.T
 
+    def solve(self, stream: TextStream, st: GramStats) -> tuple[torch.Tensor, list[float]]:
+        """The stream's S, after ``rece_rounds`` RECE rounds when asked (with what each round's search recovered)."""
+        if not self.config.rece_rounds:
+            return self.stream_solution(st), []
+        k = projection_gram([self._weight(stream, name)[1] for name in stream.modules])
+        return rece_solve(st, self.stream_solution, k, self.config.rece_rounds, self.config.rece_lambda)
+
+    def _weight(self, stream: TextStream, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A projection's whole weight (float64, CPU) and its text columns, the part the stream's S acts on."""
+        full = self.adapter.module(name).weight.detach().double().cpu()
+        lo, hi = stream.columns or (0, full.shape[1])
+        return full, full[:, lo:hi]
+
     def run(self, concepts: list[Concept], stats: dict[str, GramStats] | None = None) -> ClosedFormResult:
         """Statistics (or ``stats`` already gathered, e.g. :meth:`merged`) → one solve per stream → per-module
         deltas and certificate."""
@@ -354,22 +335,22 @@ class ClosedFormEngine:
         deltas: dict[str, torch.Tensor] = {}
         cert: dict[str, dict[str, float | None]] = {}
         certify_s = 0.0
+        rece: dict[str, list[float]] = {}
         for stream in self.streams:
             st = stats[stream.name]
-            s = self.stream_solution(st)
+            s, rece[stream.name] = self.solve(stream, st)
             s_minus_i = s - torch.eye(st.dim, dtype=torch.float64)
-            certifier = StreamCertifier(st, s)
+            certifier = StreamCertifier(st, s)  # the concept's own rows, whatever RECE added to the solve
             for name in stream.modules:
-                full = self.adapter.module(name).weight.detach().double().cpu()
-                lo, hi = stream.columns or (0, full.shape[1])
-                w = full[:, lo:hi]
+                full, w = self._weight(stream, name)
                 delta = w @ s_minus_i
                 tc = time.perf_counter()
                 cert[name] = certifier(w)
                 certify_s += time.perf_counter() - tc
-                if (lo, hi) != (0, full.shape[1]):  # the edit touches only the text columns
+                if w.shape != full.shape:  # the edit touches only the text columns
+                    lo, _ = stream.columns
                     padded = torch.zeros_like(full)
-                    padded[:, lo:hi] = delta
+                    padded[:, lo:lo + w.shape[1]] = delta
                     delta = padded
                 deltas[name] = delta
         t2 = time.perf_counter()
@@ -385,4 +366,5 @@ class ClosedFormEngine:
                 "certificate_s": certify_s,
                 "prompts_encoded": self.prompts_encoded,
             },
+            rece={k: v for k, v in rece.items() if v},
         )
