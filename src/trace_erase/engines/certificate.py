@@ -24,7 +24,7 @@ class StreamCertifier:
         self.counts = st.counts
         self.g_a = st.g_a
         self.residual_new = s @ st.g_e @ s.T - s @ st.c - (s @ st.c).T + st.g_a
-        self.residual_old = st.g_e - st.c - st.c.T + st.g_a
+        self.residual_old = st.erasure_gap()
         self.preserve = (st.g_p, sm @ st.g_p @ sm.T)
         self.probe = (st.g_q, sm @ st.g_q @ sm.T)
 

@@ -314,7 +314,7 @@ class ClosedFormEngine:
         """The stream's S, after ``rece_rounds`` RECE rounds when asked (with what each round's search recovered)."""
         if not self.config.rece_rounds:
             return self.stream_solution(st), []
-        k = projection_gram([self._weight(stream, name)[1] for name in stream.modules])
+        k = projection_gram(self._weight(stream, name)[1] for name in stream.modules)
         return rece_solve(st, self.stream_solution, k, self.config.rece_rounds, self.config.rece_lambda)
 
     def _weight(self, stream: TextStream, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,10 @@ class GramStats:
         self.g_a += a.T @ a
         self.counts["erase"] += e.shape[0]
 
+    def erasure_gap(self) -> torch.Tensor:
+        """Σ (e − a)(e − a)ᵀ: with K = WᵀW, ⟨K, ·⟩ is Σ||W e − W a||², what the edit has to close."""
+        return self.g_e - self.c - self.c.T + self.g_a
+
     def add_preserve(self, p: torch.Tensor) -> None:
         p = p.double()
         self.g_p += p.T @ p

@@ -16,7 +16,7 @@ rows they come from and weight 1; the concept's own rows stay in (RECE re-derive
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import torch
@@ -24,8 +24,9 @@ import torch
 from .gram import GramStats
 
 
-def projection_gram(weights: list[torch.Tensor]) -> torch.Tensor:
-    """K = Σ_l W_lᵀ W_l (float64) over a stream's projections (their text columns)."""
+def projection_gram(weights: Iterable[torch.Tensor]) -> torch.Tensor:
+    """K = Σ_l W_lᵀ W_l (float64) over a stream's projections (their text columns), one weight at a time: pass a
+    generator, and a FLUX stream's 38 float64 copies are never held together."""
     k = None
     for w in weights:
         w = w.double()
@@ -47,7 +48,7 @@ def recovered(s: torch.Tensor, m: torch.Tensor, k: torch.Tensor, st: GramStats) 
     0: no closer than the anchor's)."""
     r = s @ m - torch.eye(s.shape[0], dtype=s.dtype)
     num = float((k * (r @ st.g_e @ r.T)).sum())
-    den = float((k * (st.g_e - st.c - st.c.T + st.g_a)).sum())
+    den = float((k * st.erasure_gap()).sum())
     return 1.0 - num / den if den > 0 else 0.0
 
 
@@ -56,14 +57,12 @@ def rece_solve(st: GramStats, solve: Callable[[GramStats], torch.Tensor], k: tor
     """S after ``rounds`` RECE rounds, and how much of the concept each round's adversarial conditioning recovered
     through the S it was found for (the first entry is plain stage A's)."""
     s = solve(st)
-    work = replace(st, g_e=st.g_e.clone(), c=st.c.clone(), g_a=st.g_a.clone(), counts=dict(st.counts))
+    work = replace(st, g_e=st.g_e.clone(), c=st.c.clone())  # the solve reads only G_e, C and G_p
     history = []
     for _ in range(rounds):
         m = adversarial_map(s, k, lam)
         history.append(recovered(s, m, k, st))
         work.g_e += m @ st.g_e @ m.T
         work.c += m @ st.c
-        work.g_a += st.g_a
-        work.counts["erase"] += st.counts["erase"]
         s = solve(work)
     return s, history
