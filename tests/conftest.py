@@ -68,6 +68,15 @@ def family_pipe(request: pytest.FixtureRequest):
 
 
 @pytest.fixture(scope="session")
+def micro_sd(tmp_path_factory) -> str:
+    """A micro toy-world SD model trained here (a few seconds): real toy vocabulary, the toy scorer reads it."""
+    from trace_erase.toyworld.train import ToyTrainer, preset
+
+    out = tmp_path_factory.mktemp("micro") / "toy-sd"
+    return str(ToyTrainer(preset("sd", micro=True), out, progress=False).run())
+
+
+@pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> str:
     """A CLIPModel folder (random weights, 32-px images) with its tokenizer: the offline stand-in for a CLIP id."""
     from transformers import CLIPConfig, CLIPModel

@@ -13,13 +13,6 @@ from trace_erase.evaluation import h_identities, h_objects, h_styles, pixel_drif
 from trace_erase.evaluation.run import evaluate
 from trace_erase.evaluation.suites import build_suite, toy_class_of
 from trace_erase.models import load_model
-from trace_erase.toyworld.train import ToyTrainer, preset
-
-
-@pytest.fixture(scope="module")
-def micro_sd(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("micro") / "toy-sd"
-    return str(ToyTrainer(preset("sd", micro=True), out, progress=False).run())
 
 
 def test_metric_formulas() -> None:

@@ -142,7 +142,7 @@ def run_bench(
         base = None
         controls: dict[str, Any] | None = None
         for method, extra in [*runs, ("base", {})]:
-            label = method + "".join(f"[{k}={v}]" for k, v in extra.items())
+            label = run_label(method, extra)
             row_file = work / "rows" / f"{concept}__{label}.json"
             if row_file.is_file():  # finished before an interruption
                 rows.append(json.loads(row_file.read_text()))
@@ -155,7 +155,8 @@ def run_bench(
                 if attacks and controls is None:
                     controls = _attack_controls(handle, attacks, concept, work / "attacks" / concept, scorer)
                 row = _bench_run(handle, erase, method, extra, label, concept, base, run_dir, suites[concept],
-                                 scorer, seeds, options, scheduler, progress, reference)
+                                 scorer, seeds, options, scheduler, progress, reference,
+                                 per_concept_dir(work, concept, method, extra, options))
                 if attacks and row["status"] == "ok":
                     row.update(_attack_row(handle, attacks, controls, concept, run_dir, scorer))
             except Exception as exc:  # noqa: BLE001 - one bad run is a failed row, not a lost bench
@@ -180,7 +181,7 @@ def run_bench(
 def _bench_run(handle: ModelHandle, erase: Any, method: str, extra: dict[str, Any], label: str, concept: str,
                base: np.ndarray, run_dir: Path, suite: Suite, scorer: Scorer, seeds: int,
                options: dict[str, Any] | None, scheduler: str | None, progress: bool,
-               reference: str | Path | None) -> dict[str, Any]:
+               reference: str | Path | None, workdir: Path | None = None) -> dict[str, Any]:
     """One (method, concept) run: erase, evaluate on the shared base images, save; its row of the table."""
     common = {"seeds": seeds, "progress": False, "base_images": base, "scheduler": scheduler, "overwrite": True,
               "scorer": scorer, "reference": reference}
@@ -194,7 +195,8 @@ def _bench_run(handle: ModelHandle, erase: Any, method: str, extra: dict[str, An
     _reset(handle)
     opts = {k: v for k, v in (options or {}).items() if _accepts(spec, k)}
     t0 = time.perf_counter()
-    er = erase(handle, concept.split(","), method=method, progress=progress, **opts, **extra)  # "a,b": a set
+    er = erase(handle, concept.split(","), method=method, progress=progress, workdir=workdir,  # "a,b": a set
+               **opts, **extra)
     wall = time.perf_counter() - t0
     res = evaluate(handle, er, suite, concept, run_dir, **common)
     er.save(run_dir / "erasure")
@@ -205,6 +207,33 @@ def _bench_run(handle: ModelHandle, erase: Any, method: str, extra: dict[str, An
                                                         if m.get(k) is not None), flush=True)
     return {"concept": concept, "method": label, "status": "ok", **res["metrics"]["erased"], "erase_s": wall,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "units": units(res)}
+
+
+def run_label(method: str, extra: dict[str, Any]) -> str:
+    """A run's row label: the method, then each sweep option in brackets (``trace[multi=sum]``)."""
+    return method + "".join(f"[{k}={v}]" for k, v in extra.items())
+
+
+def per_concept_dir(work: Path, concept: str, method: str, extra: dict[str, Any],
+                    options: dict[str, Any] | None) -> Path | None:
+    """Where a concept set's per-concept stage-B LoRAs live when ``--multi fuse`` and ``sum`` runs could share them.
+
+    Both train one LoRA per concept from the same joint stage A, and ``multi`` does not enter their run hash, so a
+    ``trace[multi=sum]`` run beside ``trace`` (fuse) reloads the fuse run's LoRAs instead of training them again
+    (each LoRA's stored run hash still guards the match). One folder per method and options other than ``multi``.
+    """
+    if "," not in concept or method == "base":
+        return None
+    spec = get_method(method)
+    if not spec.uses_trajectory:
+        return None
+    opts = {k: v for k, v in {**(options or {}), **extra}.items() if _accepts(spec, k)}
+    if opts.get("multi", spec.multi_default) not in ("fuse", "sum"):
+        return None
+    from ..config import config_hash
+
+    key = config_hash({"method": method, **{k: v for k, v in opts.items() if k != "multi"}})[:12]
+    return work / "stage-b" / concept / key
 
 
 def _attack_controls(handle: ModelHandle, attacks: list[Any], concept: str, folder: Path,

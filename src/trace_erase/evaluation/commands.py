@@ -191,6 +191,9 @@ def bench(
     multi: Annotated[str | None, typer.Option(help="toy-objects: erase N classes at once for each N, e.g. 1,2,5,8 "
                                                    "(quality and interference against N)")] = None,
     subsets: Annotated[int, typer.Option(help="--multi: seeded class subsets per N > 1")] = 5,
+    singletons: Annotated[str | None, typer.Option(help="--multi: take N = 1 (each class alone) from this bench.json "
+                                                        "of single classes (same model, seeds and options) "
+                                                        "instead of rerunning it")] = None,
     attacks: Annotated[str | None, typer.Option(help="also attack every erasure (and the base model as the control) "
                                                      "with these, e.g. paraphrase,concept-vector,soft-prompt,"
                                                      "inversion: ASR columns")] = None,
@@ -241,6 +244,12 @@ def bench(
             raise TraceEraseError("--multi runs on --suite toy-objects with its built-in prompts")
         if subsets < 1:
             raise TraceEraseError(f"--subsets must be ≥ 1 (got {subsets})")
+        if singletons:
+            from ..evaluation.multi_bench import singleton_rows
+
+            singleton_rows(singletons, model, seeds, parse_options(option or []))
+    elif singletons:
+        raise TraceEraseError("--singletons supplies --multi's N = 1 runs; add --multi 1,2,5,8 or drop it")
     if concepts in ("dev", "test"):
         if suite not in ("toy-objects",) and not (suite == "objects" and classes == "toy"):
             raise TraceEraseError(f"--concepts {concepts} is the toy classes' split; use it with --suite toy-objects")
@@ -262,7 +271,7 @@ def bench(
     if counts is not None:
         from ..evaluation.multi_bench import run_multi_bench
 
-        res = run_multi_bench(handle, method_list, counts, output, subsets=subsets, seeds=seeds,
+        res = run_multi_bench(handle, method_list, counts, output, subsets=subsets, seeds=seeds, singletons=singletons,
                               options=parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite,
                               scheduler=scheduler, resume=resume, scorer=the_scorer)
         typer.echo((Path(output) / "multi.md").read_text())

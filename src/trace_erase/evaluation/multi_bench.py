@@ -7,6 +7,10 @@ larger N, ``subsets`` fixed subsets drawn with a seeded RNG (listed in the resul
 per-class seeds shrinking as 1/N so the erased set holds about as many images at every N, as MACE's protocol does.
 Per method and N: Acc_e, Acc_s, Acc_g, H_o, drift (means over the subsets), the worst erased class's Acc_e, and
 interference Δ_int = mean over c ∈ S of Acc_e(c | S) − Acc_e(c | {c}).
+
+Two things are not run twice. At N = 1 a sweep run that only sets ``multi`` is the method's own erasure (one concept
+has nothing to combine), so its rows are the method's. And the singletons may come from an existing bench of every
+class alone (``singletons``: its ``bench.json``, same model, seeds and options), e.g. the side-by-side table's.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TraceEraseError
-from .bench import run_bench
+from .bench import run_bench, run_label
 from .suites import load_class_set
 
 KEYS = ("acc_e", "acc_s", "acc_g", "h_o", "drift_l2")
@@ -53,8 +57,32 @@ def per_class_acc_e(results: dict[str, Any]) -> dict[str, float]:
     return {label: erased for group, label, _, erased in per_label_means(results) if group == "erased"}
 
 
+def singleton_rows(path: str | Path, model: str, seeds: int,
+                   options: dict[str, Any] | None) -> dict[str, dict[str, dict[str, Any]]]:
+    """class → method → row, from a bench of single classes (``bench.json``) run with the same model, seeds per prompt
+    and options as this multi bench; one line naming the mismatch otherwise."""
+    file = Path(path)
+    file = file / "bench.json" if file.is_dir() else file
+    try:
+        bench = json.loads(file.read_text())
+        rows = bench["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TraceEraseError(f"--singletons '{path}' is not a bench.json with rows (the output of trace-erase "
+                              "bench)") from None
+    expected = {"model": model, "suite": "toy-objects", "seeds_per_prompt": seeds, "options": options or {}}
+    for key, want in expected.items():
+        if bench.get(key) != want:
+            raise TraceEraseError(f"--singletons '{path}' has {key} {bench.get(key)!r}, this bench {want!r}; the "
+                                  "singletons must come from the same model, suite, seeds and options")
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("status") == "ok" and "," not in row["concept"]:
+            out.setdefault(row["concept"], {})[row["method"]] = row
+    return out
+
+
 def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: str | Path, subsets: int = 5,
-                    seeds: int = 10, **bench_kwargs: Any) -> dict[str, Any]:
+                    seeds: int = 10, singletons: str | Path | None = None, **bench_kwargs: Any) -> dict[str, Any]:
     """Run the benches of every concept set and write ``multi.json``, ``multi.md`` and ``multi.png`` (each set's
     bench is committed as it finishes: ``resume=True`` skips the finished ones)."""
     import shutil
@@ -70,26 +98,45 @@ def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: 
         shutil.rmtree(out)
     classes = list(load_class_set("toy").classes)
     sets = concept_sets(classes, counts, subsets)
+    sweep = list(bench_kwargs.pop("sweep", None) or [])
+    labels = [*methods, *(run_label("trace", e) for e in sweep)]
+    # at N = 1, sweep runs that only choose the combination are trace's own erasure: copied, not rerun
+    aliases = [run_label("trace", e) for e in sweep if set(e) <= {"multi"}] if "trace" in methods else []
+    alone = singleton_rows(singletons, handle.source, seeds, bench_kwargs.get("options")) if singletons else {}
     rows = []
     for n, groups in sets.items():
         per_seed = max(1, round(seeds / n))
         for k, group in enumerate(groups):
             folder = out / f"N{n}" / f"set{k}"
-            if (folder / "bench.json").is_file():
-                result = json.loads((folder / "bench.json").read_text())
+            if n == 1:
+                reused = alone.get(group[0], {})
+                todo = [m for m in methods if m not in reused]
+                todo_sweep = [e for e in sweep if run_label("trace", e) not in aliases + list(reused)]
             else:
-                result = run_bench(handle, methods, [",".join(group)], folder, suite="toy-objects", seeds=per_seed,
-                                   resume=resume, **bench_kwargs)
-            for row in result["rows"]:
-                if row.get("status") != "ok":
-                    continue
-                run = folder / "runs" / row["concept"] / row["method"] / "results.json"
-                per_class = per_class_acc_e(json.loads(run.read_text())) if run.is_file() else {}
-                rows.append({"n": n, "set": group, "method": row["method"], "seeds": per_seed,
-                             **{key: row.get(key) for key in KEYS}, "per_class_acc_e": per_class})
+                reused, todo, todo_sweep = {}, methods, sweep
+            found: list[tuple[dict[str, Any], dict[str, float]]] = []
+            if todo or todo_sweep:
+                if (folder / "bench.json").is_file():
+                    result = json.loads((folder / "bench.json").read_text())
+                else:
+                    result = run_bench(handle, todo, [",".join(group)], folder, suite="toy-objects",
+                                       seeds=per_seed, resume=resume, sweep=todo_sweep, **bench_kwargs)
+                for row in result["rows"]:
+                    run = folder / "runs" / row["concept"] / row["method"] / "results.json"
+                    found.append((row, per_class_acc_e(json.loads(run.read_text())) if run.is_file() else {}))
+            found += [(row, {group[0]: row["acc_e"]}) for row in reused.values()]
+            by_label = {row["method"]: (row, per_class) for row, per_class in found if row.get("status") == "ok"}
+            if n == 1 and "trace" in by_label:
+                by_label.update({a: by_label["trace"] for a in aliases})
+            for label in [m for m in ("base", *labels) if m in by_label]:
+                row, per_class = by_label[label]
+                rows.append({"n": n, "set": group, "method": label, "seeds": per_seed,
+                             **{key: row.get(key) for key in KEYS}, "per_class_acc_e": per_class,
+                             **({"from": str(singletons)} if label in reused else {})})
     summary = summarize_multi(rows, counts)
     result = {"model": handle.source, "counts": counts, "subsets": {str(n): g for n, g in sets.items()},
-              "seeds_at_n1": seeds, "rows": rows, "summary": summary}
+              "seeds_at_n1": seeds, "singletons": str(singletons) if singletons else None,
+              "aliases_at_n1": aliases, "rows": rows, "summary": summary}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "multi.json", json.dumps(result, indent=2) + "\n")
     atomic_write(out / "multi.md", markdown_multi(result))
@@ -137,6 +184,11 @@ def markdown_multi(result: dict[str, Any]) -> str:
     lines.append(f"Subsets: {json.dumps(result['subsets'])}; per-class seeds {result['seeds_at_n1']} at N = 1, "
                  "÷ N above (a near-constant erased-set image count). Interference: mean over c ∈ S of "
                  "Acc_e(c | S) − Acc_e(c | {c}).")
+    if result.get("singletons"):
+        lines.append(f"N = 1 rows from `{result['singletons']}` (each class alone, same model, seeds and options).")
+    if result.get("aliases_at_n1"):
+        lines.append(f"At N = 1, {', '.join(result['aliases_at_n1'])} = trace's own erasure (one concept: nothing to "
+                     "combine), not rerun.")
     return "\n".join(lines) + "\n"
 
 

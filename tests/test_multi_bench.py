@@ -1,0 +1,93 @@
+"""``bench`` with concept sets: what the multi-concept bench reuses instead of rerunning, and its bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from trace_erase.cli import main
+from trace_erase.evaluation.bench import run_bench
+from trace_erase.evaluation.multi_bench import run_multi_bench
+from trace_erase.models import load_model
+
+TINY = {"steps": 2, "rollout_steps": 2, "pool_trajectories": 1, "templates": ["{}"]}
+
+
+def test_sum_reuses_the_per_concept_loras_that_fuse_trained(micro_sd, tmp_path) -> None:
+    handle = load_model(micro_sd)
+    run_bench(handle, ["trace"], ["circle,square"], tmp_path / "b", seeds=1, progress=False, options=TINY,
+              sweep=[{"multi": "sum"}])
+    runs = tmp_path / "b" / "runs" / "circle,square"
+    fuse = json.loads((runs / "trace" / "erasure" / "erasure.json").read_text())
+    summed = json.loads((runs / "trace[multi=sum]" / "erasure" / "erasure.json").read_text())
+    assert fuse["multi"] == "fuse" and summed["multi"] == "sum"
+    assert "resumed" not in fuse["trajectory_log"]  # fuse trained both
+    assert summed["trajectory_log"]["resumed"] == ["circle", "square"]  # sum trained none
+    a = load_file(str(runs / "trace" / "erasure" / fuse["fusion"]["weight_name"]))
+    b = load_file(str(runs / "trace[multi=sum]" / "erasure" / summed["fusion"]["weight_name"]))
+    factors = [k for k in a if k.startswith("concept.")]
+    assert factors and all((a[k] == b[k]).all() for k in factors)
+
+
+@pytest.fixture(scope="module")
+def singletons(micro_sd, tmp_path_factory):
+    """A bench of one class alone, its rows copied to the other nine (what a bench of every class would hold)."""
+    from trace_erase.evaluation.suites import load_class_set
+
+    tmp = tmp_path_factory.mktemp("singletons")
+    res = run_bench(load_model(micro_sd), ["uce"], ["circle"], tmp / "one", seeds=1, progress=False)
+    rows = [{**r, "concept": c} for c in load_class_set("toy").classes for r in res["rows"]]
+    path = tmp / "singletons.json"
+    path.write_text(json.dumps({**res, "rows": rows}))
+    return path, {r["method"]: r for r in res["rows"]}
+
+
+def test_multi_bench_takes_n1_from_singletons_and_runs_only_the_sets(micro_sd, singletons, tmp_path) -> None:
+    handle = load_model(micro_sd)
+    path, source = singletons
+    res = run_multi_bench(handle, ["uce"], [1, 2], tmp_path / "m", subsets=1, seeds=1, singletons=path,
+                          progress=False)
+    assert not (tmp_path / "m" / "N1").exists()  # nothing rerun at N = 1
+    assert (tmp_path / "m" / "N2" / "set0" / "bench.json").is_file()
+    n1 = [r for r in res["rows"] if r["n"] == 1 and r["method"] == "uce"]
+    assert len(n1) == 10 and all(r["h_o"] == source["uce"]["h_o"] and r["from"] == str(path) for r in n1)
+    assert {r["method"] for r in res["rows"] if r["n"] == 2} == {"base", "uce"}
+    (n2,) = [e for e in res["summary"] if e["method"] == "uce" and e["n"] == 2]
+    n2_row = next(r for r in res["rows"] if r["n"] == 2 and r["method"] == "uce")
+    alone = source["uce"]["acc_e"]
+    assert n2["interference"] == pytest.approx(sum(v - alone for v in n2_row["per_class_acc_e"].values()) / 2)
+
+
+def test_a_sweep_that_only_sets_multi_is_the_method_itself_at_n1(micro_sd, singletons, tmp_path) -> None:
+    handle = load_model(micro_sd)
+    relabelled = json.loads(singletons[0].read_text())
+    relabelled["rows"] = [{**r, "method": "trace"} if r["method"] == "uce" else r for r in relabelled["rows"]]
+    path = tmp_path / "singletons.json"
+    path.write_text(json.dumps(relabelled))
+    res = run_multi_bench(handle, ["trace"], [1], tmp_path / "m", subsets=1, seeds=1, singletons=path,
+                          sweep=[{"multi": "sum"}], progress=False)
+    assert not (tmp_path / "m" / "N1").exists() and res["aliases_at_n1"] == ["trace[multi=sum]"]
+    by = {(r["set"][0], r["method"]): r for r in res["rows"]}
+    assert all(by[(c, "trace[multi=sum]")]["h_o"] == by[(c, "trace")]["h_o"] for c, _ in by)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seeds", "3"], "has seeds_per_prompt 1, this bench 3"),
+    (["--option", "steps=5"], "has options {}, this bench {'steps': 5}"),
+])
+def test_singletons_that_do_not_match_are_one_line(micro_sd, singletons, tmp_path, capsys, extra, message) -> None:
+    path, _ = singletons
+    code = main(["bench", "--model", micro_sd, "--multi", "1,2", "--singletons", str(path), "--output",
+                 str(tmp_path / "m"), "--seeds", "1", *extra])  # the last --seeds wins
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_singletons_bad_input_is_one_line(micro_sd, tmp_path, capsys) -> None:
+    assert main(["bench", "--model", micro_sd, "--singletons", str(tmp_path), "--output", str(tmp_path / "m")]) == 2
+    assert "add --multi" in capsys.readouterr().err
+    assert main(["bench", "--model", micro_sd, "--multi", "1,2", "--singletons", str(tmp_path / "none.json"),
+                 "--output", str(tmp_path / "m")]) == 2
+    assert "is not a bench.json with rows" in capsys.readouterr().err
