@@ -7,7 +7,9 @@ over all their rows with the bench's own code. The runs must share model, suite,
     python benchmarks/merge_bench.py out/sweep-a/bench.json out/sweep-b/bench.json --output out/sweep
 
 With --relabel the runs may use different --option values (variants run in parallel): each run's rows are named
-after its options, e.g. ``trace{reference=original}``, and become rows of one table.
+after its options, e.g. ``trace{reference=original}``, and become rows of one table. --concepts keeps only some
+classes (``dev``, ``test`` or a list), e.g. to set a variant run on the development half beside the defaults' rows
+of an all-classes bench.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from trace_erase.artifacts.erasure import atomic_folder, commit_folder
 from trace_erase.errors import TraceEraseError
-from trace_erase.evaluation.bench import markdown, merge_results, write_tables
+from trace_erase.evaluation.bench import keep_concepts, markdown, merge_results, write_tables
 from trace_erase.evaluation.intervals import units
 
 
@@ -40,12 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, required=True, help="folder for the merged bench.json and bench.md")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     ap.add_argument("--relabel", action="store_true", help="runs with different --option values: name rows by them")
+    ap.add_argument("--concepts", help="keep only these concepts: dev, test (the toy halves) or a comma list")
     args = ap.parse_args(argv)
     missing = [str(p) for p in args.inputs if not p.is_file()]
     if missing:
         raise SystemExit(f"error: not found: {', '.join(missing)}; give the bench.json files of finished runs")
     try:
-        result = merge_results([with_units(p) for p in args.inputs], relabel=args.relabel)
+        result = merge_results([keep_concepts(with_units(p), args.concepts) for p in args.inputs], relabel=args.relabel)
         final, tmp = atomic_folder(args.output, args.overwrite, "merged bench output")
     except TraceEraseError as e:
         raise SystemExit(f"error: {e}") from None

@@ -253,6 +253,7 @@ def test_merge_relabel_makes_option_variants_rows_of_one_table() -> None:
     assert [e["h_o"] for e in merged["means"]][1:] == [0.8, 0.9]
     with pytest.raises(TraceEraseError, match="differ in 'options'"):
         merge_results([run({}, 0.8), run({"reference": "original"}, 0.9)])
+
     # a merge of default-option runs merges again with plain names (its options read as the defaults)
     same = merge_results([run({}, 0.8), run({}, 0.8) | {"concepts": ["heart"], "rows": [
         {"concept": "heart", "method": "trace", "status": "ok", "h_o": 0.6}]}], relabel=True)
@@ -261,6 +262,21 @@ def test_merge_relabel_makes_option_variants_rows_of_one_table() -> None:
         {"concept": "star", "method": "trace", "status": "ok", "h_o": 0.7}]}
     again = merge_results([same | {"options": {"per run": [{}, {}]}}, other], relabel=True)
     assert [e["method"] for e in again["means"]] == ["base", "trace"] and again["options"] == {}
+
+
+def test_keep_concepts_cuts_a_bench_to_a_half() -> None:
+    from trace_erase.evaluation.bench import keep_concepts
+    from trace_erase.evaluation.suites import toy_split
+
+    classes = ["circle", "square", "star"]
+    bench = {"concepts": classes, "rows": [{"concept": c, "method": m, "h_o": 0.5} for c in classes
+                                           for m in ("base", "trace")]}
+    dev = [c for c in classes if c in toy_split("dev")]
+    assert dev and keep_concepts(bench, "square,star")["concepts"] == ["square", "star"]
+    assert {r["concept"] for r in keep_concepts(bench, "circle")["rows"]} == {"circle"}
+    assert keep_concepts(bench, None) is bench
+    with pytest.raises(TraceEraseError, match="this bench has no 'heart'"):
+        keep_concepts(bench, "dev")
 
 
 def test_bench_report_renders_in_headless_chromium(tmp_path) -> None:

@@ -342,6 +342,21 @@ def merge_results(results: list[dict[str, Any]], relabel: bool = False) -> dict[
     return merged
 
 
+def keep_concepts(result: dict[str, Any], concepts: str | None) -> dict[str, Any]:
+    """A bench result cut to ``concepts`` (``dev`` / ``test``, the toy halves, or a comma list): its rows and concept
+    list, e.g. the defaults' rows of an all-classes bench set beside a variant run on one half. None: unchanged."""
+    if not concepts:
+        return result
+    from .suites import toy_split
+
+    wanted = list(toy_split(concepts)) if concepts in ("dev", "test") else [c.strip() for c in concepts.split(",")]
+    missing = [c for c in wanted if c not in result["concepts"]]
+    if missing:
+        raise TraceEraseError(f"this bench has no '{missing[0]}'; it covers {', '.join(result['concepts'])}")
+    return {**result, "concepts": [c for c in result["concepts"] if c in wanted],
+            "rows": [r for r in result["rows"] if r["concept"] in wanted]}
+
+
 def _shared_options(options: dict[str, Any]) -> dict[str, Any]:
     """A bench's options, looking through a merge whose runs all had the same ones (``{"per run": [{}, {}]}`` is
     ``{}``); a merge of differing options stays as it is (its rows are already named after them)."""
