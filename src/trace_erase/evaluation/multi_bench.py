@@ -114,16 +114,7 @@ def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: 
                 todo_sweep = [e for e in sweep if run_label("trace", e) not in aliases + list(reused)]
             else:
                 reused, todo, todo_sweep = {}, methods, sweep
-            found: list[tuple[dict[str, Any], dict[str, float]]] = []
-            if todo or todo_sweep:
-                if (folder / "bench.json").is_file():
-                    result = json.loads((folder / "bench.json").read_text())
-                else:
-                    result = run_bench(handle, todo, [",".join(group)], folder, suite="toy-objects",
-                                       seeds=per_seed, resume=resume, sweep=todo_sweep, **bench_kwargs)
-                for row in result["rows"]:
-                    run = folder / "runs" / row["concept"] / row["method"] / "results.json"
-                    found.append((row, per_class_acc_e(json.loads(run.read_text())) if run.is_file() else {}))
+            found = _set_rows(handle, folder, group, todo, todo_sweep, per_seed, resume, bench_kwargs)
             found += [(row, {group[0]: row["acc_e"]}) for row in reused.values()]
             by_label = {row["method"]: (row, per_class) for row, per_class in found if row.get("status") == "ok"}
             if n == 1 and "trace" in by_label:
@@ -142,6 +133,23 @@ def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: 
     atomic_write(out / "multi.md", markdown_multi(result))
     multi_figure(result, out)
     return result
+
+
+def _set_rows(handle: Any, folder: Path, group: list[str], methods: list[str], sweep: list[dict[str, Any]],
+              seeds: int, resume: bool, bench_kwargs: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, float]]]:
+    """One concept set's bench rows (run now, or read when already committed), each with Acc_e per erased class."""
+    if not methods and not sweep:
+        return []
+    if (folder / "bench.json").is_file():
+        result = json.loads((folder / "bench.json").read_text())
+    else:
+        result = run_bench(handle, methods, [",".join(group)], folder, suite="toy-objects", seeds=seeds,
+                           resume=resume, sweep=sweep, **bench_kwargs)
+    found = []
+    for row in result["rows"]:
+        run = folder / "runs" / row["concept"] / row["method"] / "results.json"
+        found.append((row, per_class_acc_e(json.loads(run.read_text())) if run.is_file() else {}))
+    return found
 
 
 def summarize_multi(rows: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any]]:
