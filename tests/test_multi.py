@@ -265,3 +265,18 @@ def test_two_processes_share_the_concepts_and_match_one(saved_models, tmp_path) 
     assert not (tmp_path / "two.partial").exists()
     log = json.loads((tmp_path / "two" / "erasure.json").read_text())["trajectory_log"]
     assert log["other_processes"] == ["dog"] and list(log["final_losses"]) == ["cat"]  # each trained its share
+
+
+def test_ant_erases_several_concepts_its_own_way() -> None:
+    """ANT's Multiple/ recipe: per-concept LoRAs fused, with its multi-concept cut-off; one concept keeps its own."""
+    from trace_erase.api import method_configs
+    from trace_erase.methods import get_method
+    from trace_erase.multi import resolve_multi
+
+    ant = get_method("ant")
+    assert resolve_multi(ant, None, 2) == "fuse" and resolve_multi(get_method("esd-x"), None, 2) == "joint"
+    assert method_configs(ant, {"multi": None})[1].tau == 0.86
+    assert method_configs(ant, {"multi": "fuse"})[1].tau == 0.92
+    assert method_configs(ant, {"multi": "joint", "tau": 0.8})[1].tau == 0.8
+    assert method_configs(get_method("trace"), {"multi": "fuse"})[1].tau == method_configs(
+        get_method("trace"), {"multi": None})[1].tau

@@ -80,7 +80,9 @@ def method_configs(spec: MethodSpec, options: dict[str, Any]) -> tuple[ClosedFor
             raise TraceEraseError(f"unknown options for '{spec.name}' ['{key}']; valid keys: {', '.join(valid)}")
     cf = config_from_dict(ClosedFormConfig, {**spec.defaults, **cf_opts}, f"options for '{spec.name}'") \
         if spec.uses_closed_form else None
-    tr = config_from_dict(TrajectoryConfig, {**spec.trajectory, **tr_opts}, f"options for '{spec.name}'") \
+    several = tr_opts.get("multi") is not None  # erase() sets it only for two concepts or more
+    base = {**spec.trajectory, **(spec.multi_trajectory if several else {})}
+    tr = config_from_dict(TrajectoryConfig, {**base, **tr_opts}, f"options for '{spec.name}'") \
         if spec.uses_trajectory else None
     return cf, tr
 

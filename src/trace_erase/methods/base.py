@@ -18,9 +18,12 @@ class MethodSpec:
     defaults: dict[str, Any] = field(default_factory=dict)  # closed-form engine options
     trajectory: dict[str, Any] = field(default_factory=dict)  # trajectory engine options
     families: tuple[str, ...] = ("sd", "sdxl", "flux", "sd3")
-    # several concepts with stage B: "fuse" (per-concept LoRAs + closed-form integration: TRACE's multi-concept
-    # recipe) or "joint" (one LoRA, a concept sampled per step: ESD's and ANT's)
+    # several concepts with stage B: "fuse" (per-concept LoRAs + closed-form integration: TRACE's and ANT's
+    # multi-concept recipes) or "joint" (one LoRA, a concept sampled per step: ESD's)
     multi_default: str = "joint"
+    # trajectory options that replace ``trajectory``'s when several concepts are erased (a method's own
+    # multi-concept settings, e.g. ANT's earlier cut-off); an explicit option still wins
+    multi_trajectory: dict[str, Any] = field(default_factory=dict)
 
     def check_family(self, family: str | None) -> None:
         """Refuse a model family this method does not support (None: not known yet, nothing to check)."""
