@@ -12,7 +12,7 @@ from trace_erase.evaluation.bench import run_bench
 from trace_erase.evaluation.multi_bench import run_multi_bench
 from trace_erase.models import load_model
 
-TINY = {"steps": 2, "rollout_steps": 2, "pool_trajectories": 1, "templates": ["{}"]}
+TINY = {"steps": 2, "rollout_steps": 2, "pool_trajectories": 1, "templates": ["{}"], "preserve_corpus": None}
 
 
 def test_sum_reuses_the_per_concept_loras_that_fuse_trained(micro_sd, tmp_path) -> None:
