@@ -222,16 +222,18 @@ def per_concept_dir(work: Path, concept: str, method: str, extra: dict[str, Any]
     ``trace[multi=sum]`` run beside ``trace`` (fuse) reloads the fuse run's LoRAs instead of training them again
     (each LoRA's stored run hash still guards the match). One folder per method and options other than ``multi``.
     """
-    if "," not in concept or method == "base":
-        return None
-    spec = get_method(method)
-    if not spec.uses_trajectory:
-        return None
-    opts = {k: v for k, v in {**(options or {}), **extra}.items() if _accepts(spec, k)}
-    if opts.get("multi", spec.multi_default) not in ("fuse", "sum"):
+    if method == "base":
         return None
     from ..config import config_hash
+    from ..multi import resolve_multi
 
+    spec = get_method(method)
+    opts = {k: v for k, v in {**(options or {}), **extra}.items() if _accepts(spec, k)}
+    if not spec.uses_trajectory:
+        return None
+    # one concept alone, or one LoRA for all (joint): nothing per concept to share
+    if resolve_multi(spec, opts.get("multi"), len(concept.split(","))) not in ("fuse", "sum"):
+        return None
     key = config_hash({"method": method, **{k: v for k, v in opts.items() if k != "multi"}})[:12]
     return work / "stage-b" / concept / key
 

@@ -99,9 +99,11 @@ def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: 
     classes = list(load_class_set("toy").classes)
     sets = concept_sets(classes, counts, subsets)
     sweep = list(bench_kwargs.pop("sweep", None) or [])
-    labels = [*methods, *(run_label("trace", e) for e in sweep)]
+    sweep_labels = [run_label("trace", e) for e in sweep]
+    labels = [*methods, *sweep_labels]
     # at N = 1, sweep runs that only choose the combination are trace's own erasure: copied, not rerun
-    aliases = [run_label("trace", e) for e in sweep if set(e) <= {"multi"}] if "trace" in methods else []
+    aliases = [lb for lb, e in zip(sweep_labels, sweep, strict=True) if set(e) <= {"multi"}] if "trace" in methods \
+        else []
     alone = singleton_rows(singletons, handle.source, seeds, bench_kwargs.get("options")) if singletons else {}
     rows = []
     for n, groups in sets.items():
@@ -111,7 +113,8 @@ def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: 
             if n == 1:
                 reused = alone.get(group[0], {})
                 todo = [m for m in methods if m not in reused]
-                todo_sweep = [e for e in sweep if run_label("trace", e) not in aliases + list(reused)]
+                todo_sweep = [e for lb, e in zip(sweep_labels, sweep, strict=True)
+                              if lb not in aliases and lb not in reused]
             else:
                 reused, todo, todo_sweep = {}, methods, sweep
             found = _set_rows(handle, folder, group, todo, todo_sweep, per_seed, resume, bench_kwargs)
