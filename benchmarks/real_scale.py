@@ -32,10 +32,12 @@ SDXL_METHODS = ("trace-closed-form", "uce", "trace", "esd-x", "esd-u", "ant")
 
 
 def cases(cuda: bool, iters: int, gen_steps: int) -> list[dict[str, Any]]:
-    """What to run: SD-1.4 at 512 px in fp32 and bf16 (CPU or GPU); SDXL at 1024 px per method on a GPU."""
+    """What to run: SD-1.4 at 512 px in fp32 and bf16 (CPU or GPU); SDXL at 1024 px per method on a GPU. On a GPU the
+    user's path (bf16) comes first, so a run cut short by its time limit still holds it."""
     device = "cuda" if cuda else "cpu"
     out: list[dict[str, Any]] = []
-    for dtype in ("fp32", "bf16"):
+
+    def sd14(dtype: str) -> None:
         base = {"arch": "sd14", "device": device, "dtype": dtype, "iters": iters}
         out.append({**base, "kind": "stage-a", "method": "trace-closed-form"})
         for gc in (False, True):
@@ -44,30 +46,38 @@ def cases(cuda: bool, iters: int, gen_steps: int) -> list[dict[str, Any]]:
             out.append({**base, "kind": "stage-b", "method": "trace", "gradient_checkpointing": False,
                         "offload": "text-encoders"})
         out.append({**base, "kind": "generate", "gen_steps": gen_steps})
+
+    for dtype in (("bf16",) if cuda else ("fp32", "bf16")):
+        sd14(dtype)
     if cuda:
         base = {"arch": "sdxl", "device": device, "dtype": "bf16", "iters": iters}
         for method in SDXL_METHODS:
             out.append({**base, "kind": "stage-b" if method not in ("trace-closed-form", "uce") else "stage-a",
                         "method": method, "gradient_checkpointing": False})
         out.append({**base, "kind": "generate", "gen_steps": gen_steps})
+        sd14("fp32")
     return out
 
 
-def build(arch: str, folder: Path, tiny: bool) -> None:
-    """Save the architecture once per dtype (fp32 and bf16 folders)."""
+def build(arch: str, folder: Path, tiny: bool, dtypes: tuple[str, ...] = ("fp32", "bf16")) -> None:
+    """Save the architecture once per dtype in ``dtypes`` (one folder each)."""
     import torch
 
     from trace_erase.models.builders import sd14_architecture_pipeline, sdxl_architecture_pipeline, tiny_sd_pipeline
 
-    if all((folder / f"{arch}-{d}" / "model_index.json").is_file() for d in ("fp32", "bf16")):
+    if all((folder / f"{arch}-{d}" / "model_index.json").is_file() for d in dtypes):
         return
     t0 = time.perf_counter()
-    if tiny:
-        pipe = tiny_sd_pipeline(0)
-    else:
-        pipe = sd14_architecture_pipeline(vae="sd") if arch == "sd14" else sdxl_architecture_pipeline()
-    pipe.save_pretrained(folder / f"{arch}-fp32")
-    pipe.to(torch.bfloat16).save_pretrained(folder / f"{arch}-bf16")
+    # on a GPU the random initialisation runs there (seconds instead of minutes for SDXL's 3.5B parameters)
+    with torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu"):
+        if tiny:
+            pipe = tiny_sd_pipeline(0)
+        else:
+            pipe = sd14_architecture_pipeline(vae="sd") if arch == "sd14" else sdxl_architecture_pipeline()
+    if "fp32" in dtypes:
+        pipe.save_pretrained(folder / f"{arch}-fp32")
+    if "bf16" in dtypes:
+        pipe.to(torch.bfloat16).save_pretrained(folder / f"{arch}-bf16")
     print(f"built and saved {arch} ({'tiny' if tiny else 'real architecture'}) in {time.perf_counter() - t0:.0f}s",
           flush=True)
 
@@ -152,52 +162,64 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--tiny", action="store_true", help="tiny fixture instead of the real architectures")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    parser.add_argument("--arch", default=None, choices=["sd14", "sdxl"], help="run this architecture's cases only")
+    parser.add_argument("--case-timeout", type=int, default=900, help="seconds before one case is stopped")
     parser.add_argument("--build", default=None, help=argparse.SUPPRESS)  # internal: build and save one arch
+    parser.add_argument("--dtypes", default="fp32,bf16", help=argparse.SUPPRESS)  # internal: with --build
     args = parser.parse_args()
     folder = Path(args.cache)
     if args.case:
         print("RESULT " + json.dumps(run_case(json.loads(args.case), folder, args.threads, args.tiny)), flush=True)
         return
     if args.build:
-        build(args.build, folder, args.tiny)
+        build(args.build, folder, args.tiny, tuple(args.dtypes.split(",")))
         return
 
     import torch
 
     cuda = torch.cuda.is_available()
-    todo = cases(cuda, args.iters, args.gen_steps)
+    todo = [c for c in cases(cuda, args.iters, args.gen_steps) if args.arch in (None, c["arch"])]
     # every model is built in a child process: on Linux a child's peak RSS (ru_maxrss) starts at the parent's RSS
     # when it was forked, so a parent holding a model would hide every smaller peak
     for arch in dict.fromkeys(c["arch"] for c in todo):
-        subprocess.run([sys.executable, __file__, "--build", arch, "--cache", str(folder)]
+        dtypes = ",".join(dict.fromkeys(c["dtype"] for c in todo if c["arch"] == arch))
+        subprocess.run([sys.executable, __file__, "--build", arch, "--dtypes", dtypes, "--cache", str(folder)]
                        + (["--tiny"] if args.tiny else []), check=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    summary = {"device": "cuda" if cuda else "cpu", "gpu": torch.cuda.get_device_name() if cuda else None,
+               "threads": args.threads, "iters": args.iters, "gen_steps": args.gen_steps, "tiny": args.tiny,
+               "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "rows": rows, "complete": False}
     for case in todo:
         cmd = [sys.executable, __file__, "--case", json.dumps(case), "--cache", str(folder),
                "--threads", str(args.threads)] + (["--tiny"] if args.tiny else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            err = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-            row = {**case, "error": err[:200]}
-        else:
-            row = {**case, **json.loads(lines[-1][len("RESULT "):])}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            err = None if proc.returncode == 0 and lines else \
+                (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        except subprocess.TimeoutExpired:
+            lines, err = [], f"stopped after {args.case_timeout} s"
+        row = {**case, "error": err[:200]} if err else {**case, **json.loads(lines[-1][len("RESULT "):])}
         rows.append(row)
         print(markdown([row]).splitlines()[-1], flush=True)
-    fp32 = {r["kind"] + str(r.get("gradient_checkpointing")): r for r in rows
-            if r["arch"] == "sd14" and r["dtype"] == "fp32" and not r.get("offload")}
+        if args.json:  # after every case: a run stopped part-way keeps what it measured
+            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    fp32 = {r["kind"] + str(r.get("gradient_checkpointing")) + str(r.get("offload")): r for r in rows
+            if r["arch"] == "sd14" and r["dtype"] == "fp32"}
     for r in rows:
-        ref = fp32.get(r["kind"] + str(r.get("gradient_checkpointing")))
-        if r["dtype"] == "bf16" and r["arch"] == "sd14" and ref and "peak_rss_gib" in r and "peak_rss_gib" in ref:
-            r["peak_rss_vs_fp32"] = r["peak_rss_gib"] / ref["peak_rss_gib"]
-    summary = {"device": "cuda" if cuda else "cpu", "threads": args.threads, "iters": args.iters,
-               "gen_steps": args.gen_steps, "tiny": args.tiny, "torch": torch.__version__,
-               "cpu_threads": torch.get_num_threads(), "rows": rows}
+        ref = fp32.get(r["kind"] + str(r.get("gradient_checkpointing")) + str(r.get("offload")))
+        if r["dtype"] == "bf16" and r["arch"] == "sd14" and ref:
+            for key in ("peak_rss_gib", "peak_cuda_gib"):
+                if key in r and key in ref:
+                    r[key.replace("_gib", "_vs_fp32")] = r[key] / ref[key]
+    summary["complete"] = True
     print(markdown(rows))
     for r in rows:
-        if "peak_rss_vs_fp32" in r:
-            print(f"bf16/fp32 peak RSS, {r['kind']}{' +gc' if r.get('gradient_checkpointing') else ''}: "
-                  f"{r['peak_rss_vs_fp32']:.2f}")
+        for key in ("peak_rss_vs_fp32", "peak_cuda_vs_fp32"):
+            if key in r:
+                what = "RSS" if "rss" in key else "GPU memory"
+                print(f"bf16/fp32 peak {what}, {r['kind']}{' +gc' if r.get('gradient_checkpointing') else ''}"
+                      f"{' offload' if r.get('offload') else ''}: {r[key]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -144,6 +144,53 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkeypa
     assert all(torch.equal(p, w0[n]) for n, p in pipe.unet.named_parameters())
 
 
+def test_nonfinite_gradients_under_a_finite_loss_stop_before_the_step(tmp_path, monkeypatch) -> None:
+    """A NaN gradient with a finite loss (on an H200: cuDNN's bf16 attention backward) is refused before opt.step
+    writes it into the LoRA; without the check the run dies one step later blaming the learning rate."""
+    pipe = BUILDERS["sd"]()
+    original = TrajectoryEngine.attach
+    calls = {"n": 0}
+
+    def poisoned(self) -> None:
+        original(self)
+        first = self.lora_parameters()[0]
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            calls["n"] += 1
+            return grad * float("nan") if calls["n"] >= 3 else grad
+
+        first.register_hook(hook)
+
+    monkeypatch.setattr(TrajectoryEngine, "attach", poisoned)
+    with pytest.raises(NonFiniteLossError, match="gradients became non-finite at step 2 with a finite loss.*lower lr"):
+        erase(pipe, ["cat"], method="esd-x", progress=False, workdir=tmp_path / "w",
+              **{**FAST, "steps": 5, "checkpoint_every": 1, "branches": "batched"})
+    from trace_erase.engines.checkpointing import read_checkpoint
+
+    ckpt = read_checkpoint(tmp_path / "w" / "trajectory_checkpoint.pt")
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["lora"].values())
+    assert not pipe.get_list_adapters()
+
+
+def test_training_attention_kernels_on_cuda_leave_out_cudnn() -> None:
+    """The kernel choice is made through torch's own switches (set here without a GPU: they are process flags)."""
+    from trace_erase.runtime import training_attention
+
+    b = torch.backends.cuda
+    flags = lambda: (b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(),  # noqa: E731
+                     b.math_sdp_enabled())
+    before = flags()
+    with training_attention(torch.device("cuda"), "auto"):
+        assert flags() == (False, True, True, True)
+    with training_attention(torch.device("cuda"), "math"):
+        assert flags() == (False, False, False, True)
+    with training_attention(torch.device("cuda"), "torch"), training_attention(torch.device("cpu"), "math"):
+        assert flags() == before
+    assert flags() == before
+    with pytest.raises(TraceEraseError, match="unknown attention_kernels 'flash'"):
+        TrajectoryConfig(attention_kernels="flash")
+
+
 KILL_SCRIPT = textwrap.dedent('''
     import os, signal, sys
     sys.path.insert(0, {root!r})

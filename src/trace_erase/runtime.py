@@ -26,6 +26,8 @@ from .errors import TraceEraseError
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 OFFLOADS = ("none", "text-encoders", "model")
+# which scaled-dot-product-attention kernels a backward pass may use on CUDA (see :func:`training_attention`)
+ATTENTION_KERNELS = ("auto", "math", "torch")
 # pixels one generation batch may hold: 8 × 512² for the UNet families (2 × 1024² for SDXL), 1 × 1024² for FLUX — what
 # fits a 24 GB card in half precision with classifier-free guidance (ours; diffusers' documented SDXL/FLUX footprints)
 BATCH_PIXELS = {"sd": 8 * 512 * 512, "sdxl": 8 * 512 * 512, "flux": 1024 * 1024, "sd3": 1024 * 1024}
@@ -187,6 +189,27 @@ def place(pipe: Any, runtime: Runtime, phase: str) -> None:
             module.to("cpu")
         else:
             module.to(device)
+
+
+def training_attention(device: torch.device, kernels: str = "auto") -> Any:
+    """Context for code that backpropagates through attention: which SDPA kernels torch may pick on CUDA.
+
+    ``auto`` (the default) allows flash, memory-efficient and math but not cuDNN's: its bf16 backward returns NaN
+    gradients with finite inputs on H100/H200 at some shapes (pytorch/pytorch#196678, huggingface/trl#7181). On an
+    H200 (torch 2.11) a bf16 FLUX fine-tune went to NaN at its first step under torch's own choice and trained
+    cleanly with the math kernel. ``math`` is the reference kernel alone (slow, holds every score matrix);
+    ``torch`` leaves the choice to torch. Elsewhere than CUDA this does nothing."""
+    from contextlib import nullcontext
+
+    if kernels not in ATTENTION_KERNELS:
+        raise TraceEraseError(f"unknown attention kernels '{kernels}'; choose {', '.join(ATTENTION_KERNELS)}")
+    if device.type != "cuda" or kernels == "torch":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if kernels == "math":
+        return sdpa_kernel([SDPBackend.MATH])
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def process_state() -> Any:

@@ -27,6 +27,7 @@ from ..errors import NonFiniteLossError, TraceEraseError
 from ..evaluation.suites import fill
 from ..models import ModelHandle
 from ..models.base import Conditioning
+from ..runtime import training_attention
 from .config import AttackConfig
 from .inject import WordSlots, decode_tokens, editable, embeds_for, frozen, typable_ids
 from .prompts import EVAL_TEMPLATES, HELD_OUT_TEMPLATES, INVERSION_TEMPLATES, eval_prompts
@@ -303,6 +304,12 @@ def run_method(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Any,
                families: dict[str, list[str]] | None, report: Report, progress: bool = True) -> None:
     """Dispatch ``cfg.attack`` against the model as it is now; ``ref`` is what the attack took from the base model
     before the erasure was applied (:class:`Reference` trajectories; ring-a-bell: its searched prompts)."""
+    with training_attention(handle.adapter.device):  # the attacks backpropagate through attention
+        _dispatch(handle, cfg, concept, ref, families, report, progress)
+
+
+def _dispatch(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Any,
+              families: dict[str, list[str]] | None, report: Report, progress: bool) -> None:
     if cfg.attack == "paraphrase":
         return paraphrase(handle, cfg, concept, families or {}, report)
     if cfg.attack == "concept-vector":

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..config import Concept
 from ..errors import NonFiniteLossError, TraceEraseError
 from ..models.base import Conditioning, FamilyAdapter
-from ..runtime import check_trainable
+from ..runtime import check_trainable, training_attention
 from ..sampling import denoise
 from .adversarial import AdversarialPrompts
 from .checkpointing import CHECKPOINT_NAME, CheckpointMixin
@@ -308,6 +308,19 @@ class TrajectoryEngine(CheckpointMixin):
         return {"erase": 1.0, "early": cfg.beta, "unc": cfg.gamma, "pres": cfg.rho, "adv": cfg.adversarial_weight,
                 "attn": cfg.attention_weight, "flow": cfg.flow_weight, "contrast": cfg.contrast_weight}
 
+    def _check_gradients(self, params: list[torch.nn.Parameter], step: int, loss: float) -> None:
+        """Refuse a step whose gradients are not finite although its loss is (before opt.step: the LoRA weights and
+        the last checkpoint stay finite). On CUDA the usual cause is an attention kernel's backward."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return
+        if self.adapter.device.type == "cuda" and self.config.attention_kernels != "math":
+            fix = "rerun with --option attention_kernels=math (the reference attention kernel) and --resume"
+        else:
+            fix = "lower lr (or eta) and rerun with --resume"
+        raise NonFiniteLossError(f"gradients became non-finite at step {step} with a finite loss ({loss:.4g}); "
+                                 f"the last checkpoint is kept — {fix}")
+
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
@@ -324,54 +337,57 @@ class TrajectoryEngine(CheckpointMixin):
         start = time.perf_counter()
         self.attach()
         try:
-            params = self.lora_parameters()
-            for p in params:
-                p.requires_grad_(True)
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-            self.adversarial = AdversarialPrompts(self, concepts) if cfg.adversarial_every > 0 else None
-            resumed = self.load_checkpoint(opt)
-            step, pool = resumed if resumed else (0, Pool())
-            # every prompt training reads, encoded once now: the text encoders are idle (or offloaded) from here on
-            self.cond(["", *preserve, *irrelevant, *(t.format(c.name) for c in concepts for t in cfg.train_templates)])
-            self.fill_pool(pool, concepts)
-            history: list[dict[str, float]] = []
-            bar = tqdm(total=cfg.steps, initial=step, desc="trajectory fine-tuning", disable=not self.progress)
-            while step < cfg.steps:
-                if step > 0 and step % cfg.refresh_every == 0:
-                    self.refresh(pool, concepts)
-                if self.adversarial is not None and step % cfg.adversarial_every == 0:
-                    self.adversarial.attack(pool)
-                opt.zero_grad(set_to_none=True)
-                logged: dict[str, float] = {}
-                for _ in range(cfg.grad_accum):
-                    if cfg.bilevel and step % 2 == 1:  # EraseAnything's lower step
-                        part = lower_terms(self, pool, irrelevant, backward_scale=1.0 / cfg.grad_accum)
-                        terms = {key: torch.zeros(()) for key in self.term_weights()} | part
-                        terms["total"] = cfg.flow_weight * part["flow"] + cfg.contrast_weight * part["contrast"]
+            with training_attention(self.adapter.device, cfg.attention_kernels):
+                params = self.lora_parameters()
+                for p in params:
+                    p.requires_grad_(True)
+                opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+                self.adversarial = AdversarialPrompts(self, concepts) if cfg.adversarial_every > 0 else None
+                resumed = self.load_checkpoint(opt)
+                step, pool = resumed if resumed else (0, Pool())
+                # every prompt training reads, encoded once now: the text encoders are idle (or offloaded) from here on
+                named = [t.format(c.name) for c in concepts for t in cfg.train_templates]
+                self.cond(["", *preserve, *irrelevant, *named])
+                self.fill_pool(pool, concepts)
+                history: list[dict[str, float]] = []
+                bar = tqdm(total=cfg.steps, initial=step, desc="trajectory fine-tuning", disable=not self.progress)
+                while step < cfg.steps:
+                    if step > 0 and step % cfg.refresh_every == 0:
+                        self.refresh(pool, concepts)
+                    if self.adversarial is not None and step % cfg.adversarial_every == 0:
+                        self.adversarial.attack(pool)
+                    opt.zero_grad(set_to_none=True)
+                    logged: dict[str, float] = {}
+                    for _ in range(cfg.grad_accum):
+                        if cfg.bilevel and step % 2 == 1:  # EraseAnything's lower step
+                            part = lower_terms(self, pool, irrelevant, backward_scale=1.0 / cfg.grad_accum)
+                            terms = {key: torch.zeros(()) for key in self.term_weights()} | part
+                            terms["total"] = cfg.flow_weight * part["flow"] + cfg.contrast_weight * part["contrast"]
+                        else:
+                            x, t, prompts = self.sample(pool)
+                            terms = self.loss_terms(x, t, prompts, preserve, backward_scale=1.0 / cfg.grad_accum)
+                        if not torch.isfinite(terms["total"]):  # checked before opt.step: the weights stay finite
+                            raise NonFiniteLossError(
+                                f"loss became {terms['total'].item()} at step {step}; the last checkpoint is kept — "
+                                "lower lr (or eta) and rerun with --resume"
+                            )
+                        for k, v in terms.items():
+                            logged[k] = logged.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                    if self.scaler is not None:  # skips the step when the scaled gradients overflowed
+                        self.scaler.step(opt)
+                        self.scaler.update()
                     else:
-                        x, t, prompts = self.sample(pool)
-                        terms = self.loss_terms(x, t, prompts, preserve, backward_scale=1.0 / cfg.grad_accum)
-                    if not torch.isfinite(terms["total"]):  # checked before opt.step: the weights stay finite
-                        raise NonFiniteLossError(
-                            f"loss became {terms['total'].item()} at step {step}; the last checkpoint is kept — "
-                            "lower lr (or eta) and rerun with --resume"
-                        )
-                    for k, v in terms.items():
-                        logged[k] = logged.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-                if self.scaler is not None:  # skips the step when the scaled gradients overflowed
-                    self.scaler.step(opt)
-                    self.scaler.update()
-                else:
-                    opt.step()
-                step += 1
-                history.append(logged)
-                bar.update(1)
-                bar.set_postfix(loss=f"{logged['total']:.4f}", erase=f"{logged['erase']:.4f}",
-                                **({"adv": f"{logged['adv']:.4f}"} if self.adversarial is not None else {}))
-                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    self.save_checkpoint(step, opt, pool)
-            bar.close()
-            state = self.export()
+                        self._check_gradients(params, step, logged["total"])
+                        opt.step()
+                    step += 1
+                    history.append(logged)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{logged['total']:.4f}", erase=f"{logged['erase']:.4f}",
+                                    **({"adv": f"{logged['adv']:.4f}"} if self.adversarial is not None else {}))
+                    if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                        self.save_checkpoint(step, opt, pool)
+                bar.close()
+                state = self.export()
         finally:
             self.detach()
             adversarial, self.adversarial = self.adversarial, None

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import TraceEraseError
+from ..runtime import ATTENTION_KERNELS
 from .prompts import corpus_path
 
 WINDOWS = ("two", "late", "all")
 # options a resumed run may change: they do not alter the trained weights
-RESUME_FREE = ("checkpoint_every", "gate_tau", "multi", "fusion_lambda", "fusion_lambda_preserve")
+RESUME_FREE = ("checkpoint_every", "gate_tau", "multi", "fusion_lambda", "fusion_lambda_preserve", "attention_kernels")
 MULTI_MODES = ("fuse", "joint", "sum")
 EARLY_MODES = ("keep", "positive", "none")
 REFERENCES = ("stage-a", "original")
@@ -48,6 +49,10 @@ class TrajectoryConfig:
     gate_tau: float | None = None  # (c) gated adapter: at inference the stage-B LoRA acts only for t < gate_tau
     checkpoint_every: int = 100
     gradient_checkpointing: bool = False
+    # SDPA kernels the backward pass may use on CUDA: auto (all but cuDNN's, whose bf16 backward gives NaN gradients
+    # on H100/H200 at some shapes) | math (the reference kernel: the fallback when auto still meets non-finite
+    # gradients) | torch (torch's own choice). runtime.training_attention
+    attention_kernels: str = "auto"
     # "sequential": each trained branch (c, ∅, p) runs and backpropagates on its own — peak activation memory of
     # one branch (ours; the default). "batched": one call for all branches (faster on a GPU with memory to spare).
     branches: str = "sequential"
@@ -93,6 +98,9 @@ class TrajectoryConfig:
             raise TraceEraseError(f"unknown multi '{self.multi}'; choose one of {', '.join(MULTI_MODES)}")
         if self.fusion_lambda < 0 or self.fusion_lambda_preserve < 0:
             raise TraceEraseError("fusion_lambda and fusion_lambda_preserve must be ≥ 0")
+        if self.attention_kernels not in ATTENTION_KERNELS:
+            raise TraceEraseError(f"unknown attention_kernels '{self.attention_kernels}'; choose one of "
+                                  f"{', '.join(ATTENTION_KERNELS)}")
         if self.branches not in ("sequential", "batched"):
             raise TraceEraseError(f"branches must be 'sequential' or 'batched', not '{self.branches}'")
         for name in ("rank", "steps", "batch_size", "grad_accum", "rollout_steps", "pool_trajectories",
