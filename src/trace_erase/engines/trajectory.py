@@ -18,11 +18,9 @@ model before stage A: stage A has already weakened θ*'s concept direction, so a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +35,16 @@ from ..sampling import denoise
 from .adversarial import AdversarialPrompts
 from .checkpointing import CHECKPOINT_NAME, CheckpointMixin
 from .eraseanything import attention_penalty, concept_mask, lower_terms
+from .lora_switch import ADAPTER_NAME, LoraSwitchMixin
 from .pool import Pool
 from .prompts import load_corpus
 from .stage_a import StageAWeights
 from .trajectory_config import RESUME_FREE, TrajectoryConfig
 
-ADAPTER_NAME = "trace_erase_train"
 __all__ = ["ADAPTER_NAME", "CHECKPOINT_NAME", "TrajectoryConfig", "TrajectoryEngine", "late_fraction"]
 
 
-class TrajectoryEngine(CheckpointMixin):
+class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
     """Trains a LoRA on the adapter's denoiser; the pipeline's own weights are never changed."""
 
     adapter_name = ADAPTER_NAME
@@ -71,74 +69,6 @@ class TrajectoryEngine(CheckpointMixin):
         check_trainable(adapter.device, adapter.dtype)
         # fp16 activations need loss scaling to keep small gradients (bf16 and fp32 do not)
         self.scaler = torch.amp.GradScaler(adapter.device.type) if adapter.dtype == torch.float16 else None
-
-    # ---- adapter on/off (the same network gives θ and θ*) -------------------------------------------------------
-    def attach(self) -> None:
-        from peft import LoraConfig
-
-        den = self.adapter.denoiser
-        if ADAPTER_NAME in getattr(den, "peft_config", {}):
-            raise TraceEraseError("the denoiser already carries a training adapter; use a fresh pipeline")
-        den.requires_grad_(False)
-        torch.manual_seed(self.config.seed)
-        den.add_adapter(
-            LoraConfig(r=self.config.rank, lora_alpha=self.config.rank, init_lora_weights=True,
-                       target_modules=self.targets),
-            adapter_name=ADAPTER_NAME,
-        )
-        den.set_adapter(ADAPTER_NAME)
-        # trainable LoRA weights (and so AdamW's state) in fp32 over a half-precision frozen base, as diffusers'
-        # training scripts do: bf16 parameters drop updates smaller than 2⁻⁸ of their value, fp16 ones underflow
-        for p in self.lora_parameters():
-            p.data = p.data.float()
-        if self.config.gradient_checkpointing and hasattr(den, "enable_gradient_checkpointing"):
-            den.enable_gradient_checkpointing()
-
-    def detach(self) -> None:
-        den = self.adapter.denoiser
-        if self.config.gradient_checkpointing and hasattr(den, "disable_gradient_checkpointing"):
-            den.disable_gradient_checkpointing()
-        den.delete_adapters(ADAPTER_NAME)
-        if not getattr(den, "peft_config", None):  # nothing else loaded: remove the now-empty LoRA wrappers too
-            den.unload_lora()
-        den.requires_grad_(False)
-
-    def lora_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.adapter.denoiser.named_parameters() if ADAPTER_NAME in n]
-
-    def frozen(self) -> Any:
-        """Context in which the denoiser is θ* (adapter disabled)."""
-        engine = self
-
-        attached = ADAPTER_NAME in getattr(self.adapter.denoiser, "peft_config", {})
-
-        class _Frozen:  # before attach() the denoiser is θ* already
-            def __enter__(self) -> None:
-                if attached:
-                    engine.adapter.denoiser.disable_adapters()
-
-            def __exit__(self, *exc: Any) -> None:
-                if attached:
-                    engine.adapter.denoiser.enable_adapters()
-
-        return _Frozen()
-
-    @contextlib.contextmanager
-    def original(self) -> Iterator[None]:
-        """Context in which the denoiser is θ0: adapter disabled and stage A's ΔW taken out."""
-        with self.frozen():
-            if self.stage_a is None:
-                yield
-                return
-            self.stage_a.set(False)
-            try:
-                yield
-            finally:
-                self.stage_a.set(True)
-
-    def reference(self) -> Any:
-        """The reference model's context: θ0 (``reference="original"``) or θ*."""
-        return self.original() if self.config.reference == "original" else self.frozen()
 
     # ---- conditioning and trajectories -----------------------------------------------------------------------------
     def cond(self, prompts: list[str]) -> Conditioning:

@@ -1,0 +1,91 @@
+"""The trained LoRA switched on and off on the one denoiser: θ (adapter on), θ* (off) and θ0 (off, stage A's ΔW
+taken out). One network serves all three, so stage B never holds a second copy of the model."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..errors import TraceEraseError
+
+ADAPTER_NAME = "trace_erase_train"
+
+
+class LoraSwitchMixin:
+    """Attaching the training LoRA and the contexts that select θ*, θ0 or the reference model, for
+    :class:`~trace_erase.engines.trajectory.TrajectoryEngine`."""
+
+    adapter: Any
+    config: Any
+    stage_a: Any
+
+    def attach(self) -> None:
+        from peft import LoraConfig
+
+        den = self.adapter.denoiser
+        if ADAPTER_NAME in getattr(den, "peft_config", {}):
+            raise TraceEraseError("the denoiser already carries a training adapter; use a fresh pipeline")
+        den.requires_grad_(False)
+        torch.manual_seed(self.config.seed)
+        den.add_adapter(
+            LoraConfig(r=self.config.rank, lora_alpha=self.config.rank, init_lora_weights=True,
+                       target_modules=self.targets),
+            adapter_name=ADAPTER_NAME,
+        )
+        den.set_adapter(ADAPTER_NAME)
+        # trainable LoRA weights (and so AdamW's state) in fp32 over a half-precision frozen base, as diffusers'
+        # training scripts do: bf16 parameters drop updates smaller than 2⁻⁸ of their value, fp16 ones underflow
+        for p in self.lora_parameters():
+            p.data = p.data.float()
+        if self.config.gradient_checkpointing and hasattr(den, "enable_gradient_checkpointing"):
+            den.enable_gradient_checkpointing()
+
+    def detach(self) -> None:
+        den = self.adapter.denoiser
+        if self.config.gradient_checkpointing and hasattr(den, "disable_gradient_checkpointing"):
+            den.disable_gradient_checkpointing()
+        den.delete_adapters(ADAPTER_NAME)
+        if not getattr(den, "peft_config", None):  # nothing else loaded: remove the now-empty LoRA wrappers too
+            den.unload_lora()
+        den.requires_grad_(False)
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.adapter.denoiser.named_parameters() if ADAPTER_NAME in n]
+
+    def frozen(self) -> Any:
+        """Context in which the denoiser is θ* (adapter disabled)."""
+        engine = self
+
+        attached = ADAPTER_NAME in getattr(self.adapter.denoiser, "peft_config", {})
+
+        class _Frozen:  # before attach() the denoiser is θ* already
+            def __enter__(self) -> None:
+                if attached:
+                    engine.adapter.denoiser.disable_adapters()
+
+            def __exit__(self, *exc: Any) -> None:
+                if attached:
+                    engine.adapter.denoiser.enable_adapters()
+
+        return _Frozen()
+
+    @contextlib.contextmanager
+    def original(self) -> Iterator[None]:
+        """Context in which the denoiser is θ0: adapter disabled and stage A's ΔW taken out."""
+        with self.frozen():
+            if self.stage_a is None:
+                yield
+                return
+            self.stage_a.set(False)
+            try:
+                yield
+            finally:
+                self.stage_a.set(True)
+
+    def reference(self) -> Any:
+        """The reference model's context: θ0 (``reference="original"``) or θ*."""
+        return self.original() if self.config.reference == "original" else self.frozen()
+
