@@ -58,6 +58,16 @@ def test_multi_bench_takes_n1_from_singletons_and_runs_only_the_sets(micro_sd, s
     n2_row = next(r for r in res["rows"] if r["n"] == 2 and r["method"] == "uce")
     alone = source["uce"]["acc_e"]
     assert n2["interference"] == pytest.approx(sum(v - alone for v in n2_row["per_class_acc_e"].values()) / 2)
+    # a finished set resumes from its small set_rows.json alone (what git keeps of a long run), running nothing
+    import shutil
+
+    for child in (tmp_path / "m" / "N2" / "set0").iterdir():
+        if child.name != "set_rows.json":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    again = run_multi_bench(handle, ["uce"], [1, 2], tmp_path / "m", subsets=1, seeds=1, singletons=path,
+                            progress=False, resume=True)
+    assert sorted((tmp_path / "m" / "N2" / "set0").iterdir()) == [tmp_path / "m" / "N2" / "set0" / "set_rows.json"]
+    assert again["rows"] == res["rows"] and again["summary"] == res["summary"]
 
 
 def test_a_sweep_that_only_sets_multi_is_the_method_itself_at_n1(micro_sd, singletons, tmp_path) -> None:

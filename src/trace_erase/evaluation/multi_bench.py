@@ -138,11 +138,23 @@ def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: 
     return result
 
 
+SET_ROWS = "set_rows.json"  # a finished set's rows and per-class Acc_e: small, kept in git, enough to resume from
+
+
 def _set_rows(handle: Any, folder: Path, group: list[str], methods: list[str], sweep: list[dict[str, Any]],
               seeds: int, resume: bool, bench_kwargs: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, float]]]:
-    """One concept set's bench rows (run now, or read when already committed), each with Acc_e per erased class."""
+    """One concept set's bench rows (run now, or read when already committed), each with Acc_e per erased class.
+
+    A finished set leaves ``set_rows.json`` beside its bench; it alone is enough to resume from, so a run's finished
+    sets can be committed without their images and erasures and continued on another machine."""
+    from ..artifacts.erasure import atomic_write
+
     if not methods and not sweep:
         return []
+    if (folder / SET_ROWS).is_file():
+        saved = json.loads((folder / SET_ROWS).read_text())
+        if saved.get("group") == group:
+            return [(e["row"], e["per_class_acc_e"]) for e in saved["rows"]]
     if (folder / "bench.json").is_file():
         result = json.loads((folder / "bench.json").read_text())
     else:
@@ -152,6 +164,8 @@ def _set_rows(handle: Any, folder: Path, group: list[str], methods: list[str], s
     for row in result["rows"]:
         run = folder / "runs" / row["concept"] / row["method"] / "results.json"
         found.append((row, per_class_acc_e(json.loads(run.read_text())) if run.is_file() else {}))
+    atomic_write(folder / SET_ROWS, json.dumps({"group": group, "rows": [
+        {"row": row, "per_class_acc_e": per_class} for row, per_class in found]}, indent=1) + "\n")
     return found
 
 
