@@ -1,7 +1,9 @@
 """The attack matrix on a toy model: every method × class erased with its defaults, every attack run against each
 erasure and (once per class and attack) against the base model. Writes ``attacks.json``, ``attacks.md`` (ASR mean ±
 std over the classes, the base model's rates, the matrix's wall time), ``asr_bars.png`` and ``asr_budget.png``.
-Resumable: erasures and finished runs in the work folder are reused, so more classes or methods can be added later.
+Resumable: every finished run is kept in ``rows.json`` (its figures only: small, kept in git), reused when the model,
+seeds, attack settings and variant match, so a matrix grows class by class across machines; erasures and runs in the
+(ignored) work folder are reused too.
 A ``--variant NAME=METHOD:KEY=VALUE,...`` row is METHOD with engine options (list NAME in ``--methods``), e.g. the
 stage-B defence: ``--variant trace-adv=trace:adversarial_every=25 --methods ...,trace,trace-adv``.
 
@@ -36,6 +38,55 @@ def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _digest(value: Any) -> str:
+    """A short fingerprint of JSON-able settings (tuples and lists alike), to tell whether a saved run still holds."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def compact(res: dict[str, Any]) -> dict[str, Any]:
+    """What the table and figures read of one run's results.json (the per-case detail stays in the work folder)."""
+    keep = ("pre_asr", "asr", "base_rate", "base_asr", "level")
+    out: dict[str, Any] = {k: res[k] for k in keep if k in res}
+    out["timings"] = {"total_s": res["timings"]["total_s"]}
+    for side in ("erased", "base"):
+        if isinstance(res.get(side), dict):
+            out[side] = {"families": res[side].get("families"),
+                         "checkpoints": [{"budget": cp["budget"], "asr": cp["asr"]}
+                                         for cp in res[side].get("checkpoints", [])]}
+    return out
+
+
+class SavedRows:
+    """``rows.json``: finished runs by ``class|method|attack``, reused only under the settings they were run with."""
+
+    def __init__(self, path: Path, model: str, seeds: int, settings: dict[str, Any], variants: dict[str, Any]):
+        self.path, self.model, self.seeds = path, model, seeds
+        self.settings = {a: _digest(v) for a, v in settings.items()}
+        self.variants = {m: _digest(v) for m, v in variants.items()}
+        saved = _load(path) or {}
+        self.rows: dict[str, Any] = saved.get("rows", {})
+        self.meta: dict[str, Any] = saved.get("meta", {})
+
+    def get(self, cls: str, method: str, attack: str) -> dict[str, Any] | None:
+        meta = self.meta.get(f"{cls}|{method}|{attack}")
+        if meta != {"model": self.model, "seeds": self.seeds, "settings": self.settings[attack],
+                    "variant": self.variants.get(method)}:
+            return None
+        return self.rows[f"{cls}|{method}|{attack}"]
+
+    def put(self, cls: str, method: str, attack: str, res: dict[str, Any]) -> None:
+        key = f"{cls}|{method}|{attack}"
+        self.rows[key] = compact(res)
+        self.meta[key] = {"model": self.model, "seeds": self.seeds, "settings": self.settings[attack],
+                          "variant": self.variants.get(method)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rows": self.rows, "meta": self.meta}, indent=1) + "\n")
+        tmp.replace(self.path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy-sd")
@@ -55,28 +106,34 @@ def main() -> None:
     t_start = time.perf_counter()
     erase_s: dict[str, float] = {}
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    saved = SavedRows(out / "rows.json", args.model, args.seeds, {a: configs[a].describe() for a in attacks},
+                      variants)
     for cls in classes:
         for attack in attacks:
             cfg = configs[attack]
             path = work / cls / "base" / attack / "results.json"
-            control = _load(path)
+            control = saved.get(cls, "base", attack) or _load(path)
             if control is None:
                 control = run_attack(handle, None, cfg, cls, path.parent, overwrite=True, progress=False)
+                saved.put(cls, "base", attack, control)
             rows[(cls, "base", attack)] = control
             for method in methods:
-                er_dir = work / cls / method / "erasure"
-                if not (er_dir / "erasure.json").is_file():
-                    t0 = time.perf_counter()
-                    base_method, options = variants.get(method, (method, {}))
-                    erase(handle, [cls], method=base_method, progress=False, **options).save(er_dir, overwrite=True)
-                    erase_s[f"{cls}/{method}"] = time.perf_counter() - t0
-                run_path = work / cls / method / attack / "results.json"
-                res = _load(run_path)
+                res = saved.get(cls, method, attack)
                 if res is None:
-                    if "_images" not in control:  # a control read back from disk: rerun it for its images
-                        control = run_attack(handle, None, cfg, cls, path.parent, overwrite=True, progress=False)
-                    res = run_attack(handle, load_erasure(er_dir), cfg, cls, run_path.parent, overwrite=True,
-                                     progress=False, control=control)
+                    er_dir = work / cls / method / "erasure"
+                    if not (er_dir / "erasure.json").is_file():
+                        t0 = time.perf_counter()
+                        base_method, options = variants.get(method, (method, {}))
+                        erase(handle, [cls], method=base_method, progress=False, **options).save(er_dir, overwrite=True)
+                        erase_s[f"{cls}/{method}"] = time.perf_counter() - t0
+                    run_path = work / cls / method / attack / "results.json"
+                    res = _load(run_path)
+                    if res is None:
+                        if "_images" not in control:  # a control read back from disk: rerun it for its images
+                            control = run_attack(handle, None, cfg, cls, path.parent, overwrite=True, progress=False)
+                        res = run_attack(handle, load_erasure(er_dir), cfg, cls, run_path.parent, overwrite=True,
+                                         progress=False, control=control)
+                    saved.put(cls, method, attack, res)
                 rows[(cls, method, attack)] = res
                 print(f"{cls:9s} {method:18s} {attack:15s} pre {res['pre_asr']:.2f} ASR {res['asr']:.2f} "
                       f"(base {res['base_rate']:.2f} → {res['base_asr']:.2f}) {res['timings']['total_s']:.0f} s",
