@@ -21,6 +21,7 @@ class LoraSwitchMixin:
     adapter: Any
     config: Any
     stage_a: Any
+    targets: list[str]
 
     def attach(self) -> None:
         from peft import LoraConfig
