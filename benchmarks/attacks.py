@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from trace_erase import erase, load_erasure, load_model
+from trace_erase.artifacts.erasure import atomic_write
 from trace_erase.attacks import AttackConfig, run_attack
 from trace_erase.attacks.config import ATTACKS
 from trace_erase.cli_common import parse_options
@@ -69,22 +70,20 @@ class SavedRows:
         self.rows: dict[str, Any] = saved.get("rows", {})
         self.meta: dict[str, Any] = saved.get("meta", {})
 
+    def _meta(self, method: str, attack: str) -> dict[str, Any]:
+        """What a saved run must have been run under to be reused now."""
+        return {"model": self.model, "seeds": self.seeds, "settings": self.settings[attack],
+                "variant": self.variants.get(method)}
+
     def get(self, cls: str, method: str, attack: str) -> dict[str, Any] | None:
-        meta = self.meta.get(f"{cls}|{method}|{attack}")
-        if meta != {"model": self.model, "seeds": self.seeds, "settings": self.settings[attack],
-                    "variant": self.variants.get(method)}:
-            return None
-        return self.rows[f"{cls}|{method}|{attack}"]
+        key = f"{cls}|{method}|{attack}"
+        return self.rows[key] if self.meta.get(key) == self._meta(method, attack) else None
 
     def put(self, cls: str, method: str, attack: str, res: dict[str, Any]) -> None:
         key = f"{cls}|{method}|{attack}"
-        self.rows[key] = compact(res)
-        self.meta[key] = {"model": self.model, "seeds": self.seeds, "settings": self.settings[attack],
-                          "variant": self.variants.get(method)}
+        self.rows[key], self.meta[key] = compact(res), self._meta(method, attack)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rows": self.rows, "meta": self.meta}, indent=1) + "\n")
-        tmp.replace(self.path)
+        atomic_write(self.path, json.dumps({"rows": self.rows, "meta": self.meta}, indent=1) + "\n")
 
 
 def main() -> None:
@@ -112,9 +111,10 @@ def main() -> None:
         for attack in attacks:
             cfg = configs[attack]
             path = work / cls / "base" / attack / "results.json"
-            control = saved.get(cls, "base", attack) or _load(path)
+            control = saved.get(cls, "base", attack)
             if control is None:
-                control = run_attack(handle, None, cfg, cls, path.parent, overwrite=True, progress=False)
+                control = _load(path) or run_attack(handle, None, cfg, cls, path.parent, overwrite=True,
+                                                    progress=False)
                 saved.put(cls, "base", attack, control)
             rows[(cls, "base", attack)] = control
             for method in methods:
