@@ -35,14 +35,9 @@ def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from trace_erase.errors import TraceEraseError
-    from trace_erase.toyworld.train import (
-        ToyTrainer,
-        assemble_pipeline,
-        build_components,
-        override,
-        preset,
-        trained_components,
-    )
+    from trace_erase.toyworld.components import assemble_pipeline, build_components, trained_components
+    from trace_erase.toyworld.config import override, preset
+    from trace_erase.toyworld.train import ToyTrainer
 
     try:
         cfg = override(preset(args.family, micro=args.micro), args.assignments)

@@ -29,7 +29,9 @@ def main() -> None:
     import torch
 
     from trace_erase.toyworld.check import vae_reconstruction
-    from trace_erase.toyworld.train import ToyTrainer, build_components, override, preset
+    from trace_erase.toyworld.components import build_components
+    from trace_erase.toyworld.config import override, preset
+    from trace_erase.toyworld.train import ToyTrainer
 
     torch.set_num_threads(args.threads)
     cfg = override(preset("sd", micro=args.micro), args.assignments)

@@ -70,7 +70,8 @@ def family_pipe(request: pytest.FixtureRequest):
 @pytest.fixture(scope="session")
 def micro_sd(tmp_path_factory) -> str:
     """A micro toy-world SD model trained here (a few seconds): real toy vocabulary, the toy scorer reads it."""
-    from trace_erase.toyworld.train import ToyTrainer, preset
+    from trace_erase.toyworld.config import preset
+    from trace_erase.toyworld.train import ToyTrainer
 
     out = tmp_path_factory.mktemp("micro") / "toy-sd"
     return str(ToyTrainer(preset("sd", micro=True), out, progress=False).run())

@@ -10,8 +10,9 @@ import pytest
 
 from trace_erase import TraceEraseError
 from trace_erase.toyworld.classifier import heldout_accuracy, load_classifier
+from trace_erase.toyworld.config import override, preset
 from trace_erase.toyworld.render import CLASSES, COLORS, STYLES, SYNONYMS, TEMPLATES, render, vocabulary
-from trace_erase.toyworld.train import ToyTrainer, override, preset
+from trace_erase.toyworld.train import ToyTrainer
 
 
 def test_render_is_deterministic_and_consistent() -> None:

@@ -37,7 +37,8 @@ def toyworld_train(
     import dataclasses
 
     from ..models.loading import BUNDLED_DIR
-    from .train import ToyTrainer, override, preset
+    from .config import override, preset
+    from .train import ToyTrainer
 
     cfg = override(preset(family, micro=micro), set_ or [])
     overrides = {k: v for k, v in {"steps": steps, "cycles": cycles, "batch": batch}.items() if v is not None}

@@ -3,18 +3,17 @@
 One run: render a dataset → train a small AutoencoderKL → encode latents → train the denoiser together with the
 text encoder(s) (a toy model binds colour/shape words far better with its text encoder trained jointly) → save a
 real diffusers pipeline folder. Checkpoints go to ``OUTPUT.partial/``; rerunning the same command resumes there.
+The recipe is in :mod:`.config`, the components in :mod:`.components`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,207 +24,11 @@ from tqdm.auto import tqdm
 
 from ..artifacts.checkpoint import load_checkpoint, save_checkpoint
 from ..artifacts.erasure import atomic_write
-from ..engines.prompts import DEFAULT_TEMPLATES
 from ..errors import NonFiniteLossError, TraceEraseError
-from ..models.tokenizers import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer
+from .components import assemble_pipeline, build_components, trained_components
+from .config import ToyTrainConfig
 from .data import render_set, to_tensor
-from .render import caption_for, vocabulary
-
-
-@dataclass
-class ToyTrainConfig:
-    """Sizes and schedule of one toy pipeline (``preset('sd')``, ``preset('flux')``, or ``micro`` for tests)."""
-
-    family: str = "sd"
-    seed: int = 0
-    n_images: int = 30000
-    image_size: int = 32
-    max_tokens: int = 24
-    text_width: int = 64
-    text_layers: int = 3
-    vae_channels: tuple[int, ...] = (24, 48)  # one level per entry; the latent side is image_size / 2**(levels-1)
-    latent_channels: int = 4
-    vae_steps: int = 2000
-    vae_batch: int = 32
-    vae_lr: float = 2e-3
-    vae_from: str | None = None  # reuse a trained toy pipeline's VAE (folder or bundled name); skips VAE training
-    widths: tuple[int, ...] = (32, 64, 128)  # UNet block widths (sd); cross-attention at the two coarser levels
-    flux_layers: tuple[int, int] = (2, 2)  # double-, single-stream blocks (flux)
-    flux_heads: int = 4
-    flux_head_dim: int = 32
-    steps: int = 4000
-    cycles: int = 1  # cosine cycles; each restart continues from the EMA weights with a fresh optimizer
-    batch: int = 64
-    lr: float = 4e-4
-    caption_dropout: float = 0.1
-    snr_gamma: float | None = None  # sd only: min-SNR loss weighting min(SNR, γ)/SNR (Hang et al. 2023); none: plain
-    ema_decay: float = 0.999
-    checkpoint_every: int = 500
-    sampler_steps: int = 25
-    sampler_guidance: float = 8.0
-
-    @property
-    def cycle_steps(self) -> int:
-        return self.steps // self.cycles
-
-    def key(self) -> str:
-        """Hash of the settings: a partial run only resumes with identical settings."""
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def preset(family: str, micro: bool = False) -> ToyTrainConfig:
-    """The bundled models' settings, or a micro version for tests (seconds, not minutes)."""
-    if family not in ("sd", "flux"):
-        raise TraceEraseError(f"unknown toy family '{family}'; use sd or flux")
-    cfg = ToyTrainConfig(family=family)
-    if family == "sd":  # two cosine cycles: the second restarts from the first's EMA weights
-        cfg = dataclasses.replace(cfg, steps=8000, cycles=2)
-    if family == "flux":  # shares toy-sd's VAE (train sd first): one autoencoder for the toy world; three cycles
-        cfg = dataclasses.replace(cfg, lr=5e-4, steps=12000, cycles=3, sampler_steps=20, sampler_guidance=4.0,
-                                  vae_from="toy-sd")
-    if micro:
-        cfg = dataclasses.replace(
-            cfg, n_images=64, text_width=16, text_layers=1, vae_channels=(8, 8), vae_steps=3, vae_batch=8,
-            widths=(16, 16, 16), flux_layers=(1, 1), flux_heads=2, flux_head_dim=16, steps=6, cycles=1, batch=8,
-            checkpoint_every=2, sampler_steps=2, vae_from=None,
-        )
-    return cfg
-
-
-OWN_OPTIONS = ("family", "seed", "steps", "cycles", "batch")  # settable by their own CLI options, not by --set
-
-
-def override(cfg: ToyTrainConfig, assignments: list[str]) -> ToyTrainConfig:
-    """``cfg`` with ``KEY=VALUE`` settings applied, each parsed to the field's type (tuples as ``24,48,64``; ``none``
-    for an optional field; counts and sizes ≥ 1); recipe experiments are run this way, so the command line records
-    them."""
-    kinds = {f.name: str(f.type) for f in dataclasses.fields(cfg) if f.name not in OWN_OPTIONS}
-    changes: dict[str, Any] = {}
-    for item in assignments:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if key in OWN_OPTIONS:
-            raise TraceEraseError(f"'{item}': use --{key} instead of --set")
-        if not sep or key not in kinds:
-            raise TraceEraseError(f"cannot set '{item}'; use KEY=VALUE with KEY one of: {', '.join(kinds)}")
-        kind, raw = kinds[key], raw.strip()
-        try:
-            if kind.endswith("| None") and raw.lower() == "none":
-                value: Any = None
-            elif kind.startswith("tuple"):
-                value = tuple(int(v) for v in raw.split(","))
-            elif kind.startswith("int"):
-                value = int(raw)
-            elif kind.startswith("float"):
-                value = float(raw)
-                if not math.isfinite(value) or value < 0:
-                    raise ValueError
-            else:
-                value = raw
-            if any(isinstance(v, int) and v < 1 for v in (value if isinstance(value, tuple) else (value,))):
-                raise ValueError
-        except ValueError:
-            example = getattr(cfg, key)
-            raise TraceEraseError(f"'{item}': {key} takes {kind}" + (f" like {example!r}" if example is not None
-                                  else "") + (" (each ≥ 1)" if kind.startswith(("int", "tuple")) else "")
-                                  + (" (finite, ≥ 0)" if kind.startswith("float") else "")) from None
-        changes[key] = value
-    return dataclasses.replace(cfg, **changes)
-
-
-def trained_components(family: str) -> list[str]:
-    """Pipeline components the denoiser phase trains (jointly with the text encoders)."""
-    return ["text_encoder", "transformer", "text_encoder_2"] if family == "flux" else ["text_encoder", "unet"]
-
-
-def toy_words() -> list[str]:
-    """Vocabulary of the toy tokenizers: the toy captions, the erasure templates and common words."""
-    template_words = " ".join(t.replace("{}", " ") for t in DEFAULT_TEMPLATES).split()
-    return sorted({*vocabulary(), *template_words, *BASIC_WORDS})
-
-
-# ---- models ----------------------------------------------------------------------------------------------------
-def build_components(cfg: ToyTrainConfig) -> dict[str, Any]:
-    """Fresh (random) components of the toy pipeline, from the real diffusers/transformers classes."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(cfg.seed)
-    words = toy_words()
-    tokenizer = build_clip_tokenizer(words, cfg.max_tokens)
-    n = len(cfg.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels, block_out_channels=list(cfg.vae_channels),
-        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-        layers_per_block=1, norm_num_groups=8, sample_size=cfg.image_size,
-    )
-    clip_cfg = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
-        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=cfg.max_tokens,
-        projection_dim=cfg.text_width, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, hidden_act="gelu",
-    )
-    latent = cfg.image_size // 2 ** (n - 1)
-    parts: dict[str, Any] = {"vae": vae, "tokenizer": tokenizer, "text_encoder": CLIPTextModel(clip_cfg)}
-    if cfg.family == "sd":
-        from diffusers import UNet2DConditionModel
-
-        k = len(cfg.widths)
-        parts["unet"] = UNet2DConditionModel(
-            sample_size=latent, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
-            block_out_channels=cfg.widths, layers_per_block=1,
-            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (k - 1),
-            up_block_types=("CrossAttnUpBlock2D",) * (k - 1) + ("UpBlock2D",),
-            cross_attention_dim=cfg.text_width, attention_head_dim=4, norm_num_groups=8,
-        )
-    else:
-        from diffusers import FluxTransformer2DModel
-        from transformers import T5Config, T5EncoderModel
-
-        tokenizer_2 = build_t5_tokenizer(words, cfg.max_tokens)
-        t5 = T5Config(
-            vocab_size=len(tokenizer_2), d_model=cfg.text_width, d_kv=cfg.text_width // 4, d_ff=4 * cfg.text_width,
-            num_layers=cfg.text_layers, num_heads=4, pad_token_id=tokenizer_2.pad_token_id,
-            eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0, dropout_rate=0.0,
-        )
-        head = cfg.flux_head_dim
-        rope = [head // 4, 3 * head // 8, 3 * head // 8]
-        parts.update(
-            tokenizer_2=tokenizer_2,
-            text_encoder_2=T5EncoderModel(t5),
-            transformer=FluxTransformer2DModel(
-                patch_size=1, in_channels=4 * cfg.latent_channels,  # FluxPipeline packs 2×2 latent patches
-                num_layers=cfg.flux_layers[0], num_single_layers=cfg.flux_layers[1],
-                attention_head_dim=head, num_attention_heads=cfg.flux_heads, joint_attention_dim=cfg.text_width,
-                pooled_projection_dim=cfg.text_width, guidance_embeds=False, axes_dims_rope=rope,
-            ),
-        )
-    return parts
-
-
-def assemble_pipeline(cfg: ToyTrainConfig, parts: dict[str, Any], latent_stats: tuple[float, float]) -> Any:
-    """A StableDiffusionPipeline / FluxPipeline from trained components."""
-    mean, std = latent_stats
-    vae = parts["vae"]
-    if cfg.family == "sd":
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-        vae.register_to_config(scaling_factor=1.0 / std)
-        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
-                                       unet=parts["unet"], scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    else:
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-        vae.register_to_config(scaling_factor=1.0 / std, shift_factor=mean)
-        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
-                            text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
-                            text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"],
-                            transformer=parts["transformer"])
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from .render import caption_for
 
 
 # ---- training ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""The toy pipelines' components, built from the real diffusers/transformers classes, and their assembly into a
+``StableDiffusionPipeline`` (toy-sd) or ``FluxPipeline`` (toy-flux)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..engines.prompts import DEFAULT_TEMPLATES
+from ..models.tokenizers import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer
+from .config import ToyTrainConfig
+from .render import vocabulary
+
+
+def trained_components(family: str) -> list[str]:
+    """Pipeline components the denoiser phase trains (jointly with the text encoders)."""
+    return ["text_encoder", "transformer", "text_encoder_2"] if family == "flux" else ["text_encoder", "unet"]
+
+
+def toy_words() -> list[str]:
+    """Vocabulary of the toy tokenizers: the toy captions, the erasure templates and common words."""
+    template_words = " ".join(t.replace("{}", " ") for t in DEFAULT_TEMPLATES).split()
+    return sorted({*vocabulary(), *template_words, *BASIC_WORDS})
+
+
+def build_components(cfg: ToyTrainConfig) -> dict[str, Any]:
+    """Fresh (random) components of the toy pipeline, from the real diffusers/transformers classes."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(cfg.seed)
+    words = toy_words()
+    tokenizer = build_clip_tokenizer(words, cfg.max_tokens)
+    n = len(cfg.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels, block_out_channels=list(cfg.vae_channels),
+        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+        layers_per_block=1, norm_num_groups=8, sample_size=cfg.image_size,
+    )
+    clip_cfg = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=cfg.max_tokens,
+        projection_dim=cfg.text_width, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="gelu",
+    )
+    latent = cfg.image_size // 2 ** (n - 1)
+    parts: dict[str, Any] = {"vae": vae, "tokenizer": tokenizer, "text_encoder": CLIPTextModel(clip_cfg)}
+    if cfg.family == "sd":
+        from diffusers import UNet2DConditionModel
+
+        k = len(cfg.widths)
+        parts["unet"] = UNet2DConditionModel(
+            sample_size=latent, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+            block_out_channels=cfg.widths, layers_per_block=1,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (k - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (k - 1) + ("UpBlock2D",),
+            cross_attention_dim=cfg.text_width, attention_head_dim=4, norm_num_groups=8,
+        )
+    else:
+        from diffusers import FluxTransformer2DModel
+        from transformers import T5Config, T5EncoderModel
+
+        tokenizer_2 = build_t5_tokenizer(words, cfg.max_tokens)
+        t5 = T5Config(
+            vocab_size=len(tokenizer_2), d_model=cfg.text_width, d_kv=cfg.text_width // 4, d_ff=4 * cfg.text_width,
+            num_layers=cfg.text_layers, num_heads=4, pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0, dropout_rate=0.0,
+        )
+        head = cfg.flux_head_dim
+        rope = [head // 4, 3 * head // 8, 3 * head // 8]
+        parts.update(
+            tokenizer_2=tokenizer_2,
+            text_encoder_2=T5EncoderModel(t5),
+            transformer=FluxTransformer2DModel(
+                patch_size=1, in_channels=4 * cfg.latent_channels,  # FluxPipeline packs 2×2 latent patches
+                num_layers=cfg.flux_layers[0], num_single_layers=cfg.flux_layers[1],
+                attention_head_dim=head, num_attention_heads=cfg.flux_heads, joint_attention_dim=cfg.text_width,
+                pooled_projection_dim=cfg.text_width, guidance_embeds=False, axes_dims_rope=rope,
+            ),
+        )
+    return parts
+
+
+def assemble_pipeline(cfg: ToyTrainConfig, parts: dict[str, Any], latent_stats: tuple[float, float]) -> Any:
+    """A StableDiffusionPipeline / FluxPipeline from trained components."""
+    mean, std = latent_stats
+    vae = parts["vae"]
+    if cfg.family == "sd":
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        vae.register_to_config(scaling_factor=1.0 / std)
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                                       unet=parts["unet"], scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    else:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        vae.register_to_config(scaling_factor=1.0 / std, shift_factor=mean)
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+                            text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                            text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"],
+                            transformer=parts["transformer"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

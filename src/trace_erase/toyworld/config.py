@@ -1,0 +1,114 @@
+"""The toy pipelines' recipe: sizes and schedule (``ToyTrainConfig``), the bundled presets, and ``KEY=VALUE``
+overrides from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import TraceEraseError
+
+
+@dataclass
+class ToyTrainConfig:
+    """Sizes and schedule of one toy pipeline (``preset('sd')``, ``preset('flux')``, or ``micro`` for tests)."""
+
+    family: str = "sd"
+    seed: int = 0
+    n_images: int = 30000
+    image_size: int = 32
+    max_tokens: int = 24
+    text_width: int = 64
+    text_layers: int = 3
+    vae_channels: tuple[int, ...] = (24, 48)  # one level per entry; the latent side is image_size / 2**(levels-1)
+    latent_channels: int = 4
+    vae_steps: int = 2000
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_from: str | None = None  # reuse a trained toy pipeline's VAE (folder or bundled name); skips VAE training
+    widths: tuple[int, ...] = (32, 64, 128)  # UNet block widths (sd); cross-attention at the two coarser levels
+    flux_layers: tuple[int, int] = (2, 2)  # double-, single-stream blocks (flux)
+    flux_heads: int = 4
+    flux_head_dim: int = 32
+    steps: int = 4000
+    cycles: int = 1  # cosine cycles; each restart continues from the EMA weights with a fresh optimizer
+    batch: int = 64
+    lr: float = 4e-4
+    caption_dropout: float = 0.1
+    snr_gamma: float | None = None  # sd only: min-SNR loss weighting min(SNR, γ)/SNR (Hang et al. 2023); none: plain
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    sampler_steps: int = 25
+    sampler_guidance: float = 8.0
+
+    @property
+    def cycle_steps(self) -> int:
+        return self.steps // self.cycles
+
+    def key(self) -> str:
+        """Hash of the settings: a partial run only resumes with identical settings."""
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def preset(family: str, micro: bool = False) -> ToyTrainConfig:
+    """The bundled models' settings, or a micro version for tests (seconds, not minutes)."""
+    if family not in ("sd", "flux"):
+        raise TraceEraseError(f"unknown toy family '{family}'; use sd or flux")
+    cfg = ToyTrainConfig(family=family)
+    if family == "sd":  # two cosine cycles: the second restarts from the first's EMA weights
+        cfg = dataclasses.replace(cfg, steps=8000, cycles=2)
+    if family == "flux":  # shares toy-sd's VAE (train sd first): one autoencoder for the toy world; three cycles
+        cfg = dataclasses.replace(cfg, lr=5e-4, steps=12000, cycles=3, sampler_steps=20, sampler_guidance=4.0,
+                                  vae_from="toy-sd")
+    if micro:
+        cfg = dataclasses.replace(
+            cfg, n_images=64, text_width=16, text_layers=1, vae_channels=(8, 8), vae_steps=3, vae_batch=8,
+            widths=(16, 16, 16), flux_layers=(1, 1), flux_heads=2, flux_head_dim=16, steps=6, cycles=1, batch=8,
+            checkpoint_every=2, sampler_steps=2, vae_from=None,
+        )
+    return cfg
+
+
+OWN_OPTIONS = ("family", "seed", "steps", "cycles", "batch")  # settable by their own CLI options, not by --set
+
+
+def override(cfg: ToyTrainConfig, assignments: list[str]) -> ToyTrainConfig:
+    """``cfg`` with ``KEY=VALUE`` settings applied, each parsed to the field's type (tuples as ``24,48,64``; ``none``
+    for an optional field; counts and sizes ≥ 1); recipe experiments are run this way, so the command line records
+    them."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(cfg) if f.name not in OWN_OPTIONS}
+    changes: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key in OWN_OPTIONS:
+            raise TraceEraseError(f"'{item}': use --{key} instead of --set")
+        if not sep or key not in kinds:
+            raise TraceEraseError(f"cannot set '{item}'; use KEY=VALUE with KEY one of: {', '.join(kinds)}")
+        kind, raw = kinds[key], raw.strip()
+        try:
+            if kind.endswith("| None") and raw.lower() == "none":
+                value: Any = None
+            elif kind.startswith("tuple"):
+                value = tuple(int(v) for v in raw.split(","))
+            elif kind.startswith("int"):
+                value = int(raw)
+            elif kind.startswith("float"):
+                value = float(raw)
+                if not math.isfinite(value) or value < 0:
+                    raise ValueError
+            else:
+                value = raw
+            if any(isinstance(v, int) and v < 1 for v in (value if isinstance(value, tuple) else (value,))):
+                raise ValueError
+        except ValueError:
+            example = getattr(cfg, key)
+            raise TraceEraseError(f"'{item}': {key} takes {kind}" + (f" like {example!r}" if example is not None
+                                  else "") + (" (each ≥ 1)" if kind.startswith(("int", "tuple")) else "")
+                                  + (" (finite, ≥ 0)" if kind.startswith("float") else "")) from None
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes)
