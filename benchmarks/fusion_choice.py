@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trace_erase.evaluation.bench import markdown, run_bench
+from trace_erase.evaluation.bench import run_bench
+from trace_erase.evaluation.bench_tables import markdown
 from trace_erase.evaluation.suites import toy_split
 from trace_erase.models import load_model
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from trace_erase.artifacts.erasure import atomic_folder, commit_folder
 from trace_erase.errors import TraceEraseError
-from trace_erase.evaluation.bench import keep_concepts, markdown, merge_results, write_tables
+from trace_erase.evaluation.bench_tables import keep_concepts, markdown, merge_results, write_tables
 from trace_erase.evaluation.intervals import units
 
 

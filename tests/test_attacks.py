@@ -306,7 +306,8 @@ def test_an_attack_for_one_class_does_not_raise_another_erased_class(toy):
 
 
 def test_bench_attacks_adds_asr_columns_with_one_control_per_concept(toy, tmp_path):
-    from trace_erase.evaluation.bench import markdown, run_bench
+    from trace_erase.evaluation.bench import run_bench
+    from trace_erase.evaluation.bench_tables import markdown
 
     handle, _ = toy
     cfg = AttackConfig("paraphrase", budget=1, seeds=1)

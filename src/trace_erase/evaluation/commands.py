@@ -281,7 +281,7 @@ def bench(
                        options=parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite,
                        scheduler=scheduler, resume=resume, scorer=the_scorer, prompts=prompts, classes=classes,
                        retained=name_list(retained), reference=reference, attacks=attack_configs)
-    from ..evaluation.bench import markdown
+    from ..evaluation.bench_tables import markdown
 
     typer.echo(markdown(result))
     typer.echo(f"wrote {Path(output) / 'bench.md'}")
