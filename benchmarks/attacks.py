@@ -95,18 +95,28 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--output", default="benchmarks/results/attacks-toy-sd")
     ap.add_argument("--variant", action="append", default=[], help="NAME=METHOD:KEY=VALUE,... (repeatable)")
+    ap.add_argument("--saved-only", action="store_true",
+                    help="compute nothing: the table from rows.json over the classes whose every run is saved "
+                         "(an interim table while a matrix grows; the other classes are listed as pending)")
     args = ap.parse_args()
     classes, methods, attacks = (args.classes.split(","), args.methods.split(","), args.attacks.split(","))
     variants = dict(parse_variant(v) for v in args.variant)
     configs = {a: AttackConfig(a, seeds=args.seeds) for a in attacks}  # validated before anything loads
     out = Path(args.output)
     work = out / "work"
-    handle = load_model(args.model)
     t_start = time.perf_counter()
     erase_s: dict[str, float] = {}
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     saved = SavedRows(out / "rows.json", args.model, args.seeds, {a: configs[a].describe() for a in attacks},
                       variants)
+    pending: list[str] = []
+    if args.saved_only:
+        pending = [c for c in classes if any(saved.get(c, m, a) is None for m in ["base", *methods] for a in attacks)]
+        classes = [c for c in classes if c not in pending]
+        if not classes:
+            raise SystemExit(f"{out / 'rows.json'} holds no class with every run saved under these settings; run "
+                             "the matrix without --saved-only first")
+    handle = None if args.saved_only else load_model(args.model)
     for cls in classes:
         for attack in attacks:
             cfg = configs[attack]
@@ -142,10 +152,10 @@ def main() -> None:
     summary = collate(rows, classes, ["base", *methods], attacks)
     attack_s = sum(r["timings"]["total_s"] for r in rows.values())  # controls (the base rows) included
     summary.update(model=args.model, classes=classes, seeds=args.seeds, wall_s=wall, erase_s=erase_s,
-                   attack_s=attack_s,
+                   attack_s=attack_s, pending=pending,
                    settings={a: configs[a].describe() for a in attacks}, variants=variants,
                    command="python benchmarks/attacks.py " + " ".join(
-                       [f"--{k} {v}" for k, v in vars(args).items() if k != "variant"]
+                       [f"--{k} {v}" for k, v in vars(args).items() if k not in ("variant", "saved_only")]
                        + [f"--variant {v}" for v in args.variant]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "attacks.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -205,6 +215,10 @@ def table(summary: dict[str, Any]) -> str:
               f"attack. Attack time {summary['attack_s'] / 60:.1f} min on this machine (the sum of the runs' "
               f"timings, controls included; erasures not included); this invocation's wall time "
               f"{summary['wall_s'] / 60:.1f} min. Command: `{summary['command']}`"]
+    if summary.get("pending"):
+        lines += ["", f"**Interim**: {len(summary['pending'])} more classes are still running "
+                      f"({', '.join(summary['pending'])}); this table covers the {n} whose every run is finished "
+                      "(`--saved-only`)."]
     return "\n".join(lines)
 
 
