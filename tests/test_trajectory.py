@@ -172,6 +172,43 @@ def test_nonfinite_gradients_under_a_finite_loss_stop_before_the_step(tmp_path, 
     assert not pipe.get_list_adapters()
 
 
+def _poison_backward(monkeypatch: pytest.MonkeyPatch, calls: set[int]) -> dict[str, int]:
+    """NaN gradients on the first LoRA parameter at the given backward calls (1-based): an attention kernel's bug."""
+    original = TrajectoryEngine.attach
+    seen = {"n": 0}
+
+    def poisoned(self) -> None:
+        original(self)
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            seen["n"] += 1
+            return grad * float("nan") if seen["n"] in calls else grad
+
+        self.lora_parameters()[0].register_hook(hook)
+
+    monkeypatch.setattr(TrajectoryEngine, "attach", poisoned)
+    return seen
+
+
+def test_nonfinite_gradients_recompute_the_step_with_the_math_kernel(monkeypatch) -> None:
+    """Under attention_kernels=auto a step with non-finite gradients (finite loss) is recomputed on the same batch
+    with the math kernel, which the run keeps: the LoRA equals a clean run's, and the manifest says where it switched.
+    With a kernel choice of the user's own (here: torch) the run stops instead."""
+    run = {**FAST, "steps": 4, "branches": "batched"}
+    clean = erase(BUILDERS["sd"](), ["cat"], method="esd-x", progress=False, **run)
+    with monkeypatch.context() as m:
+        seen = _poison_backward(m, {3})
+        er = erase(BUILDERS["sd"](), ["cat"], method="esd-x", progress=False, **run)
+    assert seen["n"] == 5  # four steps and the recomputed one
+    assert er.manifest["trajectory_log"]["attention_fallback"] == {"step": 2, "to": "math"}
+    assert "attention_fallback" not in clean.manifest["trajectory_log"]
+    assert clean.state_dict.keys() == er.state_dict.keys()
+    assert all(torch.equal(clean.state_dict[k], er.state_dict[k]) for k in clean.state_dict)
+    _poison_backward(monkeypatch, {3})
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 2 with a finite loss"):
+        erase(BUILDERS["sd"](), ["cat"], method="esd-x", progress=False, attention_kernels="torch", **run)
+
+
 def test_training_attention_kernels_on_cuda_leave_out_cudnn() -> None:
     """The kernel choice is made through torch's own switches (set here without a GPU: they are process flags)."""
     from trace_erase.runtime import training_attention

@@ -211,7 +211,8 @@ def erase(
             manifest["certificate"]["rece_recovered"] = cf_result.rece
     if tr_log:
         manifest["trajectory_log"] = {"final_losses": tr_log["final_losses"], "steps": tr_log["steps"],
-                                      **{k: tr_log[k] for k in ("resumed", "other_processes", "adversarial_losses")
+                                      **{k: tr_log[k] for k in ("resumed", "other_processes", "adversarial_losses",
+                                                               "attention_fallback")
                                          if tr_log.get(k)}}
         manifest["timings"]["stage_b_s"] = tr_log["train_seconds"]
     manifest["multi"] = mode

@@ -97,6 +97,8 @@ def train_per_concept(adapter: FamilyAdapter, cfg: TrajectoryConfig, concepts: l
         logs["final_losses"][concept.name] = log["final_losses"]
         if "adversarial_losses" in log:
             logs.setdefault("adversarial_losses", {}).update(log["adversarial_losses"])
+        if "attention_fallback" in log:
+            logs.setdefault("attention_fallback", {})[concept.name] = log["attention_fallback"]
         logs["train_seconds"] += log["train_seconds"]
         if sub is not None:
             _save(sub / CONCEPT_LORA, log["state_dict"], run_hash)

@@ -238,18 +238,22 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         return {"erase": 1.0, "early": cfg.beta, "unc": cfg.gamma, "pres": cfg.rho, "adv": cfg.adversarial_weight,
                 "attn": cfg.attention_weight, "flow": cfg.flow_weight, "contrast": cfg.contrast_weight}
 
-    def _check_gradients(self, params: list[torch.nn.Parameter], step: int, loss: float) -> None:
-        """Refuse a step whose gradients are not finite although its loss is (before opt.step: the LoRA weights and
-        the last checkpoint stay finite). On CUDA the usual cause is an attention kernel's backward."""
+    @staticmethod
+    def _finite_gradients(params: list[torch.nn.Parameter]) -> bool:
         grads = [p.grad for p in params if p.grad is not None]
-        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            return
-        if self.adapter.device.type == "cuda" and self.config.attention_kernels != "math":
-            fix = "rerun with --option attention_kernels=math (the reference attention kernel) and --resume"
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def _nonfinite_gradients(self, step: int, loss: float, kernels: str) -> NonFiniteLossError:
+        """The error for a step whose gradients are not finite although its loss is (refused before opt.step: the LoRA
+        weights and the last checkpoint stay finite)."""
+        cuda = self.adapter.device.type == "cuda"
+        if cuda and kernels == "torch":
+            fix = "rerun with --option attention_kernels=auto (it falls back to the math kernel) and --resume"
         else:
             fix = "lower lr (or eta) and rerun with --resume"
-        raise NonFiniteLossError(f"gradients became non-finite at step {step} with a finite loss ({loss:.4g}); "
-                                 f"the last checkpoint is kept — {fix}")
+        tried = " with the math attention kernel too" if cuda and kernels == "math" else ""
+        return NonFiniteLossError(f"gradients became non-finite at step {step} with a finite loss ({loss:.4g}){tried}; "
+                                  f"the last checkpoint is kept — {fix}")
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -265,59 +269,58 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         # EraseAnything's irrelevant concepts: the preserve prompts, else our built-in captions
         irrelevant = (own_preserve or load_corpus(self.adapter, "builtin", concepts)) if cfg.contrast_weight > 0 else []
         start = time.perf_counter()
+        kernels = cfg.attention_kernels  # "auto" falls back to "math" at the first step with non-finite gradients
+        fallback: dict[str, Any] | None = None
         self.attach()
         try:
-            with training_attention(self.adapter.device, cfg.attention_kernels):
-                params = self.lora_parameters()
-                for p in params:
-                    p.requires_grad_(True)
-                opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-                self.adversarial = AdversarialPrompts(self, concepts) if cfg.adversarial_every > 0 else None
-                resumed = self.load_checkpoint(opt)
-                step, pool = resumed if resumed else (0, Pool())
-                # every prompt training reads, encoded once now: the text encoders are idle (or offloaded) from here on
-                named = [t.format(c.name) for c in concepts for t in cfg.train_templates]
-                self.cond(["", *preserve, *irrelevant, *named])
-                self.fill_pool(pool, concepts)
-                history: list[dict[str, float]] = []
-                bar = tqdm(total=cfg.steps, initial=step, desc="trajectory fine-tuning", disable=not self.progress)
-                while step < cfg.steps:
+            params = self.lora_parameters()
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+            self.adversarial = AdversarialPrompts(self, concepts) if cfg.adversarial_every > 0 else None
+            resumed = self.load_checkpoint(opt)
+            step, pool = resumed if resumed else (0, Pool())
+            # every prompt training reads, encoded once now: the text encoders are idle (or offloaded) from here on
+            named = [t.format(c.name) for c in concepts for t in cfg.train_templates]
+            self.cond(["", *preserve, *irrelevant, *named])
+            self.fill_pool(pool, concepts)
+            history: list[dict[str, float]] = []
+            bar = tqdm(total=cfg.steps, initial=step, desc="trajectory fine-tuning", disable=not self.progress)
+            while step < cfg.steps:
+                with training_attention(self.adapter.device, kernels):
                     if step > 0 and step % cfg.refresh_every == 0:
                         self.refresh(pool, concepts)
                     if self.adversarial is not None and step % cfg.adversarial_every == 0:
                         self.adversarial.attack(pool)
-                    opt.zero_grad(set_to_none=True)
-                    logged: dict[str, float] = {}
-                    for _ in range(cfg.grad_accum):
-                        if cfg.bilevel and step % 2 == 1:  # EraseAnything's lower step
-                            part = lower_terms(self, pool, irrelevant, backward_scale=1.0 / cfg.grad_accum)
-                            terms = {key: torch.zeros(()) for key in self.term_weights()} | part
-                            terms["total"] = cfg.flow_weight * part["flow"] + cfg.contrast_weight * part["contrast"]
-                        else:
-                            x, t, prompts = self.sample(pool)
-                            terms = self.loss_terms(x, t, prompts, preserve, backward_scale=1.0 / cfg.grad_accum)
-                        if not torch.isfinite(terms["total"]):  # checked before opt.step: the weights stay finite
-                            raise NonFiniteLossError(
-                                f"loss became {terms['total'].item()} at step {step}; the last checkpoint is kept — "
-                                "lower lr (or eta) and rerun with --resume"
-                            )
-                        for k, v in terms.items():
-                            logged[k] = logged.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-                    if self.scaler is not None:  # skips the step when the scaled gradients overflowed
-                        self.scaler.step(opt)
-                        self.scaler.update()
-                    else:
-                        self._check_gradients(params, step, logged["total"])
-                        opt.step()
-                    step += 1
-                    history.append(logged)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{logged['total']:.4f}", erase=f"{logged['erase']:.4f}",
-                                    **({"adv": f"{logged['adv']:.4f}"} if self.adversarial is not None else {}))
-                    if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                        self.save_checkpoint(step, opt, pool)
-                bar.close()
-                state = self.export()
+                    rng = self.gen.get_state()  # a step recomputed under another kernel draws the same batch
+                    logged = self._accumulate(opt, pool, concepts, preserve, irrelevant, step)
+                if self.scaler is None and not self._finite_gradients(params):
+                    if kernels != "auto":
+                        raise self._nonfinite_gradients(step, logged["total"], kernels)
+                    # on CUDA the usual cause is an attention kernel's backward (cuDNN's bf16 one on H100/H200):
+                    # the same step again with the reference kernel, and that kernel from here on
+                    kernels, fallback = "math", {"step": step, "to": "math"}
+                    bar.write(f"step {step}: non-finite gradients under a finite loss; recomputing the step with the "
+                              "math attention kernel, which the rest of the run keeps")
+                    self.gen.set_state(rng)
+                    with training_attention(self.adapter.device, kernels):
+                        logged = self._accumulate(opt, pool, concepts, preserve, irrelevant, step)
+                    if not self._finite_gradients(params):
+                        raise self._nonfinite_gradients(step, logged["total"], kernels)
+                if self.scaler is not None:  # skips the step when the scaled gradients overflowed
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                else:
+                    opt.step()
+                step += 1
+                history.append(logged)
+                bar.update(1)
+                bar.set_postfix(loss=f"{logged['total']:.4f}", erase=f"{logged['erase']:.4f}",
+                                **({"adv": f"{logged['adv']:.4f}"} if self.adversarial is not None else {}))
+                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    self.save_checkpoint(step, opt, pool)
+            bar.close()
+            state = self.export()
         finally:
             self.detach()
             adversarial, self.adversarial = self.adversarial, None
@@ -325,7 +328,32 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         final = {k: sum(h[k] for h in window) / len(window) for k in window[0]} if window else {}
         return {"state_dict": state, "final_losses": final, "train_seconds": time.perf_counter() - start,
                 "steps": cfg.steps, "target_modules": self.targets,
-                **({"adversarial_losses": adversarial.losses} if adversarial is not None else {})}
+                **({"adversarial_losses": adversarial.losses} if adversarial is not None else {}),
+                **({"attention_fallback": fallback} if fallback else {})}
+
+    def _accumulate(self, opt: torch.optim.Optimizer, pool: Pool, concepts: list[Concept], preserve: list[str],
+                    irrelevant: list[str], step: int) -> dict[str, float]:
+        """One optimiser step's gradients (``grad_accum`` micro-batches, accumulated into the LoRA's ``.grad``) and
+        the mean of each loss term; a non-finite loss is refused here, before opt.step."""
+        cfg = self.config
+        opt.zero_grad(set_to_none=True)
+        logged: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            if cfg.bilevel and step % 2 == 1:  # EraseAnything's lower step
+                part = lower_terms(self, pool, irrelevant, backward_scale=1.0 / cfg.grad_accum)
+                terms = {key: torch.zeros(()) for key in self.term_weights()} | part
+                terms["total"] = cfg.flow_weight * part["flow"] + cfg.contrast_weight * part["contrast"]
+            else:
+                x, t, prompts = self.sample(pool)
+                terms = self.loss_terms(x, t, prompts, preserve, backward_scale=1.0 / cfg.grad_accum)
+            if not torch.isfinite(terms["total"]):  # checked before opt.step: the weights stay finite
+                raise NonFiniteLossError(
+                    f"loss became {terms['total'].item()} at step {step}; the last checkpoint is kept — "
+                    "lower lr (or eta) and rerun with --resume"
+                )
+            for k, v in terms.items():
+                logged[k] = logged.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        return logged
 
     def export(self) -> dict[str, torch.Tensor]:
         """The trained LoRA in diffusers keys (``{prefix}.{module}.lora_A.weight``), scale folded into B."""

@@ -50,8 +50,8 @@ class TrajectoryConfig:
     checkpoint_every: int = 100
     gradient_checkpointing: bool = False
     # SDPA kernels the backward pass may use on CUDA: auto (all but cuDNN's, whose bf16 backward gives NaN gradients
-    # on H100/H200 at some shapes) | math (the reference kernel: the fallback when auto still meets non-finite
-    # gradients) | torch (torch's own choice). runtime.training_attention
+    # on H100/H200 at some shapes; a step whose gradients are still not finite is recomputed with math, which the run
+    # then keeps) | math (the reference kernel alone) | torch (torch's own choice). runtime.training_attention
     attention_kernels: str = "auto"
     # "sequential": each trained branch (c, ∅, p) runs and backpropagates on its own — peak activation memory of
     # one branch (ours; the default). "batched": one call for all branches (faster on a GPU with memory to spare).
