@@ -15,7 +15,7 @@ from trace_erase.attacks.inject import WordSlots, decode_tokens, embeds_for, typ
 from trace_erase.attacks.methods import simplex_projection, soft_prompt
 from trace_erase.attacks.prompts import HELD_OUT_TEMPLATES, held_out_ok, paraphrase_families
 from trace_erase.attacks.reference import base_reference
-from trace_erase.errors import TraceEraseError
+from trace_erase.errors import NonFiniteLossError, TraceEraseError
 from trace_erase.models import ModelHandle, get_adapter
 from trace_erase.sampling import generate_images
 
@@ -189,6 +189,31 @@ def test_each_attack_runs_a_few_steps_on_tiny_fixtures(name, attack, kwargs, tmp
     assert res["settings"]["attack"]["level"] == cfg.the_level
     assert all(isinstance(c["success"], bool) for c in res["erased"]["checkpoints"][-1]["cases"])
     assert not handle.pipe.get_list_adapters() or not any(handle.pipe.get_list_adapters().values())
+
+
+class _NanBackward(torch.autograd.Function):
+    """The identity forward, NaN gradients backward: an attention kernel's bf16 backward bug, on the CPU."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+def test_nonfinite_gradients_under_a_finite_loss_stop_the_attack_before_its_step(monkeypatch, tmp_path):
+    """Refused at the step it happens, naming the fix; applied, the NaN would come back a step later as a NaN loss
+    with the wrong advice (lower --lr)."""
+    import trace_erase.attacks.methods as methods
+
+    handle = tiny_handle("sd")
+    original = methods.match_base_loss
+    monkeypatch.setattr(methods, "match_base_loss", lambda *a, **k: _NanBackward.apply(original(*a, **k)))
+    cfg = AttackConfig("soft-prompt", seeds=1, batch=2, trajectories=2, checkpoints=2, budget=3)
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 1 with a finite loss.*--dtype fp32"):
+        run_attack(handle, None, cfg, "circle", tmp_path / "out", progress=False)
 
 
 def test_genetic_search_finds_a_known_sequence_and_never_loses_its_best():

@@ -212,6 +212,16 @@ def training_attention(device: torch.device, kernels: str = "auto") -> Any:
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def finite_gradients(params: Any) -> bool:
+    """Whether every gradient of ``params`` (tensors, or an optimiser's parameter groups) is finite. A step is
+    checked before the optimiser applies it: a NaN gradient under a finite loss (on CUDA in bf16, an attention
+    kernel's backward) would otherwise be written into the weights and surface a step later as a NaN loss."""
+    if isinstance(params, torch.optim.Optimizer):
+        params = [p for group in params.param_groups for p in group["params"]]
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
 def process_state() -> Any:
     """accelerate's process state; on a CPU-only machine the processes talk over gloo (launch them with
     ``accelerate launch --multi_gpu --num_processes N``, which starts them through torchrun)."""

@@ -27,7 +27,7 @@ from ..errors import NonFiniteLossError, TraceEraseError
 from ..evaluation.suites import fill
 from ..models import ModelHandle
 from ..models.base import Conditioning
-from ..runtime import training_attention
+from ..runtime import finite_gradients, training_attention
 from .config import AttackConfig
 from .inject import WordSlots, decode_tokens, editable, embeds_for, frozen, typable_ids
 from .prompts import EVAL_TEMPLATES, HELD_OUT_TEMPLATES, INVERSION_TEMPLATES, eval_prompts
@@ -60,11 +60,20 @@ def _check(loss: torch.Tensor, step: int, what: str) -> None:
         raise NonFiniteLossError(f"the {what} attack's loss became {loss.item()} at step {step}; lower --lr")
 
 
+def _check_gradients(opt: torch.optim.Optimizer, step: int, what: str) -> None:
+    """Refuse a step whose gradients are not finite under a finite loss, before it is applied."""
+    if not finite_gradients(opt):
+        raise NonFiniteLossError(f"the {what} attack's gradients became non-finite at step {step} with a finite loss; "
+                                 "on CUDA in bf16 that is an attention kernel's backward: rerun with --dtype fp32 "
+                                 "(elsewhere: lower --lr)")
+
+
 def _descend(opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, what: str) -> None:
-    """One optimiser step on a finite loss (a non-finite one is an error naming the fix)."""
+    """One optimiser step on a finite loss and finite gradients (otherwise an error naming the fix)."""
     _check(loss, step, what)
     opt.zero_grad()
     loss.backward()
+    _check_gradients(opt, step, what)
     opt.step()
 
 
@@ -276,6 +285,7 @@ def unlearndiff(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Refer
             _check(loss, step, "unlearndiff")
             opt.zero_grad()
             loss.backward()
+            _check_gradients(opt, step, "unlearndiff")
             z.grad = z.grad.clamp(-1, 1)  # UnlearnDiffAtk's hardtanh on the straight-through gradient
             opt.step()
             with torch.no_grad():

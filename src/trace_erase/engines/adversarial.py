@@ -24,6 +24,7 @@ from ..attacks.inject import WordSlots, frozen
 from ..config import Concept
 from ..errors import NonFiniteLossError
 from ..models.base import Conditioning
+from ..runtime import finite_gradients
 from .pool import Pool
 
 if TYPE_CHECKING:
@@ -67,6 +68,11 @@ class AdversarialPrompts:
                     # only the slots' gradients: the adapter toggles in ``original()`` mark the LoRA trainable again
                     for v, g in zip(live, torch.autograd.grad(loss, live), strict=True):
                         v.grad = g
+                    if not finite_gradients(live):
+                        raise NonFiniteLossError(
+                            f"the adversarial prompt's gradients became non-finite at inner step {step} with a finite "
+                            "loss; on CUDA rerun with --option attention_kernels=math and --resume (elsewhere: lower "
+                            "adversarial_lr)")
                     opt.step()
                 self.values[name] = [v.detach() for v in live]
                 self.losses[name] = float(loss.detach())

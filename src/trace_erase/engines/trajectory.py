@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..config import Concept
 from ..errors import NonFiniteLossError, TraceEraseError
 from ..models.base import Conditioning, FamilyAdapter
-from ..runtime import check_trainable, training_attention
+from ..runtime import check_trainable, finite_gradients, training_attention
 from ..sampling import denoise
 from .adversarial import AdversarialPrompts
 from .checkpointing import CHECKPOINT_NAME, CheckpointMixin
@@ -238,11 +238,6 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         return {"erase": 1.0, "early": cfg.beta, "unc": cfg.gamma, "pres": cfg.rho, "adv": cfg.adversarial_weight,
                 "attn": cfg.attention_weight, "flow": cfg.flow_weight, "contrast": cfg.contrast_weight}
 
-    @staticmethod
-    def _finite_gradients(params: list[torch.nn.Parameter]) -> bool:
-        grads = [p.grad for p in params if p.grad is not None]
-        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-
     def _nonfinite_gradients(self, step: int, loss: float, kernels: str) -> NonFiniteLossError:
         """The error for a step whose gradients are not finite although its loss is (refused before opt.step: the LoRA
         weights and the last checkpoint stay finite)."""
@@ -294,7 +289,7 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
                         self.adversarial.attack(pool)
                     rng = self.gen.get_state()  # a step recomputed under another kernel draws the same batch
                     logged = self._accumulate(opt, pool, concepts, preserve, irrelevant, step)
-                if self.scaler is None and not self._finite_gradients(params):
+                if self.scaler is None and not finite_gradients(params):
                     if kernels != "auto":
                         raise self._nonfinite_gradients(step, logged["total"], kernels)
                     # on CUDA the usual cause is an attention kernel's backward (cuDNN's bf16 one on H100/H200):
@@ -305,7 +300,7 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
                     self.gen.set_state(rng)
                     with training_attention(self.adapter.device, kernels):
                         logged = self._accumulate(opt, pool, concepts, preserve, irrelevant, step)
-                    if not self._finite_gradients(params):
+                    if not finite_gradients(params):
                         raise self._nonfinite_gradients(step, logged["total"], kernels)
                 if self.scaler is not None:  # skips the step when the scaled gradients overflowed
                     self.scaler.step(opt)
