@@ -3,7 +3,8 @@ erasure and (once per class and attack) against the base model. Writes ``attacks
 std over the classes, the base model's rates, the matrix's wall time), ``asr_bars.png`` and ``asr_budget.png``.
 Resumable: every finished run is kept in ``rows.json`` (its figures only: small, kept in git), reused when the model,
 seeds, attack settings and variant match, so a matrix grows class by class across machines; erasures and runs in the
-(ignored) work folder are reused too.
+(ignored) work folder are reused too. ``rows.json`` also keeps each erasure's time, so the table's matrix time adds
+up across machines; ``--saved-only`` prints the table of the classes finished so far without computing anything.
 A ``--variant NAME=METHOD:KEY=VALUE,...`` row is METHOD with engine options (list NAME in ``--methods``), e.g. the
 stage-B defence: ``--variant trace-adv=trace:adversarial_every=25 --methods ...,trace,trace-adv``.
 
@@ -69,6 +70,7 @@ class SavedRows:
         saved = _load(path) or {}
         self.rows: dict[str, Any] = saved.get("rows", {})
         self.meta: dict[str, Any] = saved.get("meta", {})
+        self.erase_s: dict[str, float] = saved.get("erase_s", {})  # "class|method": seconds to erase, once
 
     def _meta(self, method: str, attack: str) -> dict[str, Any]:
         """What a saved run must have been run under to be reused now."""
@@ -82,8 +84,17 @@ class SavedRows:
     def put(self, cls: str, method: str, attack: str, res: dict[str, Any]) -> None:
         key = f"{cls}|{method}|{attack}"
         self.rows[key], self.meta[key] = compact(res), self._meta(method, attack)
+        self._write()
+
+    def put_erase(self, cls: str, method: str, seconds: float) -> None:
+        """The time an erasure took, kept so the whole matrix's time adds up across machines."""
+        self.erase_s[f"{cls}|{method}"] = seconds
+        self._write()
+
+    def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, json.dumps({"rows": self.rows, "meta": self.meta}, indent=1) + "\n")
+        atomic_write(self.path, json.dumps({"rows": self.rows, "meta": self.meta, "erase_s": self.erase_s},
+                                           indent=1) + "\n")
 
 
 def main() -> None:
@@ -105,7 +116,6 @@ def main() -> None:
     out = Path(args.output)
     work = out / "work"
     t_start = time.perf_counter()
-    erase_s: dict[str, float] = {}
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     saved = SavedRows(out / "rows.json", args.model, args.seeds, {a: configs[a].describe() for a in attacks},
                       variants)
@@ -118,6 +128,10 @@ def main() -> None:
                              "the matrix without --saved-only first")
     handle = None if args.saved_only else load_model(args.model)
     for cls in classes:
+        for method in methods:  # erasures made before their times were kept in rows.json: their own record
+            manifest = _load(work / cls / method / "erasure" / "erasure.json")
+            if manifest and f"{cls}|{method}" not in saved.erase_s and "wall_time_s" in manifest.get("timings", {}):
+                saved.put_erase(cls, method, manifest["timings"]["wall_time_s"])
         for attack in attacks:
             cfg = configs[attack]
             path = work / cls / "base" / attack / "results.json"
@@ -135,7 +149,7 @@ def main() -> None:
                         t0 = time.perf_counter()
                         base_method, options = variants.get(method, (method, {}))
                         erase(handle, [cls], method=base_method, progress=False, **options).save(er_dir, overwrite=True)
-                        erase_s[f"{cls}/{method}"] = time.perf_counter() - t0
+                        saved.put_erase(cls, method, time.perf_counter() - t0)
                     run_path = work / cls / method / attack / "results.json"
                     res = _load(run_path)
                     if res is None:
@@ -151,7 +165,9 @@ def main() -> None:
     wall = time.perf_counter() - t_start
     summary = collate(rows, classes, ["base", *methods], attacks)
     attack_s = sum(r["timings"]["total_s"] for r in rows.values())  # controls (the base rows) included
+    erase_s = {k: v for k, v in saved.erase_s.items() if k.split("|")[0] in classes and k.split("|")[1] in methods}
     summary.update(model=args.model, classes=classes, seeds=args.seeds, wall_s=wall, erase_s=erase_s,
+                   erasures=len(classes) * len(methods),
                    attack_s=attack_s, pending=pending,
                    settings={a: configs[a].describe() for a in attacks}, variants=variants,
                    command="python benchmarks/attacks.py " + " ".join(
@@ -209,11 +225,13 @@ def table(summary: dict[str, Any]) -> str:
         lines += [f"| {m} | " + " | ".join(f"{100 * summary['cells'][m]['paraphrase families'][n]:.0f}"
                                            for n in names) + " |" for m in fams]
     n, names = len(summary["classes"]), ", ".join(summary["classes"])
+    erase_min, recorded = sum(summary.get("erase_s", {}).values()) / 60, len(summary.get("erase_s", {}))
     lines += ["", f"ASR in % (mean ± std over {n} classes: {names}; {summary['seeds']} seeds per prompt; success = "
               "the toy classifier's class head names the erased class). base = the same attack on the un-erased "
               "model. concept-vector: best η per run; conditioning-level rows are an upper bound, not a user's "
-              f"attack. Attack time {summary['attack_s'] / 60:.1f} min on this machine (the sum of the runs' "
-              f"timings, controls included; erasures not included); this invocation's wall time "
+              f"attack. The matrix's time, summed over the machines it ran on: attacks {summary['attack_s'] / 60:.1f} "
+              f"min (the runs' own timings, controls included) and erasures {erase_min:.1f} min ({recorded} of "
+              f"{summary.get('erasures', recorded)} erasures' times recorded); this invocation's wall time "
               f"{summary['wall_s'] / 60:.1f} min. Command: `{summary['command']}`"]
     if summary.get("pending"):
         lines += ["", f"**Interim**: {len(summary['pending'])} more classes are still running "
