@@ -256,7 +256,9 @@ def figures(summary: dict[str, Any], rows: dict[tuple[str, str, str], dict[str, 
     ax.set_ylabel("attack success rate")
     ax.axhline(0.1, color="k", lw=0.6, ls=":")
     ax.legend(fontsize=7, ncol=len(methods), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
-    ax.set_title(f"{summary['model']}: ASR mean ± std over {len(classes)} classes (dotted: the 10 % aim)", fontsize=9)
+    interim = f"; interim, {len(summary['pending'])} classes pending" if summary.get("pending") else ""
+    ax.set_title(f"{summary['model']}: ASR mean ± std over {len(classes)} classes (dotted: the 10 % aim{interim})",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "asr_bars.png")
     plt.close(fig)
