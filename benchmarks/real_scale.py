@@ -123,6 +123,10 @@ def run_case(case: dict[str, Any], folder: Path, threads: int, tiny: bool) -> di
         timings = er.manifest["timings"]
         parts = [timings.get(f"stage_a_{k}") for k in ("encode_s", "statistics_s", "solve_s", "certificate_s")]
         out["stage_a_s"] = sum(parts) if all(p is not None for p in parts) else None
+        # where stage A's time goes: the encoders run on the device, the statistics and the float64 algebra (per
+        # stream S, each projection's ΔW and WᵀW for its certificate) on the CPU; SDXL has 140 text projections
+        out["stage_a_parts_s"] = dict(zip(("encode", "statistics", "solve", "certificate"), parts, strict=True))
+        out["erase_wall_s"] = timings.get("wall_time_s")
         if "stage_b_s" in timings:
             out["rollout_s"] = rollout_s[0]
             out["stage_b_s_per_iter"] = (timings["stage_b_s"] - rollout_s[0]) / case["iters"]
