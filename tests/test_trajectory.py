@@ -209,6 +209,22 @@ def test_nonfinite_gradients_recompute_the_step_with_the_math_kernel(monkeypatch
         erase(BUILDERS["sd"](), ["cat"], method="esd-x", progress=False, attention_kernels="torch", **run)
 
 
+def test_fp16_steps_that_all_overflow_stop_instead_of_training_nothing(monkeypatch) -> None:
+    """fp16's loss scaler skips a step whose gradients overflow; when every step does (a kernel's NaN backward), the
+    scale halves forever and the run would end with an untrained LoRA. Below scale 1 it stops, naming the fix. (fp16
+    training is refused on the CPU, so the scaler is put on a CPU fp32 run here: its skipping is the same.)"""
+    original = TrajectoryEngine.__init__
+
+    def with_scaler(self, *a, **k) -> None:
+        original(self, *a, **k)
+        self.scaler = torch.amp.GradScaler("cpu")
+
+    monkeypatch.setattr(TrajectoryEngine, "__init__", with_scaler)
+    _poison_backward(monkeypatch, set(range(1, 100)))
+    with pytest.raises(NonFiniteLossError, match="overflowed at every step up to step 16.*--dtype bf16"):
+        erase(BUILDERS["sd"](), ["cat"], method="esd-x", progress=False, **{**FAST, "steps": 30})
+
+
 def test_training_attention_kernels_on_cuda_leave_out_cudnn() -> None:
     """The kernel choice is made through torch's own switches (set here without a GPU: they are process flags)."""
     from trace_erase.runtime import training_attention

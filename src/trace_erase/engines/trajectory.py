@@ -305,6 +305,11 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
                 if self.scaler is not None:  # skips the step when the scaled gradients overflowed
                     self.scaler.step(opt)
                     self.scaler.update()
+                    if self.scaler.get_scale() < 1.0:  # 16+ halvings from 2¹⁶: every step overflows, nothing trains
+                        raise NonFiniteLossError(
+                            f"fp16 gradients overflowed at every step up to step {step} (the loss scale fell below "
+                            "1), so nothing was trained; the last checkpoint is kept — rerun with --dtype bf16 or "
+                            "fp32 (on CUDA, or --option attention_kernels=math) and --resume")
                 else:
                     opt.step()
                 step += 1
