@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -124,8 +125,8 @@ def main() -> None:
         pending = [c for c in classes if any(saved.get(c, m, a) is None for m in ["base", *methods] for a in attacks)]
         classes = [c for c in classes if c not in pending]
         if not classes:
-            raise SystemExit(f"{out / 'rows.json'} holds no class with every run saved under these settings; run "
-                             "the matrix without --saved-only first")
+            _refuse(f"{out / 'rows.json'} holds no class with every run saved under these settings; run the matrix "
+                    "without --saved-only first")
     handle = None if args.saved_only else load_model(args.model)
     for cls in classes:
         for method in methods:  # erasures made before their times were kept in rows.json: their own record
@@ -180,12 +181,18 @@ def main() -> None:
     print(table(summary))
 
 
+def _refuse(message: str) -> None:
+    """Bad input: one line naming the fix, exit 2 (as the CLI does)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:
     """``NAME=METHOD:KEY=VALUE,...`` → (NAME, (METHOD, options)); values read as ``--option`` reads them (YAML)."""
     name, _, rest = text.partition("=")
     method, _, opts = rest.partition(":")
     if not name or not method:
-        raise SystemExit(f"--variant '{text}': write NAME=METHOD:KEY=VALUE,...")
+        _refuse(f"--variant '{text}': write NAME=METHOD:KEY=VALUE,...")
     return name, (method, parse_options([o for o in opts.split(",") if o]))
 
 
