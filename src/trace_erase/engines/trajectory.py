@@ -288,7 +288,7 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
                     if self.adversarial is not None and step % cfg.adversarial_every == 0:
                         self.adversarial.attack(pool)
                     rng = self.gen.get_state()  # a step recomputed under another kernel draws the same batch
-                    logged = self._accumulate(opt, pool, concepts, preserve, irrelevant, step)
+                    logged = self._accumulate(opt, pool, preserve, irrelevant, step)
                 if self.scaler is None and not finite_gradients(params):
                     if kernels != "auto":
                         raise self._nonfinite_gradients(step, logged["total"], kernels)
@@ -299,7 +299,7 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
                               "math attention kernel, which the rest of the run keeps")
                     self.gen.set_state(rng)
                     with training_attention(self.adapter.device, kernels):
-                        logged = self._accumulate(opt, pool, concepts, preserve, irrelevant, step)
+                        logged = self._accumulate(opt, pool, preserve, irrelevant, step)
                     if not finite_gradients(params):
                         raise self._nonfinite_gradients(step, logged["total"], kernels)
                 if self.scaler is not None:  # skips the step when the scaled gradients overflowed
@@ -331,8 +331,8 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
                 **({"adversarial_losses": adversarial.losses} if adversarial is not None else {}),
                 **({"attention_fallback": fallback} if fallback else {})}
 
-    def _accumulate(self, opt: torch.optim.Optimizer, pool: Pool, concepts: list[Concept], preserve: list[str],
-                    irrelevant: list[str], step: int) -> dict[str, float]:
+    def _accumulate(self, opt: torch.optim.Optimizer, pool: Pool, preserve: list[str], irrelevant: list[str],
+                    step: int) -> dict[str, float]:
         """One optimiser step's gradients (``grad_accum`` micro-batches, accumulated into the LoRA's ``.grad``) and
         the mean of each loss term; a non-finite loss is refused here, before opt.step."""
         cfg = self.config
