@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _script import refuse, run, write_json
 
 from trace_erase import erase, load_erasure, load_model
 from trace_erase.artifacts.erasure import atomic_write
@@ -125,7 +125,7 @@ def main() -> None:
         pending = [c for c in classes if any(saved.get(c, m, a) is None for m in ["base", *methods] for a in attacks)]
         classes = [c for c in classes if c not in pending]
         if not classes:
-            _refuse(f"{out / 'rows.json'} holds no class with every run saved under these settings; run the matrix "
+            refuse(f"{out / 'rows.json'} holds no class with every run saved under these settings; run the matrix "
                     "without --saved-only first")
     handle = None if args.saved_only else load_model(args.model)
     for cls in classes:
@@ -175,16 +175,10 @@ def main() -> None:
                        [f"--{k} {v}" for k, v in vars(args).items() if k not in ("variant", "saved_only")]
                        + [f"--variant {v}" for v in args.variant]))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "attacks.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "attacks.md").write_text(table(summary) + "\n")
+    write_json(out / "attacks.json", summary)
+    atomic_write(out / "attacks.md", table(summary) + "\n")
     figures(summary, rows, classes, out)
     print(table(summary))
-
-
-def _refuse(message: str) -> None:
-    """Bad input: one line naming the fix, exit 2 (as the CLI does)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:
@@ -192,7 +186,7 @@ def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:
     name, _, rest = text.partition("=")
     method, _, opts = rest.partition(":")
     if not name or not method:
-        _refuse(f"--variant '{text}': write NAME=METHOD:KEY=VALUE,...")
+        refuse(f"--variant '{text}': write NAME=METHOD:KEY=VALUE,...")
     return name, (method, parse_options([o for o in opts.split(",") if o]))
 
 
@@ -293,4 +287,4 @@ def figures(summary: dict[str, Any], rows: dict[tuple[str, str, str], dict[str, 
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

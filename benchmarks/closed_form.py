@@ -15,6 +15,7 @@ import resource
 import time
 
 import torch
+from _script import run, write_json
 
 
 def main() -> None:
@@ -72,9 +73,8 @@ def main() -> None:
     print(f"\npeak RSS {summary['peak_rss_gib']:.2f} GiB = {summary['peak_over_models']:.2f}× the models' "
           f"{summary['model_gib']:.2f} GiB")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "summary": summary}, f, indent=2)
+        write_json(args.json, {"rows": rows, "summary": summary})
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

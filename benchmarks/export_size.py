@@ -16,12 +16,13 @@ and time at real dimensions, not the error a real SD-1.4 would show.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _script import run, write_json
 
 from trace_erase import TraceEraseError, erase
 from trace_erase.artifacts.export import ExportOptions, export_erasure
@@ -90,8 +91,8 @@ def main() -> None:
         print(f"| {r['max_rank'] or 'none'} | {r['lora_modules']} | {r['dense_modules']} | "
               f"{r['numerical_rank_mean']:.1f} | {mib:.2f} | {r['rel_error_max']:.3g} | {res} | {r['export_s']:.2f} |")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

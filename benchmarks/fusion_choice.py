@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from _script import run
+
 from trace_erase.evaluation.bench import run_bench
 from trace_erase.evaluation.bench_tables import markdown
 from trace_erase.evaluation.suites import toy_split
@@ -40,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -14,13 +14,13 @@ result. Nothing here is a test.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _script import run, write_json
 from safetensors.torch import save_file
 
 from trace_erase.artifacts.lora import pairs_to_state
@@ -97,8 +97,8 @@ def main() -> None:
               f"({rss_mb() / model_mb:.2f}× the {model_mb:.0f} MiB model), diffusers-loaded max |Δ| {err:.1e}",
               flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+        write_json(args.json, {"rows": rows})
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

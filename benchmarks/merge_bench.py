@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from _script import refuse, run
+
 from trace_erase.artifacts.erasure import atomic_folder, commit_folder
-from trace_erase.errors import TraceEraseError
 from trace_erase.evaluation.bench_tables import keep_concepts, markdown, merge_results, write_tables
 from trace_erase.evaluation.intervals import units
 
@@ -46,12 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     missing = [str(p) for p in args.inputs if not p.is_file()]
     if missing:
-        raise SystemExit(f"error: not found: {', '.join(missing)}; give the bench.json files of finished runs")
-    try:
-        result = merge_results([keep_concepts(with_units(p), args.concepts) for p in args.inputs], relabel=args.relabel)
-        final, tmp = atomic_folder(args.output, args.overwrite, "merged bench output")
-    except TraceEraseError as e:
-        raise SystemExit(f"error: {e}") from None
+        refuse(f"not found: {', '.join(missing)}; give the bench.json files of finished runs")
+    result = merge_results([keep_concepts(with_units(p), args.concepts) for p in args.inputs], relabel=args.relabel)
+    final, tmp = atomic_folder(args.output, args.overwrite, "merged bench output")
     (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     write_tables(result, tmp)
     commit_folder(tmp, final)
@@ -60,4 +57,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

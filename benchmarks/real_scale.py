@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _script import run, write_json
+
 CONCEPT = "a cat"
 SDXL_METHODS = ("trace-closed-form", "uce", "trace", "esd-x", "esd-u", "ant")
 
@@ -207,7 +209,7 @@ def main() -> None:
         rows.append(row)
         print(markdown([row]).splitlines()[-1], flush=True)
         if args.json:  # after every case: a run stopped part-way keeps what it measured
-            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(args.json, summary)
     fp32 = {r["kind"] + str(r.get("gradient_checkpointing")) + str(r.get("offload")): r for r in rows
             if r["arch"] == "sd14" and r["dtype"] == "fp32"}
     for r in rows:
@@ -225,8 +227,8 @@ def main() -> None:
                 print(f"bf16/fp32 peak {what}, {r['kind']}{' +gc' if r.get('gradient_checkpointing') else ''}"
                       f"{' offload' if r.get('offload') else ''}: {r[key]:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(args.json, summary)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -16,7 +16,8 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
+
+from _script import run, write_json
 
 
 def main() -> None:
@@ -34,15 +35,11 @@ def main() -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from trace_erase.errors import TraceEraseError
     from trace_erase.toyworld.components import assemble_pipeline, build_components, trained_components
     from trace_erase.toyworld.config import override, preset
     from trace_erase.toyworld.train import ToyTrainer
 
-    try:
-        cfg = override(preset(args.family, micro=args.micro), args.assignments)
-    except TraceEraseError as err:
-        raise SystemExit(f"error: {err}") from None
+    cfg = override(preset(args.family, micro=args.micro), args.assignments)  # bad --set: run() prints one line
     torch.set_num_threads(args.threads)
     parts = build_components(cfg)
     pipe = assemble_pipeline(cfg, parts, (0.0, 1.0))
@@ -80,8 +77,8 @@ def main() -> None:
     figures["recipe"] = dataclasses.asdict(cfg)
     print(json.dumps({k: v for k, v in figures.items() if k != "recipe"}))
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(args.json, figures)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
+
+from _script import run, write_json
 
 
 def main() -> None:
@@ -51,13 +52,8 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":
-    from trace_erase.errors import TraceEraseError
-
-    try:
-        main()
-    except TraceEraseError as exc:  # bad --set or output: one line, as the CLI does
-        raise SystemExit(f"error: {exc}") from None
+    run(main)  # bad --set or output: one line and exit 2, as the CLI does

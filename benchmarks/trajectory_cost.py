@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from _script import run, write_json
+
 
 def run_setup(setup: str, iters: int, threads: int) -> dict:
     import torch
@@ -139,9 +141,8 @@ def main() -> None:
             print(f"trace / {other}: time {by['trace']['per_iter_s'] / by[other]['per_iter_s']:.2f}×, "
                   f"peak RSS {by['trace']['peak_rss_gib'] / by[other]['peak_rss_gib']:.2f}×")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

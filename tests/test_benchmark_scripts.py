@@ -1,0 +1,49 @@
+"""The benchmark scripts keep the CLI's convention: bad input is one line on stderr and exit 2, before any model loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name, args, says", [
+    ("merge_bench.py", ["missing/bench.json", "--output", "merged"], "not found: missing/bench.json"),
+    ("attacks.py", ["--attacks", "no-such-attack", "--output", "out"], "no-such-attack"),
+    ("attacks.py", ["--saved-only", "--output", "out"], "run the matrix without --saved-only first"),
+    ("toy_vae_probe.py", ["--set", "no_such_key=1", "--output", "pipe", "--micro"], "no_such_key"),
+])
+def test_bad_input_is_one_line_and_exit_2(name: str, args: list[str], says: str, tmp_path: Path) -> None:
+    done = script(name, *args, cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "bad input left output behind"
+
+
+def test_write_json_replaces_a_file_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _script import write_json
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    target = tmp_path / "figures.json"
+    target.write_text('{"old": true}\n')
+    with pytest.raises(TypeError):  # not serialisable: fails before a byte is written
+        write_json(target, {"value": object()})
+    assert json.loads(target.read_text()) == {"old": True}
+    write_json(target, {"rows": [1, 2]})
+    assert json.loads(target.read_text()) == {"rows": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["figures.json"]
