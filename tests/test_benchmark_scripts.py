@@ -1,4 +1,4 @@
-"""The benchmark scripts keep the CLI's convention: bad input is one line on stderr and exit 2, before any model loads."""
+"""Benchmark scripts keep the CLI's convention: bad input is one line on stderr and exit 2, before a model loads."""
 
 from __future__ import annotations
 
