@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from safetensors.torch import load_file
 
 from trace_erase.cli import main
+from trace_erase.errors import TraceEraseError
 from trace_erase.evaluation.bench import run_bench
-from trace_erase.evaluation.multi_bench import run_multi_bench
+from trace_erase.evaluation.multi_bench import SET_ROWS, _set_rows, concept_sets, run_multi_bench
 from trace_erase.models import load_model
 
 TINY = {"steps": 2, "rollout_steps": 2, "pool_trajectories": 1, "templates": ["{}"], "preserve_corpus": None}
@@ -101,3 +103,31 @@ def test_singletons_bad_input_is_one_line(micro_sd, tmp_path, capsys) -> None:
     assert main(["bench", "--model", micro_sd, "--multi", "1,2", "--singletons", str(tmp_path / "none.json"),
                  "--output", str(tmp_path / "m")]) == 2
     assert "is not a bench.json with rows" in capsys.readouterr().err
+
+
+def test_the_subsets_of_one_n_are_distinct_and_the_earlier_draws_stay() -> None:
+    classes = [f"c{i}" for i in range(10)]
+    sets = concept_sets(classes, [2, 8], subsets=3)
+    for n in (2, 8):
+        assert len({tuple(g) for g in sets[n]}) == 3 and all(len(g) == n for g in sets[n])
+    # seed 0 draws set 0 again as its third 8-class set: that draw is replaced, the ones before it are kept
+    rng = random.Random(8)
+    first = [sorted(rng.sample(classes, 8)) for _ in range(3)]
+    assert first[2] == first[0] and sets[8][:2] == first[:2]
+    assert len({tuple(g) for g in concept_sets(classes, [9], subsets=10)[9]}) == 10  # every one there is
+
+
+def test_more_subsets_than_exist_and_a_folder_of_another_set_are_one_line(micro_sd, tmp_path, capsys) -> None:
+    assert main(["bench", "--model", micro_sd, "--multi", "1,9", "--subsets", "11",
+                 "--output", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "only 10 distinct sets of 9" in err and len(err.strip().splitlines()) == 1
+    folder = tmp_path / "N2" / "set0"
+    folder.mkdir(parents=True)
+    (folder / SET_ROWS).write_text(json.dumps({"group": ["a", "b"], "rows": []}))
+    with pytest.raises(TraceEraseError, match="holds the set a,b, not a,c"):
+        _set_rows(None, folder, ["a", "c"], ["trace"], [], 1, True, {})
+    (folder / SET_ROWS).unlink()
+    (folder / "bench.json").write_text(json.dumps({"rows": [{"concept": "a,b", "method": "trace"}]}))
+    with pytest.raises(TraceEraseError, match="holds a bench of a,b, not a,c"):
+        _set_rows(None, folder, ["a", "c"], ["trace"], [], 1, True, {})

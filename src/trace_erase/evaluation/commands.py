@@ -237,13 +237,14 @@ def bench(
             raise TraceEraseError("--attacks attacks one erased concept at a time; it does not combine with --multi")
     counts = None
     if multi is not None:
-        from ..evaluation.multi_bench import parse_counts
+        from ..evaluation.multi_bench import concept_sets, parse_counts
 
         counts = parse_counts(multi)
         if suite != "toy-objects" or prompts:
             raise TraceEraseError("--multi runs on --suite toy-objects with its built-in prompts")
         if subsets < 1:
             raise TraceEraseError(f"--subsets must be ≥ 1 (got {subsets})")
+        concept_sets(list(load_class_set("toy").classes), counts, subsets)  # more subsets than exist: refused now
         if singletons:
             from ..evaluation.multi_bench import singleton_rows
 

@@ -16,6 +16,7 @@ class alone (``singletons``: its ``bench.json``, same model, seeds and options),
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,23 @@ def parse_counts(text: str) -> list[int]:
 
 
 def concept_sets(classes: list[str], counts: list[int], subsets: int, seed: int = 0) -> dict[int, list[list[str]]]:
-    """Every singleton for N = 1 (always included: interference needs them); ``subsets`` seeded subsets per N > 1."""
+    """Every singleton for N = 1 (always included: interference needs them); ``subsets`` distinct seeded subsets per
+    N > 1. A draw that repeats an earlier subset is drawn again (a repeat would be the same run twice, counted as
+    two sets); the first subsets are the same as before that rule, as long as none of them repeated."""
     out = {1: [[c] for c in classes]}
     for n in counts:
         if n > 1:
+            possible = math.comb(len(classes), n)
+            if subsets > possible:
+                raise TraceEraseError(f"--subsets {subsets}: there are only {possible} distinct sets of {n} of the "
+                                      f"{len(classes)} classes; lower --subsets or drop N = {n} from --multi")
             rng = random.Random(seed * 1000 + n)
-            out[n] = [sorted(rng.sample(classes, n)) for _ in range(subsets)]
+            groups: list[list[str]] = []
+            while len(groups) < subsets:
+                group = sorted(rng.sample(classes, n))
+                if group not in groups:
+                    groups.append(group)
+            out[n] = groups
     return out
 
 
@@ -153,10 +165,16 @@ def _set_rows(handle: Any, folder: Path, group: list[str], methods: list[str], s
         return []
     if (folder / SET_ROWS).is_file():
         saved = json.loads((folder / SET_ROWS).read_text())
-        if saved.get("group") == group:
-            return [(e["row"], e["per_class_acc_e"]) for e in saved["rows"]]
+        if saved.get("group") != group:
+            raise TraceEraseError(f"{folder} holds the set {','.join(saved.get('group') or [])}, not "
+                                  f"{','.join(group)}; move that folder away (its sets were drawn differently)")
+        return [(e["row"], e["per_class_acc_e"]) for e in saved["rows"]]
     if (folder / "bench.json").is_file():
         result = json.loads((folder / "bench.json").read_text())
+        held = {row["concept"] for row in result["rows"]}
+        if held != {",".join(group)}:
+            raise TraceEraseError(f"{folder} holds a bench of {', '.join(sorted(held))}, not {','.join(group)}; "
+                                  "move that folder away (its sets were drawn differently)")
     else:
         result = run_bench(handle, methods, [",".join(group)], folder, suite="toy-objects", seeds=seeds,
                            resume=resume, sweep=sweep, **bench_kwargs)
