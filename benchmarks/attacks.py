@@ -5,6 +5,8 @@ Resumable: every finished run is kept in ``rows.json`` (its figures only: small,
 seeds, attack settings and variant match, so a matrix grows class by class across machines; erasures and runs in the
 (ignored) work folder are reused too. ``rows.json`` also keeps each erasure's time, so the table's matrix time adds
 up across machines; ``--saved-only`` prints the table of the classes finished so far without computing anything.
+Processes may share one ``--output`` when each has its own ``--classes`` (``rows.json`` is re-read and added to
+under a file lock): one process per core, then ``--saved-only`` over every class for the table.
 A ``--variant NAME=METHOD:KEY=VALUE,...`` row is METHOD with engine options (list NAME in ``--methods``), e.g. the
 stage-B defence: ``--variant trace-adv=trace:adversarial_every=25 --methods ...,trace,trace-adv``.
 
@@ -19,8 +21,11 @@ Nothing here is a test; the harness is tested in tests/test_attacks.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,18 +89,28 @@ class SavedRows:
 
     def put(self, cls: str, method: str, attack: str, res: dict[str, Any]) -> None:
         key = f"{cls}|{method}|{attack}"
-        self.rows[key], self.meta[key] = compact(res), self._meta(method, attack)
-        self._write()
+        row, meta = compact(res), self._meta(method, attack)
+        with self._locked():
+            self.rows[key], self.meta[key] = row, meta
 
     def put_erase(self, cls: str, method: str, seconds: float) -> None:
         """The time an erasure took, kept so the whole matrix's time adds up across machines."""
-        self.erase_s[f"{cls}|{method}"] = seconds
-        self._write()
+        with self._locked():
+            self.erase_s[f"{cls}|{method}"] = seconds
 
-    def _write(self) -> None:
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Re-read ``rows.json`` under an exclusive lock, let the caller add to it, write it back: processes that
+        share an output (each with its own ``--classes``) add their rows instead of overwriting each other's."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, json.dumps({"rows": self.rows, "meta": self.meta, "erase_s": self.erase_s},
-                                           indent=1) + "\n")
+        with open(self.path.parent / f".{self.path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            saved = _load(self.path) or {}
+            self.rows, self.meta = saved.get("rows", {}), saved.get("meta", {})
+            self.erase_s = saved.get("erase_s", {})
+            yield
+            atomic_write(self.path, json.dumps({"rows": self.rows, "meta": self.meta, "erase_s": self.erase_s},
+                                               indent=1) + "\n")
 
 
 def main() -> None:

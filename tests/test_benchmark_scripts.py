@@ -47,3 +47,21 @@ def test_write_json_replaces_a_file_whole_and_leaves_no_temporary(tmp_path: Path
     write_json(target, {"rows": [1, 2]})
     assert json.loads(target.read_text()) == {"rows": [1, 2]}
     assert [p.name for p in tmp_path.iterdir()] == ["figures.json"]
+
+
+def test_two_attack_matrices_sharing_an_output_keep_each_others_rows(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from attacks import SavedRows
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    run = {"pre_asr": 1.0, "asr": 0.5, "base_rate": 1.0, "base_asr": 1.0, "timings": {"total_s": 3.0}}
+    path = tmp_path / "rows.json"
+    first, second = (SavedRows(path, "toy-sd", 5, {"paraphrase": {"budget": 8}}, {}) for _ in range(2))
+    first.put("circle", "trace", "paraphrase", run)  # each process loaded rows.json before the other wrote
+    second.put("square", "trace", "paraphrase", run)
+    first.put_erase("circle", "trace", 12.0)
+    on_disk = json.loads(path.read_text())
+    assert set(on_disk["rows"]) == {"circle|trace|paraphrase", "square|trace|paraphrase"}
+    assert on_disk["erase_s"] == {"circle|trace": 12.0}
+    assert SavedRows(path, "toy-sd", 5, {"paraphrase": {"budget": 8}}, {}).get("square", "trace", "paraphrase")
