@@ -27,6 +27,13 @@ def test_sum_reuses_the_per_concept_loras_that_fuse_trained(micro_sd, tmp_path) 
     assert fuse["multi"] == "fuse" and summed["multi"] == "sum"
     assert "resumed" not in fuse["trajectory_log"]  # fuse trained both
     assert summed["trajectory_log"]["resumed"] == ["circle", "square"]  # sum trained none
+    # its time still counts what the reused LoRAs took to train: the bench row is not just the fusion's seconds
+    rows = {r["method"]: r for r in json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]}
+    assert summed["timings"]["stage_b_resumed_s"] == pytest.approx(fuse["timings"]["stage_b_s"], abs=2e-3)
+    row = rows["trace[multi=sum]"]
+    assert row["erase_reused_s"] == summed["timings"]["stage_b_resumed_s"] > 0
+    assert row["erase_s"] >= summed["timings"]["wall_time_s"] + row["erase_reused_s"] - 0.01
+    assert "includes the training time" in (tmp_path / "b" / "bench.md").read_text()
     a = load_file(str(runs / "trace" / "erasure" / fuse["fusion"]["weight_name"]))
     b = load_file(str(runs / "trace[multi=sum]" / "erasure" / summed["fusion"]["weight_name"]))
     factors = [k for k in a if k.startswith("concept.")]

@@ -215,6 +215,8 @@ def erase(
                                                                "attention_fallback")
                                          if tr_log.get(k)}}
         manifest["timings"]["stage_b_s"] = tr_log["train_seconds"]
+        if tr_log.get("resumed_train_seconds"):  # per-concept LoRAs reloaded, not trained now: what they took
+            manifest["timings"]["stage_b_resumed_s"] = tr_log["resumed_train_seconds"]
     manifest["multi"] = mode
     if fusion is not None:
         manifest["fusion"] = fusion

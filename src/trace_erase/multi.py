@@ -48,13 +48,23 @@ def process_rank() -> int:
     return process_state().process_index
 
 
-def _save(path: Path, state: dict[str, torch.Tensor], run_hash: str) -> None:
+def _save(path: Path, state: dict[str, torch.Tensor], run_hash: str, train_seconds: float) -> None:
     from safetensors.torch import save
 
     from .artifacts.erasure import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, save(state, metadata={"format": "pt", "run_hash": run_hash}))
+    atomic_write(path, save(state, metadata={"format": "pt", "run_hash": run_hash,
+                                             "train_seconds": f"{train_seconds:.3f}"}))
+
+
+def _trained_seconds(path: Path) -> float | None:
+    """How long a saved per-concept LoRA took to train (None for files saved before that was recorded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        value = (f.metadata() or {}).get("train_seconds")
+    return float(value) if value is not None else None
 
 
 def _load_done(path: Path | None, run_hash: str) -> dict[str, torch.Tensor] | None:
@@ -90,6 +100,9 @@ def train_per_concept(adapter: FamilyAdapter, cfg: TrajectoryConfig, concepts: l
         if done is not None:
             states[i] = done
             logs["resumed"].append(concept.name)
+            seconds = _trained_seconds(sub / CONCEPT_LORA)
+            if seconds is not None:  # what the reused LoRA cost, so an erasure's time counts it (bench's erase s)
+                logs["resumed_train_seconds"] = logs.get("resumed_train_seconds", 0.0) + seconds
             continue
         with stage_a.applied() if stage_a else contextlib.nullcontext():
             log = engine.train([concept])
@@ -101,7 +114,7 @@ def train_per_concept(adapter: FamilyAdapter, cfg: TrajectoryConfig, concepts: l
             logs.setdefault("attention_fallback", {})[concept.name] = log["attention_fallback"]
         logs["train_seconds"] += log["train_seconds"]
         if sub is not None:
-            _save(sub / CONCEPT_LORA, log["state_dict"], run_hash)
+            _save(sub / CONCEPT_LORA, log["state_dict"], run_hash, log["train_seconds"])
     if world > 1:  # every process reads what the others trained
         if workdir is None:
             raise TraceEraseError("several processes need a workdir to exchange per-concept LoRAs; pass --output")

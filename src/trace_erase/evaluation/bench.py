@@ -204,7 +204,9 @@ def _bench_run(handle: ModelHandle, erase: Any, method: str, extra: dict[str, An
         shown = [k for k, _, _ in columns(suite.name, {k for k, v in m.items() if v is not None})]
         print(f"  {concept:10s} {label:24s} " + " ".join(f"{k} {m[k]:.3f}" for k in shown
                                                         if m.get(k) is not None), flush=True)
-    return {"concept": concept, "method": label, "status": "ok", **res["metrics"]["erased"], "erase_s": wall,
+    reused = er.manifest["timings"].get("stage_b_resumed_s", 0.0)  # e.g. multi=sum reloading fuse's LoRAs
+    return {"concept": concept, "method": label, "status": "ok", **res["metrics"]["erased"], "erase_s": wall + reused,
+            **({"erase_reused_s": reused} if reused else {}),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "units": units(res)}
 
 

@@ -12,7 +12,7 @@ from ..errors import TraceEraseError
 from .intervals import HEADLINE, bootstrap
 from .metrics import columns
 
-NOT_METRICS = {"concept", "method", "status", "error", "erase_s", "peak_rss_mb"}  # row keys that are not metrics
+NOT_METRICS = {"concept", "method", "status", "error", "erase_s", "erase_reused_s", "peak_rss_mb"}  # not metrics
 
 
 def summarize(rows: list[dict[str, Any]], suite: str | None = None) -> list[dict[str, Any]]:
@@ -149,6 +149,10 @@ def markdown(result: dict[str, Any]) -> str:
                 "Peak RSS is the process peak so far (monotone across rows). Drift: erased vs base images of the "
                 "retained prompts (same seeds). FID vs base (toy scorer only): torchmetrics FID with the toy "
                 "classifier's features, erased vs base images of the other prompts.\n")
+    reused = sorted({r["method"] for r in result.get("rows", []) if r.get("erase_reused_s")})
+    if reused:
+        settings += (f"\nErase s of {', '.join(reused)} includes the training time of per-concept stage-B LoRAs "
+                     "reloaded from another run (e.g. multi=sum reuses the ones fuse trained), as if trained anew.\n")
     failed = [r for r in result.get("rows", []) if r.get("status") == "failed"]
     if failed:
         settings += "\nFailed runs (not in the means):\n" + "".join(
