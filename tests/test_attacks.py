@@ -106,6 +106,30 @@ def test_word_slots_change_only_the_slots_and_leave_other_prompts_alone(name):
     assert torch.allclose(after.tensors[ehs][0], plain.tensors[ehs][0])
 
 
+@pytest.mark.parametrize("name", ["sd", "flux"])
+def test_one_lr_moves_every_encoders_slots_in_proportion_to_its_embedding_table(name):
+    """FLUX's T5 table is ~50x its CLIP's: an lr set for CLIP must step T5's slots 50x further, and AdamW's decay must
+    still shrink every slot by lr * weight_decay per step."""
+    slots = WordSlots(tiny_handle(name).adapter, 2, [])
+    rms = [float(t.float().pow(2).mean().sqrt()) for t in slots.tables()]
+    if name == "flux":
+        assert rms[1] / rms[0] > 10  # the case the scaling is for
+    values = [v.clone().requires_grad_(True) for v in slots.init_from(slots.filler)]
+    start = [v.detach().clone() for v in values]
+    opt = torch.optim.Adam(slots.param_groups(values, 1e-3))
+    sum(v.sum() for v in values).backward()  # a unit gradient: Adam's first step is lr in every coordinate
+    opt.step()
+    for v, s, r in zip(values, start, rms, strict=True):
+        assert float((s - v.detach()).mean()) == pytest.approx(1e-3 * r / rms[0], rel=1e-3)
+    start = [v.detach().clone() for v in values]
+    opt = torch.optim.AdamW(slots.param_groups(values, 1e-2, 0.1))
+    for v in values:
+        v.grad = torch.zeros_like(v)  # no gradient: only the decay moves the slots
+    opt.step()
+    for v, s in zip(values, start, strict=True):
+        assert torch.allclose(v.detach(), s * (1 - 1e-2 * 0.1), rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.parametrize("name", ["sd", "flux", "sdxl", "sd3"])
 def test_generating_from_conditioning_embeds_equals_generating_from_the_prompt(name):
     handle = tiny_handle(name)

@@ -187,7 +187,7 @@ def p4d(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Reference, re
             mine = torch.nonzero(ref.state_prompt == i).flatten()
             start = torch.randint(0, len(ids), (cfg.the_tokens,), generator=gen)
             free = sub[start].clone().requires_grad_(True)
-            opt = torch.optim.AdamW([free], lr=cfg.the_lr, weight_decay=0.1)
+            opt = torch.optim.AdamW(slots.param_groups([free], cfg.the_lr, 0.1, [main]))
             for step in range(1, cfg.the_budget + 1):
                 embeds, _ = projected(free, sub, unit)
                 values: list[torch.Tensor | None] = [None] * len(slots.encoders)

@@ -51,6 +51,23 @@ class WordSlots:
         """Each encoder's input-embedding table ``[V_i, d_i]`` (the weights, detached)."""
         return [enc.get_input_embeddings().weight.detach() for _, enc in self.encoders]
 
+    def scales(self) -> list[float]:
+        """Each encoder's word-embedding scale (the RMS of its table) over the first encoder's. An optimiser's step
+        in encoder i is multiplied by ``scales()[i]``, so one learning rate is the same relative move in every table:
+        FLUX's T5 embeddings are ~45× its CLIP's on toy-flux, and an lr set for CLIP barely moves a T5 slot."""
+        rms = [float(t.float().pow(2).mean().sqrt()) for t in self.tables()]
+        return [r / rms[0] for r in rms]
+
+    def param_groups(self, values: list[torch.Tensor], lr: float, weight_decay: float = 0.0,
+                     encoders: list[int] | None = None) -> list[dict[str, Any]]:
+        """Optimiser parameter groups for ``values`` (the slots of ``encoders``, default all of them, in order): lr
+        scaled by each encoder's :meth:`scales`, weight decay divided by it (AdamW's per-step shrink stays
+        ``lr·weight_decay`` in every table). ``lr`` is in the first encoder's units: the papers' rates are CLIP's."""
+        scale = self.scales()
+        which = list(range(len(values))) if encoders is None else encoders
+        return [{"params": [v], "lr": lr * scale[i], "weight_decay": weight_decay / scale[i]}
+                for v, i in zip(values, which, strict=True)]
+
     def init_from(self, word: str) -> list[torch.Tensor]:
         """Slot values that start at ``word``'s embedding (its first token) in every encoder, ``[k, d_i]`` each."""
         out = []

@@ -228,7 +228,7 @@ def _optimise_words(handle: ModelHandle, cfg: AttackConfig, slots: WordSlots, in
     """Adam on word-slot values from ``init``; at each budget point the current values are reported as a candidate
     that generates ``prompts`` (shown as ``shown``)."""
     values = [v.to(handle.adapter.device).requires_grad_(True) for v in init]
-    opt = torch.optim.Adam(values, lr=cfg.the_lr)
+    opt = torch.optim.Adam(slots.param_groups(values, cfg.the_lr))
     gen = torch.Generator().manual_seed(cfg.seed)
     points = set(cfg.budget_points())
     with frozen(_denoiser_modules(handle)):

@@ -54,7 +54,7 @@ class AdversarialPrompts:
                 if not rows:
                     continue
                 live = [v.detach().clone().requires_grad_(True) for v in values]
-                opt = torch.optim.Adam(live, lr=cfg.adversarial_lr)
+                opt = torch.optim.Adam(self.slots.param_groups(live, cfg.adversarial_lr))
                 for step in range(cfg.adversarial_steps):
                     x, t, prompts = engine.sample(pool, rows, any_time=True)
                     with torch.no_grad(), engine.original():
