@@ -266,8 +266,9 @@ def figures(summary: dict[str, Any], rows: dict[tuple[str, str, str], dict[str, 
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         c = summary["cells"][m]
-        ax.bar(np.arange(len(attacks)) + i * width, [c[a]["mean"] for a in attacks], width,
-               yerr=[c[a]["std"] for a in attacks], capsize=2, label=m, color=f"C{i % 10}")
+        mean, std = (np.array([c[a][k] for a in attacks]) for k in ("mean", "std"))
+        ax.bar(np.arange(len(attacks)) + i * width, mean, width, capsize=2, label=m, color=f"C{i % 10}",
+               yerr=[np.minimum(std, mean), np.minimum(std, 1 - mean)])  # a rate's whiskers stop at 0 and 1
     ax.set_xticks(np.arange(len(attacks)) + 0.4 - width / 2, attacks, fontsize=8)
     ax.set_ylabel("attack success rate")
     ax.axhline(0.1, color="k", lw=0.6, ls=":")
