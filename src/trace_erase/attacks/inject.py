@@ -10,6 +10,7 @@ slots as k copies of a filler word that every tokenizer of the pipeline spells a
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,12 +52,17 @@ class WordSlots:
         """Each encoder's input-embedding table ``[V_i, d_i]`` (the weights, detached)."""
         return [enc.get_input_embeddings().weight.detach() for _, enc in self.encoders]
 
-    def scales(self) -> list[float]:
-        """Each encoder's word-embedding scale (the RMS of its table) over the first encoder's. An optimiser's step
-        in encoder i is multiplied by ``scales()[i]``, so one learning rate is the same relative move in every table:
-        FLUX's T5 embeddings are ~45× its CLIP's on toy-flux, and an lr set for CLIP barely moves a T5 slot."""
-        rms = [float(t.float().pow(2).mean().sqrt()) for t in self.tables()]
+    @functools.cached_property
+    def _scales(self) -> list[float]:
+        rms = [table_rms(t) for t in self.tables()]
         return [r / rms[0] for r in rms]
+
+    def scales(self) -> list[float]:
+        """Each encoder's word-embedding scale (the RMS of its table) over the first encoder's, measured once per
+        slots object. An optimiser's step in encoder i is multiplied by ``scales()[i]``, so one learning rate is the
+        same relative move in every table: FLUX's T5 embeddings are ~45× its CLIP's on toy-flux, and an lr set for
+        CLIP barely moves a T5 slot."""
+        return list(self._scales)
 
     def param_groups(self, values: list[torch.Tensor], lr: float, weight_decay: float = 0.0,
                      encoders: list[int] | None = None) -> list[dict[str, Any]]:
@@ -114,6 +120,13 @@ class WordSlots:
         finally:
             for h in handles:
                 h.remove()
+
+
+def table_rms(table: torch.Tensor, rows: int = 4096) -> float:
+    """The root mean square of an embedding table, summed in float32 a block of ``rows`` at a time (T5-XXL's bf16
+    table is 32k × 4096: a whole float32 copy would be half a gigabyte on the GPU)."""
+    total = sum(float(table[i:i + rows].float().pow(2).sum()) for i in range(0, table.shape[0], rows))
+    return (total / table.numel()) ** 0.5
 
 
 def token_tables(encoder: torch.nn.Module) -> list[torch.nn.Embedding]:
