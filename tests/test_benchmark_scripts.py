@@ -65,3 +65,29 @@ def test_two_attack_matrices_sharing_an_output_keep_each_others_rows(tmp_path: P
     assert set(on_disk["rows"]) == {"circle|trace|paraphrase", "square|trace|paraphrase"}
     assert on_disk["erase_s"] == {"circle|trace": 12.0}
     assert SavedRows(path, "toy-sd", 5, {"paraphrase": {"budget": 8}}, {}).get("square", "trace", "paraphrase")
+
+
+def test_attack_gaps_pair_trace_with_the_lowest_other_method_class_by_class() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from attacks import gaps
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    classes = ["circle", "square", "cross", "star"]
+    spread = [0.1, 0.9, 0.3, 0.7]  # classes differ a lot; the methods differ by a constant
+    asr = {"trace": [v - 0.1 for v in spread], "ant": spread, "uce": [min(v + 0.1, 1.0) for v in spread],
+           "base": [1.0] * 4}
+    pre = {"trace": [0.2, 0.0, 0.1, 0.3], "ant": [0.0, 0.1, 0.0, 0.1], "uce": [0.5] * 4, "base": [1.0] * 4}
+    rows = {}
+    for m in asr:
+        for i, c in enumerate(classes):
+            rows[(c, m, "soft-prompt")] = ({"base_rate": pre[m][i], "base_asr": asr[m][i]} if m == "base"
+                                           else {"pre_asr": pre[m][i], "asr": asr[m][i]})
+    out = gaps(rows, classes, ["base", "uce", "ant", "trace"], ["soft-prompt"])
+    soft = out["soft-prompt"]
+    assert soft["other"] == "ant"  # the lowest other method, not the first listed nor the base
+    assert soft["mean"] == pytest.approx(-0.1)
+    assert soft["ci"] == pytest.approx((-0.1, -0.1))  # paired: the classes' spread cancels
+    no_attack = out["no attack"]
+    assert no_attack["other"] == "ant" and no_attack["mean"] == pytest.approx(0.1)
+    assert no_attack["ci"][0] < no_attack["mean"] < no_attack["ci"][1]
