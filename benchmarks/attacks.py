@@ -300,12 +300,13 @@ def figures(summary: dict[str, Any], rows: dict[tuple[str, str, str], dict[str, 
     if plt is None:
         return
     methods, attacks = summary["methods"], ["no attack", *summary["attacks"]]
+    colour = {m: "gray" if m == "base" else f"C{i % 10}" for i, m in enumerate(methods)}  # the same in both figures
     fig, ax = plt.subplots(figsize=(10, 4.2), dpi=120)
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         c = summary["cells"][m]
         mean, std = (np.array([c[a][k] for a in attacks]) for k in ("mean", "std"))
-        ax.bar(np.arange(len(attacks)) + i * width, mean, width, capsize=2, label=m, color=f"C{i % 10}",
+        ax.bar(np.arange(len(attacks)) + i * width, mean, width, capsize=2, label=m, color=colour[m],
                yerr=[np.minimum(std, mean), np.minimum(std, 1 - mean)])  # a rate's whiskers stop at 0 and 1
     ax.set_xticks(np.arange(len(attacks)) + 0.4 - width / 2, attacks, fontsize=8)
     ax.set_ylabel("attack success rate")
@@ -323,12 +324,12 @@ def figures(summary: dict[str, Any], rows: dict[tuple[str, str, str], dict[str, 
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), dpi=120, squeeze=False)
     for ax, a in zip(axes[0], curves, strict=True):
         shown = [m for m in (*CURVE_METHODS, *summary.get("variants", {})) if m in methods]
-        for i, m in enumerate(["base", *shown]):
+        for m in ["base", *shown]:
             side = "base" if m == "base" else "erased"
             per = [rows[(c, m, a)][side]["checkpoints"] for c in classes]
             xs = [cp["budget"] for cp in per[0]]
             ys = np.mean([[cp["asr"] for cp in p] for p in per], axis=0)
-            ax.plot(xs, ys, "o-" if m != "base" else "s--", label=m, color="gray" if m == "base" else f"C{i}")
+            ax.plot(xs, ys, "o-" if m != "base" else "s--", label=m, color=colour[m])
         ax.set_title(a, fontsize=9)
         ax.set_xlabel("optimisation steps")
         ax.set_ylim(-0.03, 1.03)
