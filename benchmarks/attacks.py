@@ -301,8 +301,8 @@ def figures(summary: dict[str, Any], rows: dict[tuple[str, str, str], dict[str, 
         return
     methods, attacks = summary["methods"], ["no attack", *summary["attacks"]]
     palette = [f"C{k}" for k in (0, 1, 2, 3, 4, 5, 6, 8, 9)]  # C7 is gray: the base's
-    colour = {m: "gray" if m == "base" else palette[i % len(palette)]  # the same in both figures
-              for i, m in enumerate(m for m in methods if m != "base")} | {"base": "gray"}
+    colour = {"base": "gray"} | {m: palette[i % len(palette)]  # the same in both figures
+                                 for i, m in enumerate(m for m in methods if m != "base")}
     fig, ax = plt.subplots(figsize=(10, 4.2), dpi=120)
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
