@@ -38,6 +38,8 @@ from trace_erase.attacks import AttackConfig, run_attack
 from trace_erase.attacks.config import ATTACKS
 from trace_erase.cli_common import parse_options
 from trace_erase.evaluation.plots import _pyplot
+from trace_erase.evaluation.suites import toy_split
+from trace_erase.toyworld.render import CLASSES
 
 CURVE_METHODS = ("trace", "esd-x", "uce", "ant")
 FOCUS = "trace"  # the method the paired comparison is about
@@ -117,17 +119,23 @@ class SavedRows:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy-sd")
-    ap.add_argument("--classes", default="circle,triangle,cross")
+    ap.add_argument("--classes", default="circle,triangle,cross",
+                    help="comma-separated toy classes, or dev / test (the toy world's fixed halves) or all")
     ap.add_argument("--methods", default="uce,trace-closed-form,mace-cfr,esd-x,esd-u,ant,trace")
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--output", default="benchmarks/results/attacks-toy-sd")
+    ap.add_argument("--tables", default=None,
+                    help="write attacks.md, attacks.json and the figures here instead of --output (rows.json and "
+                         "the work folder stay in --output): e.g. a test-half table of a 10-class matrix")
     ap.add_argument("--variant", action="append", default=[], help="NAME=METHOD:KEY=VALUE,... (repeatable)")
     ap.add_argument("--saved-only", action="store_true",
                     help="compute nothing: the table from rows.json over the classes whose every run is saved "
                          "(an interim table while a matrix grows; the other classes are listed as pending)")
     args = ap.parse_args()
     classes, methods, attacks = (args.classes.split(","), args.methods.split(","), args.attacks.split(","))
+    if args.classes in ("dev", "test", "all"):
+        classes = list(CLASSES) if args.classes == "all" else list(toy_split(args.classes))
     variants = dict(parse_variant(v) for v in args.variant)
     configs = {a: AttackConfig(a, seeds=args.seeds) for a in attacks}  # validated before anything loads
     out = Path(args.output)
@@ -188,12 +196,13 @@ def main() -> None:
                    attack_s=attack_s, pending=pending,
                    settings={a: configs[a].describe() for a in attacks}, variants=variants,
                    command="python benchmarks/attacks.py " + " ".join(
-                       [f"--{k} {v}" for k, v in vars(args).items() if k not in ("variant", "saved_only")]
+                       [f"--{k} {v}" for k, v in vars(args).items() if k not in ("variant", "saved_only") and v is not None]
                        + [f"--variant {v}" for v in args.variant]))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "attacks.json", summary)
-    atomic_write(out / "attacks.md", table(summary) + "\n")
-    figures(summary, rows, classes, out)
+    tables = Path(args.tables) if args.tables else out
+    tables.mkdir(parents=True, exist_ok=True)
+    write_json(tables / "attacks.json", summary)
+    atomic_write(tables / "attacks.md", table(summary) + "\n")
+    figures(summary, rows, classes, tables)
     print(table(summary))
 
 
