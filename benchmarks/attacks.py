@@ -196,7 +196,8 @@ def main() -> None:
                    attack_s=attack_s, pending=pending,
                    settings={a: configs[a].describe() for a in attacks}, variants=variants,
                    command="python benchmarks/attacks.py " + " ".join(
-                       [f"--{k} {v}" for k, v in vars(args).items() if k not in ("variant", "saved_only") and v is not None]
+                       [f"--{k} {v}" for k, v in vars(args).items()
+                        if k not in ("variant", "saved_only") and v is not None]
                        + [f"--variant {v}" for v in args.variant]))
     tables = Path(args.tables) if args.tables else out
     tables.mkdir(parents=True, exist_ok=True)
