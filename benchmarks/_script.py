@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from trace_erase.artifacts.erasure import atomic_write
 from trace_erase.errors import TraceEraseError
+from trace_erase.io import atomic_write
 
 
 def refuse(message: str) -> NoReturn:

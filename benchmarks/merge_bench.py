@@ -20,9 +20,9 @@ from pathlib import Path
 
 from _script import refuse, run
 
-from trace_erase.artifacts.erasure import atomic_folder, commit_folder
 from trace_erase.evaluation.bench_tables import keep_concepts, markdown, merge_results, write_tables
 from trace_erase.evaluation.intervals import units
+from trace_erase.io import output_folder
 
 
 def with_units(path: Path) -> dict:
@@ -48,10 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         refuse(f"not found: {', '.join(missing)}; give the bench.json files of finished runs")
     result = merge_results([keep_concepts(with_units(p), args.concepts) for p in args.inputs], relabel=args.relabel)
-    final, tmp = atomic_folder(args.output, args.overwrite, "merged bench output")
-    (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_tables(result, tmp)
-    commit_folder(tmp, final)
+    with output_folder(args.output, args.overwrite, "merged bench output") as tmp:
+        (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_tables(result, tmp)
     print(markdown(result))
     return 0
 

@@ -283,7 +283,7 @@ def test_resume_with_changed_settings_names_them(tmp_path) -> None:
 
 
 def test_commit_over_an_existing_folder_is_one_swap(tmp_path) -> None:
-    from trace_erase.artifacts.erasure import commit_folder
+    from trace_erase.io import commit_folder
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")

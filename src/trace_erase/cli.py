@@ -24,6 +24,7 @@ from .cli_common import (
     runtime_from,
 )
 from .errors import TraceEraseError
+from .io import check_writable
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Concept erasure for text-to-image diffusion models."
@@ -58,9 +59,9 @@ def erase(
     from . import erase as run_erase
     from .api import method_configs
     from .artifacts.checkpoint import load_checkpoint as read_checkpoint
-    from .artifacts.erasure import atomic_folder, prepare_workdir
     from .config import load_yaml, make_concepts
     from .engines.trajectory import CHECKPOINT_NAME
+    from .io import prepare_workdir
     from .methods import get_method
     from .models import load_model
 
@@ -85,8 +86,7 @@ def erase(
     if not concepts:
         raise TraceEraseError("no concept given; pass at least one --concept")
     final = Path(output)
-    if final.exists() and not overwrite:
-        atomic_folder(final, overwrite, "erasure output")  # raises the standard message
+    check_writable(final, overwrite, "erasure output")
     # cheap checks before the (slow) model load
     spec = get_method(method)
     from .models.loading import peek_family
@@ -182,7 +182,8 @@ def generate(
     batch_size: BatchOpt = None,
 ) -> None:
     """Generate images, optionally with an erasure applied."""
-    from .artifacts.erasure import atomic_folder, commit_folder, load_erasure
+    from .artifacts.erasure import load_erasure
+    from .io import output_folder
     from .models import load_model
     from .models.loading import peek_family
     from .sampling import check_scheduler, generate_images, sampler_settings
@@ -192,8 +193,7 @@ def generate(
         raise TraceEraseError(f"--steps must be ≥ 1 (got {steps})")
     if num_images < 1:
         raise TraceEraseError(f"--num-images must be ≥ 1 (got {num_images})")
-    if Path(output).exists() and not overwrite:
-        atomic_folder(output, overwrite)
+    check_writable(output, overwrite)
     check_scheduler(scheduler, peek_family(model))
     runtime = runtime_from(device, dtype, offload, batch_size)
     er = load_erasure(erasure, allow_pickle=allow_pickle) if erasure else None
@@ -207,8 +207,8 @@ def generate(
     prompts = [p for p in prompt for _ in range(num_images)]
     seeds = [seed + i for _ in prompt for i in range(num_images)]
     images = generate_images(handle, prompts, seeds, steps, guidance, scheduler=scheduler)
-    final, tmp = atomic_folder(output, overwrite)
-    try:
+    final = Path(output)
+    with output_folder(output, overwrite) as tmp:
         records = []
         for i, (img, p, s) in enumerate(zip(images, prompts, seeds, strict=True)):
             name = f"{i:04d}_seed{s}.png"
@@ -222,10 +222,6 @@ def generate(
             "images": records,
         }
         (tmp / "generation.json").write_text(json.dumps(settings, indent=2) + "\n")
-        commit_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     typer.echo(f"wrote {len(images)} images to {final}")
 
 
@@ -280,12 +276,12 @@ def merge(
 ) -> None:
     """Write a full pipeline folder with the erasure fused into its weights (each component in the dtype the base
     model stores it in: a bf16 model stays bf16)."""
-    from .artifacts.erasure import atomic_folder, commit_folder, load_erasure
+    from .artifacts.erasure import load_erasure
+    from .io import output_folder
     from .models import load_model
     from .models.loading import SIDECAR, resolve_model, stored_dtypes
 
-    if Path(output).exists() and not overwrite:
-        atomic_folder(output, overwrite)
+    check_writable(output, overwrite)
     runtime = runtime_from(device, dtype, "none", None)
     er = load_erasure(erasure, allow_pickle=allow_pickle)
     handle = load_model(model, allow_pickle=allow_pickle, runtime=runtime)
@@ -294,16 +290,12 @@ def merge(
         component = getattr(handle.pipe, name, None)
         if component is not None and hasattr(component, "to"):
             component.to(dtype=stored)
-    final, tmp = atomic_folder(output, overwrite)
-    try:
+    final = Path(output)
+    with output_folder(output, overwrite) as tmp:
         handle.pipe.save_pretrained(tmp, safe_serialization=True)
         sidecar = Path(resolve_model(model)) / SIDECAR
         if sidecar.is_file():
             shutil.copy(sidecar, tmp / SIDECAR)
-        commit_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     typer.echo(f"wrote merged pipeline to {final}")
 
 
@@ -322,15 +314,13 @@ def demo(
 ) -> None:
     """The main job on the embedded toy world: erase a class from toy-sd, evaluate before/after, write a report."""
     from . import erase as run_erase
-    from .artifacts.erasure import atomic_folder
     from .evaluation.run import evaluate
     from .evaluation.suites import toy_class_of
     from .methods import get_method
     from .models import load_model
 
     out = Path(output)
-    if out.exists() and not overwrite:
-        atomic_folder(out, overwrite, "demo output")
+    check_writable(out, overwrite, "demo output")
     toy_class_of(concept)
     spec = get_method(method)
     options = {**(DEMO_OPTIONS if spec.uses_trajectory else {}), **parse_options(option or [])}

@@ -51,7 +51,7 @@ def process_rank() -> int:
 def _save(path: Path, state: dict[str, torch.Tensor], run_hash: str, train_seconds: float) -> None:
     from safetensors.torch import save
 
-    from .artifacts.erasure import atomic_write
+    from .io import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, save(state, metadata={"format": "pt", "run_hash": run_hash,

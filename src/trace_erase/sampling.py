@@ -153,19 +153,12 @@ def _chunk_dir(cache: str | Path, prompts: list[str], seeds: list[int], settings
 
 def _write_chunk(folder: Path, images: list[Any]) -> None:
     """PNGs of one batch with a ``done`` marker, written as one folder committed at the end (a kill leaves no half)."""
-    import shutil
 
-    from .artifacts.erasure import atomic_folder, commit_folder
-
-    final, tmp = atomic_folder(folder, overwrite=True, what="image cache")
-    try:
+    from .io import output_folder
+    with output_folder(folder, overwrite=True, what="image cache") as tmp:
         for k, image in enumerate(images):
             image.save(tmp / f"{k:04d}.png")
         (tmp / "done").write_text(str(len(images)))
-        commit_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _read_chunk(folder: Path, n: int) -> list[Any]:

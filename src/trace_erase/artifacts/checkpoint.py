@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import TraceEraseError
-from .erasure import atomic_write
+from ..io import atomic_write
 
 MAGIC = b"trace-erase-checkpoint sha256="
 

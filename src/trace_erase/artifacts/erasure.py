@@ -8,8 +8,6 @@ versions, timings, certificate). Folders are written to a temporary sibling and 
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import TraceEraseError
+from ..io import file_sha256, output_folder
 from .fingerprint import check_fingerprint, fingerprint
 from .gate import LateGate
 from .manifest import Manifest, check_file_name
@@ -33,76 +32,6 @@ def _pipe_and_adapter(target: Any) -> tuple[Any, Any]:
     if isinstance(target, ModelHandle):
         return target.pipe, target.adapter
     return target, get_adapter(target)
-
-
-def atomic_folder(path: str | Path, overwrite: bool, what: str = "output") -> tuple[Path, Path]:
-    """Check ``path`` may be written and return (final path, fresh temporary sibling folder)."""
-    final = Path(path)
-    if final.exists() and not overwrite:
-        raise TraceEraseError(f"{what} folder '{final}' already exists; choose another --output or pass --overwrite")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return final, tmp
-
-
-def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write a file beside its final name, then rename it there: a kill leaves the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
-    import ctypes
-    import os
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def prepare_workdir(final: str | Path, resume: bool, overwrite: bool, what: str = "run") -> Path:
-    """``FINAL.partial``: where a long command keeps its progress. Left over from an interrupted run it is continued
-    with ``resume``, cleared with ``overwrite``, and otherwise refused (so no work is lost by accident)."""
-    final = Path(final)
-    work = final.parent / (final.name + ".partial")
-    if work.exists() and not resume:
-        if not overwrite:
-            raise TraceEraseError(f"an interrupted {what} left '{work}'; pass --resume to continue it "
-                                  "or --overwrite to start afresh")
-        shutil.rmtree(work)
-    return work
-
-
-def commit_folder(tmp: Path, final: Path) -> None:
-    """Move a completed temporary folder into place. An existing folder is swapped with it in one atomic step, so at
-    every instant ``final`` holds either the old complete folder or the new one; the old one is deleted after."""
-    if final.exists():
-        if _exchange(tmp, final):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
-            return
-        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"  # fallback: a short window
-        final.rename(trash)
-        tmp.rename(final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(final)
 
 
 @dataclass
@@ -185,8 +114,7 @@ class Erasure:
         more files into the folder before it is committed (exports); their hashes join the integrity record."""
         from safetensors.torch import save_file
 
-        final, tmp = atomic_folder(directory, overwrite, "erasure output")
-        try:
+        with output_folder(directory, overwrite, "erasure output") as tmp:
             if self.state_dict:
                 save_file({k: v.contiguous() for k, v in self.state_dict.items()}, str(tmp / LORA_WEIGHT_NAME),
                           metadata={"format": "pt"})
@@ -202,11 +130,7 @@ class Erasure:
             manifest = {k: v for k, v in self.manifest.items() if k != "integrity"}
             manifest["integrity"] = {"files": files, "manifest": manifest_sha256(manifest)}
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-            commit_folder(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return final
+        return Path(directory)
 
     # ---- use --------------------------------------------------------------------------------------------------------
     def check_base(self, target: Any) -> None:
@@ -331,16 +255,6 @@ def load_erasure(directory: str | Path, allow_pickle: bool = False) -> Erasure:
         raise TraceEraseError(f"'{wpath}' does not hold this erasure's LoRA (keys must start with '{prefix}'); "
                               "re-run the erasure")
     return Erasure(state, manifest, gated_state_dict=gated, fusion_state=fusion_state)
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def manifest_sha256(manifest: dict[str, Any]) -> str:

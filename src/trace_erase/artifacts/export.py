@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from ..errors import TraceEraseError
-from .erasure import Erasure, atomic_write
+from ..io import atomic_write
+from .erasure import Erasure
 from .lora import delta_to_lora, lora_pairs
 from .naming import kohya_modules
 

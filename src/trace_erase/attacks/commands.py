@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,6 +21,7 @@ from ..cli_common import (
     runtime_from,
     scorer_options,
 )
+from ..io import check_writable
 from .config import ATTACKS, LEVELS
 
 
@@ -63,15 +63,14 @@ def attack(
 ) -> None:
     """Attack an erasure (and the base model, the control, with the same attack) and report the attack success
     rate: results.json with every case, report.html with the table, the ASR-vs-budget curve and the images."""
-    from ..artifacts.erasure import atomic_folder, load_erasure
+    from ..artifacts.erasure import load_erasure
     from ..errors import TraceEraseError
     from ..evaluation.scorers import scorer_for
     from ..models import load_model
     from .config import AttackConfig
     from .run import attack_suite, check_attack, run_attack
 
-    if Path(output).exists() and not overwrite:
-        atomic_folder(output, overwrite, "attack output")
+    check_writable(output, overwrite, "attack output")
     try:
         eta_values = tuple(float(e) for e in etas.split(",")) if etas else None
     except ValueError:

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..artifacts.erasure import Erasure, atomic_folder, commit_folder, remove_erasures
+from ..artifacts.erasure import Erasure, remove_erasures
 from ..errors import TraceEraseError
 from ..evaluation.scorers import Scorer, scorer_for
 from ..evaluation.suites import PromptItem, Suite, build_suite
+from ..io import check_writable, output_folder
 from ..models import ModelHandle
 from ..sampling import generate_images, sampler_settings
 from ..toyworld.render import SYNONYMS
@@ -135,8 +135,8 @@ def run_attack(
     from ..api import library_versions
     from .report import write_attack_report
 
-    if output is not None and Path(output).exists() and not overwrite:
-        atomic_folder(output, overwrite, "attack output")
+    if output is not None:
+        check_writable(output, overwrite, "attack output")
     the_suite, label = attack_suite(concept, suite, classes)
     check_attack(config, label)
     the_scorer = scorer if isinstance(scorer, Scorer) else scorer_for(the_suite, scorer)
@@ -193,15 +193,10 @@ def run_attack(
                     "generate_s": scoring.generate_s, "total_s": time.perf_counter() - t0},
     }
     if output is not None:
-        final, tmp = atomic_folder(output, overwrite, "attack output")
-        try:
+        with output_folder(output, overwrite, "attack output") as tmp:
             _write_images(tmp, images)
             (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             write_attack_report(tmp, results)
-            commit_folder(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         results["report"] = str(Path(output) / "report.html")
     # for runs that reuse this one as their control: its images and what it computed on the base model
     results["_images"] = {"attacked": base["_images"]["attacked"]}

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts.erasure import atomic_folder, atomic_write, commit_folder, prepare_workdir, remove_erasures
+from ..artifacts.erasure import remove_erasures
 from ..errors import TraceEraseError
+from ..io import atomic_write, check_writable, commit_folder, prepare_workdir
 from ..methods import get_method
 from ..models import ModelHandle
 from .bench_tables import summarize, write_tables
@@ -110,8 +111,7 @@ def run_bench(
     from ..api import erase, library_versions
 
     final = Path(output)
-    if final.exists() and not overwrite:
-        atomic_folder(final, overwrite, "bench output")  # raises the standard message
+    check_writable(final, overwrite, "bench output")
     suites = {c: build_suite(suite, c, seeds, prompts=prompts, classes=classes, retained=retained) for c in concepts}
     if not isinstance(scorer, Scorer):
         scorer = scorer_for(suites[concepts[0]], scorer, scorer_options)

@@ -33,6 +33,7 @@ from ..cli_common import (
     scorer_options,
 )
 from ..errors import TraceEraseError
+from ..io import check_writable
 
 if TYPE_CHECKING:
     from .scorers import Scorer, ScorerOptions
@@ -89,14 +90,14 @@ def eval_(
     """Evaluate an erasure (before/after on the same seeds) on a suite with a scorer; write results.json (every
     image's judgement, the scorer's identity) and report.html. Generated batches are kept in OUTPUT.partial as they
     finish, so --resume continues an interrupted evaluation."""
-    from ..artifacts.erasure import atomic_folder, load_erasure, prepare_workdir
+    from ..artifacts.erasure import load_erasure
     from ..evaluation.run import evaluate
+    from ..io import prepare_workdir
     from ..models import load_model
     from ..models.loading import peek_family
     from ..sampling import check_scheduler
 
-    if Path(output).exists() and not overwrite:
-        atomic_folder(output, overwrite, "evaluation output")
+    check_writable(output, overwrite, "evaluation output")
     check_scheduler(scheduler, peek_family(model))
     runtime = runtime_from(device, dtype, offload, batch_size)
     er = load_erasure(erasure) if erasure else None
@@ -205,7 +206,6 @@ def bench(
     """Erase each concept with each method on the same seeds and evaluate on a suite; write the comparison table
     with the suite's own columns (each run is committed as it finishes: --resume continues an interrupted bench; a
     failed run is a row with its reason)."""
-    from ..artifacts.erasure import atomic_folder
     from ..evaluation.bench import parse_sweep, run_bench
     from ..evaluation.suites import load_class_set, toy_split
     from ..methods import get_method
@@ -215,7 +215,7 @@ def bench(
     from ..toyworld.render import STYLES
 
     if Path(output).exists() and not overwrite and not (multi and resume):
-        atomic_folder(output, overwrite, "bench output")
+        check_writable(output, overwrite, "bench output")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     family = peek_family(model)
     for m in method_list:

@@ -99,7 +99,7 @@ def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: 
     bench is committed as it finishes: ``resume=True`` skips the finished ones)."""
     import shutil
 
-    from ..artifacts.erasure import atomic_write
+    from ..io import atomic_write
 
     out = Path(output)
     resume, overwrite = bench_kwargs.pop("resume", False), bench_kwargs.pop("overwrite", False)
@@ -159,7 +159,7 @@ def _set_rows(handle: Any, folder: Path, group: list[str], methods: list[str], s
 
     A finished set leaves ``set_rows.json`` beside its bench; it alone is enough to resume from, so a run's finished
     sets can be committed without their images and erasures and continued on another machine."""
-    from ..artifacts.erasure import atomic_write
+    from ..io import atomic_write
 
     if not methods and not sweep:
         return []

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TraceEraseError
+from ..io import check_writable
 from .scorers import Scorer, ScorerOptions, scorer_for
 from .scoring import check_protocol, score_run
 from .suites import PromptItem, Suite, build_suite
@@ -62,9 +63,8 @@ def rescore(folder: str | Path, scorer: str | Scorer | None, output: str | Path,
     if Path(output).resolve() == src.resolve():
         raise TraceEraseError("rescore writes a new folder; pass --output different from the evaluation folder")
     if Path(output).exists() and not overwrite:
-        from ..artifacts.erasure import atomic_folder
 
-        atomic_folder(output, overwrite, "rescore output")
+        check_writable(output, overwrite, "rescore output")
     suite = saved_suite(results)
     if not isinstance(scorer, Scorer):
         scorer = scorer_for(suite, scorer, options)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -14,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts.erasure import Erasure, atomic_folder, commit_folder
+from ..artifacts.erasure import Erasure
+from ..io import check_writable, output_folder
 from ..models import ModelHandle
 from ..runtime import process_state
 from ..sampling import generate_images, sampler_settings
@@ -119,8 +119,7 @@ def evaluate(
     from ..api import library_versions
 
     final = Path(output)
-    if final.exists() and not overwrite:
-        atomic_folder(final, overwrite, "evaluation output")
+    check_writable(final, overwrite, "evaluation output")
     if not isinstance(suite, Suite):
         suite = build_suite(suite, concept or "", seeds, prompts=prompts, classes=classes, retained=retained)
     if isinstance(scorer, Scorer):
@@ -190,18 +189,13 @@ def write_results(final: Path, overwrite: bool, results: dict[str, Any], base: n
     temporary folder and moved into place at the end."""
     from PIL import Image
 
-    final, tmp = atomic_folder(final, overwrite, "evaluation output")
-    try:
+    with output_folder(final, overwrite, "evaluation output") as tmp:
         for kind, arr in (("base", base), ("erased", erased)):
             (tmp / "images" / kind).mkdir(parents=True, exist_ok=True)
             for k in range(len(arr)):
                 Image.fromarray(arr[k]).save(tmp / "images" / kind / f"{k:05d}.png")
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         write_report(tmp, results, blur=results["suite"] == "nudity" and not show_nudity)
-        commit_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _is_main_process() -> bool:

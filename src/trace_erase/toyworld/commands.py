@@ -107,6 +107,6 @@ def toyworld_check(
     console.print("VAE reconstruction (classifier accuracy on encode→decode of renders): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in res["vae_reconstruction"].items() if isinstance(v, float)))
     if output:  # written beside, then renamed: a kill leaves no half-written file
-        from ..artifacts.erasure import atomic_write
+        from ..io import atomic_write
 
         atomic_write(output, json.dumps(res, indent=2) + "\n")

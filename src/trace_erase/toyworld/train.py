@@ -23,8 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..artifacts.checkpoint import load_checkpoint, save_checkpoint
-from ..artifacts.erasure import atomic_write
 from ..errors import NonFiniteLossError, TraceEraseError
+from ..io import atomic_write
 from .components import assemble_pipeline, build_components, trained_components
 from .config import ToyTrainConfig
 from .data import render_set, to_tensor
@@ -337,14 +337,14 @@ class ToyTrainer:
         return adapter.predict(zt, sigma, cond)
 
     def _finish(self, pipe: Any) -> Path:
-        from ..artifacts.erasure import atomic_folder, commit_folder
+        from ..io import output_folder
         from ..models.loading import SIDECAR
 
         for m in pipe.components.values():
             if isinstance(m, nn.Module):
                 m.eval()
-        final, tmp = atomic_folder(self.output, overwrite=True)
-        try:
+        final = Path(self.output)
+        with output_folder(self.output, overwrite=True) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
             sidecar = {
                 "sampler": {"steps": self.cfg.sampler_steps, "guidance": self.cfg.sampler_guidance,
@@ -358,9 +358,5 @@ class ToyTrainer:
                 "note": "trace-erase toy world model; trained by `trace-erase toyworld train`",
             }
             (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
-            commit_folder(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         shutil.rmtree(self.partial, ignore_errors=True)
         return final

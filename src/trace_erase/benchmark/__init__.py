@@ -1,0 +1,1 @@
+"""Benchmarks over methods and concepts: the bench, its tables and the multi-concept bench."""
