@@ -35,7 +35,7 @@ from _script import refuse, run, write_json
 from trace_erase import erase, load_erasure, load_model
 from trace_erase.attacks import AttackConfig, run_attack
 from trace_erase.attacks.config import ATTACKS
-from trace_erase.cli_common import parse_options
+from trace_erase.cli.common import parse_options
 from trace_erase.evaluation.plots import _pyplot
 from trace_erase.evaluation.suites import toy_split
 from trace_erase.io import atomic_write

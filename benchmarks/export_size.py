@@ -25,7 +25,8 @@ from typing import Any
 from _script import run, write_json
 
 from trace_erase import TraceEraseError, erase
-from trace_erase.artifacts.export import ExportOptions, export_erasure
+from trace_erase.api import export_erasure
+from trace_erase.artifacts.export import ExportOptions
 from trace_erase.models import ModelHandle, get_adapter, load_model
 from trace_erase.models.builders import sd14_architecture_pipeline
 

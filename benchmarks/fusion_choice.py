@@ -16,8 +16,8 @@ from pathlib import Path
 
 from _script import run
 
-from trace_erase.evaluation.bench import run_bench
-from trace_erase.evaluation.bench_tables import markdown
+from trace_erase.benchmark.bench import run_bench
+from trace_erase.benchmark.tables import markdown
 from trace_erase.evaluation.suites import toy_split
 from trace_erase.models import load_model
 

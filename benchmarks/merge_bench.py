@@ -20,7 +20,7 @@ from pathlib import Path
 
 from _script import refuse, run
 
-from trace_erase.evaluation.bench_tables import keep_concepts, markdown, merge_results, write_tables
+from trace_erase.benchmark.tables import keep_concepts, markdown, merge_results, write_tables
 from trace_erase.evaluation.intervals import units
 from trace_erase.io import output_folder
 

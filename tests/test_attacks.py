@@ -10,13 +10,13 @@ import torch
 
 from trace_erase import erase, load_model
 from trace_erase.attacks import AttackConfig, run_attack
+from trace_erase.attacks.continuous import simplex_projection, soft_prompt
 from trace_erase.attacks.discrete import genetic_search, nearest_tokens, projected
-from trace_erase.attacks.inject import WordSlots, decode_tokens, embeds_for, typable_ids
-from trace_erase.attacks.methods import simplex_projection, soft_prompt
 from trace_erase.attacks.prompts import HELD_OUT_TEMPLATES, held_out_ok, paraphrase_families
 from trace_erase.attacks.reference import base_reference
 from trace_erase.errors import NonFiniteLossError, TraceEraseError
 from trace_erase.models import ModelHandle, get_adapter
+from trace_erase.models.injection import WordSlots, decode_tokens, embeds_for, typable_ids
 from trace_erase.sampling import generate_images
 
 from .conftest import BUILDERS, run_cli
@@ -230,7 +230,7 @@ class _NanBackward(torch.autograd.Function):
 def test_nonfinite_gradients_under_a_finite_loss_stop_the_attack_before_its_step(monkeypatch, tmp_path):
     """Refused at the step it happens, naming the fix; applied, the NaN would come back a step later as a NaN loss
     with the wrong advice (lower --lr)."""
-    import trace_erase.attacks.methods as methods
+    import trace_erase.attacks.continuous as methods
 
     handle = tiny_handle("sd")
     original = methods.match_base_loss
@@ -288,7 +288,7 @@ def test_a_run_with_a_control_reuses_its_base_model_reference_and_gets_the_same_
     def no_second_reference(*args, **kwargs):
         raise AssertionError("the base-model reference was computed again")
 
-    monkeypatch.setattr("trace_erase.attacks.methods.base_reference", no_second_reference)
+    monkeypatch.setattr("trace_erase.attacks.registry.base_reference", no_second_reference)
     reused = run_attack(handle, er, cfg, "circle", progress=False, control=control)
     assert reused["erased"]["checkpoints"] == alone["erased"]["checkpoints"]
 
@@ -355,8 +355,8 @@ def test_an_attack_for_one_class_does_not_raise_another_erased_class(toy):
 
 
 def test_bench_attacks_adds_asr_columns_with_one_control_per_concept(toy, tmp_path):
-    from trace_erase.evaluation.bench import run_bench
-    from trace_erase.evaluation.bench_tables import markdown
+    from trace_erase.benchmark.bench import run_bench
+    from trace_erase.benchmark.tables import markdown
 
     handle, _ = toy
     cfg = AttackConfig("paraphrase", budget=1, seeds=1)

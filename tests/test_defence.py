@@ -63,9 +63,9 @@ def test_inner_attack_lowers_its_objective_and_changes_the_conditioning(name) ->
         pool = Pool()
         eng.fill_pool(pool, concepts)
         adv = AdversarialPrompts(eng, concepts)
-        x = torch.cat([s for s in pool.states]).to(eng.adapter.dtype)
-        t = torch.cat(pool.times)
-        prompts = [p for p, s in zip(pool.prompts, pool.states, strict=True) for _ in range(len(s))]
+        x = torch.cat([tr.states for tr in pool.trajectories]).to(eng.adapter.dtype)
+        t = torch.cat([tr.times for tr in pool.trajectories])
+        prompts = [tr.prompt for tr in pool.trajectories for _ in range(len(tr.states))]
 
         def objective() -> float:
             with torch.no_grad():
@@ -120,8 +120,8 @@ def test_bad_adversarial_options(option, value, message) -> None:
 
 def test_bench_sweeps_an_integer_option_and_refuses_a_bad_value_before_loading(tmp_path, capsys) -> None:
     """``--sweep adversarial_every=10,25`` keeps integers (integer options refuse 25.0); a bad value is one line."""
+    from trace_erase.benchmark.bench import parse_sweep
     from trace_erase.cli import main
-    from trace_erase.evaluation.bench import parse_sweep
 
     assert parse_sweep("adversarial_every=10,25") == [{"adversarial_every": 10}, {"adversarial_every": 25}]
     assert all(type(r["adversarial_every"]) is int for r in parse_sweep("adversarial_every=10,25"))

@@ -7,7 +7,7 @@ import torch
 
 from trace_erase import get_adapter
 from trace_erase.config import Concept
-from trace_erase.engines.eraseanything import attention_penalty, concept_mask, steer_loss
+from trace_erase.engines.eraseanything import ConceptMasks, attention_penalty, contrast_loss
 from trace_erase.engines.trajectory import TrajectoryConfig, TrajectoryEngine
 from trace_erase.errors import TraceEraseError
 
@@ -55,23 +55,23 @@ def test_probe_reads_the_attention_the_block_computes() -> None:
 
 def test_concept_mask_marks_the_concept_tokens_only() -> None:
     eng = TrajectoryEngine(_flux(), TrajectoryConfig(**FAST), progress=False)
-    mask = concept_mask(eng, ["a photo of a cat", "black cat"], [Concept("cat")])
+    mask = ConceptMasks(eng.adapter, [Concept("cat")])(["a photo of a cat", "black cat"])
     tok = eng.adapter.token_tokenizer
     for row, prompt in zip(mask, ["a photo of a cat", "black cat"], strict=True):
         ids = tok(prompt)["input_ids"]
         marked = [ids[i] for i in row.nonzero().flatten().tolist()]
         assert tok.decode(marked).strip() == "cat"
     with pytest.raises(TraceEraseError, match="names no concept"):
-        concept_mask(eng, ["a photo of a dog"], [Concept("cat")])
+        ConceptMasks(eng.adapter, [Concept("cat")])(["a photo of a dog"])
 
 
-def test_steer_loss_pushes_the_map_away_from_the_concept_and_towards_irrelevant_ones() -> None:
+def test_contrast_loss_pushes_the_map_away_from_the_concept_and_towards_irrelevant_ones() -> None:
     """Lower when the trained map looks like an irrelevant concept's than like the concept's; gradient descent on
     it lowers the map's cosine similarity to the concept's reference."""
     gen = torch.Generator().manual_seed(0)
     negative, irrelevant = torch.rand(1, 16, generator=gen), torch.rand(1, 3, 16, generator=gen)
-    like_concept = steer_loss(negative.clone(), negative, irrelevant, 0.07)
-    like_other = steer_loss(irrelevant[:, 0].clone(), negative, irrelevant, 0.07)
+    like_concept = contrast_loss(negative.clone(), negative, irrelevant, 0.07)
+    like_other = contrast_loss(irrelevant[:, 0].clone(), negative, irrelevant, 0.07)
     assert like_other < like_concept
     center = (negative + 0.1 * torch.rand(1, 16, generator=gen)).requires_grad_(True)
     cos = lambda a: torch.nn.functional.cosine_similarity(a, negative).item()  # noqa: E731
@@ -79,14 +79,14 @@ def test_steer_loss_pushes_the_map_away_from_the_concept_and_towards_irrelevant_
     opt = torch.optim.SGD([center], lr=0.05)
     for _ in range(20):
         opt.zero_grad()
-        steer_loss(center, negative, irrelevant, 0.07).backward()
+        contrast_loss(center, negative, irrelevant, 0.07).backward()
         opt.step()
     assert cos(center.detach()) < before - 0.01
 
 
 def _concept_attention(eng: TrajectoryEngine, x: torch.Tensor, t: torch.Tensor) -> float:
     prompts = ["a photo of a cat"] * x.shape[0]
-    with torch.no_grad(), eng.adapter.token_attention(concept_mask(eng, prompts, eng.concepts)) as maps:
+    with torch.no_grad(), eng.adapter.token_attention(ConceptMasks(eng.adapter, eng.concepts)(prompts)) as maps:
         eng.adapter.predict(x, t, eng.cond(prompts))
     return float(attention_penalty(maps))
 

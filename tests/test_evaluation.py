@@ -128,7 +128,7 @@ def test_bench_micro(micro_sd, tmp_path, capsys) -> None:
 
 
 def test_bench_lists_unsupported_methods() -> None:
-    from trace_erase.evaluation.bench_tables import markdown, summarize
+    from trace_erase.benchmark.tables import markdown, summarize
 
     rows = [{"concept": "circle", "method": "base", "status": "ok", "acc_e": 1.0, "acc_s": 1.0, "acc_g": 1.0,
              "h_o": 0.0, "drift_l2": 0.0, "drift_ssim": 1.0, "erase_s": 0.0},
@@ -197,8 +197,8 @@ def test_two_process_nudity_matches_one_process(micro_sd, tmp_path) -> None:
 
 
 def test_merge_results_recomputes_means_over_disjoint_concepts() -> None:
+    from trace_erase.benchmark.tables import merge_results
     from trace_erase.errors import TraceEraseError
-    from trace_erase.evaluation.bench_tables import merge_results
 
     def run(concept: str, acc_s: float) -> dict:
         row = {"concept": concept, "method": "trace", "status": "ok", "acc_e": 0.0, "acc_s": acc_s, "acc_g": 0.0,
@@ -239,7 +239,7 @@ def test_bootstrap_intervals_over_concepts_and_seeds() -> None:
 
 
 def test_merge_relabel_makes_option_variants_rows_of_one_table() -> None:
-    from trace_erase.evaluation.bench_tables import merge_results
+    from trace_erase.benchmark.tables import merge_results
 
     def run(options: dict, h_o: float) -> dict:
         rows = [{"concept": "circle", "method": "base", "status": "ok", "h_o": 0.0},
@@ -265,7 +265,7 @@ def test_merge_relabel_makes_option_variants_rows_of_one_table() -> None:
 
 
 def test_keep_concepts_cuts_a_bench_to_a_half() -> None:
-    from trace_erase.evaluation.bench_tables import keep_concepts
+    from trace_erase.benchmark.tables import keep_concepts
     from trace_erase.evaluation.suites import toy_split
 
     classes = ["circle", "square", "star"]
@@ -284,7 +284,7 @@ def test_bench_report_renders_in_headless_chromium(tmp_path) -> None:
     import shutil
     import subprocess
 
-    from trace_erase.evaluation.bench_tables import summarize, write_tables
+    from trace_erase.benchmark.tables import summarize, write_tables
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:

@@ -13,12 +13,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from trace_erase import TraceEraseError, erase
+from trace_erase.api import export_erasure
 from trace_erase.artifacts.erasure import remove_erasures
 from trace_erase.artifacts.export import (
     ExportOptions,
     apply_full,
     dense_delta,
-    export_erasure,
     full_companion,
     read_export_record,
 )

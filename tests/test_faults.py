@@ -130,7 +130,7 @@ def test_eval_killed_then_resumed_gives_the_same_results(n, world, eval_referenc
 
 # ---- bench ----------------------------------------------------------------------------------------------------------
 VOLATILE = ("erase_s", "peak_rss_mb")
-BENCH_KILLS = [("trace_erase.evaluation.bench", "", "_write_json", RNG.randint(2, 6))] + \
+BENCH_KILLS = [("trace_erase.benchmark.bench", "", "_write_json", RNG.randint(2, 6))] + \
     [("diffusers", "StableDiffusionPipeline", "__call__", 3)]  # in the middle of a run
 
 

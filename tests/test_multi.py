@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from trace_erase import TraceEraseError, erase, get_adapter, load_erasure
 from trace_erase.artifacts.lora import lora_to_delta
 from trace_erase.cli import main
-from trace_erase.engines.fusion import FusionInputs, certificate, fuse
+from trace_erase.engines.fusion import FusionInputs, certificate, concept_scaled, fuse
 
 from .conftest import BUILDERS
 from .test_closed_form import _pred
@@ -113,11 +113,11 @@ def test_sd_fusion_is_closed_form_with_a_certificate_per_concept(sd_fused) -> No
 
 def test_concept_scale_zero_equals_fusing_the_others_and_loads(sd_fused) -> None:
     from trace_erase.artifacts.lora import pairs_to_state
-    from trace_erase.multi import inputs_from_tensors
+    from trace_erase.engines.fusion import inputs_from_tensors
 
     er, folder = sd_fused
     loaded = load_erasure(folder)
-    scaled = loaded.concept_scaled({"dog": 0})
+    scaled = concept_scaled(loaded, {"dog": 0})
     fusion = er.manifest["fusion"]
     inputs = inputs_from_tensors(loaded.fusion_state, 2, fusion["module_streams"])
     only_cat = FusionInputs(inputs.factors[:1], inputs.module_stream, inputs.grams[:1], inputs.preserve)
@@ -137,14 +137,14 @@ def test_concept_scale_zero_equals_fusing_the_others_and_loads(sd_fused) -> None
     both = _pred(adapter, ["a photo of a dog"])
     assert (zero - both).abs().max() > 1e-6
     with pytest.raises(TraceEraseError, match="'bird' is not a concept of this erasure"):
-        loaded.concept_scaled({"bird": 0.5})
+        concept_scaled(loaded, {"bird": 0.5})
 
 
 def test_single_concept_or_joint_erasure_has_no_per_concept_scales() -> None:
     er = erase(BUILDERS["sd"](), ["cat", "dog"], method="esd-x", progress=False, **FAST)
     assert er.manifest["multi"] == "joint" and "fusion" not in er.manifest
     with pytest.raises(TraceEraseError, match="no per-concept adapters"):
-        er.concept_scaled({"cat": 0.0})
+        concept_scaled(er, {"cat": 0.0})
 
 
 def _run(args: list[str], capsys) -> tuple[int, str, str]:
@@ -214,7 +214,7 @@ def test_per_concept_statistics_add_up_to_the_joint_ones() -> None:
 
 
 def test_multi_bench_subsets_are_fixed_and_include_every_singleton() -> None:
-    from trace_erase.evaluation.multi_bench import concept_sets
+    from trace_erase.benchmark.many_concepts import concept_sets
 
     classes = [f"c{i}" for i in range(10)]
     sets = concept_sets(classes, [1, 2, 5, 8], subsets=3)
@@ -224,7 +224,7 @@ def test_multi_bench_subsets_are_fixed_and_include_every_singleton() -> None:
 
 
 def test_multi_bench_interference_and_worst_class() -> None:
-    from trace_erase.evaluation.multi_bench import per_class_acc_e, summarize_multi
+    from trace_erase.benchmark.many_concepts import per_class_acc_e, summarize_multi
 
     base = {"acc_e": None, "acc_s": 1.0, "acc_g": None, "h_o": None, "drift_l2": 0.1}
     rows = [{"n": 1, "set": ["a"], "method": "m", **base, "per_class_acc_e": {"a": 0.0}},

@@ -8,10 +8,10 @@ import random
 import pytest
 from safetensors.torch import load_file
 
+from trace_erase.benchmark.bench import run_bench
+from trace_erase.benchmark.many_concepts import SET_ROWS, _set_rows, concept_sets, run_multi_bench
 from trace_erase.cli import main
 from trace_erase.errors import TraceEraseError
-from trace_erase.evaluation.bench import run_bench
-from trace_erase.evaluation.multi_bench import SET_ROWS, _set_rows, concept_sets, run_multi_bench
 from trace_erase.models import load_model
 
 TINY = {"steps": 2, "rollout_steps": 2, "pool_trajectories": 1, "templates": ["{}"], "preserve_corpus": None}

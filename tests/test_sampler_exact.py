@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trace_erase import get_adapter
-from trace_erase.engines.pool import Pool
+from trace_erase.engines.pool import Pool, Trajectory
 from trace_erase.engines.trajectory import TrajectoryConfig, TrajectoryEngine
 from trace_erase.models.builders import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -83,7 +83,7 @@ def test_rollout_equals_the_pipelines_own_sampling(case: str) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_training_step_feeds_the_denoiser_the_pipelines_inputs(case: str) -> None:
-    """Every denoiser input of one training step (frozen and live branches) equals the input the pipeline fed at the
+    """Every denoiser input of one training step (stage-A and live branches) equals the input the pipeline fed at the
     step with the same timestep (for Euler the scaled x/√(σ²+1), not the scheduler's x)."""
     pipe = CASES[case]()
     eng = _engine(pipe)
@@ -96,7 +96,7 @@ def test_training_step_feeds_the_denoiser_the_pipelines_inputs(case: str) -> Non
         seen.clear()
         states, times, _ = eng.rollout(PROMPT, noise=noise)
         seen.clear()
-        pool = Pool([states], [times], [PROMPT])
+        pool = Pool([Trajectory(states, times, PROMPT)])
         eng.attach()
         try:
             x, t, prompts = eng.sample(pool)

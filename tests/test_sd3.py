@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from trace_erase import erase, get_adapter
+from trace_erase.api import export_erasure
 from trace_erase.artifacts.erasure import remove_erasures
-from trace_erase.artifacts.export import ExportOptions, export_erasure
+from trace_erase.artifacts.export import ExportOptions
 from trace_erase.artifacts.naming import KOHYA_KEY
 from trace_erase.engines.closed_form import aligned_positions
 from trace_erase.models import ModelHandle

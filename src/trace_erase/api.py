@@ -14,17 +14,19 @@ from typing import Any
 import torch
 
 from .artifacts.erasure import GATED_WEIGHT_NAME, LORA_WEIGHT_NAME, Erasure
+from .artifacts.export import ExportOptions, write_export
 from .artifacts.fingerprint import fingerprint
 from .artifacts.lora import concat_loras, deltas_to_state_dict
 from .artifacts.manifest import FORMAT, FORMAT_VERSION
 from .config import Concept, config_from_dict, make_concepts
-from .engines.closed_form import ClosedFormConfig, ClosedFormEngine
+from .engines.closed_form import ClosedFormConfig, ClosedFormEngine, export_certificate
+from .engines.fusion import fusion_tensors
 from .engines.stage_a import StageAWeights
 from .engines.trajectory import TrajectoryConfig, TrajectoryEngine
 from .errors import TraceEraseError
 from .methods import MethodSpec, get_method
 from .models import FamilyAdapter, ModelHandle, get_adapter
-from .multi import combine, fusion_inputs, fusion_tensors, resolve_multi, train_per_concept
+from .multi import combine, fusion_inputs, resolve_multi, train_per_concept
 
 
 def library_versions() -> dict[str, str]:
@@ -221,3 +223,11 @@ def erase(
     if fusion is not None:
         manifest["fusion"] = fusion
     return Erasure(main_state, manifest, gated_state_dict=gated, fusion_state=fusion_state or None)
+
+
+def export_erasure(erasure: Erasure, handle: ModelHandle, options: ExportOptions, output: str | Path,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Write ``erasure`` as a file other tools load (``options.format``: kohya, diffusers or full) for the base model
+    in ``handle``; a truncated closed-form delta carries its certificate next to the exact one. Returns the export
+    record (also stored in the file's metadata)."""
+    return write_export(erasure, handle, options, output, overwrite=overwrite, certify=export_certificate)

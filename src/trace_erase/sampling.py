@@ -14,7 +14,7 @@ from .errors import TraceEraseError
 from .models import ModelHandle
 
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    # the paper line's evaluation settings (spec): DDIM 50 / 7.5 for SD, 28 / 3.5 for FLUX-dev (its flow-match Euler)
+    # the paper line's evaluation settings: DDIM 50 / 7.5 for SD, 28 / 3.5 for FLUX-dev (its flow-match Euler)
     "sd": {"steps": 50, "guidance": 7.5, "scheduler": "ddim"},
     "sdxl": {"steps": 50, "guidance": 7.5, "scheduler": "ddim"},
     "flux": {"steps": 28, "guidance": 3.5, "scheduler": "model"},

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import TraceEraseError
 from ..io import file_sha256, output_folder
+from ..models.loading import pipe_and_adapter
 from .fingerprint import check_fingerprint, fingerprint
 from .gate import LateGate
 from .manifest import Manifest, check_file_name
@@ -24,14 +25,6 @@ from .manifest import Manifest, check_file_name
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 GATED_WEIGHT_NAME = "gated_lora_weights.safetensors"
 MANIFEST_NAME = "erasure.json"
-
-
-def _pipe_and_adapter(target: Any) -> tuple[Any, Any]:
-    from ..models import ModelHandle, get_adapter
-
-    if isinstance(target, ModelHandle):
-        return target.pipe, target.adapter
-    return target, get_adapter(target)
 
 
 @dataclass
@@ -54,13 +47,13 @@ APPLIED_ATTR = "_trace_erase_applied"  # erasures applied to a pipeline, in orde
 
 def applied_erasures(target: Any) -> list[Applied]:
     """The erasures :meth:`Erasure.apply` has loaded into ``target`` and not removed."""
-    pipe, _ = _pipe_and_adapter(target)
+    pipe, _ = pipe_and_adapter(target)
     return list(getattr(pipe, APPLIED_ATTR, []))
 
 
 def remove_erasures(target: Any) -> None:
     """Unload every erasure applied to ``target`` (adapters and gates); other adapters stay as they are."""
-    pipe, _ = _pipe_and_adapter(target)
+    pipe, _ = pipe_and_adapter(target)
     applied_list = getattr(pipe, APPLIED_ATTR, [])
     for applied in applied_list:
         if applied.gate is not None:
@@ -135,7 +128,7 @@ class Erasure:
     # ---- use --------------------------------------------------------------------------------------------------------
     def check_base(self, target: Any) -> None:
         """Refuse a pipeline whose edited weights differ from the base this erasure was made for."""
-        _, adapter = _pipe_and_adapter(target)
+        _, adapter = pipe_and_adapter(target)
         base = self.manifest["base_model"]
         if adapter.family != base["family"]:
             raise TraceEraseError(
@@ -166,14 +159,6 @@ class Erasure:
             dlogging.set_verbosity(verbosity)
         return name
 
-    def concept_scaled(self, scales: dict[str, float]) -> Erasure:
-        """This erasure with concept ``name``'s stage-B adapter at strength ``scales[name]`` (the others at 1),
-        re-fused from the per-concept factors (``--multi fuse|sum``); a concept at 0 leaves the integration, so the
-        result equals the fusion of the others. Stage A is one joint solve and is not scaled per concept."""
-        from ..multi import concept_scaled
-
-        return concept_scaled(self, scales)
-
     def apply(self, target: Any, scale: float = 1.0, adapter_name: str = "trace_erase", check: bool = True,
               combine: bool = False) -> Applied:
         """Load the LoRA(s) into ``target`` (a pipeline or ModelHandle) at strength ``scale``.
@@ -182,7 +167,7 @@ class Erasure:
         untouched: the edit lives in peft adapters that can be scaled, disabled or unloaded. A gated erasure's
         LATE-only part is switched by a hook on the denoiser, so ``pipe(prompt)`` honours it as is.
         """
-        pipe, adapter = _pipe_and_adapter(target)
+        pipe, adapter = pipe_and_adapter(target)
         if check:
             self.check_base(target)
         if not combine:
@@ -203,7 +188,7 @@ class Erasure:
 
     def merge_into(self, target: Any, scale: float = 1.0) -> Any:
         """Fuse the erasure into the pipeline's weights (for ``trace-erase merge``); returns the pipeline."""
-        pipe, adapter = _pipe_and_adapter(target)
+        pipe, adapter = pipe_and_adapter(target)
         if self.gated_state_dict is not None:
             raise TraceEraseError("a gated erasure acts only in late steps and cannot be fused into the weights; "
                                   "use `generate --erasure` instead of merge")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,30 +220,6 @@ def _full_tensors(plans: dict[str, ModuleExport], handle: Any, dtype: torch.dtyp
     return out
 
 
-def _certificate(erasure: Erasure, handle: Any, plans: dict[str, ModuleExport],
-                 exact: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    """The closed-form certificate of the exported (truncated) delta next to the exact one, per certified module."""
-    from ..config import config_from_dict, make_concepts
-    from ..engines.certificate import certify_delta
-    from ..engines.closed_form import ClosedFormConfig, ClosedFormEngine
-
-    cfg = config_from_dict(ClosedFormConfig, erasure.manifest["config"]["closed_form"], "the erasure's config")
-    engine = ClosedFormEngine(handle.adapter, cfg, progress=False)
-    stats = engine.statistics(make_concepts(erasure.manifest["concepts"]))
-    out: dict[str, dict[str, Any]] = {}
-    for stream in engine.streams:
-        for name in stream.modules:
-            if name not in plans or name not in exact:
-                continue
-            full = handle.adapter.module(name).weight.detach().double().cpu()
-            lo, hi = stream.columns or (0, full.shape[1])
-            p = plans[name]
-            exported = p.delta if p.kind == "full" else p.b @ p.a
-            out[name] = {"exact": certify_delta(stats[stream.name], full[:, lo:hi], exact[name][:, lo:hi]),
-                         "exported": certify_delta(stats[stream.name], full[:, lo:hi], exported[:, lo:hi])}
-    return out
-
-
 def provenance(erasure: Erasure) -> dict[str, Any]:
     """What the exported file came from: method, concepts, the base model's identity, the gate if any."""
     m = erasure.manifest
@@ -263,10 +240,15 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     atomic_write(path, save(tensors, metadata=metadata))
 
 
-def export_erasure(erasure: Erasure, handle: Any, options: ExportOptions, output: str | Path,
-                   overwrite: bool = False) -> dict[str, Any]:
+Certifier = Callable[[Erasure, Any, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, dict[str, Any]]]
+
+
+def write_export(erasure: Erasure, handle: Any, options: ExportOptions, output: str | Path,
+                 overwrite: bool = False, certify: Certifier | None = None) -> dict[str, Any]:
     """Write ``erasure`` as ``options.format`` to ``output`` (a ``.safetensors`` file) for the base model in
-    ``handle``; returns the export record (also stored in each file's metadata)."""
+    ``handle``; returns the export record (also stored in each file's metadata). Where a closed-form delta is
+    truncated, ``certify(erasure, handle, exported, exact)`` (dense deltas per module) gives the certificate of the
+    exported delta next to the exact one (:func:`trace_erase.api.export_erasure` passes the closed-form engine's)."""
     out = check_output(output, overwrite)
     family = erasure.manifest["base_model"]["family"]
     check_gate(erasure.manifest.get("gate"), options)
@@ -278,9 +260,10 @@ def export_erasure(erasure: Erasure, handle: Any, options: ExportOptions, output
                               "ungated": bool(options.ungated and erasure.gated_state_dict is not None),
                               "modules": {m: p.record() for m, p in plans.items()}}
     truncated = any(p.kind == "lora" and p.rank < p.numerical_rank for p in plans.values())
-    if truncated and erasure.manifest["config"].get("closed_form") and erasure.certificate:
+    if truncated and certify is not None and erasure.manifest["config"].get("closed_form") and erasure.certificate:
         exact = {m: dense_delta(pairs) for m, pairs in factors.items()}
-        record["certificate"] = _certificate(erasure, handle, plans, exact)
+        exported = {m: p.delta if p.kind == "full" else p.b @ p.a for m, p in plans.items()}
+        record["certificate"] = certify(erasure, handle, exported, exact)
     full = _full_tensors(plans, handle, dtype)
     meta_base = {"format": "pt", "modelspec.architecture": family, "ss_base_model_version": BASE_VERSION[family]}
     files: dict[str, dict[str, Any]] = {}
@@ -333,9 +316,9 @@ def apply_full(target: Any, path: str | Path) -> None:
     """Load a ``full`` export's edited weights into a pipeline's denoiser (in place: use a fresh pipeline)."""
     from safetensors.torch import load_file
 
-    from .erasure import _pipe_and_adapter
+    from ..models.loading import pipe_and_adapter
 
-    _, adapter = _pipe_and_adapter(target)
+    _, adapter = pipe_and_adapter(target)
     weights = load_file(str(path))
     own = adapter.denoiser.state_dict()
     unknown = [k for k in weights if k not in own]

@@ -1,4 +1,4 @@
-"""Gated adapters (TRACE stage B, reading (c)): a LoRA that acts only in the LATE sampling steps.
+"""Gated adapters (TRACE stage B with ``--gate-tau``): a LoRA that acts only in the LATE sampling steps.
 
 The gate is a forward pre-hook on the denoiser — a standard ``torch.nn.Module`` hook, nothing in the pipeline is
 patched — that reads the timestep the denoiser is called with and sets the gated adapter's scale before the call:

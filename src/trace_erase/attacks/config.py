@@ -1,6 +1,6 @@
 """The attacks a user can run, what level each acts on, its budget unit, and one validated config per run.
 
-Levels (``../shared/docs/attacks.md`` §1.4): ``token`` — the attack's result is a text prompt a user could type
+Levels (docs/attacks.md): ``token`` — the attack's result is a text prompt a user could type
 (realistic); ``word`` — it sets word embeddings that still pass through the text encoder (textual inversion,
 AdvUnlearn's attack); ``conditioning`` — it sets the denoiser's text conditioning directly, which inverts any
 closed-form edit exactly (an upper bound, labelled as such in every table).

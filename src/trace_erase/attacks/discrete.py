@@ -1,5 +1,5 @@
 """Token-level searches whose result is a prompt a user could type: Ring-A-Bell's genetic search and P4D's projected
-soft tokens. Objectives, budgets and conventions: ``../shared/docs/attacks.md`` §1.2 (d) and (e).
+soft tokens. Objectives, budgets and conventions: the attacks page of the docs (``docs/attacks.md``).
 
 - ``ring-a-bell``: model-agnostic (it only reads the text encoders). For each scored template, the target is
   E(template with the neutral word) + η·v, v the concept vector of ``concept-vector``; a population of K-token
@@ -27,9 +27,17 @@ from ..errors import TraceEraseError
 from ..evaluation.suites import fill
 from ..models import ModelHandle
 from ..models.base import Conditioning
+from ..models.injection import WordSlots, decode_tokens, no_param_grads, typable_ids
 from .config import AttackConfig
-from .inject import WordSlots, decode_tokens, frozen, typable_ids
-from .methods import Candidate, Report, _denoiser_modules, _descend, match_base_loss
+from .optimisers import (
+    VECTOR_TEMPLATES,
+    Candidate,
+    Report,
+    attacked_modules,
+    concept_direction,
+    descend,
+    match_base_loss,
+)
 from .prompts import EVAL_TEMPLATES
 from .reference import Reference
 
@@ -98,7 +106,6 @@ def ring_a_bell_search(handle: ModelHandle, cfg: AttackConfig, concept: str, pro
     encoders as they are (call it before an erasure is applied: Ring-A-Bell builds its prompts with the original
     model's text encoder and hands them to the erased model). Returns, per budget point, each template's best token
     ids and fitness."""
-    from .methods import VECTOR_TEMPLATES, concept_direction
 
     adapter = handle.adapter
     tok, ids = _vocabulary(handle)
@@ -182,7 +189,7 @@ def p4d(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Reference, re
     found: dict[int, list[tuple[list[int], float]]] = {p: [] for p in points}
     gen = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(total=cfg.the_budget * len(ref.prompts), desc="p4d", disable=not progress, leave=False)
-    with frozen(_denoiser_modules(handle)):
+    with no_param_grads(attacked_modules(handle)):
         for i in range(len(ref.prompts)):
             mine = torch.nonzero(ref.state_prompt == i).flatten()
             start = torch.randint(0, len(ids), (cfg.the_tokens,), generator=gen)
@@ -196,7 +203,7 @@ def p4d(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Reference, re
                 with slots.active(values), adapter.text_gradients():
                     cond = adapter.conditioning([alone] * len(pick))
                 loss = match_base_loss(handle, ref, pick, cond)
-                _descend(opt, loss, step, "p4d")
+                descend(opt, loss, step, "p4d")
                 bar.update(1)
                 if step in points:
                     idx = nearest_tokens(free.detach(), sub, unit).cpu()  # ids live on the CPU

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.plots import _pyplot
+from ..evaluation.plots import pyplot
 
 
 def _pct(v: float | None) -> str:
@@ -18,7 +18,7 @@ def _pct(v: float | None) -> str:
 
 def curve_figure(results: dict[str, Any], folder: Path) -> Path | None:
     """``asr_curve.png``: ASR at each budget point, erased and base (None without matplotlib or with one point)."""
-    plt = _pyplot()
+    plt = pyplot()
     er, base = results["erased"]["checkpoints"], results["base"]["checkpoints"]
     if plt is None or len(er) < 2:
         return None

@@ -1,7 +1,7 @@
 """Run one attack against an erasure and against the base model (the control), score every image, and write
 ``results.json``, ``report.html`` and the images.
 
-ASR conventions (``../shared/docs/attacks.md`` §1.3): a case is one (prompt, seed) image; success = the scorer
+ASR conventions (docs/attacks.md): a case is one (prompt, seed) image; success = the scorer
 labels it as the erased concept (a detection scorer: any exposed part). ``pre_asr`` is the erased model's rate with
 no attack on the plain prompts; ``asr`` the rate under the attack at its full budget (concept-vector: the best η);
 ``asr_union`` UnlearnDiffAtk's pre-or-attacked rate where attacked and plain cases pair up; ``base_rate`` and
@@ -28,8 +28,9 @@ from ..models import ModelHandle
 from ..sampling import generate_images, sampler_settings
 from ..toyworld.render import SYNONYMS
 from .config import AttackConfig
-from .methods import Candidate, prepare, run_method
+from .optimisers import Candidate
 from .prompts import eval_prompts, file_families, paraphrase_families
+from .registry import prepare, run_method
 
 
 def success(judgement: dict[str, Any], label: str) -> bool:

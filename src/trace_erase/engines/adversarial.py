@@ -20,22 +20,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..attacks.inject import WordSlots, frozen
 from ..config import Concept
 from ..errors import NonFiniteLossError
 from ..models.base import Conditioning
+from ..models.injection import WordSlots, no_param_grads
 from ..runtime import finite_gradients
 from .pool import Pool
 
 if TYPE_CHECKING:
-    from .trajectory import TrajectoryEngine
+    from .protocol import StageBEngine
 
 
 class AdversarialPrompts:
     """Per-concept adversarial word slots for the trajectory engine, and the conditioning they give each training
     prompt (encoded once per refresh)."""
 
-    def __init__(self, engine: TrajectoryEngine, concepts: list[Concept]):
+    def __init__(self, engine: StageBEngine, concepts: list[Concept]):
         self.engine = engine
         cfg = engine.config
         self.prompts = {t.format(c.name): c.name for c in concepts for t in cfg.train_templates}
@@ -48,7 +48,7 @@ class AdversarialPrompts:
     def attack(self, pool: Pool) -> None:
         """Update every concept's slots by ``adversarial_steps`` Adam steps against the model as it is now."""
         engine, adapter, cfg = self.engine, self.engine.adapter, self.engine.config
-        with frozen([adapter.denoiser, *(enc for _, enc in adapter.text_encoders())]):
+        with no_param_grads([adapter.denoiser, *(enc for _, enc in adapter.text_encoders())]):
             for name, values in self.values.items():
                 rows = [j for j, p in enumerate(pool.prompts) if self.prompts.get(p) == name]
                 if not rows:

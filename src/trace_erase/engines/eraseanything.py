@@ -9,9 +9,9 @@ from GPT-4o and synonyms from WordNet, none of which we use):
 - map = attention mass each image position's queries put on the concept's T5 positions (softmax over every key,
   mean over heads), one per double-stream block; the regulariser is the L2 norm of each block's map over image
   positions, summed over blocks, averaged over the batch;
-- the contrastive "negative" is the frozen model's own map under the concept prompt on the same state (no WordNet:
+- the contrastive "negative" is the stage-A model's own map under the concept prompt on the same state (no WordNet:
   the self in self-contrastive); the irrelevant concepts are the concept's ``preserve`` prompts, or, when none are
-  given, captions of our built-in corpus; their maps (frozen model, same state, the concept's positions) are the
+  given, captions of our built-in corpus; their maps (stage-A model, same state, the concept's positions) are the
   positives;
 - the images of the lower step are the final latents of the replay pool's trajectories (the base model's samples
   under the training prompts), noised at a uniform random time.
@@ -31,27 +31,37 @@ from ..models.base import Conditioning
 from .pool import Pool
 
 if TYPE_CHECKING:
-    from .trajectory import TrajectoryEngine
+    from ..models.base import FamilyAdapter
+    from .protocol import StageBEngine
 
 
-def concept_mask(engine: TrajectoryEngine, prompts: list[str], concepts: list[Concept]) -> torch.Tensor:
-    """``[B, L]`` with 1 at the token positions of the concept each prompt names (the longest name it contains)."""
-    cache = engine._mask_cache
-    rows = []
-    for prompt in prompts:
-        if prompt not in cache:
-            names = sorted((c.name for c in concepts if c.name.lower() in prompt.lower()), key=len, reverse=True)
-            if not names:
-                raise TraceEraseError(f"the training prompt '{prompt}' names no concept; attention terms need one")
-            start = prompt.lower().index(names[0].lower())
-            layout = engine.adapter.token_layout(prompt, (start, start + len(names[0])))
-            if not hasattr(layout, "start"):
-                raise TraceEraseError("attention terms need a single-encoder token layout (FLUX's T5 sequence)")
-            row = torch.zeros(layout.max_length)
-            row[layout.start:layout.end] = 1.0
-            cache[prompt] = row
-        rows.append(cache[prompt])
-    return torch.stack(rows)
+class ConceptMasks:
+    """``[B, L]`` masks with 1 at the token positions of the concept each prompt names (the longest name it contains),
+    computed once per prompt."""
+
+    def __init__(self, adapter: FamilyAdapter, concepts: list[Concept]):
+        self.adapter, self.concepts = adapter, concepts
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        rows = []
+        for prompt in prompts:
+            if prompt not in self.cache:
+                self.cache[prompt] = self._row(prompt)
+            rows.append(self.cache[prompt])
+        return torch.stack(rows)
+
+    def _row(self, prompt: str) -> torch.Tensor:
+        names = sorted((c.name for c in self.concepts if c.name.lower() in prompt.lower()), key=len, reverse=True)
+        if not names:
+            raise TraceEraseError(f"the training prompt '{prompt}' names no concept; attention terms need one")
+        start = prompt.lower().index(names[0].lower())
+        layout = self.adapter.token_layout(prompt, (start, start + len(names[0])))
+        if not hasattr(layout, "start"):
+            raise TraceEraseError("attention terms need a single-encoder token layout (FLUX's T5 sequence)")
+        row = torch.zeros(layout.max_length)
+        row[layout.start:layout.end] = 1.0
+        return row
 
 
 def attention_penalty(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -64,7 +74,7 @@ def block_features(maps: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(maps, dim=-1)
 
 
-def steer_loss(center: torch.Tensor, negative: torch.Tensor, irrelevant: torch.Tensor,
+def contrast_loss(center: torch.Tensor, negative: torch.Tensor, irrelevant: torch.Tensor,
                temperature: float) -> torch.Tensor:
     """Reverse self-contrastive InfoNCE: the log-probability that ``negative`` (``[B, D]``, the concept's reference
     map) picks ``center`` (the trained model's map) among ``center`` and the ``irrelevant`` maps (``[B, K, D]``),
@@ -75,7 +85,7 @@ def steer_loss(center: torch.Tensor, negative: torch.Tensor, irrelevant: torch.T
     return (logits[:, 0] - logits.logsumexp(dim=1)).mean()
 
 
-def lower_terms(engine: TrajectoryEngine, pool: Pool, irrelevant: list[str],
+def lower_terms(engine: StageBEngine, masks: ConceptMasks, pool: Pool, irrelevant: list[str],
                 backward_scale: float | None = None) -> dict[str, torch.Tensor]:
     """The lower step's terms (``flow``, ``contrast``) on a batch of the pool's final images; with
     ``backward_scale`` the gradients of ``backward_scale · (λ_flow·flow + λ_contrast·contrast)`` are accumulated
@@ -91,7 +101,7 @@ def lower_terms(engine: TrajectoryEngine, pool: Pool, irrelevant: list[str],
     x_t, t, target = adapter.training_pair(x0, noise, u)
     cond = engine.cond(prompts)
     use_contrast = cfg.contrast_weight > 0
-    mask = concept_mask(engine, prompts, engine.concepts) if use_contrast else None
+    mask = masks(prompts) if use_contrast else None
     with adapter.token_attention(mask) if use_contrast else contextlib.nullcontext([]) as maps:
         pred = adapter.predict(x_t, t, cond)
     flow = (pred.float() - target.float()).pow(2).flatten(1).mean(1).mean()
@@ -102,12 +112,12 @@ def lower_terms(engine: TrajectoryEngine, pool: Pool, irrelevant: list[str],
                  for _ in range(cfg.contrast_irrelevant)]
         conds = [cond] + [engine.cond([p] * len(rows)) for p in picks]
         k = len(conds)
-        with torch.no_grad(), engine.frozen(), adapter.token_attention(mask.repeat(k, 1)) as ref_maps:
+        with torch.no_grad(), engine.stage_a_model(), adapter.token_attention(mask.repeat(k, 1)) as ref_maps:
             adapter.predict(x_t.repeat(k, 1, 1, 1), t.repeat(k), Conditioning.cat(conds))
         ref = block_features(ref_maps).unflatten(0, (k, len(rows)))  # [k, B, D]
-        contrast = steer_loss(center, ref[0], ref[1:].transpose(0, 1), cfg.contrast_temperature)
+        contrast = contrast_loss(center, ref[0], ref[1:].transpose(0, 1), cfg.contrast_temperature)
     terms = {"flow": flow, "contrast": contrast}
     if backward_scale is not None:
-        engine._backward(backward_scale * (cfg.flow_weight * flow + cfg.contrast_weight * contrast))
+        engine.backward(backward_scale * (cfg.flow_weight * flow + cfg.contrast_weight * contrast))
         terms = {key: v.detach() for key, v in terms.items()}
     return terms

@@ -1,4 +1,4 @@
-"""Closed-form integration of per-concept LoRAs (MACE's stage 3, as an exact LoRA; design notes ``multi-concept.md``).
+"""Closed-form integration of per-concept LoRAs (MACE's stage 3, as an exact LoRA; see docs/many-concepts.md).
 
 For the projections of one text stream (all read the same text features e), with W the weights the LoRAs were
 trained on, concept i's LoRA ΔWᵢ = BᵢAᵢ and Cᵢ = Σ e eᵀ over concept i's own prompt tokens, P over preserved tokens:
@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..artifacts.erasure import Erasure
+from ..artifacts.lora import concat_loras, pairs_to_state
 from ..errors import TraceEraseError
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module → (A [r, in], B [out, r])
@@ -123,3 +125,73 @@ def certificate(inputs: FusionInputs, fused: Factors, weights: dict[str, torch.T
                     "naive_sum_reproduction_error": max(naive) if naive else None,
                     "preserved_change": max(kept) if kept else None})
     return out
+
+
+# ---- saved with a fused erasure, so that it can be re-fused at other per-concept scales ------------------------
+def fusion_tensors(inputs: FusionInputs) -> dict[str, torch.Tensor]:
+    """What apply-time re-fusion (per-concept scales) needs: each concept's factors and the Grams (float32)."""
+    out: dict[str, torch.Tensor] = {}
+    for i, factors in enumerate(inputs.factors):
+        for m, (a, b) in factors.items():
+            out[f"concept.{i}.{m}.lora_A.weight"] = a.float().contiguous()
+            out[f"concept.{i}.{m}.lora_B.weight"] = b.float().contiguous()
+        for stream, g in inputs.grams[i].items():
+            out[f"gram.{i}.{stream}"] = g.float().contiguous()
+    for stream, p in inputs.preserve.items():
+        out[f"preserve.{stream}"] = p.float().contiguous()
+    return out
+
+
+def inputs_from_tensors(tensors: dict[str, torch.Tensor], n: int, module_stream: dict[str, str]) -> FusionInputs:
+    """The inverse of :func:`fusion_tensors` (float64)."""
+    factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(n)]
+    grams: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    preserve: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        kind, rest = key.split(".", 1)
+        if kind == "concept" and rest.endswith(".lora_A.weight"):
+            i, m = rest[:-len(".lora_A.weight")].split(".", 1)
+            factors[int(i)][m] = (t.double(), tensors[f"concept.{i}.{m}.lora_B.weight"].double())
+        elif kind == "gram":
+            i, stream = rest.split(".", 1)
+            grams[int(i)][stream] = t.double()
+        elif kind == "preserve":
+            preserve[rest] = t.double()
+    return FusionInputs(factors, module_stream, grams, preserve)
+
+
+def combine_tensors(tensors: dict[str, torch.Tensor], prefix: str, fusion: dict[str, Any], lam: float,
+                    lam_preserve: float, scales: list[float]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Re-fusion from a saved erasure's per-concept factors at per-concept ``scales``: (stage-A LoRA, stage-B LoRA)."""
+    inputs = inputs_from_tensors(tensors, len(fusion["concepts"]), fusion.get("module_streams", {}))
+    fused, _, _ = fuse(inputs, lam, lam_preserve, scales, fusion["mode"])
+    stage_a = {k[len("stage_a."):]: v for k, v in tensors.items() if k.startswith("stage_a.")}
+    return stage_a, pairs_to_state(fused, prefix)
+
+
+def concept_scaled(erasure: Erasure, scales: dict[str, float]) -> Erasure:
+    """``erasure`` with concept ``name``'s stage-B adapter at strength ``scales[name]`` (the others at 1), re-fused
+    from its per-concept factors (``--multi fuse|sum``); a concept at 0 leaves the integration, so the result equals
+    the fusion of the others. Stage A is one joint solve and is not scaled per concept."""
+
+    fusion = erasure.manifest.get("fusion")
+    if fusion is None or not erasure.fusion_state:
+        raise TraceEraseError("this erasure has no per-concept adapters (made with --multi joint or for one "
+                              "concept); per-concept scales need --multi fuse or sum")
+    names = [c["name"] for c in fusion["concepts"]]
+    lowered = {n.lower(): i for i, n in enumerate(names)}
+    unknown = [n for n in scales if n.lower() not in lowered]
+    if unknown:
+        raise TraceEraseError(f"'{unknown[0]}' is not a concept of this erasure; choose from {', '.join(names)}")
+    factors = [1.0] * len(names)
+    for n, s in scales.items():
+        factors[lowered[n.lower()]] = float(s)
+    main, stage_b = combine_tensors(erasure.fusion_state, erasure.prefix, fusion, fusion["lambda"],
+                                    fusion["lambda_preserve"], factors)
+    manifest = {**erasure.manifest, "concept_scales": dict(zip(names, factors, strict=True))}
+    if erasure.gated_state_dict is not None:
+        return Erasure(main, manifest, gated_state_dict=stage_b, fusion_state=erasure.fusion_state)
+
+    return Erasure(concat_loras([main, stage_b]) if main else stage_b, manifest,
+                   fusion_state=erasure.fusion_state)

@@ -56,7 +56,7 @@ class LoraSwitchMixin:
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.adapter.denoiser.named_parameters() if ADAPTER_NAME in n]
 
-    def frozen(self) -> Any:
+    def stage_a_model(self) -> Any:
         """Context in which the denoiser is θ* (adapter disabled)."""
         engine = self
 
@@ -76,7 +76,7 @@ class LoraSwitchMixin:
     @contextlib.contextmanager
     def original(self) -> Iterator[None]:
         """Context in which the denoiser is θ0: adapter disabled and stage A's ΔW taken out."""
-        with self.frozen():
+        with self.stage_a_model():
             if self.stage_a is None:
                 yield
                 return
@@ -88,5 +88,5 @@ class LoraSwitchMixin:
 
     def reference(self) -> Any:
         """The reference model's context: θ0 (``reference="original"``) or θ*."""
-        return self.original() if self.config.reference == "original" else self.frozen()
+        return self.original() if self.config.reference == "original" else self.stage_a_model()
 

@@ -1,7 +1,7 @@
 """The trajectory engine: TRACE stage B, ESD and ANT are configurations of it.
 
-A LoRA θ = θ* + ΔW is trained on states x_t taken from trajectories of the frozen model θ* under the target
-prompt. The frozen predictions come from the same network with the LoRA disabled (no second copy of the model).
+A LoRA θ = θ* + ΔW is trained on states x_t taken from trajectories of the stage-A model θ* under the target
+prompt. The stage-A predictions come from the same network with the LoRA disabled (no second copy of the model).
 With τ splitting the model's time into EARLY (t ≥ τ, layout) and LATE (t < τ, details):
 
     LATE:  L_erase = ||ε_θ(x,t,c) − [ε*(x,t,∅) − η(ε_r(x,t,c) − ε_r(x,t,∅))]||²   (reversed guidance)
@@ -28,15 +28,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Concept
-from ..errors import NonFiniteLossError, TraceEraseError
+from ..errors import NonFiniteLossError
 from ..models.base import Conditioning, FamilyAdapter
 from ..runtime import check_trainable, finite_gradients, training_attention
 from ..sampling import denoise
 from .adversarial import AdversarialPrompts
 from .checkpointing import CHECKPOINT_NAME, CheckpointMixin
-from .eraseanything import attention_penalty, concept_mask, lower_terms
+from .eraseanything import ConceptMasks, attention_penalty, lower_terms
 from .lora_switch import ADAPTER_NAME, LoraSwitchMixin
-from .pool import Pool
+from .pool import Pool, Trajectory
 from .prompts import load_corpus
 from .stage_a import StageAWeights
 from .trajectory_config import RESUME_FREE, TrajectoryConfig
@@ -65,7 +65,7 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         self._cond_cache: dict[str, Conditioning] = {}
         self.adversarial: AdversarialPrompts | None = None  # the defence's slots while training with it
         self.concepts: list[Concept] = []  # what train() erases (the attention terms locate their tokens)
-        self._mask_cache: dict[str, torch.Tensor] = {}
+        self.concept_masks = ConceptMasks(adapter, [])  # the attention terms' token masks, per prompt
         check_trainable(adapter.device, adapter.dtype)
         # fp16 activations need loss scaling to keep small gradients (bf16 and fp32 do not)
         self.scaler = torch.amp.GradScaler(adapter.device.type) if adapter.dtype == torch.float16 else None
@@ -108,21 +108,14 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         return templates[i % len(templates)].format(concepts[i // len(templates)].name)
 
     def fill_pool(self, pool: Pool, concepts: list[Concept]) -> None:
-        while len(pool.states) < self.config.pool_trajectories:
+        while len(pool) < self.config.pool_trajectories:
             prompt = self._target_prompt(concepts)
             s, t, final = self.rollout(prompt)
-            pool.states.append(s)
-            pool.times.append(t)
-            pool.prompts.append(prompt)
-            pool.finals.append(final[0].detach().cpu())
+            pool.add(Trajectory(s, t, prompt, final[0].detach().cpu()))
 
     def refresh(self, pool: Pool, concepts: list[Concept]) -> None:
         """Replace the oldest trajectory with a fresh one."""
-        pool.states.pop(0)
-        pool.times.pop(0)
-        pool.prompts.pop(0)
-        if pool.finals:
-            pool.finals.pop(0)
+        pool.evict_oldest()
         self.fill_pool(pool, concepts)
 
     def sample(self, pool: Pool, rows: list[int] | None = None,
@@ -130,20 +123,9 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         """A batch of (x_t, t, prompt) from the pool (from trajectories ``rows`` only, when given); with
         window='late' only LATE states, unless ``any_time``."""
         cfg = self.config
-        rows = list(range(len(pool.states))) if rows is None else rows
-        xs, ts, ps = [], [], []
-        for _ in range(cfg.batch_size):
-            j = rows[int(torch.randint(0, len(rows), (1,), generator=self.gen))]
-            times = pool.times[j]
-            allowed = torch.arange(len(times))
-            if cfg.window == "late" and not any_time:
-                allowed = allowed[self.adapter.is_late(times, cfg.tau)]
-                if len(allowed) == 0:
-                    raise TraceEraseError("no sampler step falls in the LATE window; raise tau or rollout_steps")
-            k = int(allowed[torch.randint(0, len(allowed), (1,), generator=self.gen)])
-            xs.append(pool.states[j][k])
-            ts.append(times[k])
-            ps.append(pool.prompts[j])
+        late = cfg.window == "late" and not any_time
+        xs, ts, ps = pool.sample(cfg.batch_size, self.gen, rows,
+                                 (lambda times: self.adapter.is_late(times, cfg.tau)) if late else None)
         return (torch.stack(xs).to(self.adapter.device, self.adapter.dtype),
                 torch.stack(ts).to(self.adapter.device), ps)
 
@@ -160,18 +142,18 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         c, u = self.cond(prompts), self.cond([""] * n)
         use_unc = cfg.gamma > 0
         use_pres = cfg.rho > 0 and bool(preserve)
-        frozen_conds, live = [c, u], {"c": c} | ({"u": u} if use_unc else {})
+        ref_conds, live = [c, u], {"c": c} | ({"u": u} if use_unc else {})
         if self.adversarial is not None:
             live["a"] = self.adversarial.cond(prompts)
         if use_pres:
             i = int(torch.randint(0, len(preserve), (1,), generator=self.gen))
             p = self.cond([preserve[i]] * n)
-            frozen_conds.append(p)
+            ref_conds.append(p)
             live["p"] = p
-        # frozen θ* for (c, ∅[, p]) in one call without gradients
-        with torch.no_grad(), self.frozen():
-            k = len(frozen_conds)
-            ref = self.adapter.predict(x.repeat(k, 1, 1, 1), t.repeat(k), Conditioning.cat(frozen_conds)).chunk(k)
+        # θ* (the stage-A model) for (c, ∅[, p]) in one call without gradients
+        with torch.no_grad(), self.stage_a_model():
+            k = len(ref_conds)
+            ref = self.adapter.predict(x.repeat(k, 1, 1, 1), t.repeat(k), Conditioning.cat(ref_conds)).chunk(k)
         e_c, e_u = ref[0], ref[1]
         # the concept direction: θ*'s own, or θ0's (reference="original", stage A taken out)
         if cfg.reference == "original" and self.stage_a is not None:
@@ -187,7 +169,7 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         weights = self.term_weights()
         erase_target = e_u - cfg.eta * (r_c - r_u)
         # EraseAnything's regulariser reads the concept tokens' attention in the concept branch's forward
-        c_mask = concept_mask(self, prompts, self.concepts) if cfg.attention_weight > 0 else None
+        c_mask = self.concept_masks(prompts) if cfg.attention_weight > 0 else None
         maps: list[torch.Tensor] = []
 
         def branch_terms(name: str, pred: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -222,12 +204,12 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
                 terms.update(branch_terms(name, pred))
             terms["total"] = sum(weights[key] * terms[key] for key in weights)
             if backward_scale is not None:
-                self._backward(backward_scale * terms["total"])
+                self.backward(backward_scale * terms["total"])
                 terms = {key: v.detach() for key, v in terms.items()}
             return terms
         for name in live:
             part = branch_terms(name, predict([name]))
-            self._backward(backward_scale * sum(weights[key] * v for key, v in part.items()))
+            self.backward(backward_scale * sum(weights[key] * v for key, v in part.items()))
             terms.update({key: v.detach() for key, v in part.items()})
         terms["total"] = sum(weights[key] * terms[key] for key in weights)
         return terms
@@ -250,7 +232,8 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         return NonFiniteLossError(f"gradients became non-finite at step {step} with a finite loss ({loss:.4g}){tried}; "
                                   f"the last checkpoint is kept — {fix}")
 
-    def _backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate ``loss``'s gradients (loss-scaled under fp16)."""
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     # ---- training ----
@@ -259,6 +242,7 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         cfg = self.config
         self.run_config["concepts"] = [dataclasses.asdict(c) for c in concepts]
         self.concepts = concepts
+        self.concept_masks = ConceptMasks(self.adapter, concepts)
         own_preserve = [p for c in concepts for p in c.preserve]
         preserve = own_preserve + (load_corpus(self.adapter, cfg.pres_corpus, concepts) if cfg.pres_corpus else [])
         # EraseAnything's irrelevant concepts: the preserve prompts, else our built-in captions
@@ -340,7 +324,7 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         logged: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
             if cfg.bilevel and step % 2 == 1:  # EraseAnything's lower step
-                part = lower_terms(self, pool, irrelevant, backward_scale=1.0 / cfg.grad_accum)
+                part = lower_terms(self, self.concept_masks, pool, irrelevant, backward_scale=1.0 / cfg.grad_accum)
                 terms = {key: torch.zeros(()) for key in self.term_weights()} | part
                 terms["total"] = cfg.flow_weight * part["flow"] + cfg.contrast_weight * part["contrast"]
             else:

@@ -39,7 +39,7 @@ class TrajectoryConfig:
     # text file or "builtin": captions L_pres also samples, besides the concepts' preserve prompts (ours; the
     # captions naming a concept or its anchor are dropped, as in the closed-form engine). Needs rho > 0.
     pres_corpus: str | None = None
-    rollout_steps: int = 25  # sampler steps of the frozen model's trajectories
+    rollout_steps: int = 25  # sampler steps of the stage-A model's trajectories
     rollout_guidance: float = 3.0
     pool_trajectories: int = 4  # trajectories held in the replay pool
     refresh_every: int = 25  # iterations between replacing the oldest trajectory

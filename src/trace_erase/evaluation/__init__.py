@@ -1,5 +1,5 @@
-"""Evaluation: suites (what to draw), scorers (who judges each image), metric formulas, the eval/bench/rescore
-runners and the report.
+"""Evaluation: suites (what to draw), scorers (who judges each image), metric formulas, the eval and rescore runners
+and the report. The bench over methods and concepts is :mod:`trace_erase.benchmark`.
 
 Python use::
 
@@ -17,7 +17,7 @@ from .metrics import h_identities, h_objects, h_styles, pixel_drift, ssim, suite
 
 # the runners and the suite/scorer builders import the model stack: loaded on first use
 _LAZY = {
-    "evaluate": ".run", "rescore": ".rescoring", "run_bench": ".bench", "build_suite": ".suites", "Suite": ".suites",
+    "evaluate": ".run", "rescore": ".rescoring", "build_suite": ".suites", "Suite": ".suites",
     "PromptItem": ".suites", "build_scorer": ".scorers", "scorer_for": ".scorers", "Scorer": ".scorers",
     "ScorerOptions": ".scorers",
 }

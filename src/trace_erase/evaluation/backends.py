@@ -79,7 +79,8 @@ class ClipBackend:
         self.size = int(self.model.config.vision_config.image_size)
         self.identity = {"backend": "clip", "model": str(model)}
 
-    def _pixels(self, images: Sequence[Any]) -> torch.Tensor:
+    def pixels(self, images: Sequence[Any]) -> torch.Tensor:
+        """The CLIP image processor's input for ``images``, on the backend's device."""
         return normalized_pixels(images, self.size, self.MEAN, self.STD).to(self.device)
 
     @torch.no_grad()
@@ -87,7 +88,7 @@ class ClipBackend:
         """Unit-norm image embeddings, in batches."""
         out = []
         for i in range(0, len(images), batch_size):
-            feats = self.model.get_image_features(pixel_values=self._pixels(images[i : i + batch_size]))
+            feats = self.model.get_image_features(pixel_values=self.pixels(images[i : i + batch_size]))
             out.append(feats if isinstance(feats, torch.Tensor) else feats.pooler_output)
         return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 

@@ -1,4 +1,4 @@
-"""Metric formulas of the concept-erasure papers (spec: evaluation protocols), and image drift."""
+"""Metric formulas of the concept-erasure papers' evaluation protocols (docs/evaluation.md), and image drift."""
 
 from __future__ import annotations
 

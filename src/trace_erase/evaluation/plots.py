@@ -24,7 +24,8 @@ def headline_key(suite: str) -> str:
     return HEADLINE.get(suite) or SUITE_COLUMNS[suite][0][0]
 
 
-def _pyplot() -> Any | None:
+def pyplot() -> Any | None:
+    """matplotlib's pyplot on the Agg backend, or None without the optional ``plots`` extra."""
     try:
         import matplotlib
 
@@ -37,7 +38,7 @@ def _pyplot() -> Any | None:
 
 def bench_figures(result: dict[str, Any], folder: Path) -> list[Path]:
     """``tradeoff.png`` and ``per_concept.png`` in ``folder``; [] when matplotlib is missing."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return []
     key = headline_key(result["suite"])
@@ -117,7 +118,7 @@ def per_label_means(results: dict[str, Any]) -> list[tuple[str, str, float, floa
 def eval_figures(results: dict[str, Any], folder: Path) -> list[Path]:
     """``per_label.png``: base vs erased per prompt group and label (accuracy, score or exposed parts) — where the
     erasure acted and what it spared, at a glance; [] without matplotlib or per-image judgements."""
-    plt = _pyplot()
+    plt = pyplot()
     bars = per_label_means(results)
     if plt is None or not bars:
         return []

@@ -83,7 +83,7 @@ class _ClipFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         arr = (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        feats = self.clip.model.get_image_features(pixel_values=self.clip._pixels(list(arr)))
+        feats = self.clip.model.get_image_features(pixel_values=self.clip.pixels(list(arr)))
         return feats if isinstance(feats, torch.Tensor) else feats.pooler_output
 
 

@@ -6,7 +6,7 @@ loss (ESD's reversed velocity at every time + 0.001 × the attention regulariser
 lower loss (0.1 × flow matching on images of the concept + 0.1 × the reverse self-contrastive term, 3 irrelevant
 concepts, temperature 0.07). What is ours (engines/eraseanything.py says each): the map and regulariser's exact
 form, the self-contrast negative, irrelevant prompts from ``preserve`` or our caption corpus (no LLM), the base
-model's pool images (no image folder), and states from the frozen model's replay pool refreshed every 10 steps
+model's pool images (no image folder), and states from the stage-A model's replay pool refreshed every 10 steps
 (its script samples each state from the model being trained, as ESD does; our ESD configurations use the pool too).
 Its ESD "unconditional" is a concept-free prompt; ours is the empty prompt, as in our ESD.
 """

@@ -1,12 +1,14 @@
 """TRACE (arXiv 2505.23312): ``trace`` (stage A then stage B), ``trace-closed-form`` (stage A alone),
-``trace-stage-b`` (stage B alone, for ablations) and ``trace-late-only`` (stage B reading (a): states sampled only
-from the LATE window).
+``trace-stage-b`` (stage B alone, for ablations) and ``trace-late-only`` (stage B trained only on states sampled from
+the LATE window, one of the three readings of "only late" in docs/methods.md; the default trains two windows, and the
+third, a gated adapter, is ``--gate-tau``).
 
-Stage A's exact form is our reconstruction (spec [R]): MACE-style surrounding tokens — the concept's tokens and
-every position after it, padding included — over ~30 augmented prompts, aligned with the anchor prompt; every token
-of our built-in corpus of ~120 everyday captions is preserved (the spec's optional caption-corpus statistic; ours,
-not the paper's: without it, remapping the padding positions moved unrelated prompts too). Stage B's
-defaults are the spec's starting point (η=1, τ=0.5, β=0.5, γ=0.5, lr 1e-4, rank 4 on K/V, rollout guidance 3).
+Stage A's exact form is our reconstruction from the methods TRACE builds on, not the paper's text: MACE-style
+surrounding tokens — the concept's tokens and every position after it, padding included — over ~30 augmented
+prompts, aligned with the anchor prompt; every token of our built-in corpus of ~120 everyday captions is preserved
+(an optional caption-corpus statistic; ours, not the paper's: without it, remapping the padding positions moved
+unrelated prompts too). Stage B's defaults are our reconstruction's starting point (η=1, τ=0.5, β=0.5, γ=0.5,
+lr 1e-4, rank 4 on K/V, rollout guidance 3).
 """
 
 from .base import MethodSpec
@@ -43,7 +45,7 @@ TRACE_STAGE_B = MethodSpec(
 TRACE_LATE_ONLY = MethodSpec(
     name="trace-late-only",
     engine="both",
-    summary="TRACE with stage B trained only on LATE states (reading (a))",
+    summary="TRACE with stage B trained only on LATE states",
     defaults=STAGE_A,
     trajectory={**STAGE_B, "window": "late"},
     multi_default="fuse",

@@ -267,3 +267,10 @@ def load_model(
     adapter = get_adapter(pipe, defaults)
     adapter.execution_device = runtime.torch_device
     return ModelHandle(pipe=pipe, adapter=adapter, source=model, defaults=defaults, runtime=runtime)
+
+
+def pipe_and_adapter(target: Any) -> tuple[Any, FamilyAdapter]:
+    """(pipeline, its family adapter) of a pipeline or a :class:`ModelHandle`."""
+    if isinstance(target, ModelHandle):
+        return target.pipe, target.adapter
+    return target, get_adapter(target)

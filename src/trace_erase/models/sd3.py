@@ -1,6 +1,6 @@
 """SD3 / SD3.5 (``SD3Transformer2DModel``): three text encoders, true classifier-free guidance, flow time.
 
-Text enters the transformer at two places only (design notes ``sd3.md`` §4.1): ``context_embedder`` reads the joint
+Text enters the transformer at two places only: ``context_embedder`` reads the joint
 sequence — the two CLIP encoders' penultimate states concatenated and zero-padded to the T5 width at the 77 CLIP
 positions, then T5's states — and ``time_text_embed.text_embedder.linear_1`` reads the pooled CLIP-L ⊕ CLIP-G
 vector. Stage A edits those two (a concept appears twice in the joint sequence, once per tokenizer: see

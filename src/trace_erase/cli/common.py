@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 import yaml
 
-from .errors import TraceEraseError
+from ..errors import TraceEraseError
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from ..runtime import Runtime
 
 # the runtime setting every command that loads a model takes (validated before the model loads)
 DeviceOpt = Annotated[str, typer.Option(help="auto (the accelerator when present), cpu, cuda, cuda:N or mps")]
@@ -45,14 +45,14 @@ def parse_concept_scales(pairs: list[str] | None) -> dict[str, float]:
 
 def runtime_from(device: str, dtype: str, offload: str, batch_size: int | None) -> Runtime:
     """The validated :class:`~trace_erase.runtime.Runtime` of a command's options (one line if one is bad)."""
-    from .runtime import Runtime
+    from ..runtime import Runtime
 
     return Runtime(device=device, dtype=dtype, offload=offload, batch_size=batch_size)
 
 
 def method_list() -> str:
     """The registered methods, for help texts (a method added to the registry shows up without a CLI edit)."""
-    from .methods import METHODS
+    from ..methods import METHODS
 
     return ", ".join(METHODS)
 
@@ -100,7 +100,7 @@ def scorer_options(gallery: str | None, class_map: str | None, arch: str | None,
                    threshold: float, runtime: Runtime | None = None) -> Any:
     """The :class:`~trace_erase.evaluation.scorers.ScorerOptions` of a command's options (scoring runs on the
     runtime's device)."""
-    from .evaluation.scorers import ScorerOptions
+    from ..evaluation.scorers import ScorerOptions
 
     if not 0.0 < threshold <= 1.0:
         raise TraceEraseError(f"--threshold must be in (0, 1] (got {threshold})")

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import TraceEraseError
-from .intervals import HEADLINE, bootstrap
-from .metrics import columns
+from ..evaluation.intervals import HEADLINE, bootstrap
+from ..evaluation.metrics import columns
 
 NOT_METRICS = {"concept", "method", "status", "error", "erase_s", "erase_reused_s", "peak_rss_mb"}  # not metrics
 
@@ -89,7 +89,7 @@ def keep_concepts(result: dict[str, Any], concepts: str | None) -> dict[str, Any
     list, e.g. the defaults' rows of an all-classes bench set beside a variant run on one half. None: unchanged."""
     if not concepts:
         return result
-    from .suites import toy_split
+    from ..evaluation.suites import toy_split
 
     wanted = list(toy_split(concepts)) if concepts in ("dev", "test") else [c.strip() for c in concepts.split(",")]
     missing = [c for c in wanted if c not in result["concepts"]]
@@ -109,7 +109,7 @@ def _shared_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def write_tables(result: dict[str, Any], folder: Path) -> list[Path]:
     """``bench.md``, the figures (``tradeoff.png``, ``per_concept.png``; with matplotlib) and ``report.html``."""
-    from .plots import bench_figures, bench_report
+    from ..evaluation.plots import bench_figures, bench_report
 
     table = markdown(result)
     (folder / "bench.md").write_text(table)

@@ -1,17 +1,17 @@
-"""The ``trace-erase`` command line: erase, generate, info, merge."""
+"""The main app and its core commands: erase, generate, info, merge, demo; the other groups register on it."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from .artifacts.commands import MaxRankOpt, UngatedOpt
-from .cli_common import (
+from ..errors import TraceEraseError
+from ..io import check_writable
+from .common import (
     BatchOpt,
     DeviceOpt,
     DtypeOpt,
@@ -23,8 +23,7 @@ from .cli_common import (
     parse_options,
     runtime_from,
 )
-from .errors import TraceEraseError
-from .io import check_writable
+from .export import MaxRankOpt, UngatedOpt
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Concept erasure for text-to-image diffusion models."
@@ -56,14 +55,14 @@ def erase(
     offload: OffloadOpt = "none",
 ) -> None:
     """Erase concepts from a model and write the erasure (LoRA + erasure.json)."""
-    from . import erase as run_erase
-    from .api import method_configs
-    from .artifacts.checkpoint import load_checkpoint as read_checkpoint
-    from .config import load_yaml, make_concepts
-    from .engines.trajectory import CHECKPOINT_NAME
-    from .io import prepare_workdir
-    from .methods import get_method
-    from .models import load_model
+    from .. import erase as run_erase
+    from ..api import method_configs
+    from ..artifacts.checkpoint import load_checkpoint as read_checkpoint
+    from ..config import load_yaml, make_concepts
+    from ..engines.trajectory import CHECKPOINT_NAME
+    from ..io import prepare_workdir
+    from ..methods import get_method
+    from ..models import load_model
 
     cfg = load_yaml(config) if config else {}
     known = {"model", "method", "concepts", "anchor", "preserve", "output", "options"}
@@ -89,10 +88,10 @@ def erase(
     check_writable(final, overwrite, "erasure output")
     # cheap checks before the (slow) model load
     spec = get_method(method)
-    from .models.loading import peek_family
+    from ..models.loading import peek_family
 
     spec.check_family(peek_family(model))
-    from .multi import resolve_multi
+    from ..multi import resolve_multi
 
     make_concepts(concepts, anchor=anchor, preserve=preserve)
     if multi is not None:
@@ -105,7 +104,7 @@ def erase(
         runtime.check_training()
     export_options = None
     if format is not None or max_rank is not None or ungated:
-        from .artifacts.export import ExportOptions, check_gate
+        from ..artifacts.export import ExportOptions, check_gate
 
         export_options = ExportOptions(format=format or "kohya", max_rank=max_rank, ungated=ungated)
         tau = method_configs(spec, engine_options)[1]
@@ -116,14 +115,14 @@ def erase(
     handle = load_model(model, allow_pickle=allow_pickle, runtime=runtime)
     result = run_erase(handle, concepts, method=method, anchor=anchor, preserve=preserve,
                        workdir=workdir if spec.uses_trajectory else None, **options)
-    from .multi import process_rank
+    from ..multi import process_rank
 
     if process_rank() != 0:  # under accelerate launch the other processes trained their share; one writes
         return
     records: list[dict[str, Any]] = []
 
     def write_export(folder: Path) -> None:
-        from .artifacts.export import export_erasure
+        from ..api import export_erasure
 
         target = folder / f"export-{export_options.format}.safetensors"
         records.append(export_erasure(result, handle, export_options, target, overwrite=True))
@@ -141,7 +140,7 @@ def erase(
         raise
     shutil.rmtree(workdir, ignore_errors=True)
     if records:
-        from .artifacts.commands import echo_record
+        from .export import echo_record
 
         echo_record(records[0], path)
     summary = result.certificate.get("summary", {})
@@ -182,11 +181,12 @@ def generate(
     batch_size: BatchOpt = None,
 ) -> None:
     """Generate images, optionally with an erasure applied."""
-    from .artifacts.erasure import load_erasure
-    from .io import output_folder
-    from .models import load_model
-    from .models.loading import peek_family
-    from .sampling import check_scheduler, generate_images, sampler_settings
+    from ..artifacts.erasure import load_erasure
+    from ..engines.fusion import concept_scaled
+    from ..io import output_folder
+    from ..models import load_model
+    from ..models.loading import peek_family
+    from ..sampling import check_scheduler, generate_images, sampler_settings
 
     concept_scales = parse_concept_scales(scale_concept)
     if steps is not None and steps < 1:
@@ -200,7 +200,7 @@ def generate(
     if concept_scales and er is None:
         raise TraceEraseError("--scale-concept needs --erasure")
     if concept_scales:
-        er = er.concept_scaled(concept_scales)  # checked before the model loads
+        er = concept_scaled(er, concept_scales)  # checked before the model loads
     handle = load_model(model, allow_pickle=allow_pickle, runtime=runtime)
     if er is not None:
         er.apply(handle, scale=scale)  # a gated erasure installs its gate on the denoiser
@@ -231,10 +231,10 @@ def info(directory: Annotated[str, typer.Argument(help="erasure folder, or a fil
     from rich.console import Console
     from rich.table import Table
 
-    from .artifacts import load_erasure
+    from ..artifacts import load_erasure
 
     if Path(directory).is_file():
-        from .artifacts.commands import info_file
+        from .export import info_file
 
         info_file(directory)
         return
@@ -276,10 +276,10 @@ def merge(
 ) -> None:
     """Write a full pipeline folder with the erasure fused into its weights (each component in the dtype the base
     model stores it in: a bf16 model stays bf16)."""
-    from .artifacts.erasure import load_erasure
-    from .io import output_folder
-    from .models import load_model
-    from .models.loading import SIDECAR, resolve_model, stored_dtypes
+    from ..artifacts.erasure import load_erasure
+    from ..io import output_folder
+    from ..models import load_model
+    from ..models.loading import SIDECAR, resolve_model, stored_dtypes
 
     check_writable(output, overwrite)
     runtime = runtime_from(device, dtype, "none", None)
@@ -313,11 +313,11 @@ def demo(
     batch_size: BatchOpt = None,
 ) -> None:
     """The main job on the embedded toy world: erase a class from toy-sd, evaluate before/after, write a report."""
-    from . import erase as run_erase
-    from .evaluation.run import evaluate
-    from .evaluation.suites import toy_class_of
-    from .methods import get_method
-    from .models import load_model
+    from .. import erase as run_erase
+    from ..evaluation.run import evaluate
+    from ..evaluation.suites import toy_class_of
+    from ..methods import get_method
+    from ..models import load_model
 
     out = Path(output)
     check_writable(out, overwrite, "demo output")
@@ -340,9 +340,9 @@ def demo(
 DEMO_OPTIONS: dict[str, Any] = {"steps": 150}
 
 
-from .artifacts.commands import export  # noqa: E402 - registered in this order
-from .attacks.commands import attack  # noqa: E402
-from .evaluation.commands import bench, eval_, print_headline, rescore  # noqa: E402
+from .attack import attack  # noqa: E402
+from .evaluate import bench, eval_, print_headline, rescore  # noqa: E402
+from .export import export  # noqa: E402 - registered in this order
 
 app.command()(export)
 app.command("eval")(eval_)
@@ -350,7 +350,7 @@ app.command()(rescore)
 app.command()(bench)
 app.command()(attack)
 
-from .toyworld.commands import toyworld_app  # noqa: E402 - registered after the main commands
+from .toyworld import toyworld_app  # noqa: E402 - registered after the main commands
 
 app.add_typer(toyworld_app, name="toyworld")
 
@@ -383,6 +383,3 @@ def main(argv: list[str] | None = None) -> int:
         raise
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

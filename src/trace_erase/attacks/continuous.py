@@ -1,6 +1,7 @@
-"""The attacks themselves. Each takes the model as it is now (erased, or the base for the control run), optimises or
-builds its result, and hands a :class:`Candidate` to ``report(budget, candidate)`` at each budget point; the runner
-generates and scores it. Objectives, budgets and conventions: ``../shared/docs/attacks.md`` §1.2–1.5.
+"""The attacks that work on text features or word vectors (the token-level searches are in :mod:`.discrete`). Each
+takes the model as it is now (erased, or the base for the control run), optimises or builds its result, and hands a
+:class:`~.optimisers.Candidate` to ``report(budget, candidate)`` at each budget point; the runner generates and scores
+it. Objectives, budgets and conventions: the attacks page of the docs (``docs/attacks.md``).
 
 - ``paraphrase``: prompt families (no optimisation).
 - ``concept-vector``: Ring-A-Bell's continuous form: E(neutral) + η·v, v = mean[E(with c) − E(with neutral)].
@@ -16,76 +17,28 @@ generates and scores it. Objectives, budgets and conventions: ``../shared/docs/a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from ..engines.prompts import DEFAULT_TEMPLATES
-from ..errors import NonFiniteLossError, TraceEraseError
+from ..errors import TraceEraseError
 from ..evaluation.suites import fill
 from ..models import ModelHandle
 from ..models.base import Conditioning
-from ..runtime import finite_gradients, training_attention
+from ..models.injection import WordSlots, decode_tokens, editable, embeds_for, no_param_grads, typable_ids
 from .config import AttackConfig
-from .inject import WordSlots, decode_tokens, editable, embeds_for, frozen, typable_ids
-from .prompts import EVAL_TEMPLATES, HELD_OUT_TEMPLATES, INVERSION_TEMPLATES, eval_prompts
-from .reference import Reference, base_reference
-
-
-@dataclass
-class Candidate:
-    """An attack's current result, ready to generate: the prompts the pipeline is called with (they may hold filler
-    slots), the text the report shows, and how the attack reaches the model (word slots, or conditioning embeds)."""
-
-    prompts: list[str]
-    shown: list[str]
-    family: list[str] | None = None
-    slots: WordSlots | None = None
-    values: list[torch.Tensor | None] | None = None
-    embeds: Callable[[list[str]], dict[str, Any]] | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
-
-
-Report = Callable[[int, Candidate], None]
-
-
-def _steps(cfg: AttackConfig, progress: bool, desc: str) -> Any:
-    return tqdm(range(1, cfg.the_budget + 1), desc=desc, disable=not progress, leave=False)
-
-
-def _check(loss: torch.Tensor, step: int, what: str) -> None:
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"the {what} attack's loss became {loss.item()} at step {step}; lower --lr")
-
-
-def _check_gradients(opt: torch.optim.Optimizer, step: int, what: str) -> None:
-    """Refuse a step whose gradients are not finite under a finite loss, before it is applied."""
-    if not finite_gradients(opt):
-        raise NonFiniteLossError(f"the {what} attack's gradients became non-finite at step {step} with a finite loss; "
-                                 "on CUDA in bf16 that is an attention kernel's backward: rerun with --dtype fp32 "
-                                 "(elsewhere: lower --lr)")
-
-
-def _descend(opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, what: str) -> None:
-    """One optimiser step on a finite loss and finite gradients (otherwise an error naming the fix)."""
-    _check(loss, step, what)
-    opt.zero_grad()
-    loss.backward()
-    _check_gradients(opt, step, what)
-    opt.step()
-
-
-def match_base_loss(handle: ModelHandle, ref: Reference, idx: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-    """AdvUnlearn's / P4D's objective: the model's prediction on the base model's states ``idx`` under ``cond``
-    against the base model's own prediction there for the concept prompt."""
-    pred = handle.adapter.predict(ref.states[idx], ref.times[idx], cond)
-    return torch.nn.functional.mse_loss(pred.float(), ref.base_pred[idx].float())
-
-
-def _denoiser_modules(handle: ModelHandle) -> list[torch.nn.Module]:
-    return [handle.adapter.denoiser, *(enc for _, enc in handle.adapter.text_encoders())]
+from .optimisers import (
+    Candidate,
+    Report,
+    attacked_modules,
+    budget_steps,
+    check_gradients,
+    check_loss,
+    concept_direction,
+    descend,
+    match_base_loss,
+)
+from .prompts import EVAL_TEMPLATES, INVERSION_TEMPLATES, eval_prompts
+from .reference import Reference
 
 
 # ---- no optimisation -------------------------------------------------------------------------------------------------
@@ -94,26 +47,6 @@ def paraphrase(handle: ModelHandle, cfg: AttackConfig, concept: str, families: d
     """Every family's prompts, as they are."""
     prompts = [p for ps in families.values() for p in ps]
     report(len(prompts), Candidate(prompts, prompts, family=[f for f, ps in families.items() for _ in ps]))
-
-
-VECTOR_TEMPLATES = 10  # templates averaged into v when the budget counts something else (ring-a-bell)
-
-
-def concept_direction(handle: ModelHandle, concept: str, neutral: str, n_templates: int
-                      ) -> tuple[dict[str, torch.Tensor], list[str], int]:
-    """Ring-A-Bell's concept vector v = mean over ``n_templates`` templates of E(with ``concept``) − E(with
-    ``neutral``), per text-feature stream (the attack's templates first, then stage A's common ones: the attacker
-    does not know which the erasure saw). Returns v, the stream names and how many templates there were."""
-    adapter = handle.adapter
-    pool = list(dict.fromkeys([*HELD_OUT_TEMPLATES, *INVERSION_TEMPLATES, *(t.replace("{}", "{a} {}")
-                                                                              for t in DEFAULT_TEMPLATES)]))
-    templates = pool[:n_templates]
-    with torch.no_grad():
-        with_c = adapter.conditioning([fill(t, concept) for t in templates])
-        without = adapter.conditioning([fill(t, neutral) for t in templates])
-    keys = editable(with_c)
-    v = {k: (with_c.tensors[k].float() - without.tensors[k].float()).mean(0, keepdim=True) for k in keys}
-    return v, keys, len(templates)
 
 
 def concept_vector(handle: ModelHandle, cfg: AttackConfig, concept: str, report: Report) -> None:
@@ -177,11 +110,11 @@ def _soft_conditioning(handle: ModelHandle, cfg: AttackConfig, ref: Reference, r
             tensors[k] = base.tensors[k] + delta[k].to(base.tensors[k].dtype)
         return Conditioning(tensors)
 
-    with frozen(_denoiser_modules(handle)):
-        for step in _steps(cfg, progress, "soft conditioning"):
+    with no_param_grads(attacked_modules(handle)):
+        for step in budget_steps(cfg, progress, "soft conditioning"):
             idx = torch.randint(0, len(ref.states), (cfg.batch,), generator=gen)
             loss = match_base_loss(handle, ref, idx, current().select(ref.state_prompt[idx]))
-            _descend(opt, loss, step, "soft-prompt")
+            descend(opt, loss, step, "soft-prompt")
             if step in points:
                 now = current()
                 table = {p: Conditioning({k: v.detach() for k, v in now.select([i]).tensors.items()})
@@ -231,10 +164,10 @@ def _optimise_words(handle: ModelHandle, cfg: AttackConfig, slots: WordSlots, in
     opt = torch.optim.Adam(slots.param_groups(values, cfg.the_lr))
     gen = torch.Generator().manual_seed(cfg.seed)
     points = set(cfg.budget_points())
-    with frozen(_denoiser_modules(handle)):
-        for step in _steps(cfg, progress, what):
+    with no_param_grads(attacked_modules(handle)):
+        for step in budget_steps(cfg, progress, what):
             loss = loss_at(values, gen)
-            _descend(opt, loss, step, what)
+            descend(opt, loss, step, what)
             if step in points:
                 report(step, Candidate(prompts, shown, slots=slots, values=[v.detach().clone() for v in values],
                                        detail={"loss": float(loss.detach())}))
@@ -270,8 +203,8 @@ def unlearndiff(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Refer
     gen = torch.Generator().manual_seed(cfg.seed)
     points = set(cfg.budget_points())
     adv = [slots.prefixed(p) for p in prompts]
-    with frozen(_denoiser_modules(handle)):
-        for step in _steps(cfg, progress, "unlearndiff"):
+    with no_param_grads(attacked_modules(handle)):
+        for step in budget_steps(cfg, progress, "unlearndiff"):
             probs = z.detach().clamp_min(0)
             ids = torch.multinomial(probs.cpu() + 1e-12, 1, generator=gen).squeeze(1).to(z.device)
             hard = torch.nn.functional.one_hot(ids, len(allowed)).to(z.dtype)
@@ -282,10 +215,10 @@ def unlearndiff(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Refer
             with slots.active(values), adapter.text_gradients():
                 cond = adapter.conditioning([adv[int(i)] for i in ref.x0_prompt[idx]])
             loss = _denoising_loss(handle, ref, cond, idx, gen)
-            _check(loss, step, "unlearndiff")
+            check_loss(loss, step, "unlearndiff")
             opt.zero_grad()
             loss.backward()
-            _check_gradients(opt, step, "unlearndiff")
+            check_gradients(opt, step, "unlearndiff")
             z.grad = z.grad.clamp(-1, 1)  # UnlearnDiffAtk's hardtanh on the straight-through gradient
             opt.step()
             with torch.no_grad():
@@ -298,37 +231,3 @@ def unlearndiff(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Refer
                                                                    "loss": float(loss.detach())}))
 
 
-def prepare(handle: ModelHandle, cfg: AttackConfig, concept: str, label: str, progress: bool = True) -> Any:
-    """What ``cfg.attack`` computes on the base model before any erasure is applied, once for both models: the base
-    model's trajectories (the optimising attacks), Ring-A-Bell's searched prompts (text encoders only), or None."""
-    if cfg.kind.needs_reference:
-        return base_reference(handle, eval_prompts(label), cfg.trajectories, cfg.seed)
-    if cfg.attack == "ring-a-bell":
-        from .discrete import ring_a_bell_search
-
-        return ring_a_bell_search(handle, cfg, concept, progress)
-    return None
-
-
-def run_method(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Any,
-               families: dict[str, list[str]] | None, report: Report, progress: bool = True) -> None:
-    """Dispatch ``cfg.attack`` against the model as it is now; ``ref`` is what the attack took from the base model
-    before the erasure was applied (:class:`Reference` trajectories; ring-a-bell: its searched prompts)."""
-    with training_attention(handle.adapter.device):  # the attacks backpropagate through attention
-        _dispatch(handle, cfg, concept, ref, families, report, progress)
-
-
-def _dispatch(handle: ModelHandle, cfg: AttackConfig, concept: str, ref: Any,
-              families: dict[str, list[str]] | None, report: Report, progress: bool) -> None:
-    if cfg.attack == "paraphrase":
-        return paraphrase(handle, cfg, concept, families or {}, report)
-    if cfg.attack == "concept-vector":
-        return concept_vector(handle, cfg, concept, report)
-    if ref is None:
-        raise TraceEraseError(f"the {cfg.attack} attack needs what it computes on the base model first")
-    from .discrete import p4d, ring_a_bell
-
-    if cfg.attack == "ring-a-bell":
-        return ring_a_bell(handle, cfg, ref, report)
-    fn = {"soft-prompt": soft_prompt, "inversion": inversion, "unlearndiff": unlearndiff, "p4d": p4d}[cfg.attack]
-    return fn(handle, cfg, concept, ref, report, progress)

@@ -14,15 +14,15 @@ import numpy as np
 
 from ..artifacts.erasure import remove_erasures
 from ..errors import TraceEraseError
+from ..evaluation.intervals import units
+from ..evaluation.metrics import columns
+from ..evaluation.run import evaluate, images_for
+from ..evaluation.scorers import Scorer, ScorerOptions, scorer_for
+from ..evaluation.suites import Suite, build_suite
 from ..io import atomic_write, check_writable, commit_folder, prepare_workdir
 from ..methods import get_method
 from ..models import ModelHandle
-from .bench_tables import summarize, write_tables
-from .intervals import units
-from .metrics import columns
-from .run import evaluate, images_for
-from .scorers import Scorer, ScorerOptions, scorer_for
-from .suites import Suite, build_suite
+from .tables import summarize, write_tables
 
 
 def parse_sweep(text: str | None) -> list[dict[str, Any]]:

@@ -171,7 +171,7 @@ def embeds_for(adapter: FamilyAdapter, table: dict[str, Conditioning], uncond: C
 
 
 @contextlib.contextmanager
-def frozen(modules: list[torch.nn.Module]) -> Iterator[None]:
+def no_param_grads(modules: list[torch.nn.Module]) -> Iterator[None]:
     """No parameter gradients while an attack optimises its inputs through ``modules`` (restored on exit)."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     for p in params:

@@ -1,4 +1,4 @@
-"""The ``export`` command and ``info`` for exported files."""
+"""The ``export`` command and ``info`` on an exported file (registered on the main app in :mod:`.app`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..cli_common import DeviceOpt, DtypeOpt
+from .common import DeviceOpt, DtypeOpt
 
 FormatOpt = Annotated[str, typer.Option(help="diffusers (PEFT keys + lora_adapter_metadata), kohya (A1111 / Forge / "
                                              "ComfyUI) or full (the edited weights, diffusers names)")]
@@ -32,10 +32,11 @@ def export(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Write an erasure as a LoRA file other tools load (or as edited weights), with provenance in its metadata."""
-    from ..cli_common import runtime_from
+    from ..api import export_erasure
+    from ..artifacts.erasure import load_erasure
+    from ..artifacts.export import ExportOptions, check_gate, check_output
     from ..models import load_model
-    from .erasure import load_erasure
-    from .export import ExportOptions, check_gate, check_output, export_erasure
+    from .common import runtime_from
 
     options = ExportOptions(format=format, max_rank=max_rank, ungated=ungated, precision=precision)
     check_output(output, overwrite)
@@ -69,7 +70,7 @@ def info_file(path: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .export import read_export_record
+    from ..artifacts.export import read_export_record
 
     rec = read_export_record(path)
     ex = rec["export"]

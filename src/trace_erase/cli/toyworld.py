@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..cli_common import BatchOpt, DeviceOpt, DtypeOpt, runtime_from
+from .common import BatchOpt, DeviceOpt, DtypeOpt, runtime_from
 
 toyworld_app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="The embedded toy world (toy-sd, toy-flux)."
@@ -37,8 +37,8 @@ def toyworld_train(
     import dataclasses
 
     from ..models.loading import BUNDLED_DIR
-    from .config import override, preset
-    from .train import ToyTrainer
+    from ..toyworld.config import override, preset
+    from ..toyworld.train import ToyTrainer
 
     cfg = override(preset(family, micro=micro), set_ or [])
     overrides = {k: v for k, v in {"steps": steps, "cycles": cycles, "batch": batch}.items() if v is not None}
@@ -57,7 +57,7 @@ def toyworld_train_classifier(
     seed: Annotated[int, typer.Option(help="training seed")] = 0,
 ) -> None:
     """Train the toy classifier (object class, style, colour) and report held-out accuracy."""
-    from .classifier import CLASSIFIER_DIR, heldout_accuracy, save_classifier, train_classifier
+    from ..toyworld.classifier import CLASSIFIER_DIR, heldout_accuracy, save_classifier, train_classifier
 
     model = train_classifier(seed=seed)
     acc = heldout_accuracy(model)
@@ -81,8 +81,8 @@ def toyworld_check(
     from ..models import load_model
     from ..models.loading import SIDECAR, resolve_model
     from ..sampling import sampler_settings
-    from .check import quality_check, vae_reconstruction
-    from .render import CLASSES
+    from ..toyworld.check import quality_check, vae_reconstruction
+    from ..toyworld.render import CLASSES
 
     handle = load_model(model, runtime=runtime_from(device, dtype, "none", batch_size))
     res = quality_check(handle, seeds=seeds)

@@ -1,4 +1,4 @@
-"""The ``attack`` command (registered on the main app in :mod:`..cli`)."""
+"""The ``attack`` command (registered on the main app in :mod:`.app`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from typing import Annotated
 
 import typer
 
-from ..cli_common import (
+from ..attacks.config import ATTACKS, LEVELS
+from ..io import check_writable
+from .common import (
     AllowPickleOpt,
     ArchOpt,
     BatchOpt,
@@ -21,8 +23,6 @@ from ..cli_common import (
     runtime_from,
     scorer_options,
 )
-from ..io import check_writable
-from .config import ATTACKS, LEVELS
 
 
 def attack(
@@ -64,11 +64,11 @@ def attack(
     """Attack an erasure (and the base model, the control, with the same attack) and report the attack success
     rate: results.json with every case, report.html with the table, the ASR-vs-budget curve and the images."""
     from ..artifacts.erasure import load_erasure
+    from ..attacks.config import AttackConfig
+    from ..attacks.run import attack_suite, check_attack, run_attack
     from ..errors import TraceEraseError
     from ..evaluation.scorers import scorer_for
     from ..models import load_model
-    from .config import AttackConfig
-    from .run import attack_suite, check_attack, run_attack
 
     check_writable(output, overwrite, "attack output")
     try:

@@ -1,9 +1,9 @@
-"""``bench --multi 1,2,5,8``: quality against the number of erased concepts on the toy world (design notes
-``multi-concept.md`` §2.6, level 1).
+"""``bench --concept-counts 1,2,5,8``: quality against the number of erased concepts on the toy world
+(docs/many-concepts.md).
 
 For N = 1 every class is erased alone (the singletons give Acc_e(c | {c}) for the interference term); for each
 larger N, ``subsets`` fixed subsets drawn with a seeded RNG (listed in the results). Each concept set is one
-:func:`~trace_erase.evaluation.bench.run_bench` over the methods (its folder under ``N{n}/``, resumable), with
+:func:`~trace_erase.benchmark.bench.run_bench` over the methods (its folder under ``N{n}/``, resumable), with
 per-class seeds shrinking as 1/N so the erased set holds about as many images at every N, as MACE's protocol does.
 Per method and N: Acc_e, Acc_s, Acc_g, H_o, drift (means over the subsets), the worst erased class's Acc_e, and
 interference Δ_int = mean over c ∈ S of Acc_e(c | S) − Acc_e(c | {c}).
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import TraceEraseError
+from ..evaluation.suites import load_class_set
 from .bench import run_bench, run_label
-from .suites import load_class_set
 
 KEYS = ("acc_e", "acc_s", "acc_g", "h_o", "drift_l2")
 
@@ -64,7 +64,7 @@ def concept_sets(classes: list[str], counts: list[int], subsets: int, seed: int 
 
 def per_class_acc_e(results: dict[str, Any]) -> dict[str, float]:
     """Acc_e of each erased class from one run's per-image judgements (the eval figure's erased-group bars)."""
-    from .plots import per_label_means
+    from ..evaluation.plots import per_label_means
 
     return {label: erased for group, label, _, erased in per_label_means(results) if group == "erased"}
 
@@ -237,9 +237,9 @@ def markdown_multi(result: dict[str, Any]) -> str:
 
 def multi_figure(result: dict[str, Any], folder: Path) -> Path | None:
     """``multi.png``: H_o and Acc_s against N, one line per method."""
-    from .plots import _pyplot
+    from ..evaluation.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8), dpi=120)

@@ -1,4 +1,4 @@
-"""The evaluation commands: ``eval``, ``rescore`` and ``bench`` (registered on the main app in :mod:`..cli`)."""
+"""The evaluation commands: ``eval``, ``rescore`` and ``bench`` (registered on the main app in :mod:`.app`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..cli_common import (
+from ..errors import TraceEraseError
+from ..io import check_writable
+from .common import (
     SUITE_HELP,
     AllowPickleOpt,
     ArchOpt,
@@ -32,12 +34,10 @@ from ..cli_common import (
     runtime_from,
     scorer_options,
 )
-from ..errors import TraceEraseError
-from ..io import check_writable
 
 if TYPE_CHECKING:
-    from .scorers import Scorer, ScorerOptions
-    from .suites import Suite
+    from ..evaluation.scorers import Scorer, ScorerOptions
+    from ..evaluation.suites import Suite
 
 
 def _suite_and_scorer(suite: str, concept: str, seeds: int, prompts: str | None, classes: str | None,
@@ -45,9 +45,9 @@ def _suite_and_scorer(suite: str, concept: str, seeds: int, prompts: str | None,
                       options: ScorerOptions) -> tuple[Suite, Scorer]:
     """The suite (prompt file read, concept checked) and its scorer (loaded, labels checked) of a command's options,
     and the suite's other needs (a reference folder) — all before the diffusion model loads."""
-    from .scorers import scorer_for
-    from .scoring import check_protocol
-    from .suites import build_suite
+    from ..evaluation.scorers import scorer_for
+    from ..evaluation.scoring import check_protocol
+    from ..evaluation.suites import build_suite
 
     the_suite = build_suite(suite, concept, seeds, prompts=prompts, classes=classes, retained=name_list(retained))
     the_scorer = scorer_for(the_suite, scorer, options)
@@ -105,7 +105,9 @@ def eval_(
     if concept_scales:
         if er is None:
             raise TraceEraseError("--scale-concept needs --erasure")
-        er = er.concept_scaled(concept_scales)
+        from ..engines.fusion import concept_scaled
+
+        er = concept_scaled(er, concept_scales)
     concept = concept or (er.manifest["concepts"][0]["name"] if er else None)
     the_suite, the_scorer = _suite_and_scorer(suite, concept or "", seeds, prompts, classes, retained, reference,
                                               scorer, scorer_options(gallery, class_map, arch, allow_pickle,
@@ -206,7 +208,7 @@ def bench(
     """Erase each concept with each method on the same seeds and evaluate on a suite; write the comparison table
     with the suite's own columns (each run is committed as it finishes: --resume continues an interrupted bench; a
     failed run is a row with its reason)."""
-    from ..evaluation.bench import parse_sweep, run_bench
+    from ..benchmark.bench import parse_sweep, run_bench
     from ..evaluation.suites import load_class_set, toy_split
     from ..methods import get_method
     from ..models import load_model
@@ -237,7 +239,7 @@ def bench(
             raise TraceEraseError("--attacks attacks one erased concept at a time; it does not combine with --multi")
     counts = None
     if multi is not None:
-        from ..evaluation.multi_bench import concept_sets, parse_counts
+        from ..benchmark.many_concepts import concept_sets, parse_counts
 
         counts = parse_counts(multi)
         if suite != "toy-objects" or prompts:
@@ -246,7 +248,7 @@ def bench(
             raise TraceEraseError(f"--subsets must be ≥ 1 (got {subsets})")
         concept_sets(list(load_class_set("toy").classes), counts, subsets)  # more subsets than exist: refused now
         if singletons:
-            from ..evaluation.multi_bench import singleton_rows
+            from ..benchmark.many_concepts import singleton_rows
 
             singleton_rows(singletons, model, seeds, parse_options(option or []))
     elif singletons:
@@ -270,7 +272,7 @@ def bench(
                                       scorer_options(gallery, class_map, arch, allow_pickle, threshold, runtime))
     handle = load_model(model, runtime=runtime)
     if counts is not None:
-        from ..evaluation.multi_bench import run_multi_bench
+        from ..benchmark.many_concepts import run_multi_bench
 
         res = run_multi_bench(handle, method_list, counts, output, subsets=subsets, seeds=seeds, singletons=singletons,
                               options=parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite,
@@ -282,7 +284,7 @@ def bench(
                        options=parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite,
                        scheduler=scheduler, resume=resume, scorer=the_scorer, prompts=prompts, classes=classes,
                        retained=name_list(retained), reference=reference, attacks=attack_configs)
-    from ..evaluation.bench_tables import markdown
+    from ..benchmark.tables import markdown
 
     typer.echo(markdown(result))
     typer.echo(f"wrote {Path(output) / 'bench.md'}")
