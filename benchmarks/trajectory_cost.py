@@ -44,7 +44,7 @@ def run_setup(setup: str, iters: int, threads: int) -> dict:
     opts = dict(get_method(method).trajectory)
     opts.update(steps=iters, rollout_steps=4, pool_trajectories=1, batch_size=1, checkpoint_every=10**9,
                 gradient_checkpointing=setup == "trace-gc")
-    engine = TrajectoryEngine(adapter, TrajectoryConfig(**opts), progress=False)
+    engine = TrajectoryEngine(adapter, TrajectoryConfig.from_options(**opts), progress=False)
     concepts = [Concept("van gogh")]
     sample_call_s = None
     if setup == "two-copy":

@@ -147,3 +147,33 @@ def test_manifest_edited_after_writing_is_refused(sd_erasure, tmp_path) -> None:
     (path / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(TraceEraseError, match="modified after it was written"):
         load_erasure(path)
+
+
+def test_a_format_2_erasure_and_its_yaml_config_still_load(tmp_path) -> None:
+    """An erasure written before the trajectory options became typed sub-configs (format 2: flat keys such as
+    ``adversarial_every``), and the YAML config that made it, load into today's nested config unchanged; the
+    flat keys it stored round-trip through :meth:`TrajectoryConfig.options`."""
+    from pathlib import Path
+
+    from trace_erase.api import method_configs
+    from trace_erase.config import load_yaml
+    from trace_erase.engines.trajectory_config import AdversarialConfig, FusionConfig, TrajectoryConfig
+    from trace_erase.methods import get_method
+
+    data = Path(__file__).parent / "data"
+    er = load_erasure(data / "format2-erasure")
+    assert er.manifest["format_version"] == 2
+    stored = er.manifest["config"]["trajectory"]
+    cfg = TrajectoryConfig.from_options(stored)
+    assert cfg.adversarial == AdversarialConfig(every=1, steps=1, lr=stored["adversarial_lr"], tokens=1,
+                                                weight=stored["adversarial_weight"])
+    assert cfg.fusion == FusionConfig(lam=0.1, lam_preserve=0.5) and cfg.eraseanything is None
+    assert cfg.options() == stored
+    yaml_cfg = load_yaml(data / "format2-config.yaml")
+    _, from_yaml = method_configs(get_method(yaml_cfg["method"]), yaml_cfg["options"])
+    assert from_yaml == cfg
+    # the adversarial defence switched off by its flat key, and a nested mapping as a manifest of format 3 stores it
+    assert TrajectoryConfig.from_options({**stored, "adversarial_every": 0}).adversarial is None
+    import dataclasses
+
+    assert TrajectoryConfig.from_options(dataclasses.asdict(cfg)) == cfg

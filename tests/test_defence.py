@@ -18,7 +18,8 @@ FAST = {"steps": 2, "rollout_steps": 4, "pool_trajectories": 1, "batch_size": 2,
 
 
 def _engine(name: str, **kw) -> TrajectoryEngine:
-    return TrajectoryEngine(get_adapter(BUILDERS[name]()), TrajectoryConfig(**{**FAST, **kw}), progress=False)
+    return TrajectoryEngine(get_adapter(BUILDERS[name]()), TrajectoryConfig.from_options(**{**FAST, **kw}),
+                            progress=False)
 
 
 def _times(eng: TrajectoryEngine) -> torch.Tensor:  # one EARLY and one LATE state
@@ -115,7 +116,7 @@ def test_interrupted_adversarial_run_resumes_to_the_uninterrupted_weights(tmp_pa
 ])
 def test_bad_adversarial_options(option, value, message) -> None:
     with pytest.raises(TraceEraseError, match=message):
-        TrajectoryConfig(**{option: value})
+        TrajectoryConfig.from_options(**{option: value})
 
 
 def test_bench_sweeps_an_integer_option_and_refuses_a_bad_value_before_loading(tmp_path, capsys) -> None:

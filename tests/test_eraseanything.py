@@ -54,7 +54,7 @@ def test_probe_reads_the_attention_the_block_computes() -> None:
 
 
 def test_concept_mask_marks_the_concept_tokens_only() -> None:
-    eng = TrajectoryEngine(_flux(), TrajectoryConfig(**FAST), progress=False)
+    eng = TrajectoryEngine(_flux(), TrajectoryConfig.from_options(**FAST), progress=False)
     mask = ConceptMasks(eng.adapter, [Concept("cat")])(["a photo of a cat", "black cat"])
     tok = eng.adapter.token_tokenizer
     for row, prompt in zip(mask, ["a photo of a cat", "black cat"], strict=True):
@@ -99,7 +99,7 @@ def test_attention_regulariser_moves_attention_off_the_concept_tokens() -> None:
     after = {}
     for weight in (0.0, 50.0):
         torch.manual_seed(0)
-        eng = TrajectoryEngine(_flux(), TrajectoryConfig(**FAST, lora_targets="kq", lr=1e-2, window="all",
+        eng = TrajectoryEngine(_flux(), TrajectoryConfig.from_options(**FAST, lora_targets="kq", lr=1e-2, window="all",
                                                          attention_weight=weight), progress=False)
         eng.concepts = [Concept("cat")]
         before = _concept_attention(eng, x, t)
@@ -126,9 +126,9 @@ def test_bilevel_steps_alternate_between_upper_and_lower_terms() -> None:
     """Step 0 is an upper step (erase and attention terms, no flow or contrast); step 1 a lower one."""
     logs = {}
     for steps in (1, 2):
-        eng = TrajectoryEngine(_flux(), TrajectoryConfig(**{**FAST, "steps": steps}, lora_targets="kq", window="all",
-                                                         bilevel=True, attention_weight=1e-3, flow_weight=0.1,
-                                                         contrast_weight=0.1, contrast_irrelevant=2),
+        eng = TrajectoryEngine(_flux(), TrajectoryConfig.from_options(
+            **{**FAST, "steps": steps}, lora_targets="kq", window="all", bilevel=True, attention_weight=1e-3,
+            flow_weight=0.1, contrast_weight=0.1, contrast_irrelevant=2),
                                progress=False)
         logs[steps] = eng.train([Concept("cat", preserve=["a dog", "a tree"])])["final_losses"]
     assert logs[1]["erase"] > 0 and logs[1]["attn"] > 0 and logs[1]["flow"] == 0 and logs[1]["contrast"] == 0
@@ -161,10 +161,10 @@ def test_eraseanything_refuses_other_families_before_loading_and_bad_options(tmp
         lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
         assert len(lines) == 1 and "'eraseanything' does not support sd" in lines[0] and "flux" in lines[0], lines
     with pytest.raises(TraceEraseError, match="bilevel"):
-        TrajectoryConfig(flow_weight=0.1)
+        TrajectoryConfig.from_options(flow_weight=0.1)
     with pytest.raises(TraceEraseError, match="lower-step term"):
-        TrajectoryConfig(bilevel=True)
+        TrajectoryConfig.from_options(bilevel=True)
     with pytest.raises(TraceEraseError, match="contrast_temperature"):
-        TrajectoryConfig(contrast_temperature=0)
+        TrajectoryConfig.from_options(contrast_temperature=0)
     with pytest.raises(TraceEraseError, match="FLUX-only"):
         get_adapter(BUILDERS["sd"]()).token_attention(torch.ones(1, 4))

@@ -27,7 +27,7 @@ from trace_erase.engines.trajectory import TrajectoryConfig
 from .conftest import BUILDERS
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
-OPTION_KEYS = sorted({*ClosedFormConfig.__dataclass_fields__, *TrajectoryConfig.__dataclass_fields__})
+OPTION_KEYS = sorted({*ClosedFormConfig.__dataclass_fields__, *TrajectoryConfig.option_keys()})
 
 # strings a user might type where a concept, a path or a value goes: empty, blank, over-long, non-ASCII, control chars
 texts = st.one_of(

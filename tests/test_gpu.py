@@ -85,7 +85,7 @@ def test_bf16_training_on_the_gpu_stays_finite_with_fp32_lora(family, kernels, s
     (Agreement with fp32 is not asserted on these random tiny models: their prompt encodings nearly coincide, so bf16
     rounding decides the direction — cos 0.7-0.9 on both CPU and GPU.)"""
     gpu = load_model(saved_models[family], device="cuda", dtype="bf16")
-    eng = TrajectoryEngine(gpu.adapter, TrajectoryConfig(**TRAIN), progress=False)
+    eng = TrajectoryEngine(gpu.adapter, TrajectoryConfig.from_options(**TRAIN), progress=False)
     eng.attach()
     try:
         params = eng.lora_parameters()

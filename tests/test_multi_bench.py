@@ -106,7 +106,7 @@ def test_singletons_that_do_not_match_are_one_line(micro_sd, singletons, tmp_pat
 
 def test_singletons_bad_input_is_one_line(micro_sd, tmp_path, capsys) -> None:
     assert main(["bench", "--model", micro_sd, "--singletons", str(tmp_path), "--output", str(tmp_path / "m")]) == 2
-    assert "add --multi" in capsys.readouterr().err
+    assert "add --concept-counts" in capsys.readouterr().err
     assert main(["bench", "--model", micro_sd, "--multi", "1,2", "--singletons", str(tmp_path / "none.json"),
                  "--output", str(tmp_path / "m")]) == 2
     assert "is not a bench.json with rows" in capsys.readouterr().err
@@ -125,7 +125,7 @@ def test_the_subsets_of_one_n_are_distinct_and_the_earlier_draws_stay() -> None:
 
 
 def test_more_subsets_than_exist_and_a_folder_of_another_set_are_one_line(micro_sd, tmp_path, capsys) -> None:
-    assert main(["bench", "--model", micro_sd, "--multi", "1,9", "--subsets", "11",
+    assert main(["bench", "--model", micro_sd, "--concept-counts", "1,9", "--subsets", "11",
                  "--output", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert "only 10 distinct sets of 9" in err and len(err.strip().splitlines()) == 1

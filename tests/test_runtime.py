@@ -11,6 +11,7 @@ from trace_erase import erase, get_adapter, load_model
 from trace_erase.cli import main
 from trace_erase.engines.trajectory import TrajectoryConfig, TrajectoryEngine
 from trace_erase.errors import TraceEraseError
+from trace_erase.models.registry import adapter_class
 from trace_erase.runtime import Runtime
 
 from .conftest import BUILDERS
@@ -48,11 +49,11 @@ def test_auto_is_fp32_on_the_cpu_and_fp16_cannot_train_there() -> None:
 
 def test_generation_batch_fits_the_resolution() -> None:
     rt = Runtime(device="cpu")
-    assert rt.generation_batch("sd", 512) == 8
-    assert rt.generation_batch("sdxl", 1024) == 2
-    assert rt.generation_batch("flux", 1024) == 1
-    assert rt.generation_batch("sd", 32) == 64  # toy sizes: capped
-    assert Runtime(device="cpu", batch_size=3).generation_batch("flux", 1024) == 3
+    assert rt.generation_batch(adapter_class("sd").batch_pixels, 512) == 8
+    assert rt.generation_batch(adapter_class("sdxl").batch_pixels, 1024) == 2
+    assert rt.generation_batch(adapter_class("flux").batch_pixels, 1024) == 1
+    assert rt.generation_batch(adapter_class("sd").batch_pixels, 32) == 64  # toy sizes: capped
+    assert Runtime(device="cpu", batch_size=3).generation_batch(adapter_class("flux").batch_pixels, 1024) == 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -88,7 +89,7 @@ def _delta(er) -> torch.Tensor:
 
 def test_bf16_training_keeps_fp32_lora_and_agrees_with_fp32() -> None:
     pipe16 = BUILDERS["sd"]().to(torch.bfloat16)
-    eng = TrajectoryEngine(get_adapter(pipe16), TrajectoryConfig(**TRAIN), progress=False)
+    eng = TrajectoryEngine(get_adapter(pipe16), TrajectoryConfig.from_options(**TRAIN), progress=False)
     eng.attach()
     try:
         assert eng.lora_parameters() and all(p.dtype == torch.float32 for p in eng.lora_parameters())

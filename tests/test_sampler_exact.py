@@ -39,7 +39,7 @@ CASES = {
 
 
 def _engine(pipe: Any) -> TrajectoryEngine:
-    cfg = TrajectoryConfig(rollout_steps=STEPS, rollout_guidance=GUIDANCE, batch_size=4, steps=1)
+    cfg = TrajectoryConfig.from_options(rollout_steps=STEPS, rollout_guidance=GUIDANCE, batch_size=4, steps=1)
     return TrajectoryEngine(get_adapter(pipe), cfg, progress=False)
 
 

@@ -64,7 +64,7 @@ def test_late_window_is_low_noise(name) -> None:
 
 def _engine(name: str, **kw) -> TrajectoryEngine:
     adapter = get_adapter(BUILDERS[name]())
-    return TrajectoryEngine(adapter, TrajectoryConfig(**{**FAST, **kw}), progress=False)
+    return TrajectoryEngine(adapter, TrajectoryConfig.from_options(**{**FAST, **kw}), progress=False)
 
 
 @pytest.mark.parametrize("name", ["sd", "flux"])
@@ -241,7 +241,7 @@ def test_training_attention_kernels_on_cuda_leave_out_cudnn() -> None:
         assert flags() == before
     assert flags() == before
     with pytest.raises(TraceEraseError, match="unknown attention_kernels 'flash'"):
-        TrajectoryConfig(attention_kernels="flash")
+        TrajectoryConfig.from_options(attention_kernels="flash")
 
 
 KILL_SCRIPT = textwrap.dedent('''
@@ -350,9 +350,9 @@ def test_plain_pipeline_call_honours_the_gate(tmp_path) -> None:
 
 def test_bad_trajectory_options() -> None:
     with pytest.raises(TraceEraseError, match="unknown window"):
-        TrajectoryConfig(window="middle")
+        TrajectoryConfig.from_options(window="middle")
     with pytest.raises(TraceEraseError, match="tau must be in"):
-        TrajectoryConfig(tau=0.0)
+        TrajectoryConfig.from_options(tau=0.0)
     with pytest.raises(TraceEraseError, match="unknown options for 'esd-x' \\['lambda_reg'\\]"):
         erase(BUILDERS["sd"](), ["cat"], method="esd-x", lambda_reg=1.0, progress=False)
     with pytest.raises(TraceEraseError, match="cannot be fused"):
@@ -385,9 +385,9 @@ def test_pres_corpus_feeds_l_pres_without_the_concepts_captions() -> None:
 
 def test_pres_corpus_needs_rho_and_an_existing_file(tmp_path) -> None:
     with pytest.raises(TraceEraseError, match="set rho > 0"):
-        TrajectoryConfig(pres_corpus="builtin")
+        TrajectoryConfig.from_options(pres_corpus="builtin")
     with pytest.raises(TraceEraseError, match="does not exist"):  # refused before stage A spends any time
-        TrajectoryConfig(rho=1.0, pres_corpus=str(tmp_path / "missing.txt"))
+        TrajectoryConfig.from_options(rho=1.0, pres_corpus=str(tmp_path / "missing.txt"))
 
 
 # ---- stage B's direction: the targets are the formulas, and training moves LATE predictions only --------------------
@@ -415,7 +415,7 @@ def test_stage_b_targets_follow_the_reference_model(reference) -> None:
     with torch.no_grad():  # per sample: θ0's predictions for (c, ∅)
         e0 = [adapter.predict(x[i : i + 1].repeat(2, 1, 1, 1), t[i].repeat(2), cond) for i in range(2)]
     stage_a = StageAWeights(adapter, deltas)
-    eng = TrajectoryEngine(adapter, TrajectoryConfig(**FAST, reference=reference, eta=1.5, gamma=0.0),
+    eng = TrajectoryEngine(adapter, TrajectoryConfig.from_options(**FAST, reference=reference, eta=1.5, gamma=0.0),
                            progress=False, stage_a=stage_a)
     with stage_a.applied():
         with torch.no_grad():
@@ -456,7 +456,7 @@ def test_stage_b_moves_late_predictions_and_keeps_early_ones() -> None:
     concept = Concept("circle")
     deltas = ClosedFormEngine(adapter, ClosedFormConfig(**STAGE_A), progress=False).run([concept]).deltas
     stage_a = StageAWeights(adapter, deltas)
-    cfg = TrajectoryConfig(steps=60, lr=1e-3, rollout_steps=8, pool_trajectories=2, batch_size=4,
+    cfg = TrajectoryConfig.from_options(steps=60, lr=1e-3, rollout_steps=8, pool_trajectories=2, batch_size=4,
                            refresh_every=1000, checkpoint_every=1000, reference="original")
     eng = TrajectoryEngine(adapter, cfg, progress=False, stage_a=stage_a)
     prompt = "a photo of a circle"

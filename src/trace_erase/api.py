@@ -70,7 +70,7 @@ def method_configs(spec: MethodSpec, options: dict[str, Any]) -> tuple[ClosedFor
                                                                      TrajectoryConfig | None]:
     """Route each option to the engine that owns it and build both typed configs (errors name the valid keys)."""
     cf_keys = {f.name for f in dataclasses.fields(ClosedFormConfig)}
-    tr_keys = {f.name for f in dataclasses.fields(TrajectoryConfig)}
+    tr_keys = set(TrajectoryConfig.option_keys())
     cf_opts, tr_opts = {}, {}
     for key, value in options.items():
         if key in cf_keys and spec.uses_closed_form:
@@ -179,7 +179,7 @@ def erase(
         "engine": spec.engine,
         "config": {
             "closed_form": dataclasses.asdict(cf_cfg) if cf_cfg else None,
-            "trajectory": dataclasses.asdict(tr_cfg) if tr_cfg else None,
+            "trajectory": dataclasses.asdict(tr_cfg) if tr_cfg else None,  # nested sub-configs since format 3
         },
         "concepts": [dataclasses.asdict(c) for c in concept_list],
         "base_model": {"source": str(source), **adapter.describe(), "fingerprint": base_print},

@@ -106,7 +106,10 @@ def check_value(key: str, value: Any, annotation: Any) -> Any:
 
 def config_from_dict(cls: type, values: dict[str, Any], where: str = "options") -> Any:
     """Build dataclass ``cls`` from ``values``, refusing unknown keys (with the list of valid ones) and values of the
-    wrong type (naming the option and the type it takes) before any model is loaded."""
+    wrong type (naming the option and the type it takes) before any model is loaded. A config with typed
+    sub-configs reads its flat option keys itself (``from_options``)."""
+    if hasattr(cls, "from_options"):
+        return cls.from_options(values, where=where)
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - valid
     if unknown:

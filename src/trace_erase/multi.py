@@ -161,9 +161,9 @@ def combine(adapter: FamilyAdapter, inputs: FusionInputs, cfg: TrajectoryConfig,
             stage_a_deltas: dict[str, torch.Tensor], concepts: list[Concept],
             scales: list[float] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The combined LoRA (diffusers keys) and the manifest's ``fusion`` record (modes, rank slices, certificate)."""
-    fused, how, slices = fuse(inputs, cfg.fusion_lambda, cfg.fusion_lambda_preserve, scales, mode)
+    fused, how, slices = fuse(inputs, cfg.fusion.lam, cfg.fusion.lam_preserve, scales, mode)
     state = pairs_to_state(fused, adapter.denoiser_name)
-    record: dict[str, Any] = {"mode": mode, "lambda": cfg.fusion_lambda, "lambda_preserve": cfg.fusion_lambda_preserve,
+    record: dict[str, Any] = {"mode": mode, "lambda": cfg.fusion.lam, "lambda_preserve": cfg.fusion.lam_preserve,
                               "modules": how, "module_streams": inputs.module_stream, "weight_name": FUSION_WEIGHT_NAME,
                               "concepts": [{"name": c.name, "rank_slice": list(sl)}
                                            for c, sl in zip(concepts, slices, strict=True)]}

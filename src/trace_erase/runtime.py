@@ -28,9 +28,6 @@ DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16
 OFFLOADS = ("none", "text-encoders", "model")
 # which scaled-dot-product-attention kernels a backward pass may use on CUDA (see :func:`training_attention`)
 ATTENTION_KERNELS = ("auto", "math", "torch")
-# pixels one generation batch may hold: 8 × 512² for the UNet families (2 × 1024² for SDXL), 1 × 1024² for FLUX — what
-# fits a 24 GB card in half precision with classifier-free guidance (ours; diffusers' documented SDXL/FLUX footprints)
-BATCH_PIXELS = {"sd": 8 * 512 * 512, "sdxl": 8 * 512 * 512, "flux": 1024 * 1024, "sd3": 1024 * 1024}
 MAX_BATCH = 64
 
 
@@ -141,11 +138,12 @@ class Runtime:
         """Refuse what cannot train correctly (see :func:`check_trainable`)."""
         check_trainable(self.torch_device, self.torch_dtype)
 
-    def generation_batch(self, family: str, resolution: int) -> int:
-        """Images per pipeline call: ``batch_size`` if set, else what fits a 24 GB card at this resolution."""
+    def generation_batch(self, batch_pixels: int, resolution: int) -> int:
+        """Images per pipeline call: ``batch_size`` if set, else as many images of ``resolution``² as
+        ``batch_pixels`` (the family adapter's: what fits a 24 GB card) holds."""
         if self.batch_size is not None:
             return int(self.batch_size)
-        return max(1, min(MAX_BATCH, BATCH_PIXELS.get(family, BATCH_PIXELS["sd"]) // max(resolution, 1) ** 2))
+        return max(1, min(MAX_BATCH, batch_pixels // max(resolution, 1) ** 2))
 
     def describe(self) -> dict[str, Any]:
         """What was asked and what it resolved to (recorded in erasure.json / results.json)."""

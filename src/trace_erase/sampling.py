@@ -12,14 +12,8 @@ from tqdm.auto import tqdm
 
 from .errors import TraceEraseError
 from .models import ModelHandle
+from .models.registry import adapter_class
 
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    # the paper line's evaluation settings: DDIM 50 / 7.5 for SD, 28 / 3.5 for FLUX-dev (its flow-match Euler)
-    "sd": {"steps": 50, "guidance": 7.5, "scheduler": "ddim"},
-    "sdxl": {"steps": 50, "guidance": 7.5, "scheduler": "ddim"},
-    "flux": {"steps": 28, "guidance": 3.5, "scheduler": "model"},
-    "sd3": {"steps": 28, "guidance": 7.0, "scheduler": "model"},  # StableDiffusion3Pipeline's own defaults
-}
 # --scheduler names → diffusers classes ("model": the scheduler saved with the pipeline)
 SCHEDULERS: dict[str, str | None] = {
     "model": None,
@@ -29,8 +23,6 @@ SCHEDULERS: dict[str, str | None] = {
     "euler-a": "EulerAncestralDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
 }
-DDPM_FAMILIES = ("sd", "sdxl")
-
 
 def check_scheduler(name: str | None, family: str | None = None) -> None:
     """One line for an unknown scheduler name, or one the family cannot sample with."""
@@ -38,7 +30,7 @@ def check_scheduler(name: str | None, family: str | None = None) -> None:
         return
     if name not in SCHEDULERS:
         raise TraceEraseError(f"unknown --scheduler '{name}'; choose {', '.join(SCHEDULERS)}")
-    if family is not None and family not in DDPM_FAMILIES and name != "model":
+    if family is not None and not adapter_class(family).accepts_scheduler(name):
         raise TraceEraseError(f"{family} samples with its own flow-matching scheduler; use --scheduler model")
 
 
@@ -47,7 +39,7 @@ def sampler_settings(handle: ModelHandle, steps: int | None = None, guidance: fl
     """Steps, guidance, scheduler, resolution and runtime to sample with: explicit values, else the family's
     evaluation defaults, overridden by the model's recorded ones (the toy sidecars)."""
     family = handle.adapter.family
-    base = {**FAMILY_DEFAULTS[family], **handle.defaults}
+    base = {**handle.adapter.sampler_defaults, **handle.defaults}
     name = scheduler or base["scheduler"]
     check_scheduler(name, family)
     scale = handle.pipe.vae_scale_factor
@@ -59,7 +51,7 @@ def sampler_settings(handle: ModelHandle, steps: int | None = None, guidance: fl
         "resolution": resolution,
         "scheduler": cls,
         "scheduler_name": name,
-        "batch_size": handle.runtime.generation_batch(family, resolution),
+        "batch_size": handle.runtime.generation_batch(handle.adapter.batch_pixels, resolution),
         "runtime": handle.runtime.describe(),
     }
 
@@ -169,21 +161,3 @@ def _read_chunk(folder: Path, n: int) -> list[Any]:
         with Image.open(folder / f"{k:04d}.png") as im:
             out.append(im.convert("RGB"))
     return out
-
-
-def denoise(adapter: Any, scheduler: Any, x: torch.Tensor, cond: Any, uncond: Any, guidance: float,
-            generator: torch.Generator | None = None,
-            visit: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Run ``scheduler`` (already set) from x_T = ``x`` as the pipeline's own ``__call__`` does: the same input
-    scaling, model time and guidance semantics (the adapter's). ``visit(x_in, t)`` sees what the denoiser is fed at
-    each step. Returns the final latents. No autograd graph."""
-    step_kwargs = adapter.step_kwargs(scheduler, generator)
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            tm = adapter.model_time(t.reshape(1)).to(adapter.device).expand(x.shape[0])
-            x_in = adapter.model_input(scheduler, x, t)
-            if visit is not None:
-                visit(x_in, tm)
-            guided = adapter.guided_prediction(x_in, tm, cond, uncond, guidance)
-            x = scheduler.step(guided, t, x, **step_kwargs, return_dict=False)[0]
-    return x

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import TraceEraseError
 from ..io import atomic_write
+from ..models.registry import adapter_class
 from .erasure import Erasure
 from .lora import delta_to_lora, lora_pairs
 from .naming import kohya_modules
@@ -31,7 +32,6 @@ from .naming import kohya_modules
 FORMATS = ("diffusers", "kohya", "full")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 METADATA_KEY = "trace_erase"  # the provenance record in the safetensors __metadata__
-BASE_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "sd3": "sd3"}  # kohya's ss_base_model_version
 
 
 @dataclass
@@ -265,7 +265,8 @@ def write_export(erasure: Erasure, handle: Any, options: ExportOptions, output: 
         exported = {m: p.delta if p.kind == "full" else p.b @ p.a for m, p in plans.items()}
         record["certificate"] = certify(erasure, handle, exported, exact)
     full = _full_tensors(plans, handle, dtype)
-    meta_base = {"format": "pt", "modelspec.architecture": family, "ss_base_model_version": BASE_VERSION[family]}
+    meta_base = {"format": "pt", "modelspec.architecture": family,
+                 "ss_base_model_version": adapter_class(family).export_base_version}
     files: dict[str, dict[str, Any]] = {}
     if options.format == "full":
         files[out.name] = {"kind": "full", "tensors": len(full), "bytes": _nbytes(full)}

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from ..models import ModelHandle
-from ..sampling import denoise, sampler_settings, sampling_scheduler
+from ..models.denoise import denoise
+from ..sampling import sampler_settings, sampling_scheduler
 
 
 @dataclass

@@ -272,5 +272,5 @@ def _accepts(spec: Any, key: str) -> bool:
     from ..engines.trajectory import TrajectoryConfig
 
     cf = {f.name for f in dataclasses.fields(ClosedFormConfig)}
-    tr = {f.name for f in dataclasses.fields(TrajectoryConfig)}
+    tr = set(TrajectoryConfig.option_keys())
     return (key in cf and spec.uses_closed_form) or (key in tr and spec.uses_trajectory)

@@ -35,9 +35,9 @@ def parse_counts(text: str) -> list[int]:
     try:
         counts = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise TraceEraseError(f"--multi '{text}' must list concept counts, e.g. 1,2,5,8") from None
+        raise TraceEraseError(f"--concept-counts '{text}' must list concept counts, e.g. 1,2,5,8") from None
     if not counts or counts[0] < 1 or counts[-1] > 9:
-        raise TraceEraseError(f"--multi counts must be between 1 and 9 (the toy world has 10 classes), not '{text}'")
+        raise TraceEraseError(f"--concept-counts must be between 1 and 9 (the toy world has 10 classes), not '{text}'")
     return counts
 
 
@@ -51,7 +51,7 @@ def concept_sets(classes: list[str], counts: list[int], subsets: int, seed: int 
             possible = math.comb(len(classes), n)
             if subsets > possible:
                 raise TraceEraseError(f"--subsets {subsets}: there are only {possible} distinct sets of {n} of the "
-                                      f"{len(classes)} classes; lower --subsets or drop N = {n} from --multi")
+                                      f"{len(classes)} classes; lower --subsets or drop N = {n} from --concept-counts")
             rng = random.Random(seed * 1000 + n)
             groups: list[list[str]] = []
             while len(groups) < subsets:

@@ -191,10 +191,12 @@ def bench(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted bench from OUTPUT.partial")] = False,
     scheduler: SchedulerOpt = None,
-    multi: Annotated[str | None, typer.Option(help="toy-objects: erase N classes at once for each N, e.g. 1,2,5,8 "
-                                                   "(quality and interference against N)")] = None,
-    subsets: Annotated[int, typer.Option(help="--multi: seeded class subsets per N > 1")] = 5,
-    singletons: Annotated[str | None, typer.Option(help="--multi: take N = 1 (each class alone) from this bench.json "
+    concept_counts: Annotated[str | None, typer.Option(
+        "--concept-counts", "--multi", help="toy-objects: erase N classes at once for each N, e.g. 1,2,5,8 (quality "
+        "and interference against N; --multi is its former name)")] = None,
+    subsets: Annotated[int, typer.Option(help="--concept-counts: seeded class subsets per N > 1")] = 5,
+    singletons: Annotated[str | None, typer.Option(help="--concept-counts: take N = 1 (each class alone) from this "
+                                                        "bench.json "
                                                         "of single classes (same model, seeds and options) "
                                                         "instead of rerunning it")] = None,
     attacks: Annotated[str | None, typer.Option(help="also attack every erasure (and the base model as the control) "
@@ -216,7 +218,7 @@ def bench(
     from ..sampling import check_scheduler
     from ..toyworld.render import STYLES
 
-    if Path(output).exists() and not overwrite and not (multi and resume):
+    if Path(output).exists() and not overwrite and not (concept_counts and resume):
         check_writable(output, overwrite, "bench output")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     family = peek_family(model)
@@ -235,15 +237,16 @@ def bench(
         from ..attacks import AttackConfig
 
         attack_configs = [AttackConfig(a.strip()) for a in attacks.split(",") if a.strip()]
-        if multi is not None:
-            raise TraceEraseError("--attacks attacks one erased concept at a time; it does not combine with --multi")
+        if concept_counts is not None:
+            raise TraceEraseError("--attacks attacks one erased concept at a time; it does not combine with "
+                                  "--concept-counts")
     counts = None
-    if multi is not None:
+    if concept_counts is not None:
         from ..benchmark.many_concepts import concept_sets, parse_counts
 
-        counts = parse_counts(multi)
+        counts = parse_counts(concept_counts)
         if suite != "toy-objects" or prompts:
-            raise TraceEraseError("--multi runs on --suite toy-objects with its built-in prompts")
+            raise TraceEraseError("--concept-counts runs on --suite toy-objects with its built-in prompts")
         if subsets < 1:
             raise TraceEraseError(f"--subsets must be ≥ 1 (got {subsets})")
         concept_sets(list(load_class_set("toy").classes), counts, subsets)  # more subsets than exist: refused now
@@ -252,7 +255,8 @@ def bench(
 
             singleton_rows(singletons, model, seeds, parse_options(option or []))
     elif singletons:
-        raise TraceEraseError("--singletons supplies --multi's N = 1 runs; add --multi 1,2,5,8 or drop it")
+        raise TraceEraseError("--singletons supplies --concept-counts' N = 1 runs; add --concept-counts 1,2,5,8 or "
+                              "drop it")
     if concepts in ("dev", "test"):
         if suite not in ("toy-objects",) and not (suite == "objects" and classes == "toy"):
             raise TraceEraseError(f"--concepts {concepts} is the toy classes' split; use it with --suite toy-objects")

@@ -39,7 +39,7 @@ class AdversarialPrompts:
         self.engine = engine
         cfg = engine.config
         self.prompts = {t.format(c.name): c.name for c in concepts for t in cfg.train_templates}
-        self.slots = WordSlots(engine.adapter, cfg.adversarial_tokens, list(self.prompts))
+        self.slots = WordSlots(engine.adapter, cfg.adversarial.tokens, list(self.prompts))
         device = engine.adapter.device
         self.values = {c.name: [v.to(device) for v in self.slots.init_from(self.slots.filler)] for c in concepts}
         self.losses: dict[str, float] = {}
@@ -54,8 +54,8 @@ class AdversarialPrompts:
                 if not rows:
                     continue
                 live = [v.detach().clone().requires_grad_(True) for v in values]
-                opt = torch.optim.Adam(self.slots.param_groups(live, cfg.adversarial_lr))
-                for step in range(cfg.adversarial_steps):
+                opt = torch.optim.Adam(self.slots.param_groups(live, cfg.adversarial.lr))
+                for step in range(cfg.adversarial.steps):
                     x, t, prompts = engine.sample(pool, rows, any_time=True)
                     with torch.no_grad(), engine.original():
                         target = adapter.predict(x, t, engine.cond(prompts))

@@ -91,6 +91,7 @@ def lower_terms(engine: StageBEngine, masks: ConceptMasks, pool: Pool, irrelevan
     ``backward_scale`` the gradients of ``backward_scale · (λ_flow·flow + λ_contrast·contrast)`` are accumulated
     and the terms come back detached."""
     cfg, adapter, gen = engine.config, engine.adapter, engine.gen
+    ea = cfg.eraseanything
     if not pool.finals:
         raise TraceEraseError("the replay pool holds no final images (an older checkpoint); rerun with --overwrite")
     rows = [int(torch.randint(0, len(pool.finals), (1,), generator=gen)) for _ in range(cfg.batch_size)]
@@ -100,7 +101,7 @@ def lower_terms(engine: StageBEngine, masks: ConceptMasks, pool: Pool, irrelevan
     u = torch.rand(len(rows), generator=gen)
     x_t, t, target = adapter.training_pair(x0, noise, u)
     cond = engine.cond(prompts)
-    use_contrast = cfg.contrast_weight > 0
+    use_contrast = ea.contrast_weight > 0
     mask = masks(prompts) if use_contrast else None
     with adapter.token_attention(mask) if use_contrast else contextlib.nullcontext([]) as maps:
         pred = adapter.predict(x_t, t, cond)
@@ -109,15 +110,15 @@ def lower_terms(engine: StageBEngine, masks: ConceptMasks, pool: Pool, irrelevan
     if use_contrast:
         center = block_features(maps)
         picks = [irrelevant[int(torch.randint(0, len(irrelevant), (1,), generator=gen))]
-                 for _ in range(cfg.contrast_irrelevant)]
+                 for _ in range(ea.contrast_irrelevant)]
         conds = [cond] + [engine.cond([p] * len(rows)) for p in picks]
         k = len(conds)
         with torch.no_grad(), engine.stage_a_model(), adapter.token_attention(mask.repeat(k, 1)) as ref_maps:
             adapter.predict(x_t.repeat(k, 1, 1, 1), t.repeat(k), Conditioning.cat(conds))
         ref = block_features(ref_maps).unflatten(0, (k, len(rows)))  # [k, B, D]
-        contrast = contrast_loss(center, ref[0], ref[1:].transpose(0, 1), cfg.contrast_temperature)
+        contrast = contrast_loss(center, ref[0], ref[1:].transpose(0, 1), ea.contrast_temperature)
     terms = {"flow": flow, "contrast": contrast}
     if backward_scale is not None:
-        engine.backward(backward_scale * (cfg.flow_weight * flow + cfg.contrast_weight * contrast))
+        engine.backward(backward_scale * (ea.flow_weight * flow + ea.contrast_weight * contrast))
         terms = {key: v.detach() for key, v in terms.items()}
     return terms

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from ..config import Concept
 from ..errors import NonFiniteLossError
 from ..models.base import Conditioning, FamilyAdapter
+from ..models.denoise import denoise
 from ..runtime import check_trainable, finite_gradients, training_attention
-from ..sampling import denoise
 from .adversarial import AdversarialPrompts
 from .checkpointing import CHECKPOINT_NAME, CheckpointMixin
 from .eraseanything import ConceptMasks, attention_penalty, lower_terms
@@ -39,7 +39,7 @@ from .lora_switch import ADAPTER_NAME, LoraSwitchMixin
 from .pool import Pool, Trajectory
 from .prompts import load_corpus
 from .stage_a import StageAWeights
-from .trajectory_config import RESUME_FREE, TrajectoryConfig
+from .trajectory_config import EraseAnythingConfig, TrajectoryConfig
 
 __all__ = ["ADAPTER_NAME", "CHECKPOINT_NAME", "TrajectoryConfig", "TrajectoryEngine", "late_fraction"]
 
@@ -56,8 +56,9 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         self.stage_a = stage_a  # θ* = θ0 + stage A's ΔW while training (None: θ* = θ0)
         self.config = config
         # what a checkpoint must match to be resumed: the whole run (method, stage A, concepts, base weights)
+        free = TrajectoryConfig.resume_free_keys()  # options that do not change the trained weights
         self.run_config = {**(run_config or {}), "trajectory": {
-            k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_FREE}}
+            k: v for k, v in config.options().items() if k not in free}}
         self.progress = progress
         self.workdir = Path(workdir) if workdir else None
         self.gen = torch.Generator().manual_seed(config.seed)
@@ -169,7 +170,8 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         weights = self.term_weights()
         erase_target = e_u - cfg.eta * (r_c - r_u)
         # EraseAnything's regulariser reads the concept tokens' attention in the concept branch's forward
-        c_mask = self.concept_masks(prompts) if cfg.attention_weight > 0 else None
+        ea = cfg.eraseanything
+        c_mask = self.concept_masks(prompts) if ea is not None and ea.attention_weight > 0 else None
         maps: list[torch.Tensor] = []
 
         def branch_terms(name: str, pred: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -217,8 +219,10 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
     def term_weights(self) -> dict[str, float]:
         """Each loss term's weight in the total (upper and lower steps log the same keys)."""
         cfg = self.config
-        return {"erase": 1.0, "early": cfg.beta, "unc": cfg.gamma, "pres": cfg.rho, "adv": cfg.adversarial_weight,
-                "attn": cfg.attention_weight, "flow": cfg.flow_weight, "contrast": cfg.contrast_weight}
+        adv = cfg.adversarial.weight if cfg.adversarial is not None else 0.0
+        ea = cfg.eraseanything or EraseAnythingConfig()
+        return {"erase": 1.0, "early": cfg.beta, "unc": cfg.gamma, "pres": cfg.rho, "adv": adv,
+                "attn": ea.attention_weight, "flow": ea.flow_weight, "contrast": ea.contrast_weight}
 
     def _nonfinite_gradients(self, step: int, loss: float, kernels: str) -> NonFiniteLossError:
         """The error for a step whose gradients are not finite although its loss is (refused before opt.step: the LoRA
@@ -246,7 +250,9 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         own_preserve = [p for c in concepts for p in c.preserve]
         preserve = own_preserve + (load_corpus(self.adapter, cfg.pres_corpus, concepts) if cfg.pres_corpus else [])
         # EraseAnything's irrelevant concepts: the preserve prompts, else our built-in captions
-        irrelevant = (own_preserve or load_corpus(self.adapter, "builtin", concepts)) if cfg.contrast_weight > 0 else []
+        ea = cfg.eraseanything
+        contrast = ea is not None and ea.contrast_weight > 0
+        irrelevant = (own_preserve or load_corpus(self.adapter, "builtin", concepts)) if contrast else []
         start = time.perf_counter()
         kernels = cfg.attention_kernels  # "auto" falls back to "math" at the first step with non-finite gradients
         fallback: dict[str, Any] | None = None
@@ -256,7 +262,7 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
             for p in params:
                 p.requires_grad_(True)
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-            self.adversarial = AdversarialPrompts(self, concepts) if cfg.adversarial_every > 0 else None
+            self.adversarial = AdversarialPrompts(self, concepts) if cfg.adversarial is not None else None
             resumed = self.load_checkpoint(opt)
             step, pool = resumed if resumed else (0, Pool())
             # every prompt training reads, encoded once now: the text encoders are idle (or offloaded) from here on
@@ -269,7 +275,7 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
                 with training_attention(self.adapter.device, kernels):
                     if step > 0 and step % cfg.refresh_every == 0:
                         self.refresh(pool, concepts)
-                    if self.adversarial is not None and step % cfg.adversarial_every == 0:
+                    if self.adversarial is not None and step % cfg.adversarial.every == 0:
                         self.adversarial.attack(pool)
                     rng = self.gen.get_state()  # a step recomputed under another kernel draws the same batch
                     logged = self._accumulate(opt, pool, preserve, irrelevant, step)
@@ -320,13 +326,14 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         """One optimiser step's gradients (``grad_accum`` micro-batches, accumulated into the LoRA's ``.grad``) and
         the mean of each loss term; a non-finite loss is refused here, before opt.step."""
         cfg = self.config
+        ea = cfg.eraseanything
         opt.zero_grad(set_to_none=True)
         logged: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
-            if cfg.bilevel and step % 2 == 1:  # EraseAnything's lower step
+            if ea is not None and ea.bilevel and step % 2 == 1:  # EraseAnything's lower step
                 part = lower_terms(self, self.concept_masks, pool, irrelevant, backward_scale=1.0 / cfg.grad_accum)
                 terms = {key: torch.zeros(()) for key in self.term_weights()} | part
-                terms["total"] = cfg.flow_weight * part["flow"] + cfg.contrast_weight * part["contrast"]
+                terms["total"] = ea.flow_weight * part["flow"] + ea.contrast_weight * part["contrast"]
             else:
                 x, t, prompts = self.sample(pool)
                 terms = self.loss_terms(x, t, prompts, preserve, backward_scale=1.0 / cfg.grad_accum)

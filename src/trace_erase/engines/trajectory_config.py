@@ -1,23 +1,124 @@
-"""The trajectory engine's options (TRACE stage B's defaults; ESD and ANT override a few) and their validation."""
+"""The trajectory engine's options (TRACE stage B's defaults; ESD and ANT override a few) and their validation.
+
+:class:`TrajectoryConfig` holds the training knobs; the optional parts are typed sub-configs, each ``None`` when off,
+as peft keeps ``LoftQConfig`` beside ``LoraConfig``: :class:`AdversarialConfig` (the defence against word-level
+attacks), :class:`EraseAnythingConfig` (its attention and bilevel terms), and :class:`FusionConfig` (how per-concept
+LoRAs are integrated). Users set them with flat option keys (``--option adversarial_every=25``, YAML ``flow_weight:
+0.1``): :meth:`TrajectoryConfig.from_options` reads those keys (and nested ones), :meth:`TrajectoryConfig.options`
+writes them back. A field whose metadata says ``resume_free`` may change when an interrupted run resumes: it does not
+alter the trained weights.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import TraceEraseError
 from ..runtime import ATTENTION_KERNELS
 from .prompts import corpus_path
 
 WINDOWS = ("two", "late", "all")
-# options a resumed run may change: they do not alter the trained weights
-RESUME_FREE = ("checkpoint_every", "gate_tau", "multi", "fusion_lambda", "fusion_lambda_preserve", "attention_kernels")
 MULTI_MODES = ("fuse", "joint", "sum")
 EARLY_MODES = ("keep", "positive", "none")
 REFERENCES = ("stage-a", "original")
+RESUME_FREE = {"resume_free": True}  # field metadata: a resumed run may change this option
+
+
+def _at_least(values: dict[str, Any], names: tuple[str, ...], low: float, strict: bool = False) -> None:
+    for name in names:
+        value = values[name]
+        if (value <= low) if strict else (value < low):
+            raise TraceEraseError(f"{name} must be {'>' if strict else '≥'} {low:g} (got {value})")
+
+
+@dataclass
+class AdversarialConfig:
+    """Defence against word-level attacks (ours; engines/adversarial.py): every ``every`` steps an inner soft-prompt
+    attack of ``steps`` Adam steps (lr ``lr``) updates ``tokens`` prefix word embeddings per concept; their
+    conditioning joins the LATE erase loss with weight ``weight``. Option keys: ``adversarial_<field>``."""
+
+    every: int = 25
+    steps: int = 30
+    lr: float = 1e-2
+    tokens: int = 1
+    weight: float = 1.0
+
+    PREFIX = "adversarial_"
+
+    def __post_init__(self) -> None:
+        flat = {self.PREFIX + f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        _at_least(flat, ("adversarial_every", "adversarial_steps", "adversarial_tokens"), 1)
+        _at_least(flat, ("adversarial_weight",), 0)
+        _at_least(flat, ("adversarial_lr",), 0, strict=True)
+
+
+@dataclass
+class EraseAnythingConfig:
+    """EraseAnything's terms (engines/eraseanything.py; FLUX only): ``attention_weight`` × the concept tokens'
+    attention mass joins the erase loss; with ``bilevel`` the steps alternate with lower steps of ``flow_weight`` ×
+    flow matching on the base model's images of the concept + ``contrast_weight`` × the reverse self-contrastive loss
+    against ``contrast_irrelevant`` irrelevant prompts at ``contrast_temperature``. Option keys: the field names."""
+
+    bilevel: bool = False
+    attention_weight: float = 0.0
+    flow_weight: float = 0.0
+    contrast_weight: float = 0.0
+    contrast_irrelevant: int = 3
+    contrast_temperature: float = 0.07
+
+    PREFIX = ""
+
+    def __post_init__(self) -> None:
+        flat = dataclasses.asdict(self)
+        _at_least(flat, ("contrast_irrelevant",), 1)
+        _at_least(flat, ("attention_weight", "flow_weight", "contrast_weight"), 0)
+        _at_least(flat, ("contrast_temperature",), 0, strict=True)
+        if (self.flow_weight > 0 or self.contrast_weight > 0) and not self.bilevel:
+            raise TraceEraseError("flow_weight and contrast_weight act in the lower step of bilevel training; "
+                                  "set bilevel=true as well")
+        if self.bilevel and not (self.flow_weight > 0 or self.contrast_weight > 0):
+            raise TraceEraseError("bilevel training needs a lower-step term; set flow_weight or contrast_weight > 0 "
+                                  "(e.g. flow_weight=0.1)")
+
+    @property
+    def active(self) -> bool:
+        return self.bilevel or self.attention_weight > 0
+
+
+@dataclass
+class FusionConfig:
+    """λ and λ_p of the closed-form integration of per-concept LoRAs (``multi=fuse``; engines/fusion.py; ours: the
+    closed-form engine's defaults). Option keys: ``fusion_lambda``, ``fusion_lambda_preserve``. Changing them
+    re-integrates the same per-concept LoRAs, so a resumed run may."""
+
+    lam: float = field(default=0.1, metadata=RESUME_FREE)
+    lam_preserve: float = field(default=1.0, metadata=RESUME_FREE)
+
+    KEYS = {"lam": "fusion_lambda", "lam_preserve": "fusion_lambda_preserve"}
+
+    def __post_init__(self) -> None:
+        if self.lam < 0 or self.lam_preserve < 0:
+            raise TraceEraseError("fusion_lambda and fusion_lambda_preserve must be ≥ 0")
+
+
+SUB_CONFIGS = {"adversarial": AdversarialConfig, "eraseanything": EraseAnythingConfig, "fusion": FusionConfig}
+
+
+def _sub_keys(name: str) -> dict[str, str]:
+    """Option key → field name of sub-config ``name``."""
+    cls = SUB_CONFIGS[name]
+    keys = getattr(cls, "KEYS", None)
+    return {(keys[f.name] if keys else cls.PREFIX + f.name): f.name for f in dataclasses.fields(cls)}
 
 
 @dataclass
 class TrajectoryConfig:
+    """Knobs of the trajectory engine (defaults are TRACE stage B's; methods override a few); build it from option
+    keys with :meth:`from_options`."""
+
     """Knobs of the trajectory engine (defaults are TRACE stage B's; methods override a few)."""
 
     lora_targets: str = "kv"  # preset: kv | cross-attn | attn | non-cross (ESD-u) | kq (FLUX)
@@ -46,44 +147,34 @@ class TrajectoryConfig:
     train_templates: list[str] = field(
         default_factory=lambda: ["{}", "a photo of {}", "an image of {}", "a drawing of {}"]
     )  # prompts the trajectories are sampled under
-    gate_tau: float | None = None  # (c) gated adapter: at inference the stage-B LoRA acts only for t < gate_tau
-    checkpoint_every: int = 100
+    # gated adapter: at inference the stage-B LoRA acts only for t < gate_tau
+    gate_tau: float | None = field(default=None, metadata=RESUME_FREE)
+    checkpoint_every: int = field(default=100, metadata=RESUME_FREE)
     gradient_checkpointing: bool = False
     # SDPA kernels the backward pass may use on CUDA: auto (all but cuDNN's, whose bf16 backward gives NaN gradients
     # on H100/H200 at some shapes; a step whose gradients are still not finite is recomputed with math, which the run
     # then keeps) | math (the reference kernel alone) | torch (torch's own choice). runtime.training_attention
-    attention_kernels: str = "auto"
+    attention_kernels: str = field(default="auto", metadata=RESUME_FREE)
     # "sequential": each trained branch (c, ∅, p) runs and backpropagates on its own — peak activation memory of
     # one branch (ours; the default). "batched": one call for all branches (faster on a GPU with memory to spare).
     branches: str = "sequential"
     seed: int = 0
     # several concepts: "joint" (one LoRA, a concept sampled per step), "sum" (one LoRA per concept, added) or
     # "fuse" (one per concept, closed-form integration over each concept's tokens; engines/fusion.py). None: the
-    # method's default. λ and λ_p of the integration (ours: the closed-form engine's defaults).
-    multi: str | None = None
-    fusion_lambda: float = 0.1
-    fusion_lambda_preserve: float = 1.0
-    # defence against word-level attacks (ours; engines/adversarial.py): every ``adversarial_every`` steps (0: off)
-    # an inner soft-prompt attack of ``adversarial_steps`` Adam steps (lr ``adversarial_lr``) updates
-    # ``adversarial_tokens`` prefix word embeddings per concept; their conditioning joins the LATE erase loss with
-    # weight ``adversarial_weight``
-    adversarial_every: int = 0
-    adversarial_steps: int = 30
-    adversarial_lr: float = 1e-2
-    adversarial_tokens: int = 1
-    adversarial_weight: float = 1.0
-    # EraseAnything's terms (engines/eraseanything.py; FLUX only): ``bilevel`` alternates upper steps (the erase
-    # loss + ``attention_weight`` × the concept tokens' attention mass) with lower steps (``flow_weight`` × flow
-    # matching on the base model's images of the concept + ``contrast_weight`` × the reverse self-contrastive loss
-    # against ``contrast_irrelevant`` irrelevant prompts at ``contrast_temperature``)
-    bilevel: bool = False
-    attention_weight: float = 0.0
-    flow_weight: float = 0.0
-    contrast_weight: float = 0.0
-    contrast_irrelevant: int = 3
-    contrast_temperature: float = 0.07
+    # method's default.
+    multi: str | None = field(default=None, metadata=RESUME_FREE)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    adversarial: AdversarialConfig | None = None
+    eraseanything: EraseAnythingConfig | None = None
 
     def __post_init__(self) -> None:
+        for name, cls in SUB_CONFIGS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):  # a nested mapping (a manifest, a YAML file)
+                setattr(self, name, cls(**value))
+        self._check()
+
+    def _check(self) -> None:
         if self.window not in WINDOWS:
             raise TraceEraseError(f"unknown window '{self.window}'; choose one of {', '.join(WINDOWS)}")
         if self.reference not in REFERENCES:
@@ -96,34 +187,103 @@ class TrajectoryConfig:
             raise TraceEraseError("gate_tau must be in (0, 1]")
         if self.multi is not None and self.multi not in MULTI_MODES:
             raise TraceEraseError(f"unknown multi '{self.multi}'; choose one of {', '.join(MULTI_MODES)}")
-        if self.fusion_lambda < 0 or self.fusion_lambda_preserve < 0:
-            raise TraceEraseError("fusion_lambda and fusion_lambda_preserve must be ≥ 0")
         if self.attention_kernels not in ATTENTION_KERNELS:
             raise TraceEraseError(f"unknown attention_kernels '{self.attention_kernels}'; choose one of "
                                   f"{', '.join(ATTENTION_KERNELS)}")
         if self.branches not in ("sequential", "batched"):
             raise TraceEraseError(f"branches must be 'sequential' or 'batched', not '{self.branches}'")
         for name in ("rank", "steps", "batch_size", "grad_accum", "rollout_steps", "pool_trajectories",
-                     "refresh_every", "checkpoint_every", "adversarial_steps", "adversarial_tokens",
-                     "contrast_irrelevant"):
+                     "refresh_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise TraceEraseError(f"{name} must be ≥ 1 (got {getattr(self, name)})")
-        for name in ("beta", "gamma", "rho", "eta", "rollout_guidance", "adversarial_every", "adversarial_weight",
-                     "attention_weight", "flow_weight", "contrast_weight"):
+        for name in ("beta", "gamma", "rho", "eta", "rollout_guidance"):
             if getattr(self, name) < 0:
                 raise TraceEraseError(f"{name} must be ≥ 0 (got {getattr(self, name)})")
-        for name in ("lr", "adversarial_lr", "contrast_temperature"):
+        for name in ("lr",):
             if not getattr(self, name) > 0:
                 raise TraceEraseError(f"{name} must be > 0 (got {getattr(self, name)})")
         if not self.train_templates:
             raise TraceEraseError("train_templates is empty; give at least '{}'")
-        if (self.flow_weight > 0 or self.contrast_weight > 0) and not self.bilevel:
-            raise TraceEraseError("flow_weight and contrast_weight act in the lower step of bilevel training; "
-                                  "set bilevel=true as well")
-        if self.bilevel and not (self.flow_weight > 0 or self.contrast_weight > 0):
-            raise TraceEraseError("bilevel training needs a lower-step term; set flow_weight or contrast_weight > 0 "
-                                  "(e.g. flow_weight=0.1)")
         if self.pres_corpus and self.rho <= 0:
             raise TraceEraseError("pres_corpus is only read by L_pres; set rho > 0 as well (e.g. rho=0.5)")
         if self.pres_corpus:
             corpus_path(self.pres_corpus)
+
+    # ---- option keys ---------------------------------------------------------------------------------------------
+    @classmethod
+    def option_keys(cls) -> list[str]:
+        """Every key ``--option`` / YAML accept: the top-level fields and each sub-config's flat keys."""
+        top = [f.name for f in dataclasses.fields(cls) if f.name not in SUB_CONFIGS]
+        return top + [key for name in SUB_CONFIGS for key in _sub_keys(name)]
+
+    @classmethod
+    def from_options(cls, values: dict[str, Any] | None = None, /, where: str = "options", **kw: Any
+                     ) -> TrajectoryConfig:
+        """The config of flat option keys (``adversarial_every=25``; ``adversarial_every=0`` switches the defence
+        off) or nested sub-config mappings, refusing unknown keys (with the valid ones) and values of the wrong type,
+        naming the option. Erasures written before the sub-configs existed store flat keys: they load as they are."""
+        from ..config import check_value
+
+        values = {**(values or {}), **kw}
+        top = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        unknown = [k for k in values if k not in top and not any(k in _sub_keys(n) for n in SUB_CONFIGS)]
+        if unknown:
+            valid = ", ".join(sorted(cls.option_keys()))
+            raise TraceEraseError(f"unknown {where} {sorted(unknown)}; valid keys: {valid}")
+        out: dict[str, Any] = {}
+        for name, cls_sub in SUB_CONFIGS.items():
+            keys = _sub_keys(name)
+            flat = {keys[k]: v for k, v in values.items() if k in keys}
+            nested = values.get(name)
+            if isinstance(nested, dict):
+                flat = {**nested, **flat}
+            elif nested is not None and not isinstance(nested, cls_sub):
+                raise TraceEraseError(f"option '{name}' takes a mapping of its keys ({', '.join(keys)})")
+            elif isinstance(nested, cls_sub):
+                flat = {**dataclasses.asdict(nested), **flat}
+            sub_hints = typing.get_type_hints(cls_sub)
+            inv = {v: k for k, v in keys.items()}
+            flat = {f: check_value(inv.get(f, f), v, sub_hints[f]) if f in sub_hints else v for f, v in flat.items()}
+            if name == "fusion":
+                out[name] = cls_sub(**flat)
+            elif name == "adversarial" and flat:
+                out[name] = _adversarial(flat)
+            elif flat:
+                sub = cls_sub(**flat)
+                out[name] = sub if sub.active else None
+        for key, value in values.items():
+            if key in top and key not in SUB_CONFIGS:
+                out[key] = check_value(key, value, hints[key])
+        return cls(**out)
+
+    def options(self) -> dict[str, Any]:
+        """The flat option keys and values this config stands for (an off sub-config writes its defaults, with
+        ``adversarial_every=0``): what a run's settings hash and what :meth:`from_options` reads back."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SUB_CONFIGS}
+        for name, cls_sub in SUB_CONFIGS.items():
+            sub = getattr(self, name)
+            values = dataclasses.asdict(sub) if sub is not None else {
+                **dataclasses.asdict(cls_sub()), **({"every": 0} if name == "adversarial" else {})}
+            out.update({key: values[f] for key, f in _sub_keys(name).items()})
+        return out
+
+    @classmethod
+    def resume_free_keys(cls) -> set[str]:
+        """The option keys a resumed run may change (the fields marked ``resume_free``)."""
+        keys = {f.name for f in dataclasses.fields(cls) if f.metadata.get("resume_free")}
+        for name, cls_sub in SUB_CONFIGS.items():
+            names = _sub_keys(name)
+            free = {f.name for f in dataclasses.fields(cls_sub) if f.metadata.get("resume_free")}
+            keys |= {key for key, f in names.items() if f in free}
+        return keys
+
+
+def _adversarial(flat: dict[str, Any]) -> AdversarialConfig | None:
+    """The defence's sub-config from its keys; ``every`` 0 (the flat default) is off — its other keys are still
+    checked, so a bad value is refused whether or not the defence runs."""
+    every = flat.get("every", 0)
+    if every < 0:
+        raise TraceEraseError(f"adversarial_every must be ≥ 0 (got {every})")
+    config = AdversarialConfig(**{**flat, "every": max(every, 1)})
+    return config if every > 0 else None

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import TraceEraseError
+from ..models.registry import FAMILIES
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class MethodSpec:
     summary: str
     defaults: dict[str, Any] = field(default_factory=dict)  # closed-form engine options
     trajectory: dict[str, Any] = field(default_factory=dict)  # trajectory engine options
-    families: tuple[str, ...] = ("sd", "sdxl", "flux", "sd3")
+    families: tuple[str, ...] = FAMILIES  # every registered model family unless a method says otherwise
     # several concepts with stage B: "fuse" (per-concept LoRAs + closed-form integration: TRACE's and ANT's
     # multi-concept recipes) or "joint" (one LoRA, a concept sampled per step: ESD's)
     multi_default: str = "joint"

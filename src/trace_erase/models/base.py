@@ -106,12 +106,38 @@ def layout_in(tok: Any, max_tokens: int, prompt: str, span: tuple[int, int]) -> 
 
 
 class FamilyAdapter(ABC):
-    """Base class of the model-family adapters (SD1.x/2.x, SDXL, FLUX)."""
+    """Base class of the model-family adapters (SD1.x/2.x, SDXL, FLUX, SD3). Each adapter owns every fact about its
+    family: the class attributes below, how a pipeline is recognised (:meth:`matches`), and the model's maths.
+    A new family is one adapter file plus its line in :mod:`.registry`."""
 
-    family: str = ""
+    family: str = ""  # the name in manifests, options and tables
+    label: str = ""  # for messages: what a user calls it and the pipeline class it loads as
+    pipeline_class: str = ""  # diffusers' pipeline class (``model_index.json``'s ``_class_name``)
     denoiser_name: str = ""  # "unet" or "transformer": the pipeline attribute and the LoRA key prefix
     time_kind: TimeKind = "ddpm"
+    # the evaluation sampler of the paper line (steps, guidance, scheduler name; "model": the pipeline's own)
+    sampler_defaults: dict[str, Any] = {}
+    # pixels one generation batch may hold: what fits a 24 GB card in half precision with classifier-free guidance
+    # (ours, from diffusers' documented footprints)
+    batch_pixels: int = 8 * 512 * 512
+    export_base_version: str = ""  # kohya's ``ss_base_model_version`` for files exported for this family
     _text_grad: bool = False  # encode_text keeps the autograd graph (attacks optimise text inputs through it)
+
+    @classmethod
+    def matches(cls, components: dict[str, Any]) -> bool:
+        """Whether a loaded pipeline's components are this family's."""
+        return False
+
+    @classmethod
+    def create(cls, pipe: Any, defaults: dict[str, Any]) -> FamilyAdapter:
+        """The adapter of a loaded pipeline, with the sampler defaults recorded beside it (the toy sidecars)."""
+        return cls(pipe)
+
+    @classmethod
+    def accepts_scheduler(cls, name: str) -> bool:
+        """Whether generation may swap in the scheduler ``name`` ("model": the pipeline's own). DDPM-time families
+        sample with any of diffusers' DDPM schedulers; flow families only with their own flow-matching one."""
+        return cls.time_kind == "ddpm" or name == "model"
 
     def __init__(self, pipe: Any):
         self.pipe = pipe

@@ -80,8 +80,21 @@ class FluxAdapter(FamilyAdapter):
     """FLUX.1 [dev]/[schnell]: latents are kept unpacked (``[B, C, H, W]``) outside; time is the flow σ ∈ [0, 1]."""
 
     family = "flux"
+    label = "FLUX (FluxPipeline)"
+    pipeline_class = "FluxPipeline"
+    sampler_defaults = {"steps": 28, "guidance": 3.5, "scheduler": "model"}  # FLUX-dev's, its flow-match Euler
+    batch_pixels = 1024 * 1024
+    export_base_version = "flux1"
+
+    @classmethod
+    def matches(cls, components: dict[str, Any]) -> bool:
+        return type(components.get("transformer")).__name__ == "FluxTransformer2DModel"
     denoiser_name = "transformer"
     time_kind = "flow"
+
+    @classmethod
+    def create(cls, pipe: Any, defaults: dict[str, Any]) -> FluxAdapter:
+        return cls(pipe, resolution=defaults.get("resolution"), guidance_scale=defaults.get("guidance", 3.5))
 
     def __init__(self, pipe: Any, resolution: int | None = None, guidance_scale: float = 3.5):
         super().__init__(pipe)

@@ -14,10 +14,9 @@ import torch
 from ..errors import TraceEraseError
 from ..runtime import Runtime, as_runtime, place
 from .base import FamilyAdapter
+from .registry import ADAPTERS, family_of_pipeline_class, supported
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-SUPPORTED = ("SD1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline), FLUX (FluxPipeline), "
-             "SD3/SD3.5 (StableDiffusion3Pipeline)")
 SIDECAR = "trace_erase.json"  # optional sampler defaults stored beside model_index.json
 
 # the embedded toy world's pipelines, shipped inside the package
@@ -204,10 +203,6 @@ def stored_dtypes(model: str) -> dict[str, torch.dtype]:
     return out
 
 
-PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
-                     "StableDiffusion3Pipeline": "sd3"}
-
-
 def peek_family(model: str) -> str | None:
     """The family of a local pipeline folder from its ``model_index.json`` alone (to validate options before the
     load); None when it cannot tell without loading."""
@@ -216,7 +211,7 @@ def peek_family(model: str) -> str | None:
         index = json.loads((location / "model_index.json").read_text())
     except (TraceEraseError, OSError, ValueError):
         return None
-    return PIPELINE_FAMILIES.get(str(index.get("_class_name")))
+    return family_of_pipeline_class(str(index.get("_class_name")))
 
 
 def sidecar_defaults(location: str) -> dict[str, Any]:
@@ -229,26 +224,14 @@ def sidecar_defaults(location: str) -> dict[str, Any]:
 
 def get_adapter(pipe: Any, defaults: dict[str, Any] | None = None) -> FamilyAdapter:
     """The family adapter for a loaded pipeline; unsupported architectures get an error listing what works."""
-    from .flux import FluxAdapter
-    from .sd import StableDiffusionAdapter
-    from .sdxl import StableDiffusionXLAdapter
-
     defaults = defaults or {}
     components = getattr(pipe, "components", {})
+    for cls in ADAPTERS:
+        if cls.matches(components):
+            return cls.create(pipe, defaults)
     denoiser = components.get("transformer") or components.get("unet")
     kind = type(denoiser).__name__ if denoiser is not None else "no denoiser"
-    if kind == "SD3Transformer2DModel":
-        from .sd3 import SD3Adapter
-
-        return SD3Adapter(pipe, resolution=defaults.get("resolution"))
-    if kind == "FluxTransformer2DModel":
-        return FluxAdapter(pipe, resolution=defaults.get("resolution"), guidance_scale=defaults.get("guidance", 3.5))
-    if kind == "UNet2DConditionModel" and components.get("text_encoder") is not None:
-        if components.get("text_encoder_2") is not None and denoiser.config.addition_embed_type == "text_time":
-            return StableDiffusionXLAdapter(pipe)
-        if getattr(denoiser.config, "addition_embed_type", None) is None:
-            return StableDiffusionAdapter(pipe)
-    raise TraceEraseError(f"unsupported architecture: {type(pipe).__name__} with {kind}; supported: {SUPPORTED}")
+    raise TraceEraseError(f"unsupported architecture: {type(pipe).__name__} with {kind}; supported: {supported()}")
 
 
 def load_model(

@@ -17,6 +17,17 @@ class StableDiffusionAdapter(FamilyAdapter):
     family = "sd"
     denoiser_name = "unet"
     time_kind = "ddpm"
+    label = "SD1.x/2.x (StableDiffusionPipeline)"
+    pipeline_class = "StableDiffusionPipeline"
+    sampler_defaults = {"steps": 50, "guidance": 7.5, "scheduler": "ddim"}
+    batch_pixels = 8 * 512 * 512
+    export_base_version = "sd_v1"
+
+    @classmethod
+    def matches(cls, components: dict[str, Any]) -> bool:
+        unet = components.get("unet")
+        return (type(unet).__name__ == "UNet2DConditionModel" and components.get("text_encoder") is not None
+                and getattr(unet.config, "addition_embed_type", None) is None)
 
     @property
     def prediction_type(self) -> PredictionType:

@@ -36,8 +36,21 @@ class SD3Adapter(FamilyAdapter):
     takes (σ·1000, the scheduler's own timestep: passed through unchanged, as the pipeline does)."""
 
     family = "sd3"
+    label = "SD3/SD3.5 (StableDiffusion3Pipeline)"
+    pipeline_class = "StableDiffusion3Pipeline"
+    sampler_defaults = {"steps": 28, "guidance": 7.0, "scheduler": "model"}  # StableDiffusion3Pipeline's own
+    batch_pixels = 1024 * 1024
+    export_base_version = "sd3"
+
+    @classmethod
+    def matches(cls, components: dict[str, Any]) -> bool:
+        return type(components.get("transformer")).__name__ == "SD3Transformer2DModel"
     denoiser_name = "transformer"
     time_kind = "flow"
+
+    @classmethod
+    def create(cls, pipe: Any, defaults: dict[str, Any]) -> SD3Adapter:
+        return cls(pipe, resolution=defaults.get("resolution"))
 
     def __init__(self, pipe: Any, resolution: int | None = None):
         super().__init__(pipe)

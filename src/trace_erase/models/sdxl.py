@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .base import Conditioning, TextStream
@@ -25,6 +27,18 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         return streams
 
     family = "sdxl"
+    label = "SDXL (StableDiffusionXLPipeline)"
+    pipeline_class = "StableDiffusionXLPipeline"
+    sampler_defaults = {"steps": 50, "guidance": 7.5, "scheduler": "ddim"}
+    batch_pixels = 8 * 512 * 512  # 2 × 1024²
+    export_base_version = "sdxl_base_v1-0"
+
+    @classmethod
+    def matches(cls, components: dict[str, Any]) -> bool:
+        unet = components.get("unet")
+        return (type(unet).__name__ == "UNet2DConditionModel" and components.get("text_encoder") is not None
+                and components.get("text_encoder_2") is not None
+                and getattr(unet.config, "addition_embed_type", None) == "text_time")
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         with self.text_context():
