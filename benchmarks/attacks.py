@@ -36,7 +36,7 @@ from trace_erase import erase, load_erasure, load_model
 from trace_erase.attacks import AttackConfig, run_attack
 from trace_erase.attacks.config import ATTACKS
 from trace_erase.cli.common import parse_options
-from trace_erase.evaluation.plots import _pyplot
+from trace_erase.evaluation.plots import pyplot
 from trace_erase.evaluation.suites import toy_split
 from trace_erase.io import atomic_write
 from trace_erase.toyworld.render import CLASSES
@@ -306,7 +306,7 @@ def table(summary: dict[str, Any]) -> str:
 
 def figures(summary: dict[str, Any], rows: dict[tuple[str, str, str], dict[str, Any]], classes: list[str],
             out: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return
     methods, attacks = summary["methods"], ["no attack", *summary["attacks"]]
