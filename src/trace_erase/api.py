@@ -129,49 +129,73 @@ def erase(
                   "base_sha256": None}
     tr_engine = TrajectoryEngine(adapter, tr_cfg, progress=progress, workdir=workdir,
                                  run_config=run_config) if tr_cfg else None
-    cf_result = None
-    deltas: dict[str, torch.Tensor] = {}
+    run = _Run(mode=mode)
     concept_stats = None
     if cf_cfg is not None:
         cf_engine = ClosedFormEngine(adapter, cf_cfg, progress=progress)
         if mode == "fuse" and tr_engine is not None:  # one encoding pass serves stage A and the fusion
             concept_stats = cf_engine.concept_statistics(concept_list)
-            cf_result = cf_engine.run(concept_list, stats=concept_stats[1])
+            run.stage_a = cf_engine.run(concept_list, stats=concept_stats[1])
         else:
-            cf_result = cf_engine.run(concept_list)
-        deltas = cf_result.deltas
-    modules = list(dict.fromkeys([*deltas, *(tr_engine.targets if tr_engine else [])]))
-    base_print = fingerprint(adapter, modules)
-    if tr_engine is not None:
-        tr_engine.run_config["base_sha256"] = base_print["sha256"]
-
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    ranks: dict[str, int] = {}
+            run.stage_a = cf_engine.run(concept_list)
+    deltas = run.stage_a.deltas if run.stage_a is not None else {}
+    run.modules = list(dict.fromkeys([*deltas, *(tr_engine.targets if tr_engine else [])]))
+    run.fingerprint = fingerprint(adapter, run.modules)
     if deltas:
-        parts["closed_form"], ranks = deltas_to_state_dict(deltas, adapter.denoiser_name, cf_cfg.rank_tolerance)
-    tr_log: dict[str, Any] = {}
-    fusion: dict[str, Any] | None = None
-    fusion_state: dict[str, torch.Tensor] = {}
-    stage_a = StageAWeights(adapter, deltas) if deltas and tr_engine is not None else None
-    if tr_engine is not None and mode in ("fuse", "sum"):
-        states, tr_log = train_per_concept(adapter, tr_cfg, concept_list, stage_a, Path(workdir) if workdir else None,
-                                           tr_engine.run_config, progress)
-        stats_cfg = cf_cfg or config_from_dict(ClosedFormConfig, get_method("trace").defaults)
-        inputs = fusion_inputs(adapter, concept_list, states, stats_cfg, mode, concept_stats)
-        parts["trajectory"], fusion = combine(adapter, inputs, tr_cfg, mode, deltas, concept_list)
-        fusion_state = fusion_tensors(inputs)
-        if "closed_form" in parts:  # apply-time re-fusion (per-concept scales) rebuilds the whole LoRA
-            fusion_state.update({f"stage_a.{k}": v for k, v in parts["closed_form"].items()})
-    elif tr_engine is not None:
-        tr_engine.stage_a = stage_a
-        with stage_a.applied() if stage_a else contextlib.nullcontext():
-            tr_log = tr_engine.train(concept_list)
-        parts["trajectory"] = tr_log.pop("state_dict")
+        run.parts["closed_form"], run.ranks = deltas_to_state_dict(deltas, adapter.denoiser_name,
+                                                                   cf_cfg.rank_tolerance)
+    if tr_engine is not None:
+        tr_engine.run_config["base_sha256"] = run.fingerprint["sha256"]
+        _stage_b(run, adapter, tr_engine, cf_cfg, concept_list, deltas, concept_stats, workdir, progress)
     gate_tau = tr_cfg.gate_tau if tr_cfg else None
-    gated = parts.pop("trajectory") if gate_tau is not None else None
-    main_state = concat_loras(list(parts.values())) if parts else {}
-    wall = time.perf_counter() - start
+    gated = run.parts.pop("trajectory") if gate_tau is not None else None
+    main_state = concat_loras(list(run.parts.values())) if run.parts else {}
+    manifest = _manifest(run, spec, cf_cfg, tr_cfg, concept_list, str(source), adapter, main_state, gated,
+                         runtime_record(pipe, adapter), time.perf_counter() - start)
+    return Erasure(main_state, manifest, gated_state_dict=gated, fusion_state=run.fusion_state or None)
 
+
+@dataclasses.dataclass
+class _Run:
+    """What one erasure produced, on its way into the Erasure and its manifest."""
+
+    mode: str
+    stage_a: Any = None  # the closed-form engine's result
+    modules: list[str] = dataclasses.field(default_factory=list)
+    fingerprint: dict[str, Any] = dataclasses.field(default_factory=dict)
+    parts: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)  # LoRA per stage
+    ranks: dict[str, int] = dataclasses.field(default_factory=dict)
+    stage_b_log: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fusion: dict[str, Any] | None = None
+    fusion_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+def _stage_b(run: _Run, adapter: FamilyAdapter, engine: TrajectoryEngine, cf_cfg: ClosedFormConfig | None,
+             concepts: list[Concept], deltas: dict[str, torch.Tensor], concept_stats: Any,
+             workdir: str | Path | None, progress: bool) -> None:
+    """Stage B on top of stage A's deltas: one LoRA for all concepts, or one per concept then combined
+    (``fuse``/``sum``, with what apply-time re-fusion needs kept in ``run.fusion_state``)."""
+    stage_a = StageAWeights(adapter, deltas) if deltas else None
+    if run.mode in ("fuse", "sum"):
+        states, run.stage_b_log = train_per_concept(adapter, engine.config, concepts, stage_a,
+                                                    Path(workdir) if workdir else None, engine.run_config, progress)
+        stats_cfg = cf_cfg or config_from_dict(ClosedFormConfig, get_method("trace").defaults)
+        inputs = fusion_inputs(adapter, concepts, states, stats_cfg, run.mode, concept_stats)
+        run.parts["trajectory"], run.fusion = combine(adapter, inputs, engine.config, run.mode, deltas, concepts)
+        run.fusion_state = fusion_tensors(inputs)
+        if "closed_form" in run.parts:  # apply-time re-fusion (per-concept scales) rebuilds the whole LoRA
+            run.fusion_state.update({f"stage_a.{k}": v for k, v in run.parts["closed_form"].items()})
+        return
+    engine.stage_a = stage_a
+    with stage_a.applied() if stage_a else contextlib.nullcontext():
+        run.stage_b_log = engine.train(concepts)
+    run.parts["trajectory"] = run.stage_b_log.pop("state_dict")
+
+
+def _manifest(run: _Run, spec: MethodSpec, cf_cfg: ClosedFormConfig | None, tr_cfg: TrajectoryConfig | None,
+              concepts: list[Concept], source: str, adapter: FamilyAdapter, main_state: dict[str, torch.Tensor],
+              gated: dict[str, torch.Tensor] | None, runtime: dict[str, Any], wall: float) -> dict[str, Any]:
+    """``erasure.json``: what was erased, how, from which base model, with what result, and at what cost."""
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -181,29 +205,30 @@ def erase(
             "closed_form": dataclasses.asdict(cf_cfg) if cf_cfg else None,
             "trajectory": dataclasses.asdict(tr_cfg) if tr_cfg else None,  # nested sub-configs since format 3
         },
-        "concepts": [dataclasses.asdict(c) for c in concept_list],
-        "base_model": {"source": str(source), **adapter.describe(), "fingerprint": base_print},
+        "concepts": [dataclasses.asdict(c) for c in concepts],
+        "base_model": {"source": source, **adapter.describe(), "fingerprint": run.fingerprint},
         "lora": {
             "weight_name": LORA_WEIGHT_NAME,
             "prefix": adapter.denoiser_name,
-            "target_modules": modules,
-            "parts": list(parts),
+            "target_modules": run.modules,
+            "parts": list(run.parts),
             "rank": int(next(iter(main_state.values())).shape[0]) if main_state else 0,
-            "closed_form_numerical_ranks": ranks,
+            "closed_form_numerical_ranks": run.ranks,
         },
         "gate": None if gated is None else {
-            "tau": gate_tau,
+            "tau": tr_cfg.gate_tau,
             "weight_name": GATED_WEIGHT_NAME,
             "time_kind": adapter.time_kind,
             "time_scale": adapter.time_scale,
             "rule": "gated LoRA active only while model time < tau × time_scale",
         },
-        "runtime": runtime_record(pipe, adapter),
+        "runtime": runtime,
         "timings": {"wall_time_s": wall},
         "memory": peak_memory_mb(),
         "versions": library_versions(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
+    cf_result, tr_log = run.stage_a, run.stage_b_log
     if cf_result is not None:
         manifest["streams"] = cf_result.streams
         manifest["rows"] = cf_result.counts
@@ -219,10 +244,10 @@ def erase(
         manifest["timings"]["stage_b_s"] = tr_log["train_seconds"]
         if tr_log.get("resumed_train_seconds"):  # per-concept LoRAs reloaded, not trained now: what they took
             manifest["timings"]["stage_b_resumed_s"] = tr_log["resumed_train_seconds"]
-    manifest["multi"] = mode
-    if fusion is not None:
-        manifest["fusion"] = fusion
-    return Erasure(main_state, manifest, gated_state_dict=gated, fusion_state=fusion_state or None)
+    manifest["multi"] = run.mode
+    if run.fusion is not None:
+        manifest["fusion"] = run.fusion
+    return manifest
 
 
 def export_erasure(erasure: Erasure, handle: ModelHandle, options: ExportOptions, output: str | Path,

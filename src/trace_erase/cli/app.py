@@ -55,97 +55,32 @@ def erase(
     offload: OffloadOpt = "none",
 ) -> None:
     """Erase concepts from a model and write the erasure (LoRA + erasure.json)."""
-    from .. import erase as run_erase
-    from ..api import method_configs
-    from ..artifacts.checkpoint import load_checkpoint as read_checkpoint
-    from ..config import load_yaml, make_concepts
-    from ..engines.trajectory import CHECKPOINT_NAME
-    from ..io import prepare_workdir
-    from ..methods import get_method
-    from ..models import load_model
+    from ..artifacts.export import ExportOptions
+    from ..config import load_yaml
+    from ..jobs import EraseJob
 
-    cfg = load_yaml(config) if config else {}
-    known = {"model", "method", "concepts", "anchor", "preserve", "output", "options"}
-    if set(cfg) - known:
-        bad = sorted(set(cfg) - known)
-        raise TraceEraseError(f"unknown keys {bad} in '{config}'; valid: {', '.join(sorted(known))}")
-    model = model or cfg.get("model")
-    output = output or cfg.get("output")
-    method = method or cfg.get("method") or "trace-closed-form"
-    concepts = list(concept) if concept else list(cfg.get("concepts") or [])
-    anchor = anchor if anchor is not None else cfg.get("anchor")
-    preserve = list(preserve) if preserve else cfg.get("preserve")
-    options = {**(cfg.get("options") or {}), **parse_options(option or [])}
+    options = parse_options(option or [])
     if gate_tau is not None:
         options["gate_tau"] = gate_tau
-    if not model:
-        raise TraceEraseError("no model given; pass --model (a diffusers folder, hub id, or toy-sd)")
-    if not output:
-        raise TraceEraseError("no output folder given; pass --output DIR")
-    if not concepts:
-        raise TraceEraseError("no concept given; pass at least one --concept")
-    final = Path(output)
-    check_writable(final, overwrite, "erasure output")
-    # cheap checks before the (slow) model load
-    spec = get_method(method)
-    from ..models.loading import peek_family
-
-    spec.check_family(peek_family(model))
-    from ..multi import resolve_multi
-
-    make_concepts(concepts, anchor=anchor, preserve=preserve)
     if multi is not None:
         options["multi"] = multi  # erase() resolves it (with the method's default) and checks it again
-    resolve_multi(spec, options.get("multi"), len(concepts))
-    engine_options = {k: v for k, v in options.items() if k != "multi"}
-    method_configs(spec, engine_options)
-    runtime = runtime_from(device, dtype, offload, None)
-    if spec.uses_trajectory:
-        runtime.check_training()
-    export_options = None
+    job = EraseJob.from_config(load_yaml(config) if config else None, where=str(config), model=model, output=output,
+                               method=method, concepts=list(concept or []), anchor=anchor,
+                               preserve=list(preserve or []), options=options)
     if format is not None or max_rank is not None or ungated:
-        from ..artifacts.export import ExportOptions, check_gate
-
-        export_options = ExportOptions(format=format or "kohya", max_rank=max_rank, ungated=ungated)
-        tau = method_configs(spec, engine_options)[1]
-        check_gate({"tau": tau.gate_tau} if tau is not None and tau.gate_tau is not None else None, export_options)
-    workdir = prepare_workdir(final, resume, overwrite, "erase")
-    if (workdir / CHECKPOINT_NAME).is_file():  # a corrupt checkpoint is refused before anything runs
-        read_checkpoint(workdir / CHECKPOINT_NAME)
-    handle = load_model(model, allow_pickle=allow_pickle, runtime=runtime)
-    result = run_erase(handle, concepts, method=method, anchor=anchor, preserve=preserve,
-                       workdir=workdir if spec.uses_trajectory else None, **options)
-    from ..multi import process_rank
-
-    if process_rank() != 0:  # under accelerate launch the other processes trained their share; one writes
+        job.export = ExportOptions(format=format or "kohya", max_rank=max_rank, ungated=ungated)
+    runtime = runtime_from(device, dtype, offload, None)
+    done = job.run(runtime, resume=resume, overwrite=overwrite, allow_pickle=allow_pickle)
+    if done is None:  # under accelerate launch the other processes trained their share; one writes
         return
-    records: list[dict[str, Any]] = []
-
-    def write_export(folder: Path) -> None:
-        from ..api import export_erasure
-
-        target = folder / f"export-{export_options.format}.safetensors"
-        records.append(export_erasure(result, handle, export_options, target, overwrite=True))
-        # written before the manifest: erasure.json says which exports ship in the folder (and an ungated one)
-        result.manifest["exports"] = [{"file": target.name, "format": export_options.format,
-                                       "max_rank": export_options.max_rank, "ungated": records[-1]["ungated"],
-                                       "files": list(records[-1]["files"])}]
-
-    try:
-        path = result.save(final, overwrite=overwrite, extra=write_export if export_options else None)
-    except TraceEraseError as exc:
-        if spec.uses_trajectory and workdir.is_dir():
-            raise TraceEraseError(f"{exc}; stage B's progress is kept in '{workdir}': run again with --resume "
-                                  "and other export options") from exc
-        raise
-    shutil.rmtree(workdir, ignore_errors=True)
+    result, path, records = done
     if records:
         from .export import echo_record
 
         echo_record(records[0], path)
     summary = result.certificate.get("summary", {})
     typer.echo(
-        f"erased {', '.join(c['name'] for c in result.manifest['concepts'])} with {method} "
+        f"erased {', '.join(c['name'] for c in result.manifest['concepts'])} with {job.method} "
         f"in {result.manifest['timings']['wall_time_s']:.1f}s → {path}"
     )
     if summary:

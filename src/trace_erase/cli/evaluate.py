@@ -210,67 +210,19 @@ def bench(
     """Erase each concept with each method on the same seeds and evaluate on a suite; write the comparison table
     with the suite's own columns (each run is committed as it finishes: --resume continues an interrupted bench; a
     failed run is a row with its reason)."""
+    from ..attacks import AttackConfig
     from ..benchmark.bench import parse_sweep, run_bench
-    from ..evaluation.suites import load_class_set, toy_split
-    from ..methods import get_method
+    from ..benchmark.plan import check_concept_counts, check_methods, resolve_concepts
     from ..models import load_model
-    from ..models.loading import peek_family
-    from ..sampling import check_scheduler
-    from ..toyworld.render import STYLES
 
     if Path(output).exists() and not overwrite and not (concept_counts and resume):
         check_writable(output, overwrite, "bench output")
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    family = peek_family(model)
-    for m in method_list:
-        get_method(m).check_family(family)
-    check_scheduler(scheduler, family)
     runtime = runtime_from(device, dtype, offload, batch_size)
-    if any(get_method(m).uses_trajectory for m in method_list) or sweep:
-        runtime.check_training()
-    from ..api import method_configs
-
-    for extra in parse_sweep(sweep):  # each sweep run builds trace's configs now, before a model loads
-        method_configs(get_method("trace"), extra)
-    attack_configs = None
-    if attacks:
-        from ..attacks import AttackConfig
-
-        attack_configs = [AttackConfig(a.strip()) for a in attacks.split(",") if a.strip()]
-        if concept_counts is not None:
-            raise TraceEraseError("--attacks attacks one erased concept at a time; it does not combine with "
-                                  "--concept-counts")
-    counts = None
-    if concept_counts is not None:
-        from ..benchmark.many_concepts import concept_sets, parse_counts
-
-        counts = parse_counts(concept_counts)
-        if suite != "toy-objects" or prompts:
-            raise TraceEraseError("--concept-counts runs on --suite toy-objects with its built-in prompts")
-        if subsets < 1:
-            raise TraceEraseError(f"--subsets must be ≥ 1 (got {subsets})")
-        concept_sets(list(load_class_set("toy").classes), counts, subsets)  # more subsets than exist: refused now
-        if singletons:
-            from ..benchmark.many_concepts import singleton_rows
-
-            singleton_rows(singletons, model, seeds, parse_options(option or []))
-    elif singletons:
-        raise TraceEraseError("--singletons supplies --concept-counts' N = 1 runs; add --concept-counts 1,2,5,8 or "
-                              "drop it")
-    if concepts in ("dev", "test"):
-        if suite not in ("toy-objects",) and not (suite == "objects" and classes == "toy"):
-            raise TraceEraseError(f"--concepts {concepts} is the toy classes' split; use it with --suite toy-objects")
-        concept_list = list(toy_split(concepts))
-    elif concepts == "all":
-        if suite in ("objects", "toy-objects"):
-            concept_list = list(load_class_set("toy" if suite == "toy-objects" else classes).classes)
-        elif suite == "toy-styles":
-            concept_list = list(STYLES[1:])
-        else:
-            raise TraceEraseError(f"--concepts all is defined for the objects suites; name the concepts to erase "
-                                  f"for --suite {suite} (e.g. --concepts nudity)")
-    else:
-        concept_list = [c.strip() for c in concepts.split(",") if c.strip()]
+    method_list = check_methods(model, methods, runtime, scheduler, sweep)
+    attack_configs = [AttackConfig(a.strip()) for a in attacks.split(",") if a.strip()] if attacks else None
+    counts = check_concept_counts(concept_counts, suite, prompts, subsets, singletons, model, seeds,
+                                  parse_options(option or []), bool(attacks))
+    concept_list = resolve_concepts(concepts, suite, classes)
     _, the_scorer = _suite_and_scorer(suite, concept_list[0] if concept_list else "", seeds, prompts, classes,
                                       retained, reference, scorer,
                                       scorer_options(gallery, class_map, arch, allow_pickle, threshold, runtime))
