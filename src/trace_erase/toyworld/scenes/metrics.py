@@ -77,7 +77,7 @@ def layout(base_images: np.ndarray, erased_images: np.ndarray, target_sides: str
            tol: float = 30.0) -> dict[str, float]:
     """The other object's footprint: mean silhouette IoU vs the base picture, mean centroid shift in pixels (over
     pictures where both silhouettes exist; NaN if none), and the fraction where it vanished (base had one, erased
-    none). Masks: pixels differing from each picture's own estimated background by more than ``tol``."""
+    none). Masks: pixels differing from the slot's own estimated background (its border) by more than ``tol``."""
     _pair(base_images, erased_images)
     sides = [other_side(s) for s in _sides(target_sides, len(base_images))]
     ious, shifts, vanished = [], [], []

@@ -126,7 +126,8 @@ def render_scene(scene: Scene, seed: int) -> np.ndarray:
 
 
 def estimate_background(image: np.ndarray) -> np.ndarray:
-    """The picture's background colour: the per-channel median of its outer border (shapes rarely reach it)."""
+    """The background colour of a picture or slot ``[h, w, 3]``: the per-channel median of its outer border
+    (shapes rarely reach it)."""
     img = np.asarray(image, np.float64)
     border = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
     return np.median(border, axis=0)
@@ -135,15 +136,17 @@ def estimate_background(image: np.ndarray) -> np.ndarray:
 def slot_mask(image: np.ndarray, side: str, background: str | tuple[int, int, int] | None = None,
               tol: float = 30.0) -> np.ndarray:
     """Bool ``[32, 32]``: the pixels of ``side`` whose RGB (0–255) differs from the flat background by more than
-    ``tol`` (Euclidean). ``background``: a name, an RGB triple, or ``None`` to estimate it from the picture."""
+    ``tol`` (Euclidean). ``background``: a name, an RGB triple, or ``None`` to estimate it from the slot's own border
+    (so that whatever happened in the other slot does not matter)."""
     img = np.asarray(image, np.float64)
     if img.shape != (H, W, 3):
         raise TraceEraseError(f"a scene picture is {H}×{W}×3, got {img.shape}; pass one picture [H, W, 3] at a time")
+    crop = img[:, slot_slice(side)]
     if background is None:
-        bg = estimate_background(img)
+        bg = estimate_background(crop)
     else:
         bg = np.asarray(BACKGROUNDS[background] if isinstance(background, str) else background, np.float64)
-    return np.sqrt(((img[:, slot_slice(side)] - bg) ** 2).sum(-1)) > tol
+    return np.sqrt(((crop - bg) ** 2).sum(-1)) > tol
 
 
 def silhouette(mask: np.ndarray) -> np.ndarray:
