@@ -8,6 +8,16 @@ import numpy as np
 import pytest
 
 from trace_erase.errors import TraceEraseError
+from trace_erase.evaluation.scene_metrics import (
+    acc_e,
+    h_scene,
+    layout,
+    retention,
+    retention_per_head,
+    scene_metrics,
+    slot_drift,
+    target_outcome,
+)
 from trace_erase.toyworld.render import BACKGROUNDS, CLASSES, render
 from trace_erase.toyworld.render import vocabulary as object_vocabulary
 from trace_erase.toyworld.scenes.captions import (
@@ -17,16 +27,6 @@ from trace_erase.toyworld.scenes.captions import (
     parse_caption,
     read_caption_file,
     vocabulary,
-)
-from trace_erase.toyworld.scenes.metrics import (
-    acc_e,
-    h_scene,
-    layout,
-    retention,
-    retention_per_head,
-    scene_metrics,
-    slot_drift,
-    target_outcome,
 )
 from trace_erase.toyworld.scenes.render import (
     Scene,

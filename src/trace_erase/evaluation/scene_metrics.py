@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ...errors import TraceEraseError
-from ...evaluation.metrics import h_identities, pixel_drifts, ssim
-from .render import SIDES, centroid, other_side, silhouette, slot_mask, slot_slice
+from ..errors import TraceEraseError
+from ..toyworld.scenes.render import SIDES, centroid, other_side, silhouette, slot_mask, slot_slice
+from .metrics import h_identities, pixel_drifts, ssim
 
 ATTRS = ("class", "color", "style")
 EMPTY = "empty"
