@@ -83,7 +83,7 @@ def test_frozen_branch_is_the_base_model_and_terms_vanish_at_init(name) -> None:
             for p in eng.lora_parameters():
                 p.add_(0.1)
         cond = eng.cond(["a photo of a cat", ""])
-        with torch.no_grad(), eng.frozen():
+        with torch.no_grad(), eng.stage_a_model():
             frozen = eng.adapter.predict(x, t, cond)
         with torch.no_grad():
             live = eng.adapter.predict(x, t, cond)

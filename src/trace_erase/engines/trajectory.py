@@ -65,13 +65,22 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         self.targets = adapter.lora_target_modules(config.lora_targets)
         self._cond_cache: dict[str, Conditioning] = {}
         self.adversarial: AdversarialPrompts | None = None  # the defence's slots while training with it
-        self.concepts: list[Concept] = []  # what train() erases (the attention terms locate their tokens)
-        self.concept_masks = ConceptMasks(adapter, [])  # the attention terms' token masks, per prompt
+        self.concepts = []  # what train() erases (the attention terms locate their tokens)
         check_trainable(adapter.device, adapter.dtype)
         # fp16 activations need loss scaling to keep small gradients (bf16 and fp32 do not)
         self.scaler = torch.amp.GradScaler(adapter.device.type) if adapter.dtype == torch.float16 else None
 
     # ---- conditioning and trajectories -----------------------------------------------------------------------------
+    @property
+    def concepts(self) -> list[Concept]:
+        return self._concepts
+
+    @concepts.setter
+    def concepts(self, concepts: list[Concept]) -> None:
+        """Setting the concepts also sets where the attention terms find their tokens."""
+        self._concepts = list(concepts)
+        self.concept_masks = ConceptMasks(self.adapter, self._concepts)
+
     def cond(self, prompts: list[str]) -> Conditioning:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
         if missing:
@@ -246,7 +255,6 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         cfg = self.config
         self.run_config["concepts"] = [dataclasses.asdict(c) for c in concepts]
         self.concepts = concepts
-        self.concept_masks = ConceptMasks(self.adapter, concepts)
         own_preserve = [p for c in concepts for p in c.preserve]
         preserve = own_preserve + (load_corpus(self.adapter, cfg.pres_corpus, concepts) if cfg.pres_corpus else [])
         # EraseAnything's irrelevant concepts: the preserve prompts, else our built-in captions

@@ -1,6 +1,7 @@
 """The model families: one adapter class per family, registered here. Everything family-specific — sampler defaults,
 batch sizing, export names, time kind, how a pipeline is recognised — is an attribute of the adapter class, so adding
-a family is one adapter file plus one line in :data:`ADAPTERS`."""
+a family is one adapter file plus one line in :data:`ADAPTERS` (the first adapter whose ``matches`` accepts a
+pipeline is used, so a family that specialises another goes before it)."""
 
 from __future__ import annotations
 
