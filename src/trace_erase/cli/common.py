@@ -24,6 +24,8 @@ SchedulerOpt = Annotated[str | None, typer.Option(help="sampler: model, ddim, pn
                                                        "ddim for SD/SDXL, the model's own for FLUX)")]
 
 
+OverwriteOpt = Annotated[bool, typer.Option(help="replace an existing output folder")]
+ResumeOpt = Annotated[bool, typer.Option(help="continue an interrupted run from OUTPUT.partial")]
 ScaleConceptOpt = Annotated[list[str] | None, typer.Option(help="NAME=S: concept NAME's adapter at strength S, "
                                                                   "re-fused (a --multi fuse/sum erasure; repeatable)")]
 

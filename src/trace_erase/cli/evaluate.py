@@ -21,8 +21,10 @@ from .common import (
     DtypeOpt,
     GalleryOpt,
     OffloadOpt,
+    OverwriteOpt,
     PromptsOpt,
     ReferenceOpt,
+    ResumeOpt,
     RetainedOpt,
     ScaleConceptOpt,
     SchedulerOpt,
@@ -79,8 +81,8 @@ def eval_(
     fid_weights: Annotated[str | None, typer.Option(help="weights path for the FID feature network")] = None,
     clip_model: Annotated[str | None, typer.Option(help="local CLIPModel folder: adds the CLIP score")] = None,
     show_nudity: Annotated[bool, typer.Option(help="nudity suite: unblurred images in report.html")] = False,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
-    resume: Annotated[bool, typer.Option(help="continue an interrupted evaluation from OUTPUT.partial")] = False,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     scheduler: SchedulerOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -134,7 +136,7 @@ def rescore(
     fid_features: Annotated[str, typer.Option(help="FID features (with --reference)")] = "toy",
     fid_weights: Annotated[str | None, typer.Option(help="weights path for the FID feature network")] = None,
     show_nudity: Annotated[bool, typer.Option(help="nudity suite: unblurred images in report.html")] = False,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Score an evaluation's saved images again with another scorer (nothing is regenerated): same prompts, seeds
@@ -188,8 +190,8 @@ def bench(
     option: Annotated[list[str] | None, typer.Option(help="engine option KEY=VALUE for every method")] = None,
     sweep: Annotated[str | None, typer.Option(help="extra trace runs, e.g. tau=0.3,0.5,0.7,0.86; "
                                                              "+ joins options of one run: a=1+b=2,3")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
-    resume: Annotated[bool, typer.Option(help="continue an interrupted bench from OUTPUT.partial")] = False,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     scheduler: SchedulerOpt = None,
     concept_counts: Annotated[str | None, typer.Option(
         "--concept-counts", "--multi", help="toy-objects: erase N classes at once for each N, e.g. 1,2,5,8 (quality "
