@@ -11,7 +11,7 @@ import typer
 from .common import BatchOpt, DeviceOpt, DtypeOpt, runtime_from
 
 toyworld_app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="The embedded toy world (toy-sd, toy-flux)."
+    add_completion=False, no_args_is_help=True, help="The embedded toy world (toy-sd, toy-flux, toy-sd-scenes)."
 )
 
 
@@ -30,6 +30,8 @@ def toyworld_train(
     start_from: Annotated[str | None, typer.Option(
         help="skip the first cycles: a pipeline trained by this command with them (e.g. the previous bundle)")]
         = None,
+    scenes: Annotated[bool, typer.Option(
+        help="the scene world's model (toy-sd-scenes: 64×32 two-slot pictures, fine-tuned from toy-sd)")] = False,
     micro: Annotated[bool, typer.Option(help="tiny sizes and a few steps (tests)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output / restart a partial run")] = False,
 ) -> None:
@@ -40,15 +42,15 @@ def toyworld_train(
     from ..toyworld.config import override, preset
     from ..toyworld.train import ToyTrainer
 
-    cfg = override(preset(family, micro=micro), set_ or [])
+    cfg = override(preset(family, micro=micro, scenes=scenes), set_ or [])
     overrides = {k: v for k, v in {"steps": steps, "cycles": cycles, "batch": batch}.items() if v is not None}
     cfg = dataclasses.replace(cfg, seed=seed, **overrides)
-    out = output or str(BUNDLED_DIR / f"toy-{family}")
+    out = output or str(BUNDLED_DIR / cfg.name)
     trainer = ToyTrainer(cfg, out, overwrite=overwrite, start_from=start_from)
     if trainer.ckpt_path.exists():
         typer.echo(f"resuming from {trainer.ckpt_path}")
     path = trainer.run()
-    typer.echo(f"wrote toy-{family} to {path}")
+    typer.echo(f"wrote {cfg.name} to {path}")
 
 
 @toyworld_app.command("train-classifier")
