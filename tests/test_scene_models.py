@@ -147,6 +147,22 @@ def test_micro_scene_fine_tune_starts_from_the_old_weights(tmp_path) -> None:
         build_components(dataclasses.replace(cfg, text_width=32))
 
 
+def test_micro_scene_fine_tune_resumes_to_the_same_weights(micro_scenes, tmp_path) -> None:
+    """Interrupted inside the denoiser phase and rerun, the fine-tune ends where the uninterrupted one did."""
+    from diffusers import DiffusionPipeline
+
+    base, full = micro_scenes
+    cfg = dataclasses.replace(preset("sd", micro=True, scenes=True), init_from=str(base), vae_from=str(base))
+    first = ToyTrainer(cfg, tmp_path / "resumed", progress=False)
+    assert first.run(stop_after=3) is None and first.ckpt_path.exists()
+    resumed = ToyTrainer(cfg, tmp_path / "resumed", progress=False).run()
+    a, b = DiffusionPipeline.from_pretrained(full), DiffusionPipeline.from_pretrained(resumed)
+    for name in ("unet", "text_encoder"):
+        for (k, p), (_, q) in zip(getattr(a, name).state_dict().items(), getattr(b, name).state_dict().items(),
+                                  strict=True):
+            assert torch.allclose(p, q, atol=1e-6), (name, k)
+
+
 def test_micro_scene_pipeline_samples_64x32_through_the_library(micro_scenes) -> None:
     from trace_erase import load_model
     from trace_erase.sampling import generate_images, sampler_settings
