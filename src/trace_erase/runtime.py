@@ -138,12 +138,13 @@ class Runtime:
         """Refuse what cannot train correctly (see :func:`check_trainable`)."""
         check_trainable(self.torch_device, self.torch_dtype)
 
-    def generation_batch(self, batch_pixels: int, resolution: int) -> int:
-        """Images per pipeline call: ``batch_size`` if set, else as many images of ``resolution``² as
-        ``batch_pixels`` (the family adapter's: what fits a 24 GB card) holds."""
+    def generation_batch(self, batch_pixels: int, resolution: int, width: int | None = None) -> int:
+        """Images per pipeline call: ``batch_size`` if set, else as many images of ``resolution``² (or
+        ``resolution`` high × ``width`` wide) as ``batch_pixels`` (the family adapter's: what fits a 24 GB card)
+        holds."""
         if self.batch_size is not None:
             return int(self.batch_size)
-        return max(1, min(MAX_BATCH, batch_pixels // max(resolution, 1) ** 2))
+        return max(1, min(MAX_BATCH, batch_pixels // (max(resolution, 1) * max(width or resolution, 1))))
 
     def describe(self) -> dict[str, Any]:
         """What was asked and what it resolved to (recorded in erasure.json / results.json)."""

@@ -37,21 +37,27 @@ def check_scheduler(name: str | None, family: str | None = None) -> None:
 def sampler_settings(handle: ModelHandle, steps: int | None = None, guidance: float | None = None,
                      scheduler: str | None = None) -> dict[str, Any]:
     """Steps, guidance, scheduler, resolution and runtime to sample with: explicit values, else the family's
-    evaluation defaults, overridden by the model's recorded ones (the toy sidecars)."""
+    evaluation defaults, overridden by the model's recorded ones (the toy sidecars). ``height`` and ``width`` are the
+    picture's; ``resolution`` is their common side, or ``"WxH"`` for a non-square model (a sidecar records
+    ``resolution``, or ``height`` and ``width``)."""
     family = handle.adapter.family
     base = {**handle.adapter.sampler_defaults, **handle.defaults}
     name = scheduler or base["scheduler"]
     check_scheduler(name, family)
     scale = handle.pipe.vae_scale_factor
-    resolution = int(base.get("resolution") or handle.adapter.latent_shape(1)[-1] * scale)
+    shape = handle.adapter.latent_shape(1)
+    height = int(base.get("height") or base.get("resolution") or shape[-2] * scale)
+    width = int(base.get("width") or base.get("resolution") or shape[-1] * scale)
     cls = SCHEDULERS[name] or type(handle.pipe.scheduler).__name__
     return {
         "steps": int(steps if steps is not None else base["steps"]),
         "guidance": float(guidance if guidance is not None else base["guidance"]),
-        "resolution": resolution,
+        "resolution": height if height == width else f"{width}x{height}",
+        "height": height,
+        "width": width,
         "scheduler": cls,
         "scheduler_name": name,
-        "batch_size": handle.runtime.generation_batch(handle.adapter.batch_pixels, resolution),
+        "batch_size": handle.runtime.generation_batch(handle.adapter.batch_pixels, height, width),
         "runtime": handle.runtime.describe(),
     }
 
@@ -99,8 +105,8 @@ def generate_images(
     pipe, adapter = handle.pipe, handle.adapter
     kwargs: dict[str, Any] = {
         "num_inference_steps": settings["steps"],
-        "height": settings["resolution"],
-        "width": settings["resolution"],
+        "height": settings["height"],
+        "width": settings["width"],
         **adapter.pipeline_kwargs(),
         **call_kwargs,
     }

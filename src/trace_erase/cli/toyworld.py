@@ -8,10 +8,11 @@ from typing import Annotated
 
 import typer
 
+from ..errors import TraceEraseError
 from .common import BatchOpt, DeviceOpt, DtypeOpt, runtime_from
 
 toyworld_app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="The embedded toy world (toy-sd, toy-flux)."
+    add_completion=False, no_args_is_help=True, help="The embedded toy world (toy-sd, toy-flux, toy-sd-scenes)."
 )
 
 
@@ -30,6 +31,8 @@ def toyworld_train(
     start_from: Annotated[str | None, typer.Option(
         help="skip the first cycles: a pipeline trained by this command with them (e.g. the previous bundle)")]
         = None,
+    scenes: Annotated[bool, typer.Option(
+        help="the scene world's model (toy-sd-scenes: 64×32 two-slot pictures, fine-tuned from toy-sd)")] = False,
     micro: Annotated[bool, typer.Option(help="tiny sizes and a few steps (tests)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output / restart a partial run")] = False,
 ) -> None:
@@ -40,15 +43,15 @@ def toyworld_train(
     from ..toyworld.config import override, preset
     from ..toyworld.train import ToyTrainer
 
-    cfg = override(preset(family, micro=micro), set_ or [])
+    cfg = override(preset(family, micro=micro, scenes=scenes), set_ or [])
     overrides = {k: v for k, v in {"steps": steps, "cycles": cycles, "batch": batch}.items() if v is not None}
     cfg = dataclasses.replace(cfg, seed=seed, **overrides)
-    out = output or str(BUNDLED_DIR / f"toy-{family}")
+    out = output or str(BUNDLED_DIR / cfg.name)
     trainer = ToyTrainer(cfg, out, overwrite=overwrite, start_from=start_from)
     if trainer.ckpt_path.exists():
         typer.echo(f"resuming from {trainer.ckpt_path}")
     path = trainer.run()
-    typer.echo(f"wrote toy-{family} to {path}")
+    typer.echo(f"wrote {cfg.name} to {path}")
 
 
 @toyworld_app.command("train-classifier")
@@ -65,34 +68,54 @@ def toyworld_train_classifier(
     typer.echo("held-out accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
 
 
+def _training_record(model: str) -> dict:
+    """The recipe and its training time from the model's sidecar, to sit next to the figures."""
+    from ..models.loading import SIDECAR, resolve_model
+
+    sidecar = Path(resolve_model(model)) / SIDECAR
+    if not sidecar.is_file():
+        return {}
+    meta = json.loads(sidecar.read_text())
+    return {"training": meta.get("training"), "training_seconds": meta.get("training_seconds")}
+
+
 @toyworld_app.command("check")
 def toyworld_check(
-    model: Annotated[str, typer.Option(help="toy-sd, toy-flux or a toy pipeline folder")] = "toy-sd",
-    seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 50,
+    model: Annotated[str, typer.Option(help="toy-sd, toy-flux, toy-sd-scenes or a toy pipeline folder")] = "toy-sd",
+    seeds: Annotated[int, typer.Option(
+        help="seeds per prompt (scene models: pictures per test, each its own prompt and seed)")] = 50,
+    scenes: Annotated[bool, typer.Option(
+        help="the scene check (chosen by itself for a scene model; refused for a single-object one)")] = False,
     output: Annotated[str | None, typer.Option(help="write the figures as JSON here")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: BatchOpt = None,
 ) -> None:
-    """Score a toy pipeline's samples with the toy classifier (per class, synonyms, styles, unconditional)."""
+    """Score a toy pipeline's samples: single-object models with the toy classifier (per class, synonyms, styles,
+    unconditional), scene models with the scene scorer (classes, sides, colours, empty slots)."""
     from rich.console import Console
     from rich.table import Table
 
     from ..models import load_model
-    from ..models.loading import SIDECAR, resolve_model
     from ..sampling import sampler_settings
     from ..toyworld.check import quality_check, vae_reconstruction
     from ..toyworld.render import CLASSES
+    from ..toyworld.scene_check import model_world, require_scene_model, scene_prompts
 
+    if seeds < 1:
+        raise TraceEraseError(f"--seeds must be ≥ 1 (got {seeds})")
+    if scenes:
+        require_scene_model(model)
+    if scenes or model_world(model) == "scenes":
+        scene_prompts(seeds)  # bad input is refused before the model loads
+        _scene_check(model, seeds, output, runtime_from(device, dtype, "none", batch_size))
+        return
     handle = load_model(model, runtime=runtime_from(device, dtype, "none", batch_size))
     res = quality_check(handle, seeds=seeds)
     res["vae_reconstruction"] = vae_reconstruction(handle.pipe.vae)
     res["model"] = model
     res["sampler"] = sampler_settings(handle)
-    sidecar = Path(resolve_model(model)) / SIDECAR  # the recipe and its training time, next to the figures
-    if sidecar.is_file():
-        meta = json.loads(sidecar.read_text())
-        res["training"], res["training_seconds"] = meta.get("training"), meta.get("training_seconds")
+    res.update(_training_record(model))
     table = Table(title=f"{model}: classifier accuracy, {seeds} seeds per prompt, {res['sampler']}")
     for col in ("class", "object", "synonyms", "unconditional count"):
         table.add_column(col)
@@ -106,6 +129,38 @@ def toyworld_check(
                   + f"; mean {res['style_mean']:.3f}")
     console.print("VAE reconstruction (classifier accuracy on encode→decode of renders): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in res["vae_reconstruction"].items() if isinstance(v, float)))
+    if output:  # written beside, then renamed: a kill leaves no half-written file
+        from ..io import atomic_write
+
+        atomic_write(output, json.dumps(res, indent=2) + "\n")
+
+
+def _scene_check(model: str, seeds: int, output: str | None, runtime: object) -> None:
+    """Run the scene check on ``model`` and print its table (and write the JSON to ``output``)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..models import load_model
+    from ..sampling import sampler_settings
+    from ..toyworld.scene_check import LABELS, scene_quality_check
+
+    handle = load_model(model, runtime=runtime)
+    res = scene_quality_check(handle, seeds=seeds)
+    res["model"] = model
+    res["sampler"] = sampler_settings(handle)
+    res.update(_training_record(model))
+    sampler = res["sampler"]
+    table = Table(title=f"{model}: scene scorer, {seeds} pictures per test, {sampler['scheduler']} "
+                        f"{sampler['steps']} steps, guidance {sampler['guidance']}, {sampler['resolution']}")
+    for col in ("test", "value", "bar", ""):
+        table.add_column(col)
+    for key, label in LABELS.items():
+        bar = res["bars"].get(key)
+        verdict = "" if bar is None else ("pass" if res["passed"][key] else "FAIL")
+        table.add_row(label, f"{res['figures'][key]:.3f}", "" if bar is None else f"≥ {bar:.2f}", verdict)
+    console = Console()
+    console.print(table)
+    console.print("held-out (left, right) pairs: " + ", ".join(f"{a}/{b}" for a, b in res["heldout_pairs"]))
     if output:  # written beside, then renamed: a kill leaves no half-written file
         from ..io import atomic_write
 

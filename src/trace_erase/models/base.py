@@ -85,6 +85,14 @@ class SegmentedLayout:
     parts: list[tuple[int, TokenLayout, bool]]
 
 
+def sample_hw(sample_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(height, width) of a denoiser's ``sample_size``: one int for square models, two for others (diffusers takes
+    both; the toy scene models are 64 wide × 32 high)."""
+    if isinstance(sample_size, (list, tuple)):
+        return int(sample_size[0]), int(sample_size[1])
+    return int(sample_size), int(sample_size)
+
+
 def layout_in(tok: Any, max_tokens: int, prompt: str, span: tuple[int, int]) -> TokenLayout:
     """Token positions of the character span ``span`` of ``prompt`` as tokenizer ``tok`` places them."""
     enc = tok(prompt, return_offsets_mapping=True, truncation=True, max_length=max_tokens)

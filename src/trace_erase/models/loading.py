@@ -51,10 +51,11 @@ def resolve_model(model: str) -> str:
     if model in BUNDLED_MODELS:
         folder = BUNDLED_DIR / BUNDLED_MODELS[model]
         if not (folder / "model_index.json").is_file():
-            family = model.removeprefix("toy-")
+            family = model.removeprefix("toy-").removesuffix("-scenes")
+            scenes = " --scenes" if model.endswith("-scenes") else ""
             raise TraceEraseError(
                 f"bundled model '{model}' is missing from this install; rebuild it with "
-                f"`trace-erase toyworld train --family {family} --output {folder}`"
+                f"`trace-erase toyworld train --family {family}{scenes} --output {folder}`"
             )
         return str(folder)
     if model.startswith("toy-"):

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import TraceEraseError
 from ._unet_common import unet_lora_targets, unet_modules_matching
-from .base import Conditioning, FamilyAdapter, PredictionType, TextStream
+from .base import Conditioning, FamilyAdapter, PredictionType, TextStream, sample_hw
 
 
 class StableDiffusionAdapter(FamilyAdapter):
@@ -65,8 +65,8 @@ class StableDiffusionAdapter(FamilyAdapter):
         return self.denoiser(x_t, t, encoder_hidden_states=cond.tensors["encoder_hidden_states"]).sample
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
-        size = int(self.denoiser.config.sample_size)
-        return (batch, int(self.denoiser.config.in_channels), size, size)
+        height, width = sample_hw(self.denoiser.config.sample_size)
+        return (batch, int(self.denoiser.config.in_channels), height, width)
 
     def lora_target_modules(self, preset: str = "kv") -> list[str]:
         return unet_lora_targets(self.denoiser, preset)

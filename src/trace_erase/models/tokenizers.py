@@ -81,3 +81,40 @@ def build_t5_tokenizer(words: list[str] | tuple[str, ...] = BASIC_WORDS, max_len
     tok = T5Tokenizer(vocab=pieces, extra_ids=0)
     tok.model_max_length = max_length
     return tok
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair segmentation of one word (``</w>`` on its last symbol) with merges of the given ranks."""
+    seq = [*word[:-1], word[-1] + "</w>"]
+    while len(seq) > 1:
+        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(zip(seq, seq[1:], strict=False))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            return seq
+        seq = [*seq[:i], seq[i] + seq[i + 1], *seq[i + 2:]]
+    return seq
+
+
+def extend_clip_tokenizer(tok: CLIPTokenizer, words: list[str] | tuple[str, ...]) -> CLIPTokenizer:
+    """``tok`` with each of ``words`` made one token, appended: every existing token keeps its id and every known
+    word its tokens, so a text encoder trained with ``tok`` only needs new embedding rows (``resize_token_embeddings``).
+
+    New merges go after the old ones (lowest priority); they join the pieces the tokenizer so far splits a new word
+    into, left to right, so they never fire inside a word the old merges already spell."""
+    import json
+
+    model = json.loads(tok.backend_tokenizer.to_str())["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    ranks = {m: i for i, m in enumerate(merges)}
+    for word in _words(words):
+        pieces = _bpe(word, ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            pieces = [pair[0] + pair[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
+    out = CLIPTokenizer(vocab=vocab, merges=merges)
+    out.model_max_length = tok.model_max_length
+    return out

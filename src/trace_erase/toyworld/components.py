@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from ..engines.prompts import DEFAULT_TEMPLATES
-from ..models.tokenizers import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer
+from ..errors import TraceEraseError
+from ..models.tokenizers import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer, extend_clip_tokenizer
 from .config import ToyTrainConfig
 from .render import vocabulary
 
@@ -18,19 +19,35 @@ def trained_components(family: str) -> list[str]:
     return ["text_encoder", "transformer", "text_encoder_2"] if family == "flux" else ["text_encoder", "unet"]
 
 
-def toy_words() -> list[str]:
-    """Vocabulary of the toy tokenizers: the toy captions, the erasure templates and common words."""
+def toy_words(world: str = "objects") -> list[str]:
+    """Vocabulary of the toy tokenizers: the toy captions (the scene captions' too for ``world='scenes'``), the
+    erasure templates and common words."""
     template_words = " ".join(t.replace("{}", " ") for t in DEFAULT_TEMPLATES).split()
-    return sorted({*vocabulary(), *template_words, *BASIC_WORDS})
+    return sorted({*vocabulary(), *template_words, *BASIC_WORDS, *(scene_words() if world == "scenes" else ())})
+
+
+def scene_words() -> list[str]:
+    """Every word of the scene captions (imported here: the scene package is only needed for that world)."""
+    from .scenes.captions import vocabulary as scene_vocabulary
+
+    return scene_vocabulary()
+
+
+def latent_size(cfg: ToyTrainConfig) -> int | tuple[int, int]:
+    """The denoiser's ``sample_size``: the latent side, or (height, width) for non-square pictures."""
+    scale = 2 ** (len(cfg.vae_channels) - 1)
+    h, w = cfg.height_width
+    return h // scale if h == w else (h // scale, w // scale)
 
 
 def build_components(cfg: ToyTrainConfig) -> dict[str, Any]:
-    """Fresh (random) components of the toy pipeline, from the real diffusers/transformers classes."""
+    """Fresh (random) components of the toy pipeline, from the real diffusers/transformers classes; with
+    ``cfg.init_from``, the text encoder and denoiser of that trained pipeline instead (:func:`initial_components`)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(cfg.seed)
-    words = toy_words()
+    words = toy_words(cfg.world)
     tokenizer = build_clip_tokenizer(words, cfg.max_tokens)
     n = len(cfg.vae_channels)
     vae = AutoencoderKL(
@@ -38,13 +55,15 @@ def build_components(cfg: ToyTrainConfig) -> dict[str, Any]:
         down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
         layers_per_block=1, norm_num_groups=8, sample_size=cfg.image_size,
     )
+    if cfg.init_from is not None:
+        return {"vae": vae, **initial_components(cfg)}
     clip_cfg = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
         num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=cfg.max_tokens,
         projection_dim=cfg.text_width, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, hidden_act="gelu",
     )
-    latent = cfg.image_size // 2 ** (n - 1)
+    latent = latent_size(cfg)
     parts: dict[str, Any] = {"vae": vae, "tokenizer": tokenizer, "text_encoder": CLIPTextModel(clip_cfg)}
     if cfg.family == "sd":
         from diffusers import UNet2DConditionModel
@@ -80,6 +99,46 @@ def build_components(cfg: ToyTrainConfig) -> dict[str, Any]:
             ),
         )
     return parts
+
+
+ARCHITECTURE = ("family", "max_tokens", "text_width", "text_layers", "vae_channels", "latent_channels", "widths",
+                "flux_layers", "flux_heads", "flux_head_dim")  # what a fine-tune start must share with the recipe
+
+
+def initial_components(cfg: ToyTrainConfig) -> dict[str, Any]:
+    """The text encoder and denoiser of the trained toy pipeline ``cfg.init_from``, to fine-tune: its tokenizer
+    extended by this world's new words (every old token keeps its id and embedding; new words get new rows, drawn
+    from the old rows' mean and covariance), the denoiser's ``sample_size`` set to this recipe's latent size."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ..models.loading import SIDECAR, resolve_model
+
+    folder = Path(resolve_model(str(cfg.init_from)))
+    sidecar = folder / SIDECAR
+    if not sidecar.is_file():
+        raise TraceEraseError(f"'{folder}' has no {SIDECAR}; init_from takes a pipeline made by "
+                              "`trace-erase toyworld train`")
+    done = {**json.loads(json.dumps(dataclasses.asdict(ToyTrainConfig()))),
+            **json.loads(sidecar.read_text())["training"]}
+    ours = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    diff = [k for k in ARCHITECTURE if ours[k] != done[k]]
+    if diff:
+        raise TraceEraseError(f"init_from '{folder}' has other sizes ({', '.join(f'{k} {done[k]}' for k in diff)}); "
+                              "start from a pipeline of this recipe's sizes")
+    if cfg.family != "sd":
+        raise TraceEraseError("init_from fine-tunes toy-sd pipelines only so far; use --family sd")
+    tokenizer = extend_clip_tokenizer(CLIPTokenizer.from_pretrained(folder / "tokenizer"), toy_words(cfg.world))
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    text_encoder.resize_token_embeddings(len(tokenizer))  # appends rows; the old ones are kept as they are
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    size = latent_size(cfg)
+    unet.register_to_config(sample_size=list(size) if isinstance(size, tuple) else size)
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet}
 
 
 def assemble_pipeline(cfg: ToyTrainConfig, parts: dict[str, Any], latent_stats: tuple[float, float]) -> Any:

@@ -12,15 +12,29 @@ from typing import Any
 
 from ..errors import TraceEraseError
 
+WORLDS = ("objects", "scenes")
+# scene training renders start here (+ seed · 10⁷): disjoint from the single-object training seeds (0 ..), the scene
+# scorer's training (10⁶ ..) and held-out (9·10⁶ ..) renders and the tests' (8·10⁶ ..)
+SCENE_FIRST_SEED = 20_000_000
+# (left, right) class pairs no scene training picture shows: the scene check's two-object prompts use only these, so
+# its captions are held out of training (each class is still seen on each side, with other partners)
+SCENE_HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
+    ("circle", "star"), ("square", "cross"), ("triangle", "heart"), ("star", "crescent"), ("cross", "arrow"),
+    ("heart", "diamond"), ("crescent", "house"), ("arrow", "circle"), ("diamond", "square"), ("house", "triangle"),
+)
+NEW_FIELDS = ("world", "image_width", "init_from")  # left out of key() at their defaults: older partial runs resume
+
 
 @dataclass
 class ToyTrainConfig:
     """Sizes and schedule of one toy pipeline (``preset('sd')``, ``preset('flux')``, or ``micro`` for tests)."""
 
     family: str = "sd"
+    world: str = "objects"  # "objects": one shape per picture; "scenes": two slots, left and right (toyworld/scenes)
     seed: int = 0
     n_images: int = 30000
-    image_size: int = 32
+    image_size: int = 32  # the height (and the width when image_width is None)
+    image_width: int | None = None  # None: square; the scene world is 64 wide × 32 high
     max_tokens: int = 24
     text_width: int = 64
     text_layers: int = 3
@@ -30,6 +44,9 @@ class ToyTrainConfig:
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_from: str | None = None  # reuse a trained toy pipeline's VAE (folder or bundled name); skips VAE training
+    # fine-tune: start the text encoder(s) and the denoiser from this trained toy pipeline (same sizes; its tokenizer
+    # extended by the world's new words, which get new embedding rows) instead of random weights; needs vae_from
+    init_from: str | None = None
     widths: tuple[int, ...] = (32, 64, 128)  # UNet block widths (sd); cross-attention at the two coarser levels
     flux_layers: tuple[int, int] = (2, 2)  # double-, single-stream blocks (flux)
     flux_heads: int = 4
@@ -49,28 +66,63 @@ class ToyTrainConfig:
     def cycle_steps(self) -> int:
         return self.steps // self.cycles
 
+    @property
+    def height_width(self) -> tuple[int, int]:
+        """Pixel (height, width) of the pictures."""
+        return self.image_size, self.image_width or self.image_size
+
+    @property
+    def name(self) -> str:
+        """The bundled name of a model made with this recipe's family and world (toy-sd, toy-sd-scenes, …)."""
+        return f"toy-{self.family}" + ("-scenes" if self.world == "scenes" else "")
+
     def key(self) -> str:
         """Hash of the settings: a partial run only resumes with identical settings."""
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        settings = dataclasses.asdict(self)
+        for k in NEW_FIELDS:
+            if settings[k] == getattr(ToyTrainConfig, k):
+                del settings[k]
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def preset(family: str, micro: bool = False) -> ToyTrainConfig:
-    """The bundled models' settings, or a micro version for tests (seconds, not minutes)."""
+def preset(family: str, micro: bool = False, scenes: bool = False) -> ToyTrainConfig:
+    """The bundled models' settings, or a micro version for tests (seconds, not minutes); ``scenes``: the scene
+    world's model of the family (toy-sd-scenes), fine-tuned from the single-object one."""
     if family not in ("sd", "flux"):
         raise TraceEraseError(f"unknown toy family '{family}'; use sd or flux")
+    if scenes and family != "sd":
+        raise TraceEraseError("only the sd family has a scene recipe so far; use --family sd with --scenes")
     cfg = ToyTrainConfig(family=family)
     if family == "sd":  # two cosine cycles: the second restarts from the first's EMA weights
         cfg = dataclasses.replace(cfg, steps=8000, cycles=2)
     if family == "flux":  # shares toy-sd's VAE (train sd first): one autoencoder for the toy world; three cycles
         cfg = dataclasses.replace(cfg, lr=5e-4, steps=12000, cycles=3, sampler_steps=20, sampler_guidance=4.0,
                                   vae_from="toy-sd")
+    if scenes:  # fine-tune toy-sd on 64×32 two-slot scenes: its VAE as is, its UNet and text encoder as the start
+        cfg = dataclasses.replace(cfg, world="scenes", image_width=64, n_images=20000, vae_from="toy-sd",
+                                  init_from="toy-sd", steps=3500, cycles=1, lr=3e-4, checkpoint_every=250)
     if micro:
         cfg = dataclasses.replace(
             cfg, n_images=64, text_width=16, text_layers=1, vae_channels=(8, 8), vae_steps=3, vae_batch=8,
             widths=(16, 16, 16), flux_layers=(1, 1), flux_heads=2, flux_head_dim=16, steps=6, cycles=1, batch=8,
-            checkpoint_every=2, sampler_steps=2, vae_from=None,
+            checkpoint_every=2, sampler_steps=2, vae_from=None, init_from=None,
         )
     return cfg
+
+
+def check_recipe(cfg: ToyTrainConfig) -> None:
+    """One line for a recipe that cannot train: an unknown world, scene pictures of another size, a fine-tune start
+    without the VAE its denoiser was trained on."""
+    if cfg.world not in WORLDS:
+        raise TraceEraseError(f"unknown world '{cfg.world}'; use {' or '.join(WORLDS)}")
+    if cfg.world == "scenes" and cfg.height_width != (32, 64):
+        raise TraceEraseError(f"scene pictures are 32 high × 64 wide (got {cfg.height_width[0]}×"
+                              f"{cfg.height_width[1]}); drop the image_size / image_width settings")
+    if cfg.world == "objects" and cfg.image_width not in (None, cfg.image_size):
+        raise TraceEraseError("single-object pictures are square; drop image_width (or train with --scenes)")
+    if cfg.init_from is not None and cfg.vae_from is None:
+        raise TraceEraseError("init_from needs vae_from: the denoiser it starts from was trained on that VAE's "
+                              "latents (e.g. --set vae_from=toy-sd)")
 
 
 OWN_OPTIONS = ("family", "seed", "steps", "cycles", "batch")  # settable by their own CLI options, not by --set

@@ -42,3 +42,4 @@ def render_set(first_seed: int, n: int, size: int = 32, progress: bool = True) -
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 ``[N, H, W, 3]`` → float ``[N, 3, H, W]`` in [-1, 1] (the VAE's and classifier's input range)."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+

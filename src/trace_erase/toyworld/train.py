@@ -2,7 +2,9 @@
 
 One run: render a dataset → train a small AutoencoderKL → encode latents → train the denoiser together with the
 text encoder(s) (a toy model binds colour/shape words far better with its text encoder trained jointly) → save a
-real diffusers pipeline folder. Checkpoints go to ``OUTPUT.partial/``; rerunning the same command resumes there.
+real diffusers pipeline folder. The scene world (``world='scenes'``: 64×32 two-slot pictures, toy-sd-scenes) runs the
+same way, fine-tuned from a single-object pipeline (``init_from``, ``vae_from``). Checkpoints go to
+``OUTPUT.partial/``; rerunning the same command resumes there.
 The recipe is in :mod:`.config`, the components in :mod:`.components`.
 """
 
@@ -26,9 +28,16 @@ from ..artifacts.checkpoint import load_checkpoint, save_checkpoint
 from ..errors import NonFiniteLossError, TraceEraseError
 from ..io import atomic_write
 from .components import assemble_pipeline, build_components, trained_components
-from .config import ToyTrainConfig
+from .config import SCENE_FIRST_SEED, SCENE_HELDOUT_PAIRS, ToyTrainConfig, check_recipe
 from .data import render_set, to_tensor
 from .render import caption_for
+from .scenes.captions import caption_for as scene_caption_for
+from .scenes.data import render_scenes, scene_from_labels
+
+
+def scene_caption(labels: dict, seed: int) -> str:
+    """A random caption form of the scene ``labels`` (:func:`.data.scene_labels`), drawn from ``seed``."""
+    return scene_caption_for(scene_from_labels(labels), seed)
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
@@ -42,6 +51,7 @@ class ToyTrainer:
         if cfg.snr_gamma is not None and (cfg.family != "sd" or cfg.snr_gamma <= 0):
             raise TraceEraseError("snr_gamma weights toy-sd's ε-prediction loss and must be > 0 (e.g. 5); "
                                   "drop it for --family flux")
+        check_recipe(cfg)
         self.cfg = cfg
         self.start_from = start_from
         self.output = Path(output)
@@ -70,7 +80,11 @@ class ToyTrainer:
             data = np.load(path)
             return data["images"], json.loads(str(data["labels"]))
         self._mark = time.monotonic()
-        ds = render_set(self.cfg.seed * 10_000_000, self.cfg.n_images, self.cfg.image_size, self.progress)
+        if self.cfg.world == "scenes":  # the check's class pairs never appear together
+            ds = render_scenes(SCENE_FIRST_SEED + self.cfg.seed * 10_000_000, self.cfg.n_images,
+                               skip_pairs=SCENE_HELDOUT_PAIRS, progress=self.progress)
+        else:
+            ds = render_set(self.cfg.seed * 10_000_000, self.cfg.n_images, self.cfg.image_size, self.progress)
         tmp = self.partial / "dataset.tmp.npz"
         np.savez(tmp, images=ds.images, labels=json.dumps(ds.labels))
         tmp.rename(path)
@@ -255,7 +269,8 @@ class ToyTrainer:
             alphas = pipe.scheduler.alphas_cumprod
         for m in trainable.values():
             m.train()
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"training toy-{cfg.family}", disable=not self.progress)
+        caption = scene_caption if cfg.world == "scenes" else caption_for
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"training {cfg.name}", disable=not self.progress)
         self._mark = time.monotonic()
         while step < cfg.steps:
             if step and step % length == 0:  # visited once per boundary, also when a run resumes exactly here
@@ -265,7 +280,7 @@ class ToyTrainer:
                 opt, sched, gen = new_cycle(step // length)
             idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen)
             drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
-            captions = ["" if d else caption_for(labels[i], seed=step * cfg.batch + j + 7)
+            captions = ["" if d else caption(labels[i], seed=step * cfg.batch + j + 7)
                         for j, (i, d) in enumerate(zip(idx.tolist(), drop.tolist(), strict=True))]
             noise = torch.randn(latents[idx].shape, generator=gen)
             if flux:
@@ -346,9 +361,10 @@ class ToyTrainer:
         final = Path(self.output)
         with output_folder(self.output, overwrite=True) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
+            height, width = self.cfg.height_width
+            size = {"resolution": height} if height == width else {"height": height, "width": width}
             sidecar = {
-                "sampler": {"steps": self.cfg.sampler_steps, "guidance": self.cfg.sampler_guidance,
-                            "resolution": self.cfg.image_size},
+                "sampler": {"steps": self.cfg.sampler_steps, "guidance": self.cfg.sampler_guidance, **size},
                 "training": dataclasses.asdict(self.cfg),
                 "training_seconds": {  # steps lost to an interruption are not counted; --start-from cycles neither
                     **{k: round(v, 1) for k, v in self.timing.items()}, "total": round(sum(self.timing.values()), 1),
