@@ -121,8 +121,8 @@ class TrajectoryConfig:
 
     """Knobs of the trajectory engine (defaults are TRACE stage B's; methods override a few)."""
 
-    lora_targets: str = "kv"  # preset: kv | cross-attn | attn | non-cross (ESD-u) | kq (FLUX)
-    rank: int = 4
+    lora_targets: str = "kv"  # preset: kv | cross-attn | attn | self-attn+q (TRCE) | non-cross (ESD-u) | kq (FLUX)
+    rank: int = 4  # 0: each layer's full rank min(in, out), α = rank (what full-weight training reaches)
     steps: int = 1000
     lr: float = 1e-4
     batch_size: int = 2  # states per optimizer micro-step
@@ -192,7 +192,9 @@ class TrajectoryConfig:
                                   f"{', '.join(ATTENTION_KERNELS)}")
         if self.branches not in ("sequential", "batched"):
             raise TraceEraseError(f"branches must be 'sequential' or 'batched', not '{self.branches}'")
-        for name in ("rank", "steps", "batch_size", "grad_accum", "rollout_steps", "pool_trajectories",
+        if self.rank < 0:
+            raise TraceEraseError(f"rank must be ≥ 1, or 0 for each layer's full rank (got {self.rank})")
+        for name in ("steps", "batch_size", "grad_accum", "rollout_steps", "pool_trajectories",
                      "refresh_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise TraceEraseError(f"{name} must be ≥ 1 (got {getattr(self, name)})")
