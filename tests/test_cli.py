@@ -52,7 +52,9 @@ def test_erase_info_generate_merge(saved_models, tmp_path, capsys) -> None:
         (["--concept", " ".join(["word"] * 80)], "shorten it"),
         (["--concept", "cat", "--method", "nope"], "unknown method 'nope'; available: trace, trace-closed-form"),
         (["--concept", "cat", "--option", "bogus=1"], "unknown options for 'trace-closed-form' \\['bogus'\\]"),
-        (["--concept", "cat", "--option", "lambda_reg=0"], "lambda_reg must be > 0"),
+        (["--concept", "cat", "--option", "lambda_reg=-1"], "lambda_reg must be ≥ 0"),
+        (["--concept", "cat", "--option", "lambda_reg=0", "--option", "preserve_corpus=null"],
+         "lambda_reg=0 needs a preserve_corpus"),
     ],
 )
 def test_erase_bad_input(saved_models, tmp_path, capsys, extra, message) -> None:

@@ -72,13 +72,13 @@ def make_concepts(
 def _type_name(tp: Any) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
     if typing.get_origin(tp) is list:
-        return "a list of strings"
+        return "a list of numbers" if typing.get_args(tp) == (float,) else "a list of strings"
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def check_value(key: str, value: Any, annotation: Any) -> Any:
-    """``value`` for a field annotated ``annotation`` (int, float, str, bool, list[str], or ``X | None``), with ints
-    widened to floats; anything else is one line naming the option and the type it takes."""
+    """``value`` for a field annotated ``annotation`` (int, float, str, bool, list[str], list[float], or ``X | None``),
+    with ints widened to floats; anything else is one line naming the option and the type it takes."""
     args = typing.get_args(annotation)
     optional = type(None) in args
     kinds = [a for a in args if a is not type(None)] if args and typing.get_origin(annotation) is not list else \
@@ -98,8 +98,12 @@ def check_value(key: str, value: Any, annotation: Any) -> Any:
             return float(value)
         if kind is str and isinstance(value, str):
             return value
-        if typing.get_origin(kind) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
+        if typing.get_origin(kind) is list and isinstance(value, list):
+            if typing.get_args(kind) == (float,):
+                if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+                    return [float(v) for v in value]
+            elif all(isinstance(v, str) for v in value):
+                return list(value)
     wanted = " or ".join(_type_name(k) for k in kinds) + (" (or null)" if optional else "")
     raise TraceEraseError(f"option '{key}' takes {wanted}, not {value!r}")
 

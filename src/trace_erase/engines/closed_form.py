@@ -24,13 +24,12 @@ from ..errors import TraceEraseError
 from ..models.base import FamilyAdapter, SegmentedLayout, TextStream, TokenLayout
 from .certificate import StreamCertifier
 from .gram import ConceptGram, GramStats
+from .positions import TOKEN_SELECTIONS, TRCE_TOKEN_WEIGHTS, aligned_positions, class_positions
 from .prompts import DEFAULT_TEMPLATES, check_templates, fill, load_corpus
 from .rece import projection_gram, rece_solve
 
 if TYPE_CHECKING:
     from ..artifacts.erasure import Erasure
-
-TOKEN_SELECTIONS = ("surrounding", "context", "target", "last", "all")
 
 DEFAULT_PROBES: tuple[str, ...] = (
     "a photo of a house",
@@ -62,16 +61,31 @@ class ClosedFormConfig:
     # still map onto the concept, found in closed form with a ridge of rece_lambda × the mean eigenvalue
     rece_rounds: int = 0
     rece_lambda: float = 0.01
+    # TRCE's token classes (token_selection="trce"): weights of the start token, the first end token, the last position
+    # (× the positions after the first end token) and the concept's tokens; None: TRCE's (0, 1, 0, 0)
+    token_weights: list[float] | None = None
+    # statistics as means, TRCE's scaling: erase rows over the (concept, anchor) prompt pairs, preserved rows over the
+    # preserved prompts, so λ_p weighs the preserved prompts' mean Gram against the pairs' mean Gram
+    mean_statistics: bool = False
 
     def __post_init__(self) -> None:
         if self.token_selection not in TOKEN_SELECTIONS:
             raise TraceEraseError(
                 f"unknown token_selection '{self.token_selection}'; choose one of {', '.join(TOKEN_SELECTIONS)}"
             )
-        if not self.lambda_reg > 0:
-            raise TraceEraseError("lambda_reg must be > 0 (it keeps the normal equations well-posed)")
+        if self.lambda_reg < 0:
+            raise TraceEraseError(f"lambda_reg must be ≥ 0 (got {self.lambda_reg})")
         if self.lambda_preserve < 0:
             raise TraceEraseError("lambda_preserve must be ≥ 0")
+        if self.lambda_reg == 0 and not (self.preserve_corpus and self.lambda_preserve > 0):
+            raise TraceEraseError("lambda_reg=0 needs a preserve_corpus with lambda_preserve > 0 to keep the normal "
+                                  "equations well-posed; set lambda_reg > 0 (e.g. 0.1) or preserve_corpus=builtin")
+        if self.token_weights is not None:
+            if self.token_selection != "trce":
+                raise TraceEraseError("token_weights weigh TRCE's token classes; set token_selection=trce as well")
+            if len(self.token_weights) != 4 or min(self.token_weights) < 0 or not any(self.token_weights):
+                raise TraceEraseError(f"token_weights takes 4 weights ≥ 0, not all 0 (start, first end, last end, "
+                                      f"key), not {self.token_weights}")
         if self.batch_size < 1:
             raise TraceEraseError(f"batch_size must be ≥ 1 (got {self.batch_size})")
         if self.suffix_tokens is not None and self.suffix_tokens < 0:
@@ -109,57 +123,21 @@ class ClosedFormResult:
     rece: dict[str, list[float]] = field(default_factory=dict)  # per stream: what each RECE round's search recovered
 
 
-def aligned_positions(
-    lt: TokenLayout | SegmentedLayout, la: TokenLayout | SegmentedLayout, mode: str, suffix_tokens: int | None = None,
-    bidirectional: bool = False
-) -> tuple[list[int], list[int]]:
-    """Pairs of positions (target prompt → anchor prompt) that ``mode`` maps.
-
-    Prefix tokens share their index; the concept's n tokens map onto the anchor's m tokens proportionally (onto the
-    position the anchor would take when it is empty); tokens after the concept align by their offset from its end.
-    A causal encoder's prefix never sees the concept, so only ``all`` maps it; with a ``bidirectional`` encoder (T5)
-    every prefix position carries the concept too, and the modes that map the positions after the concept
-    (surrounding, context, last) map the prefix as well.
-    """
-    if isinstance(lt, SegmentedLayout):  # a joint sequence of several encoders: align each segment on its own
-        tgt, anc = [], []
-        for (offset, a, bidi), (_, b, _) in zip(lt.parts, la.parts, strict=True):
-            t, u = aligned_positions(a, b, mode, suffix_tokens, bidi)
-            tgt += [offset + i for i in t]
-            anc += [offset + i for i in u]
-        return tgt, anc
-    n, m = lt.end - lt.start, la.end - la.start
-    tgt: list[int] = []
-    anc: list[int] = []
-    if mode == "all" or (bidirectional and mode in ("surrounding", "context", "last")):
-        for i in range(min(lt.start, la.start)):
-            tgt.append(i)
-            anc.append(i)
-    if mode in ("all", "surrounding", "target"):
-        concept_js = range(n)
-    elif mode == "last":
-        concept_js = range(n - 1, n)
-    else:
-        concept_js = range(0)
-    for j in concept_js:
-        tgt.append(lt.start + j)
-        anc.append(la.start + (min(j * m // n, m - 1) if m > 0 else 0))
-    if mode in ("all", "surrounding", "context", "last"):
-        limit = lt.max_length - max(lt.end, la.end)
-        if suffix_tokens is not None and mode != "all":
-            limit = min(limit, suffix_tokens)
-        for k in range(max(limit, 0)):
-            tgt.append(lt.end + k)
-            anc.append(la.end + k)
-    return tgt, anc
-
-
-def _rows(features: torch.Tensor, positions: list[int] | None = None) -> torch.Tensor:
-    """Feature rows ``[n, d]`` at token ``positions`` (all when None); a leading axis of denoiser states
-    (hooked streams, ``[K, L, d]``) contributes each state's rows."""
+def _rows(features: torch.Tensor, positions: list[int] | None = None, scale: torch.Tensor | None = None
+          ) -> torch.Tensor:
+    """Feature rows ``[n, d]`` at token ``positions`` (all when None), each multiplied by its ``scale`` (√ of its
+    weight in the Gram matrices; None: 1); a leading axis of denoiser states (hooked streams, ``[K, L, d]``)
+    contributes each state's rows."""
     if positions is not None:
         features = features[..., positions, :]
+    if scale is not None:
+        features = features * scale.to(features.dtype)[:, None]
     return features.reshape(-1, features.shape[-1])
+
+
+def _scaled(rows: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """``rows`` × ``scale`` (None: unchanged)."""
+    return rows if scale is None else rows * scale
 
 
 class ClosedFormEngine:
@@ -192,6 +170,20 @@ class ClosedFormEngine:
         return list(self.config.templates or DEFAULT_TEMPLATES)
 
     # ---- rows -----------------------------------------------------------------------------------------------------
+    def positions(self, lt: TokenLayout | SegmentedLayout, la: TokenLayout | SegmentedLayout, stream: TextStream,
+                  scale: float | None = None) -> tuple[list[int], list[int], torch.Tensor | None]:
+        """Target positions, the anchor positions they map to, and each row's scale (√weight × ``scale``; None when
+        every row counts once): the selection's aligned positions, or TRCE's weighted token classes."""
+        cfg = self.config
+        if cfg.token_selection != "trce":
+            t, a = aligned_positions(lt, la, cfg.token_selection, cfg.suffix_tokens, stream.bidirectional)
+            return t, a, None if scale is None else torch.full((len(t),), scale)
+        if not isinstance(lt, TokenLayout) or not isinstance(la, TokenLayout):
+            raise TraceEraseError("token_selection=trce needs a single CLIP token sequence (SD1.x/2.x, SDXL); "
+                                  "pick another token_selection for this model")
+        t, a, w = class_positions(lt, la, cfg.token_weights or TRCE_TOKEN_WEIGHTS)
+        return t, a, torch.tensor(w, dtype=torch.float64).sqrt() * (1.0 if scale is None else scale)
+
     def _encode(self, prompts: list[str], desc: str) -> dict[str, dict[str, torch.Tensor]]:
         """Encode each distinct prompt once, batched; features kept in float32 on the CPU."""
         import time
@@ -224,6 +216,9 @@ class ClosedFormEngine:
         corpus = load_corpus(self.adapter, cfg.preserve_corpus, concepts) if cfg.preserve_corpus else []
         probes = list(cfg.probe_prompts if cfg.probe_prompts is not None else DEFAULT_PROBES)
 
+        # mean statistics (TRCE's scaling): every erase row × 1/√pairs, every preserved row × 1/√(preserved prompts)
+        pair_scale = len(jobs) ** -0.5 if cfg.mean_statistics else None
+        keep_scale = max(len(keep) + len(corpus), 1) ** -0.5 if cfg.mean_statistics else None
         fixed = self._encode([j[2] for j in jobs] + [k[0] for k in keep] + corpus + probes, "encoding anchors")
         layouts: dict[tuple[str, tuple[int, int]], TokenLayout | SegmentedLayout] = {}
 
@@ -243,13 +238,12 @@ class ClosedFormEngine:
                     ft, fa = feats[pt][stream.name], fixed[pa][stream.name]
                     es, as_ = rows.setdefault(ci, ([], []))
                     if stream.per_token:
-                        ti, ai = aligned_positions(layout(pt, st), layout(pa, sa), cfg.token_selection,
-                                                   cfg.suffix_tokens, stream.bidirectional)
-                        es.append(_rows(ft, ti))
-                        as_.append(_rows(fa, ai))
+                        ti, ai, w = self.positions(layout(pt, st), layout(pa, sa), stream, pair_scale)
+                        es.append(_rows(ft, ti, w))
+                        as_.append(_rows(fa, ai, w))
                     else:
-                        es.append(_rows(ft))
-                        as_.append(_rows(fa))
+                        es.append(_scaled(_rows(ft), pair_scale))
+                        as_.append(_scaled(_rows(fa), pair_scale))
                 for ci, (es, as_) in rows.items():
                     yield RowBatch(stream.name, "erase", torch.cat(es), torch.cat(as_), concept=ci)
         for stream in self.streams:
@@ -258,12 +252,12 @@ class ClosedFormEngine:
                 f = fixed[prompt][stream.name]
                 if stream.per_token:
                     lp = layout(prompt, span)
-                    rows.append(_rows(f, aligned_positions(lp, lp, cfg.token_selection, cfg.suffix_tokens,
-                                                           stream.bidirectional)[0]))
+                    pos, _, w = self.positions(lp, lp, stream, keep_scale)
+                    rows.append(_rows(f, pos, w))
                 else:
-                    rows.append(_rows(f))
+                    rows.append(_scaled(_rows(f), keep_scale))
             for caption in corpus:
-                rows.append(_rows(fixed[caption][stream.name]))
+                rows.append(_scaled(_rows(fixed[caption][stream.name]), keep_scale))
             if rows:
                 yield RowBatch(stream.name, "preserve", torch.cat(rows))
             probe_rows = [_rows(fixed[p][stream.name]) for p in probes]
@@ -311,7 +305,11 @@ class ClosedFormEngine:
         eye = torch.eye(st.dim, dtype=torch.float64)
         m = lam * eye + st.g_e + lam_p * st.g_p
         b = lam * eye + st.c.T + lam_p * st.g_p
-        s_t = torch.linalg.solve(m, b.T)  # M symmetric: S = B M⁻¹ ⇔ Sᵀ = M⁻¹ Bᵀ
+        try:
+            s_t = torch.linalg.solve(m, b.T)  # M symmetric: S = B M⁻¹ ⇔ Sᵀ = M⁻¹ Bᵀ
+        except torch.linalg.LinAlgError as exc:  # only possible with lambda_reg = 0
+            raise TraceEraseError("the closed-form system is singular with lambda_reg=0 (the preserved captions do "
+                                  "not span the features); set lambda_reg > 0, e.g. 1e-4") from exc
         return s_t.T
 
     def solve(self, stream: TextStream, st: GramStats) -> tuple[torch.Tensor, list[float]]:

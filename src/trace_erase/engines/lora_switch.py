@@ -14,6 +14,14 @@ from ..errors import TraceEraseError
 ADAPTER_NAME = "trace_erase_train"
 
 
+def full_rank(module: torch.nn.Module) -> int:
+    """The largest rank a weight update of ``module`` (Linear or Conv2d, or peft's wrapper of one) can have."""
+    layer = getattr(module, "base_layer", module)
+    if isinstance(layer, torch.nn.Conv2d):
+        return min(layer.out_channels, layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1])
+    return min(layer.in_features, layer.out_features)
+
+
 class LoraSwitchMixin:
     """Attaching the training LoRA and the contexts that select θ*, θ0 or the reference model, for
     :class:`~trace_erase.engines.trajectory.TrajectoryEngine`."""
@@ -31,9 +39,13 @@ class LoraSwitchMixin:
             raise TraceEraseError("the denoiser already carries a training adapter; use a fresh pipeline")
         den.requires_grad_(False)
         torch.manual_seed(self.config.seed)
+        rank, ranks = self.config.rank, {}
+        if rank == 0:  # each layer at its full rank, α = r: the LoRA reaches every ΔW full-weight training reaches
+            ranks = {name: full_rank(den.get_submodule(name)) for name in self.targets}
+            rank = max(ranks.values())
         den.add_adapter(
-            LoraConfig(r=self.config.rank, lora_alpha=self.config.rank, init_lora_weights=True,
-                       target_modules=self.targets),
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=self.targets,
+                       rank_pattern=ranks, alpha_pattern=ranks),
             adapter_name=ADAPTER_NAME,
         )
         den.set_adapter(ADAPTER_NAME)

@@ -36,8 +36,12 @@ class Pool:
     def add(self, trajectory: Trajectory) -> None:
         self.trajectories.append(trajectory)
 
-    def evict_oldest(self) -> Trajectory:
-        return self.trajectories.pop(0)
+    def evict_oldest(self, which: Callable[[Trajectory], bool] | None = None) -> Trajectory:
+        """Remove and return the oldest trajectory (of those ``which`` accepts, when given)."""
+        index = next((i for i, tr in enumerate(self.trajectories) if which is None or which(tr)), None)
+        if index is None:
+            raise TraceEraseError("the replay pool holds no trajectory of the kind to replace")
+        return self.trajectories.pop(index)
 
     @property
     def prompts(self) -> list[str]:
@@ -49,10 +53,11 @@ class Pool:
         return [tr.final for tr in self.trajectories if tr.final is not None]
 
     def sample(self, n: int, gen: torch.Generator, rows: list[int] | None = None,
-               allowed: Callable[[torch.Tensor], torch.Tensor] | None = None
+               allowed: Callable[[torch.Tensor], torch.Tensor] | None = None, window: str = "LATE"
                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
         """``n`` (state, time, prompt) draws: a trajectory (of ``rows`` only, when given), then one of its steps
-        (of those where ``allowed(times)`` is True, when given), both uniform under ``gen``."""
+        (of those where ``allowed(times)`` is True, when given: the ``window`` the error names), both uniform under
+        ``gen``."""
         rows = list(range(len(self.trajectories))) if rows is None else rows
         xs, ts, ps = [], [], []
         for _ in range(n):
@@ -61,7 +66,8 @@ class Pool:
             if allowed is not None:
                 steps = steps[allowed(tr.times)]
                 if len(steps) == 0:
-                    raise TraceEraseError("no sampler step falls in the LATE window; raise tau or rollout_steps")
+                    fix = "raise tau or rollout_steps" if window == "LATE" else "lower tau or raise rollout_steps"
+                    raise TraceEraseError(f"no sampler step falls in the {window} window; {fix}")
             k = int(steps[torch.randint(0, len(steps), (1,), generator=gen)])
             xs.append(tr.states[k])
             ts.append(tr.times[k])

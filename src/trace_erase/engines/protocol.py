@@ -1,4 +1,5 @@
-"""What the stage-B add-ons (the adversarial defence, EraseAnything's terms) may use of the trajectory engine.
+"""What the stage-B add-ons (the adversarial defence, EraseAnything's and TRCE's terms) may use of the trajectory
+engine.
 
 They receive the engine as a :class:`StageBEngine`: its public surface, no private state, so they do not import the
 engine module and the engine can import them.
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
+    from ..config import Concept
     from ..models.base import Conditioning, FamilyAdapter
     from .pool import Pool
 
@@ -22,13 +24,14 @@ class StageBEngine(Protocol):
     adapter: FamilyAdapter
     config: Any  # TrajectoryConfig
     gen: torch.Generator
+    concepts: list[Concept]  # what is being erased
 
     def cond(self, prompts: list[str]) -> Conditioning:
         """The (cached) conditioning of ``prompts``."""
 
-    def sample(self, pool: Pool, rows: list[int] | None = None,
-               any_time: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """A training batch of (x_t, t, prompt) from the pool."""
+    def sample(self, pool: Pool, rows: list[int] | None = None, any_time: bool = False,
+               n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """A training batch of (x_t, t, prompt) from the pool (``n`` states; None: the batch size)."""
 
     def original(self) -> AbstractContextManager[None]:
         """Context in which the denoiser is the original model θ0."""

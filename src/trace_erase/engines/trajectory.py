@@ -9,7 +9,8 @@ With τ splitting the model's time into EARLY (t ≥ τ, layout) and LATE (t < �
            (ANT: L_pos = ||ε_θ(x,t,c) − [ε*(∅) + η(ε*(c) − ε*(∅))]||², positive guidance before its cut-off)
     ALL:   L_unc   = ||ε_θ(x,t,∅) − ε*(x,t,∅)||² ;  L_pres over preserve prompts likewise.
 
-ε stands for whatever the family predicts (ε, v or flow velocity): the losses are the same in each.
+ε stands for whatever the family predicts (ε, v or flow velocity): the losses are the same in each. With TRCE's terms
+on (``trce``; engines/trce.py) its hinge and preservation terms replace all of these.
 
 θ* is the model stage B starts from (stage A applied, when the method has one). The reference r that gives the
 concept direction and draws the trajectories is ``reference``: ``stage-a`` (r = θ*) or ``original`` (r = θ0, the
@@ -40,6 +41,8 @@ from .pool import Pool, Trajectory
 from .prompts import load_corpus
 from .stage_a import StageAWeights
 from .trajectory_config import EraseAnythingConfig, TrajectoryConfig
+from .trce import UNCOND, safe_prompts, trce_terms
+from .trce import term_weights as trce_weights
 
 __all__ = ["ADAPTER_NAME", "CHECKPOINT_NAME", "TrajectoryConfig", "TrajectoryEngine", "late_fraction"]
 
@@ -118,24 +121,32 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         return templates[i % len(templates)].format(concepts[i // len(templates)].name)
 
     def fill_pool(self, pool: Pool, concepts: list[Concept]) -> None:
-        while len(pool) < self.config.pool_trajectories:
+        """Roll out trajectories until the pool holds ``pool_trajectories`` of the concepts (and, with TRCE's terms,
+        ``trce_preserve_trajectories`` unconditional ones)."""
+        cfg = self.config
+        while sum(p != UNCOND for p in pool.prompts) < cfg.pool_trajectories:
             prompt = self._target_prompt(concepts)
             s, t, final = self.rollout(prompt)
             pool.add(Trajectory(s, t, prompt, final[0].detach().cpu()))
+        while cfg.trce is not None and pool.prompts.count(UNCOND) < cfg.trce.preserve_trajectories:
+            s, t, final = self.rollout(UNCOND)
+            pool.add(Trajectory(s, t, UNCOND, final[0].detach().cpu()))
 
     def refresh(self, pool: Pool, concepts: list[Concept]) -> None:
-        """Replace the oldest trajectory with a fresh one."""
-        pool.evict_oldest()
+        """Replace the oldest trajectory (of each kind: concept, unconditional) with a fresh one."""
+        pool.evict_oldest(lambda tr: tr.prompt != UNCOND)
+        if self.config.trce is not None:
+            pool.evict_oldest(lambda tr: tr.prompt == UNCOND)
         self.fill_pool(pool, concepts)
 
-    def sample(self, pool: Pool, rows: list[int] | None = None,
-               any_time: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """A batch of (x_t, t, prompt) from the pool (from trajectories ``rows`` only, when given); with
-        window='late' only LATE states, unless ``any_time``."""
+    def sample(self, pool: Pool, rows: list[int] | None = None, any_time: bool = False,
+               n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """A batch of ``n`` (default ``batch_size``) (x_t, t, prompt) from the pool (from trajectories ``rows`` only,
+        when given); with window='late' only LATE states, with window='early' only EARLY ones, unless ``any_time``."""
         cfg = self.config
-        late = cfg.window == "late" and not any_time
-        xs, ts, ps = pool.sample(cfg.batch_size, self.gen, rows,
-                                 (lambda times: self.adapter.is_late(times, cfg.tau)) if late else None)
+        window = cfg.window if cfg.window in ("late", "early") and not any_time else None
+        allowed = (lambda times: self.adapter.is_late(times, cfg.tau) == (window == "late")) if window else None
+        xs, ts, ps = pool.sample(n or cfg.batch_size, self.gen, rows, allowed, (window or "late").upper())
         return (torch.stack(xs).to(self.adapter.device, self.adapter.dtype),
                 torch.stack(ts).to(self.adapter.device), ps)
 
@@ -231,7 +242,8 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         adv = cfg.adversarial.weight if cfg.adversarial is not None else 0.0
         ea = cfg.eraseanything or EraseAnythingConfig()
         return {"erase": 1.0, "early": cfg.beta, "unc": cfg.gamma, "pres": cfg.rho, "adv": adv,
-                "attn": ea.attention_weight, "flow": ea.flow_weight, "contrast": ea.contrast_weight}
+                "attn": ea.attention_weight, "flow": ea.flow_weight, "contrast": ea.contrast_weight,
+                **(trce_weights(cfg.trce) if cfg.trce is not None else {})}
 
     def _nonfinite_gradients(self, step: int, loss: float, kernels: str) -> NonFiniteLossError:
         """The error for a step whose gradients are not finite although its loss is (refused before opt.step: the LoRA
@@ -269,12 +281,14 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
             params = self.lora_parameters()
             for p in params:
                 p.requires_grad_(True)
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.trce.weight_decay if cfg.trce else 0.0)
             self.adversarial = AdversarialPrompts(self, concepts) if cfg.adversarial is not None else None
             resumed = self.load_checkpoint(opt)
             step, pool = resumed if resumed else (0, Pool())
             # every prompt training reads, encoded once now: the text encoders are idle (or offloaded) from here on
             named = [t.format(c.name) for c in concepts for t in cfg.train_templates]
+            if cfg.trce is not None:
+                named += list(safe_prompts(concepts, cfg.train_templates).values())
             self.cond(["", *preserve, *irrelevant, *named])
             self.fill_pool(pool, concepts)
             history: list[dict[str, float]] = []
@@ -342,6 +356,9 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
                 part = lower_terms(self, self.concept_masks, pool, irrelevant, backward_scale=1.0 / cfg.grad_accum)
                 terms = {key: torch.zeros(()) for key in self.term_weights()} | part
                 terms["total"] = ea.flow_weight * part["flow"] + ea.contrast_weight * part["contrast"]
+            elif cfg.trce is not None:  # TRCE's terms in place of the engine's losses
+                part = trce_terms(self, pool, backward_scale=1.0 / cfg.grad_accum)
+                terms = {key: torch.zeros(()) for key in self.term_weights()} | part
             else:
                 x, t, prompts = self.sample(pool)
                 terms = self.loss_terms(x, t, prompts, preserve, backward_scale=1.0 / cfg.grad_accum)

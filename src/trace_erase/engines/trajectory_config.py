@@ -2,11 +2,11 @@
 
 :class:`TrajectoryConfig` holds the training knobs; the optional parts are typed sub-configs, each ``None`` when off,
 as peft keeps ``LoftQConfig`` beside ``LoraConfig``: :class:`AdversarialConfig` (the defence against word-level
-attacks), :class:`EraseAnythingConfig` (its attention and bilevel terms), and :class:`FusionConfig` (how per-concept
-LoRAs are integrated). Users set them with flat option keys (``--option adversarial_every=25``, YAML ``flow_weight:
-0.1``): :meth:`TrajectoryConfig.from_options` reads those keys (and nested ones), :meth:`TrajectoryConfig.options`
-writes them back. A field whose metadata says ``resume_free`` may change when an interrupted run resumes: it does not
-alter the trained weights.
+attacks), :class:`EraseAnythingConfig` (its attention and bilevel terms), :class:`TrceConfig` (TRCE's hinge and
+preservation terms) and :class:`FusionConfig` (how per-concept LoRAs are integrated). Users set them with flat option
+keys (``--option adversarial_every=25``, YAML ``flow_weight: 0.1``): :meth:`TrajectoryConfig.from_options` reads
+those keys (and nested ones), :meth:`TrajectoryConfig.options` writes them back. A field whose metadata says
+``resume_free`` may change when an interrupted run resumes: it does not alter the trained weights.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..errors import TraceEraseError
 from ..runtime import ATTENTION_KERNELS
 from .prompts import corpus_path
 
-WINDOWS = ("two", "late", "all")
+WINDOWS = ("two", "late", "all", "early")
 MULTI_MODES = ("fuse", "joint", "sum")
 EARLY_MODES = ("keep", "positive", "none")
 REFERENCES = ("stage-a", "original")
@@ -89,6 +89,37 @@ class EraseAnythingConfig:
 
 
 @dataclass
+class TrceConfig:
+    """TRCE's stage-2 terms (engines/trce.py), which replace the engine's own losses when on (``beta`` > 0): on states
+    of the window, the hinge ``max(0, β·(‖ε − prefer‖² − ‖ε − reject‖² + margin))`` on the trained model's concept
+    and empty-prompt predictions, with prefer/reject the original model's safe/concept predictions pushed ``guidance``
+    further from its unconditional one; plus ``preserve_scale`` × the MSE between the trained and the stage-A model's
+    unconditional predictions on ``preserve_batch`` states, at any step, of ``preserve_trajectories`` unconditional
+    trajectories. The optimiser is AdamW with ``weight_decay``. Option keys: ``trce_<field>``; an off config writes
+    no keys (the settings of runs made before it are unchanged)."""
+
+    beta: float = 0.0
+    margin: float = 0.01
+    guidance: float = 15.0
+    preserve_scale: float = 100.0
+    preserve_batch: int = 4
+    preserve_trajectories: int = 2
+    weight_decay: float = 0.01
+
+    PREFIX = "trce_"
+    WRITTEN_WHEN_OFF = False
+
+    def __post_init__(self) -> None:
+        flat = {self.PREFIX + f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        _at_least(flat, ("trce_beta", "trce_margin", "trce_guidance", "trce_preserve_scale", "trce_weight_decay"), 0)
+        _at_least(flat, ("trce_preserve_batch", "trce_preserve_trajectories"), 1)
+
+    @property
+    def active(self) -> bool:
+        return self.beta > 0
+
+
+@dataclass
 class FusionConfig:
     """λ and λ_p of the closed-form integration of per-concept LoRAs (``multi=fuse``; engines/fusion.py; ours: the
     closed-form engine's defaults). Option keys: ``fusion_lambda``, ``fusion_lambda_preserve``. Changing them
@@ -104,7 +135,8 @@ class FusionConfig:
             raise TraceEraseError("fusion_lambda and fusion_lambda_preserve must be ≥ 0")
 
 
-SUB_CONFIGS = {"adversarial": AdversarialConfig, "eraseanything": EraseAnythingConfig, "fusion": FusionConfig}
+SUB_CONFIGS = {"adversarial": AdversarialConfig, "eraseanything": EraseAnythingConfig, "trce": TrceConfig,
+               "fusion": FusionConfig}
 
 
 def _sub_keys(name: str) -> dict[str, str]:
@@ -121,15 +153,17 @@ class TrajectoryConfig:
 
     """Knobs of the trajectory engine (defaults are TRACE stage B's; methods override a few)."""
 
-    lora_targets: str = "kv"  # preset: kv | cross-attn | attn | non-cross (ESD-u) | kq (FLUX)
-    rank: int = 4
+    lora_targets: str = "kv"  # preset: kv | cross-attn | attn | self-attn+q (TRCE) | non-cross (ESD-u) | kq (FLUX)
+    rank: int = 4  # 0: each layer's full rank min(in, out), α = rank (what full-weight training reaches)
     steps: int = 1000
     lr: float = 1e-4
     batch_size: int = 2  # states per optimizer micro-step
     grad_accum: int = 1
     eta: float = 1.0  # strength of the reversed (or positive, ANT-early) guidance target
     tau: float = 0.5  # EARLY/LATE split as a fraction of the model's time (DDPM t/T, flow σ)
-    window: str = "two"  # two: EARLY keep + LATE erase | late: sample only LATE states | all: erase everywhere (ESD)
+    # two: EARLY keep + LATE erase | late: sample only LATE states | all: erase everywhere (ESD) | early: sample only
+    # EARLY states (TRCE's terms)
+    window: str = "two"
     early_mode: str = "keep"  # what EARLY states learn: keep (TRACE) | positive (ANT) | none
     # which model gives the concept direction ε_r(c) − ε_r(∅) and rolls out the trajectories: "stage-a" (θ*, the
     # model stage B starts from) or "original" (θ0, before stage A; the same as θ* for methods without stage A)
@@ -166,6 +200,7 @@ class TrajectoryConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     adversarial: AdversarialConfig | None = None
     eraseanything: EraseAnythingConfig | None = None
+    trce: TrceConfig | None = None
 
     def __post_init__(self) -> None:
         for name, cls in SUB_CONFIGS.items():
@@ -192,7 +227,10 @@ class TrajectoryConfig:
                                   f"{', '.join(ATTENTION_KERNELS)}")
         if self.branches not in ("sequential", "batched"):
             raise TraceEraseError(f"branches must be 'sequential' or 'batched', not '{self.branches}'")
-        for name in ("rank", "steps", "batch_size", "grad_accum", "rollout_steps", "pool_trajectories",
+        if self.rank < 0:
+            raise TraceEraseError(f"rank must be ≥ 1, or 0 for each layer's full rank (got {self.rank})")
+        self._check_trce()
+        for name in ("steps", "batch_size", "grad_accum", "rollout_steps", "pool_trajectories",
                      "refresh_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise TraceEraseError(f"{name} must be ≥ 1 (got {getattr(self, name)})")
@@ -208,6 +246,22 @@ class TrajectoryConfig:
             raise TraceEraseError("pres_corpus is only read by L_pres; set rho > 0 as well (e.g. rho=0.5)")
         if self.pres_corpus:
             corpus_path(self.pres_corpus)
+
+    def _check_trce(self) -> None:
+        """TRCE's terms replace the engine's losses: refuse the settings they would silently ignore."""
+        if self.trce is None:
+            if self.window == "early":
+                raise TraceEraseError("window=early samples only EARLY states, where no engine loss erases; it is for "
+                                      "TRCE's terms (set trce_beta > 0) — use window=two or all")
+            return
+        if self.window == "two":
+            raise TraceEraseError("TRCE's terms sample one window; set window=early (TRCE's), late or all")
+        ignored = [k for k in ("beta", "gamma", "rho") if getattr(self, k) > 0] + (
+            ["early_mode"] if self.early_mode != "none" else [])
+        others = [k for k in ("adversarial", "eraseanything") if getattr(self, k) is not None]
+        if ignored or others:
+            raise TraceEraseError(f"TRCE's terms replace the engine's losses; switch off {', '.join(ignored + others)} "
+                                  "(beta=0, gamma=0, rho=0, early_mode=none, adversarial_every=0, eraseanything off)")
 
     # ---- option keys ---------------------------------------------------------------------------------------------
     @classmethod
@@ -259,10 +313,13 @@ class TrajectoryConfig:
 
     def options(self) -> dict[str, Any]:
         """The flat option keys and values this config stands for (an off sub-config writes its defaults, with
-        ``adversarial_every=0``): what a run's settings hash and what :meth:`from_options` reads back."""
+        ``adversarial_every=0``, or nothing when it says ``WRITTEN_WHEN_OFF = False``): what a run's settings hash
+        and what :meth:`from_options` reads back."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SUB_CONFIGS}
         for name, cls_sub in SUB_CONFIGS.items():
             sub = getattr(self, name)
+            if sub is None and not getattr(cls_sub, "WRITTEN_WHEN_OFF", True):
+                continue
             values = dataclasses.asdict(sub) if sub is not None else {
                 **dataclasses.asdict(cls_sub()), **({"every": 0} if name == "adversarial" else {})}
             out.update({key: values[f] for key, f in _sub_keys(name).items()})

@@ -9,11 +9,12 @@ from .eraseanything import ERASEANYTHING
 from .esd import ESD_U, ESD_X
 from .mace_cfr import MACE_CFR
 from .trace import TRACE, TRACE_CLOSED_FORM, TRACE_LATE_ONLY, TRACE_STAGE_B
+from .trce import TRCE
 from .uce import UCE
 
 METHODS: dict[str, MethodSpec] = {
     m.name: m for m in (TRACE, TRACE_CLOSED_FORM, TRACE_LATE_ONLY, TRACE_STAGE_B, UCE, MACE_CFR, ESD_X, ESD_U, ANT,
-                        ERASEANYTHING)
+                        ERASEANYTHING, TRCE)
 }
 
 

@@ -16,6 +16,9 @@ UNET_LORA_PRESETS: dict[str, tuple[str, ...]] = {
         "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
         "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
     ),
+    # image-side attention: all of self-attention and the cross-attention queries (TRCE's trained set; nothing that
+    # reads the text features)
+    "self-attn+q": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q"),
     # ESD-u's own selection (its "noxattn"): every linear and convolution layer except cross-attention, the time
     # embedding and the output layer — resnets, self-attention, feed-forward, projections, up/down samplers,
     # conv_in. Resolved by :func:`unet_non_cross_targets` (not by suffix).
