@@ -59,9 +59,9 @@ def _pipeline_call(pipe: Any, adapter: Any, noise: torch.Tensor) -> torch.Tensor
     """The pipeline's own sampling from ``noise`` (FLUX takes it packed); returns latents as the pipeline holds them."""
     kwargs: dict[str, Any] = {**adapter.pipeline_guidance(GUIDANCE, 1), **adapter.pipeline_kwargs()}
     latents = adapter.pipeline_latents(noise)
-    size = adapter.latent_shape(1)[-1] * pipe.vae_scale_factor
+    _, _, height, width = (side * pipe.vae_scale_factor for side in adapter.latent_shape(1))
     with torch.no_grad():
-        return pipe(PROMPT, latents=latents, num_inference_steps=STEPS, height=size, width=size,
+        return pipe(PROMPT, latents=latents, num_inference_steps=STEPS, height=height, width=width,
                     output_type="latent", **kwargs).images
 
 
@@ -141,3 +141,29 @@ def test_bf16_rollout_matches_the_bf16_pipeline(case: str) -> None:
     got = _as_pipeline_holds(eng.adapter, pipe, final).float()
     assert final.dtype == torch.bfloat16
     assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False])
+def test_nonsquare_flux_rollout_equals_the_pipelines_own_sampling(guidance_embeds: bool) -> None:
+    """64 wide × 32 high (the toy scene pictures' size), with FLUX.1-dev's resolution-dependent shift: the 2×2
+    packing, the image ids (8 × 16 patches) and the shift's sequence length (128 tokens, not 16²) are the
+    pipeline's, so the rollout ends where the pipeline's own sampling does."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = tiny_flux_pipeline(0, guidance_embeds=guidance_embeds)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                     max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    adapter = get_adapter(pipe, {"height": 32, "width": 64})
+    assert adapter.latent_shape(2) == (2, 4, 16, 32)
+    cfg = TrajectoryConfig.from_options(rollout_steps=STEPS, rollout_guidance=GUIDANCE, batch_size=4, steps=1)
+    eng = TrajectoryEngine(adapter, cfg, progress=False)
+    noise = torch.randn(adapter.latent_shape(1), generator=torch.Generator().manual_seed(3))
+    _, _, final = eng.rollout(PROMPT, noise=noise)
+    expected = _pipeline_call(pipe, adapter, noise)
+    got = _as_pipeline_holds(adapter, pipe, final)
+    assert got.shape == expected.shape == (1, 8 * 16, 16)
+    assert expected.abs().max() > 0.1
+    assert (got - expected).abs().max() <= 1e-4, float((got - expected).abs().max())
+    # the shift follows the token count: a square picture as wide steps at other sigmas
+    square = get_adapter(pipe, {"resolution": 64})
+    assert not torch.allclose(adapter.rollout_scheduler(STEPS).sigmas, square.rollout_scheduler(STEPS).sigmas)

@@ -94,12 +94,22 @@ class FluxAdapter(FamilyAdapter):
 
     @classmethod
     def create(cls, pipe: Any, defaults: dict[str, Any]) -> FluxAdapter:
-        return cls(pipe, resolution=defaults.get("resolution"), guidance_scale=defaults.get("guidance", 3.5))
+        return cls(pipe, resolution=defaults.get("resolution"), guidance_scale=defaults.get("guidance", 3.5),
+                   height=defaults.get("height"), width=defaults.get("width"))
 
-    def __init__(self, pipe: Any, resolution: int | None = None, guidance_scale: float = 3.5):
+    def __init__(self, pipe: Any, resolution: int | None = None, guidance_scale: float = 3.5,
+                 height: int | None = None, width: int | None = None):
         super().__init__(pipe)
         self.resolution = int(resolution or pipe.default_sample_size * pipe.vae_scale_factor)
+        # a non-square picture (the toy scene models: 64 wide × 32 high); None: resolution × resolution
+        self.size = None if height is None and width is None else (int(height or self.resolution),
+                                                                   int(width or self.resolution))
         self.guidance_scale = guidance_scale
+
+    @property
+    def picture_hw(self) -> tuple[int, int]:
+        """Pixel (height, width) the adapter samples at."""
+        return self.size or (self.resolution, self.resolution)
 
     @property
     def prediction_type(self) -> PredictionType:
@@ -209,9 +219,11 @@ class FluxAdapter(FamilyAdapter):
                 attn.set_processor(inner)
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
+        # as FluxPipeline.prepare_latents: each side a multiple of 2 (the 2×2 patches it packs)
         scale = self.pipe.vae_scale_factor
-        side = 2 * (self.resolution // (scale * 2))
-        return (batch, int(self.denoiser.config.in_channels) // 4, side, side)
+        height, width = self.picture_hw
+        return (batch, int(self.denoiser.config.in_channels) // 4, 2 * (height // (scale * 2)),
+                2 * (width // (scale * 2)))
 
     def rollout_scheduler(self, num_steps: int) -> Any:
         """The flow-match Euler scheduler as FluxPipeline sets it (σ from 1 to 1/N, resolution-dependent shift)."""
@@ -221,7 +233,8 @@ class FluxAdapter(FamilyAdapter):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         scheduler = copy.deepcopy(self.pipe.scheduler)
-        seq_len = (self.latent_shape(1)[-1] // 2) ** 2
+        _, _, height, width = self.latent_shape(1)
+        seq_len = (height // 2) * (width // 2)  # packed image tokens, as the pipeline counts them for the shift
         cfg = scheduler.config
         mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                              cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
