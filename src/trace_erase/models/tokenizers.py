@@ -118,3 +118,20 @@ def extend_clip_tokenizer(tok: CLIPTokenizer, words: list[str] | tuple[str, ...]
     out = CLIPTokenizer(vocab=vocab, merges=merges)
     out.model_max_length = tok.model_max_length
     return out
+
+
+def extend_t5_tokenizer(tok: T5Tokenizer, words: list[str] | tuple[str, ...]) -> T5Tokenizer:
+    """``tok`` (a :func:`build_t5_tokenizer` unigram) with each of ``words`` it lacks appended as one piece, scored
+    like the other words: every existing piece keeps its id and score, so a T5 encoder trained with ``tok`` only
+    needs new embedding rows (``resize_token_embeddings``). A known word stays one piece (any split of it scores
+    lower than its own piece), so only words the tokenizer so far spelled letter by letter change."""
+    import json
+
+    model = json.loads(tok.backend_tokenizer.to_str())["model"]
+    pieces: list[tuple[str, float]] = [(str(p), float(score)) for p, score in model["vocab"]]
+    known = {p for p, _ in pieces}
+    pieces += [("▁" + w, -2.0) for w in _words(words) if "▁" + w not in known]
+    out = T5Tokenizer(vocab=pieces, extra_ids=0)
+    out.model_max_length = tok.model_max_length
+    return out
+
