@@ -9,7 +9,13 @@ import torch
 
 from ..engines.prompts import DEFAULT_TEMPLATES
 from ..errors import TraceEraseError
-from ..models.tokenizers import BASIC_WORDS, build_clip_tokenizer, build_t5_tokenizer, extend_clip_tokenizer
+from ..models.tokenizers import (
+    BASIC_WORDS,
+    build_clip_tokenizer,
+    build_t5_tokenizer,
+    extend_clip_tokenizer,
+    extend_t5_tokenizer,
+)
 from .config import ToyTrainConfig
 from .render import vocabulary
 
@@ -34,7 +40,7 @@ def scene_words() -> list[str]:
 
 
 def latent_size(cfg: ToyTrainConfig) -> int | tuple[int, int]:
-    """The denoiser's ``sample_size``: the latent side, or (height, width) for non-square pictures."""
+    """The UNet's ``sample_size``: the latent side, or (height, width) for non-square pictures."""
     scale = 2 ** (len(cfg.vae_channels) - 1)
     h, w = cfg.height_width
     return h // scale if h == w else (h // scale, w // scale)
@@ -106,14 +112,14 @@ ARCHITECTURE = ("family", "max_tokens", "text_width", "text_layers", "vae_channe
 
 
 def initial_components(cfg: ToyTrainConfig) -> dict[str, Any]:
-    """The text encoder and denoiser of the trained toy pipeline ``cfg.init_from``, to fine-tune: its tokenizer
+    """The text encoder(s) and denoiser of the trained toy pipeline ``cfg.init_from``, to fine-tune: its tokenizer(s)
     extended by this world's new words (every old token keeps its id and embedding; new words get new rows, drawn
-    from the old rows' mean and covariance), the denoiser's ``sample_size`` set to this recipe's latent size."""
+    from the old rows' mean and covariance); a UNet's ``sample_size`` set to this recipe's latent size (FLUX's
+    transformer has none: its rotary positions come from the image ids of each call)."""
     import dataclasses
     import json
     from pathlib import Path
 
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from ..models.loading import SIDECAR, resolve_model
@@ -130,11 +136,22 @@ def initial_components(cfg: ToyTrainConfig) -> dict[str, Any]:
     if diff:
         raise TraceEraseError(f"init_from '{folder}' has other sizes ({', '.join(f'{k} {done[k]}' for k in diff)}); "
                               "start from a pipeline of this recipe's sizes")
-    if cfg.family != "sd":
-        raise TraceEraseError("init_from fine-tunes toy-sd pipelines only so far; use --family sd")
-    tokenizer = extend_clip_tokenizer(CLIPTokenizer.from_pretrained(folder / "tokenizer"), toy_words(cfg.world))
+    words = toy_words(cfg.world)
+    tokenizer = extend_clip_tokenizer(CLIPTokenizer.from_pretrained(folder / "tokenizer"), words)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
     text_encoder.resize_token_embeddings(len(tokenizer))  # appends rows; the old ones are kept as they are
+    if cfg.family == "flux":
+        from diffusers import FluxTransformer2DModel
+        from transformers import T5EncoderModel, T5Tokenizer
+
+        tokenizer_2 = extend_t5_tokenizer(T5Tokenizer.from_pretrained(folder / "tokenizer_2"), words)
+        text_encoder_2 = T5EncoderModel.from_pretrained(folder / "text_encoder_2")
+        text_encoder_2.resize_token_embeddings(len(tokenizer_2))  # the same for T5 (its tied input rows)
+        return {"tokenizer": tokenizer, "text_encoder": text_encoder, "tokenizer_2": tokenizer_2,
+                "text_encoder_2": text_encoder_2,
+                "transformer": FluxTransformer2DModel.from_pretrained(folder / "transformer")}
+    from diffusers import UNet2DConditionModel
+
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     size = latent_size(cfg)
     unet.register_to_config(sample_size=list(size) if isinstance(size, tuple) else size)

@@ -22,6 +22,10 @@ SCENE_HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
     ("circle", "star"), ("square", "cross"), ("triangle", "heart"), ("star", "crescent"), ("cross", "arrow"),
     ("heart", "diamond"), ("crescent", "house"), ("arrow", "circle"), ("diamond", "square"), ("house", "triangle"),
 )
+# the scene fine-tunes' (steps, lr) per family, sized to ≈ 60–90 min at one thread on the shared 2-core machine:
+# toy-sd-scenes 1.2–1.5 s/step; toy-flux-scenes 1.53 s/step measured beside three other jobs (1.7× toy-flux's step
+# then: 128 image tokens instead of 64), ≈ 1.1 s beside one; lr below the single-object recipes' (4e-4, 5e-4)
+SCENE_SCHEDULE: dict[str, tuple[int, float]] = {"sd": (3500, 3e-4), "flux": (3000, 4e-4)}
 NEW_FIELDS = ("world", "image_width", "init_from")  # left out of key() at their defaults: older partial runs resume
 
 
@@ -87,20 +91,20 @@ class ToyTrainConfig:
 
 def preset(family: str, micro: bool = False, scenes: bool = False) -> ToyTrainConfig:
     """The bundled models' settings, or a micro version for tests (seconds, not minutes); ``scenes``: the scene
-    world's model of the family (toy-sd-scenes), fine-tuned from the single-object one."""
+    world's model of the family (toy-sd-scenes, toy-flux-scenes), fine-tuned from the single-object one."""
     if family not in ("sd", "flux"):
         raise TraceEraseError(f"unknown toy family '{family}'; use sd or flux")
-    if scenes and family != "sd":
-        raise TraceEraseError("only the sd family has a scene recipe so far; use --family sd with --scenes")
     cfg = ToyTrainConfig(family=family)
     if family == "sd":  # two cosine cycles: the second restarts from the first's EMA weights
         cfg = dataclasses.replace(cfg, steps=8000, cycles=2)
     if family == "flux":  # shares toy-sd's VAE (train sd first): one autoencoder for the toy world; three cycles
         cfg = dataclasses.replace(cfg, lr=5e-4, steps=12000, cycles=3, sampler_steps=20, sampler_guidance=4.0,
                                   vae_from="toy-sd")
-    if scenes:  # fine-tune toy-sd on 64×32 two-slot scenes: its VAE as is, its UNet and text encoder as the start
+    if scenes:  # fine-tune the single-object model on 64×32 two-slot scenes: toy-sd's VAE as is (toy-flux shares
+        # it), the denoiser and text encoder(s) as the start; one cycle sized to ≈ 60–90 min at one thread
+        steps, lr = SCENE_SCHEDULE[family]
         cfg = dataclasses.replace(cfg, world="scenes", image_width=64, n_images=20000, vae_from="toy-sd",
-                                  init_from="toy-sd", steps=3500, cycles=1, lr=3e-4, checkpoint_every=250)
+                                  init_from=f"toy-{family}", steps=steps, cycles=1, lr=lr, checkpoint_every=250)
     if micro:
         cfg = dataclasses.replace(
             cfg, n_images=64, text_width=16, text_layers=1, vae_channels=(8, 8), vae_steps=3, vae_batch=8,

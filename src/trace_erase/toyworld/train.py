@@ -2,9 +2,9 @@
 
 One run: render a dataset → train a small AutoencoderKL → encode latents → train the denoiser together with the
 text encoder(s) (a toy model binds colour/shape words far better with its text encoder trained jointly) → save a
-real diffusers pipeline folder. The scene world (``world='scenes'``: 64×32 two-slot pictures, toy-sd-scenes) runs the
-same way, fine-tuned from a single-object pipeline (``init_from``, ``vae_from``). Checkpoints go to
-``OUTPUT.partial/``; rerunning the same command resumes there.
+real diffusers pipeline folder. The scene world (``world='scenes'``: 64×32 two-slot pictures, toy-sd-scenes and
+toy-flux-scenes) runs the same way, fine-tuned from a single-object pipeline (``init_from``, ``vae_from``).
+Checkpoints go to ``OUTPUT.partial/``; rerunning the same command resumes there.
 The recipe is in :mod:`.config`, the components in :mod:`.components`.
 """
 
@@ -341,7 +341,8 @@ class ToyTrainer:
         from ..models.base import Conditioning
         from ..models.flux import FluxAdapter
 
-        adapter = FluxAdapter(pipe, resolution=zt.shape[-1] * pipe.vae_scale_factor)
+        scale = pipe.vae_scale_factor
+        adapter = FluxAdapter(pipe, height=zt.shape[-2] * scale, width=zt.shape[-1] * scale)
         tok = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         pooled = pipe.text_encoder(tok).pooler_output
