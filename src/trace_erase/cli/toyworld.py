@@ -12,7 +12,8 @@ from ..errors import TraceEraseError
 from .common import BatchOpt, DeviceOpt, DtypeOpt, runtime_from
 
 toyworld_app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="The embedded toy world (toy-sd, toy-flux, toy-sd-scenes)."
+    add_completion=False, no_args_is_help=True,
+    help="The embedded toy world (toy-sd, toy-flux, toy-sd-scenes, toy-flux-scenes).",
 )
 
 
@@ -32,7 +33,8 @@ def toyworld_train(
         help="skip the first cycles: a pipeline trained by this command with them (e.g. the previous bundle)")]
         = None,
     scenes: Annotated[bool, typer.Option(
-        help="the scene world's model (toy-sd-scenes: 64×32 two-slot pictures, fine-tuned from toy-sd)")] = False,
+        help="the scene world's model (toy-sd-scenes / toy-flux-scenes: 64×32 two-slot pictures, fine-tuned from "
+             "toy-sd / toy-flux)")] = False,
     micro: Annotated[bool, typer.Option(help="tiny sizes and a few steps (tests)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output / restart a partial run")] = False,
 ) -> None:
@@ -81,7 +83,7 @@ def _training_record(model: str) -> dict:
 
 @toyworld_app.command("check")
 def toyworld_check(
-    model: Annotated[str, typer.Option(help="toy-sd, toy-flux, toy-sd-scenes or a toy pipeline folder")] = "toy-sd",
+    model: Annotated[str, typer.Option(help="toy-sd, toy-flux or a toy pipeline folder (scene models too)")] = "toy-sd",
     seeds: Annotated[int, typer.Option(
         help="seeds per prompt (scene models: pictures per test, each its own prompt and seed)")] = 50,
     scenes: Annotated[bool, typer.Option(
