@@ -1,4 +1,5 @@
-"""The scene pipelines (toy-sd-scenes): recipe, vocabulary extension, micro fine-tune, 64×32 sampling, the check."""
+"""The scene pipelines (toy-sd-scenes, toy-flux-scenes): recipe, vocabulary extension, micro fine-tune, 64×32
+sampling, the check."""
 
 from __future__ import annotations
 
@@ -30,8 +31,7 @@ def test_scene_preset_sizes_and_refusals() -> None:
     # the single-object recipes hash as before the scene fields existed: their partial runs still resume
     assert preset("sd").key() == "afbf2f88dfa21172" and preset("flux", micro=True).key() == "627db3ea8a63def2"
     assert preset("sd").key() != cfg.key()
-    with pytest.raises(TraceEraseError, match="only the sd family"):
-        preset("flux", scenes=True)
+    assert cfg.key() == "9d24b7a1639b6e4b"  # toy-sd-scenes' own partial run resumes across the flux recipe's changes
     with pytest.raises(TraceEraseError, match="32 high × 64 wide"):
         check_recipe(override(cfg, ["image_width=32"]))
     with pytest.raises(TraceEraseError, match="square"):
@@ -193,3 +193,152 @@ def test_scene_check_refuses_a_single_object_model_before_loading(capsys, monkey
     assert "not a scene model" in err and len(err.splitlines()) == 1
     assert main(["toyworld", "check", "--model", "toy-sd", "--scenes", "--seeds", "0"]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+# ---- toy-flux-scenes ---------------------------------------------------------------------------------------------
+def test_flux_scene_preset_sizes_and_square_keys() -> None:
+    cfg = preset("flux", scenes=True)
+    assert (cfg.world, cfg.height_width, cfg.name) == ("scenes", (32, 64), "toy-flux-scenes")
+    assert (cfg.init_from, cfg.vae_from) == ("toy-flux", "toy-sd")  # toy-flux's own VAE is toy-sd's
+    assert (cfg.steps, cfg.cycles, cfg.lr, cfg.checkpoint_every, cfg.n_images) == (3000, 1, 4e-4, 250, 20000)
+    assert (cfg.sampler_steps, cfg.sampler_guidance) == (20, 4.0)  # toy-flux's sampler
+    check_recipe(cfg)
+    assert preset("flux", micro=True, scenes=True).height_width == (32, 64)
+    # the square FLUX recipes hash as before: their partial runs (and --start-from) still resume
+    assert preset("flux").key() == "e27b32fa88847c9c" and preset("flux", micro=True).key() == "627db3ea8a63def2"
+    assert cfg.key() not in (preset("flux").key(), preset("sd", scenes=True).key())
+
+
+def test_extended_t5_tokenizer_keeps_every_old_id_and_spells_scene_words_whole() -> None:
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    from trace_erase.models.loading import BUNDLED_DIR
+    from trace_erase.models.tokenizers import extend_clip_tokenizer, extend_t5_tokenizer
+    from trace_erase.toyworld.components import toy_words
+
+    longest = "a red plain plus sign on the left and a blue checkered half moon on the right, on a black background"
+    for folder, extend, cls in (("tokenizer_2", extend_t5_tokenizer, T5Tokenizer),
+                                ("tokenizer", extend_clip_tokenizer, CLIPTokenizer)):
+        old = cls.from_pretrained(BUNDLED_DIR / "toy-flux" / folder)
+        new = extend(old, toy_words("scenes"))
+        old_vocab, new_vocab = old.get_vocab(), new.get_vocab()
+        assert all(new_vocab[k] == v for k, v in old_vocab.items()) and len(new) > len(old), folder
+        assert min(v for k, v in new_vocab.items() if k not in old_vocab) == len(old)  # appended
+        for w in toy_words():
+            assert new(w).input_ids == old(w).input_ids, (folder, w)
+        for w in vocabulary():
+            assert len(new(w, add_special_tokens=False).input_ids) == 1, (folder, w)
+        assert new.model_max_length == old.model_max_length
+        assert len(new(longest).input_ids) <= new.model_max_length, folder
+        assert (new.pad_token_id, new.eos_token_id) == (old.pad_token_id, old.eos_token_id)
+
+
+def _flux_scene_cfg(base) -> object:
+    return dataclasses.replace(preset("flux", micro=True, scenes=True), init_from=str(base), vae_from=str(base))
+
+
+@pytest.fixture(scope="module")
+def micro_flux_scenes(tmp_path_factory) -> tuple:
+    """A micro single-object toy-flux, and a micro toy-flux-scenes fine-tuned from it (seconds)."""
+    root = tmp_path_factory.mktemp("flux_scenes")
+    base = ToyTrainer(preset("flux", micro=True), root / "objects", progress=False).run()
+    return base, ToyTrainer(_flux_scene_cfg(base), root / "scenes", progress=False).run()
+
+
+def test_micro_flux_scene_fine_tune_extends_both_text_encoders(micro_flux_scenes) -> None:
+    from diffusers import DiffusionPipeline
+
+    base, scenes = micro_flux_scenes
+    a, b = DiffusionPipeline.from_pretrained(base), DiffusionPipeline.from_pretrained(scenes)
+    assert type(b).__name__ == "FluxPipeline"
+    for tok, enc, word in (("tokenizer", "text_encoder", "left</w>"), ("tokenizer_2", "text_encoder_2", "▁left")):
+        old_vocab, new_vocab = getattr(a, tok).get_vocab(), getattr(b, tok).get_vocab()
+        assert all(new_vocab[k] == v for k, v in old_vocab.items()) and word in new_vocab, tok
+        rows_a = getattr(a, enc).get_input_embeddings().weight.shape[0]
+        rows_b = getattr(b, enc).get_input_embeddings().weight.shape[0]
+        assert rows_b == len(getattr(b, tok)) > rows_a == len(getattr(a, tok)), enc
+        assert getattr(b, enc).config.vocab_size == len(getattr(b, tok)), enc
+    same = ("_name_or_path",)  # the folder it was loaded from differs, nothing else
+    assert {k: v for k, v in b.transformer.config.items() if k not in same} == {
+        k: v for k, v in a.transformer.config.items() if k not in same}
+    assert all(torch.equal(p, q) for p, q in zip(a.vae.state_dict().values(), b.vae.state_dict().values(),
+                                                   strict=True))  # the VAE is reused as is
+    meta = json.loads((scenes / "trace_erase.json").read_text())
+    assert meta["sampler"]["height"] == 32 and meta["sampler"]["width"] == 64 and "resolution" not in meta["sampler"]
+    assert (meta["sampler"]["steps"], meta["sampler"]["guidance"]) == (2, 4.0)
+    assert meta["training"]["world"] == "scenes" and meta["training"]["family"] == "flux"
+    assert meta["training_seconds"]["denoiser"] > 0
+
+
+def test_micro_flux_scene_fine_tune_starts_from_the_old_weights(micro_flux_scenes) -> None:
+    """The components the fine-tune starts from: both encoders' old token rows and the whole transformer are the
+    init's; a start of other sizes is refused."""
+    from diffusers import DiffusionPipeline
+
+    from trace_erase.toyworld.components import build_components
+
+    base = micro_flux_scenes[0]
+    cfg = _flux_scene_cfg(base)
+    parts, ref = build_components(cfg), DiffusionPipeline.from_pretrained(base)
+    for enc in ("text_encoder", "text_encoder_2"):
+        old = getattr(ref, enc).get_input_embeddings().weight
+        assert torch.equal(parts[enc].get_input_embeddings().weight[: len(old)], old), enc
+    for (k, p), (_, q) in zip(parts["transformer"].state_dict().items(), ref.transformer.state_dict().items(),
+                              strict=True):
+        assert torch.equal(p, q), k
+    with pytest.raises(TraceEraseError, match="other sizes"):
+        build_components(dataclasses.replace(cfg, flux_heads=4))
+
+
+def test_micro_flux_scene_fine_tune_resumes_to_the_same_weights(micro_flux_scenes, tmp_path) -> None:
+    from diffusers import DiffusionPipeline
+
+    base, full = micro_flux_scenes
+    first = ToyTrainer(_flux_scene_cfg(base), tmp_path / "resumed", progress=False)
+    assert first.run(stop_after=3) is None and first.ckpt_path.exists()
+    resumed = ToyTrainer(_flux_scene_cfg(base), tmp_path / "resumed", progress=False).run()
+    a, b = DiffusionPipeline.from_pretrained(full), DiffusionPipeline.from_pretrained(resumed)
+    for name in ("transformer", "text_encoder", "text_encoder_2"):
+        for (k, p), (_, q) in zip(getattr(a, name).state_dict().items(), getattr(b, name).state_dict().items(),
+                                  strict=True):
+            assert torch.allclose(p, q, atol=1e-6), (name, k)
+
+
+def test_micro_flux_scene_pipeline_samples_64x32_alike_through_the_pipeline_and_the_library(micro_flux_scenes) -> None:
+    """``generate_images`` (FluxPipeline's own __call__) and the library's denoise loop (stage B's replay pool, the
+    attacks' references) draw the same 64 × 32 latents from the same seeds: 8 × 16 packed 2×2 patches."""
+    from trace_erase import load_model
+    from trace_erase.models.denoise import denoise
+    from trace_erase.sampling import generate_images, sampler_settings
+
+    handle = load_model(str(micro_flux_scenes[1]))
+    adapter = handle.adapter
+    settings = sampler_settings(handle)
+    assert (settings["height"], settings["width"], settings["resolution"]) == (32, 64, "64x32")
+    assert adapter.latent_shape(2) == (2, 4, 16, 32)
+    prompts, seeds = ["a star on the left and a house on the right", ""], [0, 1]
+    packed = torch.stack(generate_images(handle, prompts, seeds, progress=False, output_type="latent"))
+    noise = torch.stack([torch.randn(adapter.latent_shape(1)[1:], generator=torch.Generator().manual_seed(s))
+                         for s in seeds])
+    scheduler = adapter.rollout_scheduler(settings["steps"])
+    final = denoise(adapter, scheduler, adapter.initial_noise(scheduler, noise), adapter.conditioning(prompts),
+                    adapter.conditioning([""] * len(prompts)), settings["guidance"])
+    ours = adapter.pipeline_latents(final)
+    assert packed.shape == ours.shape == (2, 8 * 16, 16)
+    assert packed.abs().max() > 0.1
+    assert (packed - ours).abs().max() <= 1e-4, float((packed - ours).abs().max())
+    images = generate_images(handle, prompts, seeds, progress=False)
+    assert [im.size for im in images] == [(64, 32), (64, 32)]
+
+
+def test_scene_check_runs_on_a_flux_scene_model_with_its_bars(micro_flux_scenes, tmp_path, capsys) -> None:
+    from trace_erase.toyworld.scene_check import BARS
+
+    out = tmp_path / "check.json"
+    assert main(["toyworld", "check", "--model", str(micro_flux_scenes[1]), "--seeds", "1",
+                 "--output", str(out)]) == 0
+    assert "scene scorer" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["bars"] == {**BARS, "class": 0.80}
+    assert set(res["passed"]) == set(BARS) and res["sampler"]["resolution"] == "64x32"
+    assert res["training"]["family"] == "flux" and res["training"]["world"] == "scenes"
