@@ -186,7 +186,7 @@ def _bench_run(handle: ModelHandle, erase: Any, method: str, extra: dict[str, An
               "scorer": scorer, "reference": reference}
     if method == "base":
         res = evaluate(handle, None, suite, concept, run_dir, **common)
-        return {"concept": concept, "method": "base", "status": "ok", **res["metrics"]["erased"], "erase_s": 0.0,
+        return {"concept": concept, "method": "base", "status": "ok", **_row_metrics(res), "erase_s": 0.0,
                 "units": units(res)}
     spec = get_method(method)
     if handle.adapter.family not in spec.families:
@@ -205,9 +205,15 @@ def _bench_run(handle: ModelHandle, erase: Any, method: str, extra: dict[str, An
         print(f"  {concept:10s} {label:24s} " + " ".join(f"{k} {m[k]:.3f}" for k in shown
                                                         if m.get(k) is not None), flush=True)
     reused = er.manifest["timings"].get("stage_b_resumed_s", 0.0)  # e.g. multi=sum reloading fuse's LoRAs
-    return {"concept": concept, "method": label, "status": "ok", **res["metrics"]["erased"], "erase_s": wall + reused,
+    return {"concept": concept, "method": label, "status": "ok", **_row_metrics(res), "erase_s": wall + reused,
             **({"erase_reused_s": reused} if reused else {}),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "units": units(res)}
+
+
+def _row_metrics(res: dict[str, Any]) -> dict[str, Any]:
+    """A run's metrics for its row: the per-run intervals over seeds (scene suites) are left to the run's own
+    results.json; the table's intervals are drawn over concepts × seeds from the row's units."""
+    return {k: v for k, v in res["metrics"]["erased"].items() if not k.endswith("_ci95")}
 
 
 def run_label(method: str, extra: dict[str, Any]) -> str:

@@ -37,12 +37,13 @@ def resolve_concepts(concepts: str, suite: str, classes: str | None = None) -> l
     """``dev``/``test`` (the toy classes' halves), ``all`` (every class of an objects suite, every toy style), or a
     comma list."""
     if concepts in ("dev", "test"):
-        if suite not in ("toy-objects",) and not (suite == "objects" and classes == "toy"):
-            raise TraceEraseError(f"--concepts {concepts} is the toy classes' split; use it with --suite toy-objects")
+        if suite not in ("toy-objects", "toy-scenes") and not (suite == "objects" and classes == "toy"):
+            raise TraceEraseError(f"--concepts {concepts} is the toy classes' split; use it with --suite toy-objects "
+                                  "or toy-scenes")
         return list(toy_split(concepts))
     if concepts == "all":
-        if suite in ("objects", "toy-objects"):
-            return list(load_class_set("toy" if suite == "toy-objects" else classes).classes)
+        if suite in ("objects", "toy-objects", "toy-scenes"):
+            return list(load_class_set(classes if suite == "objects" else "toy").classes)
         if suite == "toy-styles":
             return list(STYLES[1:])
         raise TraceEraseError(f"--concepts all is defined for the objects suites; name the concepts to erase "

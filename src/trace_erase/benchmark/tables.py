@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TraceEraseError
-from ..evaluation.intervals import HEADLINE, bootstrap
+from ..evaluation.intervals import intervals
 from ..evaluation.metrics import columns
 
 NOT_METRICS = {"concept", "method", "status", "error", "erase_s", "erase_reused_s", "peak_rss_mb"}  # not metrics
@@ -34,11 +34,7 @@ def summarize(rows: list[dict[str, Any]], suite: str | None = None) -> list[dict
             vals = [r[k] for r in ok if r.get(k) is not None]
             entry[k] = float(np.mean(vals)) if vals else None
         if suite is not None and ok and all(r.get("units") for r in ok) and method != "base":
-            ci = bootstrap(suite, [r["units"] for r in ok])
-            if ci["headline"] is not None:
-                entry[f"{HEADLINE[suite]}_ci95"] = list(ci["headline"])
-            if ci["drift_l2"] is not None:
-                entry["drift_l2_ci95"] = list(ci["drift_l2"])
+            entry.update(intervals(suite, [r["units"] for r in ok]))
         out.append(entry)
     return out
 

@@ -75,10 +75,10 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 
 
 # evaluation: what to draw (suite, prompts) and who scores it (scorer by path and its settings)
-SUITE_HELP = "objects, celebrities, styles, nudity, coco, toy-objects or toy-styles"
+SUITE_HELP = "objects, celebrities, styles, nudity, coco, toy-objects, toy-styles or toy-scenes"
 ScorerOpt = Annotated[str | None, typer.Option(help="KIND[:PATH]: toy, clip:CLIP_FOLDER, imagenet:WEIGHTS, nudenet, "
-                                                    "face:MODEL.onnx|FOLDER (default: the suite's own, where it has "
-                                                    "one)")]
+                                                    "face:MODEL.onnx|FOLDER, scene[:FOLDER] (default: the suite's "
+                                                    "own, where it has one)")]
 PromptsOpt = Annotated[str | None, typer.Option(help="prompt file instead of the suite's built-in prompts: I2P or "
                                                      "MACE-style CSV (type,prompt,evaluation_seed), COCO captions "
                                                      ".json, or a .txt list; one image per row")]

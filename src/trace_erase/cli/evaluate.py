@@ -42,11 +42,13 @@ if TYPE_CHECKING:
     from ..evaluation.suites import Suite
 
 
-def _suite_and_scorer(suite: str, concept: str, seeds: int, prompts: str | None, classes: str | None,
+def _suite_and_scorer(model: str, suite: str, concept: str, seeds: int, prompts: str | None, classes: str | None,
                       retained: str | None, reference: str | None, scorer: str | None,
                       options: ScorerOptions) -> tuple[Suite, Scorer]:
     """The suite (prompt file read, concept checked) and its scorer (loaded, labels checked) of a command's options,
-    and the suite's other needs (a reference folder) — all before the diffusion model loads."""
+    and the suite's other needs (a reference folder; a scene model for a scene suite, from its sidecar) — all before
+    the diffusion model loads."""
+    from ..evaluation.scene_suite import check_scene_model
     from ..evaluation.scorers import scorer_for
     from ..evaluation.scoring import check_protocol
     from ..evaluation.suites import build_suite
@@ -54,6 +56,7 @@ def _suite_and_scorer(suite: str, concept: str, seeds: int, prompts: str | None,
     the_suite = build_suite(suite, concept, seeds, prompts=prompts, classes=classes, retained=name_list(retained))
     the_scorer = scorer_for(the_suite, scorer, options)
     check_protocol(the_suite, reference)
+    check_scene_model(model, the_suite, getattr(the_scorer, "image_size", None))
     return the_suite, the_scorer
 
 
@@ -111,9 +114,9 @@ def eval_(
 
         er = concept_scaled(er, concept_scales)
     concept = concept or (er.manifest["concepts"][0]["name"] if er else None)
-    the_suite, the_scorer = _suite_and_scorer(suite, concept or "", seeds, prompts, classes, retained, reference,
-                                              scorer, scorer_options(gallery, class_map, arch, allow_pickle,
-                                                                     threshold, runtime))
+    the_suite, the_scorer = _suite_and_scorer(model, suite, concept or "", seeds, prompts, classes, retained,
+                                              reference, scorer, scorer_options(gallery, class_map, arch,
+                                                                                allow_pickle, threshold, runtime))
     workdir = prepare_workdir(output, resume, overwrite, "evaluation")
     handle = load_model(model, runtime=runtime)
     res = evaluate(handle, er, the_suite, concept, output, seeds=seeds, scale=scale, overwrite=overwrite,
@@ -164,7 +167,9 @@ def print_headline(res: dict[str, Any]) -> None:
     typer.echo(f"{res['method']} on '{res['concept']}' ({res['suite']}, {len(res['prompts'])} images, scorer "
                f"{scorer.get('name')}):")
     for key, label, d in cols:
-        typer.echo(f"  {label:28s} base {f(b.get(key), d)}  →  erased {f(e.get(key), d)}")
+        ci = e.get(f"{key}_ci95")
+        typer.echo(f"  {label:28s} base {f(b.get(key), d)}  →  erased {f(e.get(key), d)}"
+                   + (f" [{ci[0]:.{d}f}, {ci[1]:.{d}f}]" if ci else ""))
     typer.echo(f"report: {res['report']}")
 
 
@@ -215,6 +220,7 @@ def bench(
     from ..attacks import AttackConfig
     from ..benchmark.bench import parse_sweep, run_bench
     from ..benchmark.plan import check_concept_counts, check_methods, resolve_concepts
+    from ..evaluation.suites import SCENE_SUITES
     from ..models import load_model
 
     if Path(output).exists() and not overwrite and not (concept_counts and resume):
@@ -225,8 +231,10 @@ def bench(
     counts = check_concept_counts(concept_counts, suite, prompts, subsets, singletons, model, seeds,
                                   parse_options(option or []), bool(attacks))
     concept_list = resolve_concepts(concepts, suite, classes)
-    _, the_scorer = _suite_and_scorer(suite, concept_list[0] if concept_list else "", seeds, prompts, classes,
-                                      retained, reference, scorer,
+    if attacks and suite in SCENE_SUITES:
+        raise TraceEraseError(f"--attacks are scored on single-object suites; drop --attacks for --suite {suite}")
+    _, the_scorer = _suite_and_scorer(model, suite, concept_list[0] if concept_list else "", seeds, prompts,
+                                      classes, retained, reference, scorer,
                                       scorer_options(gallery, class_map, arch, allow_pickle, threshold, runtime))
     handle = load_model(model, runtime=runtime)
     if counts is not None:

@@ -13,12 +13,19 @@ from typing import Any
 import numpy as np
 
 from .metrics import h_identities, h_objects
+from .suites import SCENE_SUITES
 
-HEADLINE = {"objects": "h_o", "toy-objects": "h_o", "celebrities": "h_c", "toy-styles": "h_s"}
+HEADLINE = {"objects": "h_o", "toy-objects": "h_o", "celebrities": "h_c", "toy-styles": "h_s",
+            "toy-scenes": "h_scene"}
 
 
 def units(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per seed of one evaluation: hits and counts per group, and the retained prompts' per-image drift."""
+    """Per seed of one evaluation: hits and counts per group, and the retained prompts' per-image drift (a scene
+    suite: sums and counts of every per-picture scene value, :func:`.scene_scoring.scene_units`)."""
+    if result["suite"] in SCENE_SUITES:
+        from .scene_scoring import scene_units
+
+        return scene_units(result)
     out: dict[int, dict[str, Any]] = {}
     for prompt, judged in zip(result["prompts"], result["per_image"], strict=True):
         u = out.setdefault(prompt["seed"], {"seed": prompt["seed"], "hits": {}, "n": {}, "drift": []})
@@ -29,6 +36,18 @@ def units(result: dict[str, Any]) -> list[dict[str, Any]]:
         if "drift_l2" in judged:
             u["drift"].append(judged["drift_l2"])
     return [out[s] for s in sorted(out)]
+
+
+def intervals(suite: str, per_concept: list[list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """``<metric>_ci95`` intervals of a method's means over concepts: the headline and drift (label suites), every
+    metric (scene suites)."""
+    if suite in SCENE_SUITES:
+        from .scene_scoring import scene_intervals
+
+        return scene_intervals(per_concept)
+    ci = bootstrap(suite, per_concept)
+    out = {f"{HEADLINE[suite]}_ci95": list(ci["headline"])} if ci["headline"] is not None else {}
+    return {**out, **({"drift_l2_ci95": list(ci["drift_l2"])} if ci["drift_l2"] is not None else {})}
 
 
 def _concept_stats(suite: str, seeds: list[dict[str, Any]]) -> tuple[float | None, float | None]:

@@ -117,6 +117,14 @@ SUITE_COLUMNS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "coco": (("fid_reference", "FID ↓", 2), ("clip_score", "CLIP score ↑", 2)),
 }
 SUITE_COLUMNS["toy-objects"] = SUITE_COLUMNS["objects"]
+# the scene suite (evaluation/scene_scoring.py): the T + other group, then one figure of three other groups
+SUITE_COLUMNS["toy-scenes"] = (
+    ("acc_e", "Acc_e ↓", 3), ("became_empty", "→ empty", 3), ("became_other", "→ other class", 3),
+    ("retention", "retention ↑", 3), ("iou", "other IoU ↑", 3), ("centroid_shift", "centroid shift px ↓", 2),
+    ("drift_l2", "other-slot L2 ↓", 4), ("drift_ssim", "other-slot SSIM ↑", 3), ("h_scene", "H_scene ↑", 3),
+    ("control_retention", "control retention ↑", 3), ("synonym_acc_e", "synonym Acc_e ↓", 3),
+    ("stress_retention", "stress retention ↑", 3),
+)
 # after the suite's own: what the erasure did to the retained prompts' images, and optional quality metrics
 SHARED_COLUMNS = (("drift_l2", "drift L2 ↓", 4), ("drift_ssim", "SSIM ↑", 3), ("fid_vs_base", "FID vs base ↓", 2),
                   ("fid_reference", "FID vs reference ↓", 2), ("clip_score", "CLIP score ↑", 2))

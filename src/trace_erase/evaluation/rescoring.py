@@ -34,8 +34,8 @@ def saved_suite(results: dict[str, Any]) -> Suite:
     s = results["settings"].get("suite")
     if not isinstance(s, dict):
         raise TraceEraseError("this results.json predates per-image records (no settings.suite); evaluate again")
-    items = [PromptItem(p["prompt"], p["seed"], p["group"], p["label"], p.get("head", "class"), p.get("guidance"))
-             for p in results["prompts"]]
+    items = [PromptItem(p["prompt"], p["seed"], p["group"], p["label"], p.get("head", "class"), p.get("guidance"),
+                        tuple(p["sides"]) if p.get("sides") else None) for p in results["prompts"]]
     class_set = s.get("class_set")
     classes = class_set if results["suite"] == "objects" else None
     ref = build_suite(results["suite"], s["concept"], 1, classes=classes,

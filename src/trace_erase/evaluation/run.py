@@ -19,10 +19,11 @@ from ..models import ModelHandle
 from ..runtime import process_state
 from ..sampling import generate_images, sampler_settings
 from .report import write_report
+from .scene_suite import check_scene_handle
 from .scorers import Scorer, ScorerOptions, scorer_for
 from .scorers.base import version
 from .scoring import check_protocol, score_run
-from .suites import PromptItem, Suite, build_suite
+from .suites import SCENE_SUITES, PromptItem, Suite, build_suite
 
 
 def sharded(n: int, work: Callable[[list[int]], list[Any]]) -> list[Any]:
@@ -129,6 +130,7 @@ def evaluate(
     check_protocol(suite, reference)
     items = suite.items
     sampler = sampler_settings(handle, scheduler=scheduler)
+    check_scene_handle(sampler, suite, getattr(scorer, "image_size", None))
     cache_base, cache_erased = image_caches(workdir, handle, erasure, scale)
     t0 = time.perf_counter()
     base = base_images if base_images is not None else images_for(handle, items, progress, scheduler=scheduler,
@@ -157,7 +159,7 @@ def evaluate(
             "per_prompt_guidance": any(i.guidance is not None for i in items),
             "erasure_scale": scale if erasure else None,
             "erasure_config": erasure.manifest.get("config") if erasure else None,
-            "drift": "over the 'other' prompts: mean per-pixel RGB L2 in [0,1] and 7×7 luminance SSIM vs base",
+            "drift": DRIFT["scene" if suite.name in SCENE_SUITES else "other"],
             "quality": {"library": "torchmetrics " + str(version("torchmetrics")),
                         "fid_vs_base": "toy features, 'other' prompts (toy scorer only)",
                         "reference": str(reference) if reference else None, "fid_features": fid_features,
@@ -168,7 +170,7 @@ def evaluate(
         },
         "timings": {"generate_base_s": t_base, "generate_erased_s": t_erased},
         "prompts": [{"prompt": i.prompt, "seed": i.seed, "group": i.group, "label": i.label, "head": i.head,
-                     "guidance": i.guidance} for i in items],
+                     "guidance": i.guidance, **({"sides": list(i.sides)} if i.sides else {})} for i in items],
         "per_image": per_image,
     }
     results["settings"]["processes"] = process_state().num_processes
@@ -180,7 +182,11 @@ def evaluate(
 
 FORMULAS = {"h_o": "3 / (1/(1-acc_e) + 1/acc_s + 1/(1-acc_g))", "h_c": "2 / (1/(1-acc_e) + 1/acc_s)",
             "h_s": "2 / (1/(1-acc_e) + 1/acc_s)",
-            "h_a": "clip_s - clip_e", "clip_score": "100 * max(cos(image, prompt), 0), mean over images"}
+            "h_a": "clip_s - clip_e", "clip_score": "100 * max(cos(image, prompt), 0), mean over images",
+            "h_scene": "2 / (1/(1-acc_e) + 1/retention), per prompt group (scene suites)"}
+DRIFT = {"other": "over the 'other' prompts: mean per-pixel RGB L2 in [0,1] and 7×7 luminance SSIM vs base",
+         "scene": "masked to the other object's 32×32 slot: mean per-pixel RGB L2 in [0,1] and 7×7 luminance SSIM "
+                  "vs the base picture of the same seed"}
 
 
 def write_results(final: Path, overwrite: bool, results: dict[str, Any], base: np.ndarray, erased: np.ndarray,

@@ -12,7 +12,7 @@ from ..errors import TraceEraseError
 from .metrics import pixel_drifts, ssim, suite_metrics
 from .scorers import Scorer
 from .scorers.base import version
-from .suites import PromptItem, Suite
+from .suites import SCENE_SUITES, PromptItem, Suite
 
 
 def check_protocol(suite: Suite, reference: str | Path | None) -> None:
@@ -27,13 +27,22 @@ def check_protocol(suite: Suite, reference: str | Path | None) -> None:
 def score_run(suite: Suite, scorer: Scorer, base: np.ndarray, erased: np.ndarray,
               reference: str | Path | None = None, fid_features: str = "toy", fid_weights: str | Path | None = None,
               clip_model: str | Path | None = None) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """(metrics {"base": ..., "erased": ...}, per-image judgements) for images drawn for ``suite.items``."""
+    """(metrics {"base": ..., "erased": ...}, per-image judgements) for images drawn for ``suite.items``. A scene
+    suite's metrics compare base and erased pictures slot by slot (:mod:`.scene_scoring`); each image's record of
+    them is kept beside its judgements (``scene``), its drift is the other slot's."""
     items = suite.items
     judged = {"base": scorer.judge(base, items, suite)}
     judged["erased"] = judged["base"] if erased is base else scorer.judge(erased, items, suite)
-    metrics = {side: suite_metrics(suite.name, items, j) for side, j in judged.items()}
+    scene = suite.name in SCENE_SUITES
+    if scene:
+        from .scene_scoring import scene_scores
+
+        metrics, records = scene_scores(suite, judged, base, erased)
+    else:
+        metrics = {side: suite_metrics(suite.name, items, j) for side, j in judged.items()}
     other = np.array([i.group == "other" for i in items])
-    drifts = pixel_drifts(base[other], erased[other]) if other.any() and suite.name != "nudity" else None
+    drifts = pixel_drifts(base[other], erased[other]) if other.any() and suite.name != "nudity" and not scene \
+        else None
     if drifts is not None:
         metrics["erased"]["drift_l2"] = float(drifts.mean())
         metrics["erased"]["drift_ssim"] = ssim(base[other], erased[other])
@@ -43,6 +52,9 @@ def score_run(suite: Suite, scorer: Scorer, base: np.ndarray, erased: np.ndarray
     for key, (b_val, e_val) in quality.items():
         metrics["base"][key], metrics["erased"][key] = b_val, e_val
     per_image = [{"base": judged["base"][k], "erased": judged["erased"][k]} for k in range(len(items))]
+    if scene:
+        for k, rec in enumerate(records):
+            per_image[k]["scene"] = rec
     if drifts is not None and erased is not base:  # per-image drift of the retained prompts (for intervals)
         for k, d in zip(np.flatnonzero(other), drifts, strict=True):
             per_image[k]["drift_l2"] = round(float(d), 6)

@@ -11,6 +11,8 @@ Suites and what they measure (formulas in :mod:`.metrics`):
 - ``nudity``: a prompt file (I2P: each prompt with its own seed and guidance); NudeNet exposed-part counts.
 - ``coco``: a captions file; FID against ``--reference`` images and CLIP score.
 - ``toy-objects`` / ``toy-styles``: the toy world's (``objects`` with the ``toy`` class set; the style head).
+- ``toy-scenes``: two-slot scenes (:mod:`.scene_suite`): the erased class beside other objects, per-slot judgements;
+  Acc_e, what its slot became, the other object's retention and layout, H_scene.
 
 Every suite also reads ``--prompts FILE`` (:mod:`.prompts_files`): a labelled suite takes each row's label column
 to place it (erased / synonym / other); a file decides its images exactly, one per row.
@@ -19,84 +21,17 @@ to place it (erased / synonym / other); a file decides its images exactly, one p
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from ..errors import TraceEraseError
 from ..toyworld.render import CLASSES, STYLES, SYNONYMS
+from .items import NEEDS, SCENE_SUITES, SUITES, ClassSet, PromptItem, Suite, article
 from .prompts_files import LABEL_COLUMNS, PromptRecord, read_prompts
 
-SUITES = ("objects", "celebrities", "styles", "nudity", "coco", "toy-objects", "toy-styles")
+# PromptItem, Suite, ClassSet and the per-suite tables live in .items (shared with suites in their own modules,
+# e.g. .scene_suite) and are imported from here as before
 CLASS_SETS = ("cifar10", "imagenette", "toy")
-# what a scorer must give per image for each suite: a label (classification), a score (CLIP score) or counts
-NEEDS = {"objects": "label", "toy-objects": "label", "toy-styles": "label", "celebrities": "label",
-         "styles": "score", "nudity": "counts", "coco": "score"}
-# the scorer a suite uses when none is given (None: the user must name one, by path)
-DEFAULT_SCORER = {"toy-objects": "toy", "toy-styles": "toy", "nudity": "nudenet"}
-
-
-@dataclass(frozen=True)
-class PromptItem:
-    """One image to generate: its prompt and seed, the group it scores in, and the label a correct image has."""
-
-    prompt: str
-    seed: int
-    group: str  # "erased" | "synonym" | "other"
-    label: str  # expected class / identity / style ("" where the suite has no labels)
-    head: str = "class"  # the toy classifier's head that scores it: "class" or "style"
-    guidance: float | None = None  # the prompt's own guidance (I2P); None: the sampler's
-
-
-@dataclass(frozen=True)
-class ClassSet:
-    """The classes an objects suite draws from: prompt templates, synonyms, zero-shot text, ImageNet indices."""
-
-    name: str
-    classes: dict[str, tuple[str, ...]]
-    template: str
-    synonym_template: str
-    zero_shot: str
-    imagenet_index: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    source: str = ""  # how it was named: a bundled set's name or the JSON file's path
-    compositions: bool = False  # add the "composed" group (attribute compositions; the toy world's)
-
-    def class_of(self, concept: str) -> str:
-        """The class a concept names (the class or one of its synonyms), case-insensitively."""
-        c = concept.strip().lower()
-        for cls, syns in self.classes.items():
-            if c == cls.lower() or c in (s.lower() for s in syns):
-                return cls
-        raise TraceEraseError(f"'{concept}' is not a class of the {self.name} class set; choose one of "
-                              f"{', '.join(self.classes)}")
-
-
-@dataclass(frozen=True)
-class Suite:
-    """A suite's items for one erased concept, the label set a classifier chooses among and where it came from."""
-
-    name: str
-    concept: str
-    items: list[PromptItem]
-    labels: tuple[str, ...] = ()  # candidate labels (classification suites)
-    zero_shot: dict[str, str] = field(default_factory=dict)  # label → text a CLIP zero-shot scorer compares with
-    class_set: ClassSet | None = None
-    source: str = "built-in"  # "built-in" or the prompts file
-
-    @property
-    def needs(self) -> str:
-        """What a scorer must give per image: "label", "score" or "counts"."""
-        return NEEDS[self.name]
-
-    def describe(self) -> dict[str, object]:
-        """The suite's identity for results.json."""
-        return {"name": self.name, "concept": self.concept, "source": self.source, "items": len(self.items),
-                "labels": list(self.labels), "class_set": self.class_set.source if self.class_set else None}
-
-
-def article(word: str) -> str:
-    """'a' or 'an' before ``word``."""
-    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def fill(template: str, word: str) -> str:
@@ -266,6 +201,10 @@ def build_suite(name: str, concept: str, seeds: int = 10, prompts: str | Path | 
         raise TraceEraseError(f"--classes applies to --suite objects, not {name}")
     if retained is not None and name not in ("celebrities", "styles"):
         raise TraceEraseError(f"--retained applies to --suite celebrities or styles, not {name}")
+    if name in SCENE_SUITES:
+        from .scene_suite import build_scene_suite
+
+        return build_scene_suite(name, concept, seeds, prompts)
     if name in ("nudity", "coco") and prompts is None:
         what = "an I2P CSV (prompt, evaluation_seed, ...)" if name == "nudity" else "a captions file (COCO JSON, CSV)"
         raise TraceEraseError(f"--suite {name} needs --prompts FILE: {what}")

@@ -11,6 +11,8 @@ imagenet weights (--arch + safetensors,  label — top-1 mapped through a class 
 nudenet  (NudeNet's bundled detector)   counts of exposed parts
 face     an .onnx file or a transformers label — nearest identity of a --gallery
          folder
+scene    (the bundled scene scorer, or  slots — per slot: class or empty, colour, style
+         a folder with per-slot heads)
 ======== ============================== =========================================================
 
 Nothing is downloaded: every path is local.
@@ -19,7 +21,7 @@ Nothing is downloaded: every path is local.
 from __future__ import annotations
 
 from ...errors import TraceEraseError
-from ..suites import DEFAULT_SCORER, Suite
+from ..items import DEFAULT_SCORER, Suite
 from .base import HINTS, PROVIDES, Scorer, ScorerOptions, check_provides, existing
 
 SCORER_KINDS = tuple(PROVIDES)
@@ -50,6 +52,10 @@ def _build(kind: str, path: str, opts: ScorerOptions) -> Scorer:
         from .toy import ToyScorer
 
         return ToyScorer(existing(path, kind, "CLASSIFIER_FOLDER") if path else None)
+    if kind == "scene":
+        from .scene import SceneScorer
+
+        return SceneScorer(existing(path, kind, "SCENE_SCORER_FOLDER") if path else None)
     if kind == "nudenet":
         if path:
             raise TraceEraseError("--scorer nudenet takes no path (it uses the detector inside the nudenet package)")

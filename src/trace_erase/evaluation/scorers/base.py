@@ -1,7 +1,8 @@
 """The scorer interface: images + the suite's prompt items → one judgement per image, plus an identity record.
 
 A judgement is a small JSON-able dict: ``{"label": ...}`` (classification: class, identity, style), ``{"score":
-...}`` (CLIP score against the image's own prompt) or ``{"counts": {...}, "exposed": n}`` (detection). A suite
+...}`` (CLIP score against the image's own prompt), ``{"counts": {...}, "exposed": n}`` (detection) or, for the
+scene suites, ``{"left": {"class", "color", "style"}, "right": {...}, "background": ...}`` (per slot). A suite
 says which it needs (:attr:`Suite.needs`); a scorer says which it provides and checks, before any image is drawn,
 that it can answer the suite (its labels cover the suite's).
 """
@@ -28,6 +29,7 @@ HINTS = {
     "nudity": "--scorer nudenet",
     "toy-objects": "--scorer toy",
     "toy-styles": "--scorer toy",
+    "toy-scenes": "--scorer scene (the bundled per-slot scene scorer) or scene:FOLDER (one with per-slot heads)",
 }
 
 
@@ -38,14 +40,17 @@ PROVIDES: dict[str, frozenset[str]] = {
     "imagenet": frozenset({"label"}),
     "nudenet": frozenset({"counts"}),
     "face": frozenset({"label"}),
+    "scene": frozenset({"slots"}),
 }
+NEEDS_TEXT = {"slots": "per-slot judgement (class or empty, colour, style of each slot)"}
 
 
 def check_provides(kind: str, provides: frozenset[str], suite: Suite) -> None:
     """One line when a ``kind`` scorer cannot give the judgement ``suite`` needs."""
     if suite.needs not in provides:
         raise TraceEraseError(f"the {kind} scorer gives {'/'.join(sorted(provides))}, but the {suite.name} suite "
-                              f"needs a {suite.needs} per image; use {HINTS.get(suite.name, 'another scorer')}")
+                              f"needs a {NEEDS_TEXT.get(suite.needs, suite.needs)} per image; use "
+                              f"{HINTS.get(suite.name, 'another scorer')}")
 
 
 @dataclass(frozen=True)
