@@ -342,7 +342,7 @@ def test_cli_export_and_info(saved_models, tmp_path, capsys) -> None:
     code, out, err = _run(["export", str(tmp_path / "e"), "--model", model, "--format", "diffusers",
                            "--max-rank", "2", "--output", str(tmp_path / "d.safetensors")], capsys)
     assert code == 0, err
-    assert re.search(r"truncated to rank ≤ 2: relative error max \d", out)
+    assert re.search(r"truncated to rank ≤ 2 \(gram\): relative error max \d", out)
     code, out, _ = _run(["info", str(tmp_path / "d.safetensors")], capsys)
     assert code == 0 and "diffusers export of a trace-closed-form erasure" in " ".join(out.split()) and "→" in out
 

@@ -64,6 +64,8 @@ flags = {
     "--threshold": values,
     "--reference": texts,
     "--format": st.sampled_from(["kohya", "diffusers", "full", "onnx", ""]),
+    "--target": st.sampled_from(["comfyui", "a1111", "forge", "invokeai", "kohya", "diffusers", "gimp", ""]),
+    "--truncation": st.sampled_from(["gram", "svd", "qr", ""]),
     "--max-rank": st.integers(-1, 3).map(str),
     "--precision": st.sampled_from(["fp32", "fp16", "bf16", "fp8", ""]),
 }
@@ -71,7 +73,7 @@ RUNTIME = ["--device", "--dtype", "--offload"]
 EVAL = ["--scorer", "--prompts", "--classes", "--retained", "--gallery", "--class-map", "--threshold", "--reference"]
 FLAGS = {  # what each command takes (and --bogus, which none does)
     "erase": [*RUNTIME, "--anchor", "--preserve", "--gate-tau", "--concept", "--format", "--max-rank", "--bogus"],
-    "export": ["--device", "--dtype", "--format", "--max-rank", "--precision", "--bogus"],
+    "export": ["--device", "--dtype", "--format", "--target", "--truncation", "--max-rank", "--precision", "--bogus"],
     "generate": [*RUNTIME, "--batch-size", "--scheduler", "--steps", "--scale", "--bogus"],
     "eval": [*RUNTIME, "--batch-size", "--scheduler", "--seeds", "--scale", "--concept", "--bogus", *EVAL],
     "bench": [*RUNTIME, "--batch-size", "--scheduler", "--seeds", "--bogus", *EVAL],

@@ -19,7 +19,8 @@ from .artifacts.fingerprint import fingerprint
 from .artifacts.lora import concat_loras, deltas_to_state_dict
 from .artifacts.manifest import FORMAT, FORMAT_VERSION
 from .config import Concept, config_from_dict, make_concepts
-from .engines.closed_form import ClosedFormConfig, ClosedFormEngine, export_certificate
+from .engines.closed_form import ClosedFormConfig, ClosedFormEngine
+from .engines.export_stats import ExportStatistics
 from .engines.fusion import fusion_tensors
 from .engines.stage_a import StageAWeights
 from .engines.trajectory import TrajectoryConfig, TrajectoryEngine
@@ -252,7 +253,10 @@ def _manifest(run: _Run, spec: MethodSpec, cf_cfg: ClosedFormConfig | None, tr_c
 
 def export_erasure(erasure: Erasure, handle: ModelHandle, options: ExportOptions, output: str | Path,
                    overwrite: bool = False) -> dict[str, Any]:
-    """Write ``erasure`` as a file other tools load (``options.format``: kohya, diffusers or full) for the base model
-    in ``handle``; a truncated closed-form delta carries its certificate next to the exact one. Returns the export
-    record (also stored in the file's metadata)."""
-    return write_export(erasure, handle, options, output, overwrite=overwrite, certify=export_certificate)
+    """Write ``erasure`` as a file other tools load (``options.target``: comfyui, a1111, forge, invokeai, kohya or
+    diffusers; or ``options.format``: kohya, diffusers or full) for the base model in ``handle``; a truncated
+    closed-form delta is cut in the solve's own Gram metric (``options.truncation``) and carries its certificate
+    next to the exact one. Returns the export record (also stored in the file's metadata)."""
+    stats = ExportStatistics(erasure, handle)  # encodes the prompts only if a truncation needs them
+    return write_export(erasure, handle, options, output, overwrite=overwrite, certify=stats.certify,
+                        metric=stats.metrics)

@@ -101,12 +101,13 @@ class EraseJob:
         records: list[dict[str, Any]] = []
 
         def write_export(folder: Path) -> None:
-            target = folder / f"export-{self.export.format}.safetensors"
+            target = folder / f"export-{self.export.name}.safetensors"
             records.append(export_erasure(result, handle, self.export, target, overwrite=True))
             # written before the manifest: erasure.json says which exports ship in the folder (and an ungated one)
-            result.manifest["exports"] = [{"file": target.name, "format": self.export.format,
-                                           "max_rank": self.export.max_rank, "ungated": records[-1]["ungated"],
-                                           "files": list(records[-1]["files"])}]
+            rec = records[-1]
+            result.manifest["exports"] = [{"file": target.name, "format": rec["format"], "target": rec["target"],
+                                           "max_rank": self.export.max_rank, "ungated": rec["ungated"],
+                                           "files": list(rec["files"])}]
 
         try:
             path = result.save(final, overwrite=overwrite, extra=write_export if self.export else None)

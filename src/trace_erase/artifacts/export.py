@@ -1,11 +1,14 @@
-"""Export an erasure to the formats users load: diffusers/PEFT, kohya (A1111, Forge, ComfyUI) and ``full`` weights.
+"""Export an erasure to the formats users load: diffusers/PEFT, kohya (A1111, Forge, ComfyUI, sd-scripts) and
+``full`` weights — for a named tool with ``target`` (see :mod:`.targets`), or in a named ``format``.
 
-Every module's delta is rebuilt densely (ΔW = Σ B·A at scale 1) and refactored by SVD at its numerical rank, so a
-LoRA is never wider than it needs to be. A closed-form delta can be close to full rank (61–62 of 64 on toy-sd); where
-a LoRA of that rank would be larger than the dense delta, the module is written as edited weights (``full``) in a
-companion file — unless ``--max-rank`` truncates it, in which case the relative reconstruction error and the
-certificate of the truncated delta are recorded. Provenance (method, concepts, base-model fingerprint, what was
-exported at which rank and error) is in every file's safetensors ``__metadata__`` under ``trace_erase``.
+Every module's delta is rebuilt densely (ΔW = Σ B·A at scale 1) and refactored at its numerical rank, so a LoRA is
+never wider than it needs to be. ``max_rank`` truncates it (Gram-weighted by default, :mod:`.lowrank`), recording
+each module's error and the closed-form certificate of the truncated delta. Without a target, a module whose exact
+LoRA would be larger than its dense delta is written as edited weights in a ``-full`` companion file; with a target
+every module the target's readers can load stays in the LoRA, and only modules no LoRA of the format can carry for
+them go to the companion file (or are refused with ``strict``). Provenance (method, concepts, base-model
+fingerprint, what was exported at which rank and error, what each known reader loads) is in every file's
+safetensors ``__metadata__`` under ``trace_erase``.
 
 A gated erasure (stage B active only for t < τ) cannot be expressed by any LoRA loader: it is refused, or exported
 always-on with ``ungated=True``, which the file's metadata records.
@@ -14,9 +17,8 @@ always-on with ``ungated=True``, which the file's metadata records.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +28,44 @@ from ..errors import TraceEraseError
 from ..io import atomic_write
 from ..models.registry import adapter_class
 from .erasure import Erasure
-from .lora import delta_to_lora, lora_pairs
+from .lora import lora_pairs
+from .lowrank import TRUNCATIONS, Metric, ModuleExport, dense_delta, plan_module
 from .naming import kohya_modules
+from .readers import file_modules
+from .targets import TARGETS, Placement, check_target, companion_instructions, place, verdicts
 
 FORMATS = ("diffusers", "kohya", "full")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 METADATA_KEY = "trace_erase"  # the provenance record in the safetensors __metadata__
+__all__ = ["ExportOptions", "ModuleExport", "apply_full", "check_gate", "check_output", "dense_delta",
+           "full_companion", "read_export_record", "read_keys", "write_export"]
 
 
 @dataclass
 class ExportOptions:
-    """How to export: ``format``; ``max_rank`` (truncate LoRAs to this rank; None: the numerical rank, and dense
-    weights where that is smaller); ``ungated`` (export a gated stage B always-on); ``precision`` of the tensors."""
+    """How to export: ``target`` (a tool: picks format and placement) or ``format``; ``strict`` (refuse a module a
+    target's reader cannot load instead of writing a companion file); ``max_rank`` (truncate LoRAs to this rank;
+    None: the numerical rank); ``truncation`` (``gram`` or ``svd``); ``ungated`` (export a gated stage B always-on);
+    ``precision`` of the tensors."""
 
-    format: str = "diffusers"
+    format: str | None = None
     max_rank: int | None = None
     ungated: bool = False
     precision: str = "fp32"
     rank_tolerance: float = 1e-6
+    target: str | None = None
+    strict: bool = False
+    truncation: str = "gram"
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
+        check_target(self.target)
+        if self.target is not None and self.format is not None:
+            raise TraceEraseError(f"--target {self.target} picks the format; drop --format {self.format}")
+        if self.target is None:
+            self.format = self.format or "diffusers"
+            if self.strict:
+                raise TraceEraseError("--strict needs --target (the readers it checks against)")
+        if self.format is not None and self.format not in FORMATS:
             raise TraceEraseError(f"unknown export format '{self.format}'; choose one of {', '.join(FORMATS)}")
         if self.precision not in PRECISIONS:
             raise TraceEraseError(f"unknown precision '{self.precision}'; choose one of {', '.join(PRECISIONS)}")
@@ -54,8 +73,15 @@ class ExportOptions:
             raise TraceEraseError(f"--max-rank must be ≥ 1 (got {self.max_rank})")
         if self.max_rank is not None and self.format == "full":
             raise TraceEraseError("--max-rank applies to LoRA formats; drop it for --format full")
+        if self.truncation not in TRUNCATIONS:
+            raise TraceEraseError(f"unknown --truncation '{self.truncation}'; choose one of {', '.join(TRUNCATIONS)}")
         if not 0 <= self.rank_tolerance < 1:
             raise TraceEraseError(f"rank_tolerance must be in [0, 1) (got {self.rank_tolerance})")
+
+    @property
+    def name(self) -> str:
+        """What the export is for, in file names: the target, else the format."""
+        return self.target or self.format
 
 
 def check_output(path: str | Path, overwrite: bool) -> Path:
@@ -81,75 +107,6 @@ def check_gate(gate: dict[str, Any] | None, options: ExportOptions) -> None:
 def full_companion(path: Path) -> Path:
     """Where modules exported as edited weights go when the main file is a LoRA."""
     return path.with_name(path.stem + "-full.safetensors")
-
-
-@dataclass
-class ModuleExport:
-    """What one module became: a LoRA of ``rank`` (``a``: [r, in…], ``b``: [out, r…], scale 1) or dense weights."""
-
-    kind: str  # "lora" | "full"
-    rank: int
-    numerical_rank: int
-    rel_error: float
-    lora_params: int
-    dense_params: int
-    a: torch.Tensor | None = field(default=None, repr=False)
-    b: torch.Tensor | None = field(default=None, repr=False)
-    delta: torch.Tensor | None = field(default=None, repr=False)
-
-    def record(self) -> dict[str, Any]:
-        return {"kind": self.kind, "rank": self.rank, "numerical_rank": self.numerical_rank,
-                "rel_error": self.rel_error, "lora_params": self.lora_params, "dense_params": self.dense_params}
-
-
-def _factors(erasure: Erasure, ungated: bool) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """(A, B) pairs per module (denoiser-relative names) of the main LoRA and, when ``ungated``, the gated one."""
-    states = [erasure.state_dict] + ([erasure.gated_state_dict] if ungated and erasure.gated_state_dict else [])
-    out: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for state in states:
-        for name, pair in lora_pairs(state, erasure.prefix).items():
-            out.setdefault(name, []).append(pair)
-    return out
-
-
-def dense_delta(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Σ B·A in float64; for a conv LoRA (A [r, in, k, k], B [out, r, 1, 1]) the full kernel delta."""
-    total = None
-    for a, b in pairs:
-        if a.dim() == 4:
-            d = torch.einsum("or,rikl->oikl", b.double()[:, :, 0, 0], a.double())
-        else:
-            d = b.double() @ a.double()
-        total = d if total is None else total + d
-    return total
-
-
-def plan_module(pairs: list[tuple[torch.Tensor, torch.Tensor]], options: ExportOptions) -> ModuleExport:
-    """Decide how one module is exported and compute its factors (or dense delta) and reconstruction error."""
-    delta = dense_delta(pairs)
-    dense_params = delta.numel()
-    if options.format == "full" and delta.dim() == 4:
-        return ModuleExport("full", 0, 0, 0.0, 0, dense_params, delta=delta)
-    if delta.dim() == 4:  # conv LoRA: kept as trained (already low rank), zero padding dropped
-        a = torch.cat([p[0] for p in pairs]).double()
-        b = torch.cat([p[1] for p in pairs], dim=1).double()
-        keep = (a.flatten(1).abs().sum(1) > 0) & (b.flatten(2).abs().sum((0, 2)) > 0)
-        a, b = a[keep], b[:, keep]
-        r = a.shape[0]
-        return ModuleExport("lora", r, r, 0.0, a.numel() + b.numel(), dense_params, a=a, b=b)
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    if s.numel() == 0 or float(s[0]) == 0.0:
-        return ModuleExport("lora", 0, 0, 0.0, 0, dense_params, a=delta.new_zeros(0, delta.shape[1]),
-                            b=delta.new_zeros(delta.shape[0], 0))
-    numerical = int((s > options.rank_tolerance * s[0]).sum())
-    per_rank = delta.shape[0] + delta.shape[1]
-    if options.format == "full" or (options.max_rank is None and numerical * per_rank >= dense_params):
-        return ModuleExport("full", 0, numerical, 0.0, numerical * per_rank, dense_params, delta=delta)
-    r = min(numerical, options.max_rank or numerical)
-    total = float((s**2).sum())
-    error = math.sqrt(float((s[r:] ** 2).sum()) / total) if total > 0 else 0.0
-    a, b = delta_to_lora(delta, options.rank_tolerance)
-    return ModuleExport("lora", r, numerical, error, r * per_rank, dense_params, a=a[:r], b=b[:, :r])
 
 
 def _kohya_tensors(plans: dict[str, ModuleExport], family: str, handle: Any,
@@ -241,60 +198,136 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
 
 Certifier = Callable[[Erasure, Any, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, dict[str, Any]]]
+MetricSource = Callable[[Erasure, Any], dict[str, Metric]]  # per module: its text stream's G and columns
+
+
+def _factors(erasure: Erasure, ungated: bool) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(A, B) pairs per module (denoiser-relative names) of the main LoRA and, when ``ungated``, the gated one."""
+    states = [erasure.state_dict] + ([erasure.gated_state_dict] if ungated and erasure.gated_state_dict else [])
+    out: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for state in states:
+        for name, pair in lora_pairs(state, erasure.prefix).items():
+            out.setdefault(name, []).append(pair)
+    return out
+
+
+def _file_names(plans: dict[str, ModuleExport], fmt: str, family: str, handle: Any,
+                prefix: str) -> dict[str, tuple[str, ...]]:
+    """Module name in the file → the exported denoiser modules it carries (several for a fused kohya module)."""
+    loras = [m for m, p in plans.items() if p.kind == "lora" and p.rank > 0]
+    if fmt == "kohya":
+        modules, _ = kohya_modules(family, loras, getattr(handle.adapter.denoiser, "config", None))
+        return {km.name: tuple(m for m in km.members if m in loras) for km in modules}
+    return {f"{prefix}.{m}": (m,) for m in loras}
+
+
+def _apply_target(plans: dict[str, ModuleExport], factors: dict[str, list], options: ExportOptions, family: str,
+                  handle: Any, prefix: str) -> Placement:
+    """Place every module for ``options.target``; modules no reader-loadable LoRA can carry become edited weights."""
+    target = TARGETS[options.target]
+    fmt = target.format_for(family)
+    head = prefix + "."
+
+    def to_module(name: str) -> str | None:
+        return name[len(head):] if fmt == "diffusers" and name.startswith(head) else None
+
+    placement = place(target, family, _file_names(plans, fmt, family, handle, prefix), options.strict, to_module)
+    for m in placement.companion:
+        p = plans[m]
+        plans[m] = ModuleExport("full", 0, p.numerical_rank, 0.0, p.lora_params, p.dense_params,
+                                delta=dense_delta(factors[m]))
+    return placement
+
+
+def _placeholder(handle: Any, module: str) -> ModuleExport:
+    """A zero rank-1 LoRA on ``module``: changes nothing, makes a reader recognise the file."""
+    w = handle.adapter.module(module).weight
+    zero_a, zero_b = torch.zeros(1, w.shape[1], dtype=torch.float64), torch.zeros(w.shape[0], 1, dtype=torch.float64)
+    return ModuleExport("lora", 1, 0, 0.0, w.shape[0] + w.shape[1], w.numel(), a=zero_a, b=zero_b)
+
+
+def _dense_instructions(companion: str, modules: list[str], lora: str) -> str:
+    return (f"{len(modules)} module(s) are smaller as edited weights than as an exact LoRA and are in {companion}, "
+            f"which LoRA loaders do not read: load it into the base model first (`trace_erase.artifacts.export."
+            f"apply_full(pipe, '{companion}')`) and apply {lora} to that model — or export with --max-rank R or "
+            "--target TOOL for a file that holds every module")
 
 
 def write_export(erasure: Erasure, handle: Any, options: ExportOptions, output: str | Path,
-                 overwrite: bool = False, certify: Certifier | None = None) -> dict[str, Any]:
-    """Write ``erasure`` as ``options.format`` to ``output`` (a ``.safetensors`` file) for the base model in
-    ``handle``; returns the export record (also stored in each file's metadata). Where a closed-form delta is
-    truncated, ``certify(erasure, handle, exported, exact)`` (dense deltas per module) gives the certificate of the
+                 overwrite: bool = False, certify: Certifier | None = None,
+                 metric: MetricSource | None = None) -> dict[str, Any]:
+    """Write ``erasure`` for ``options.target`` (or as ``options.format``) to ``output`` (a ``.safetensors`` file)
+    for the base model in ``handle``; returns the export record (also stored in each file's metadata). Where a
+    closed-form delta is truncated, ``metric(erasure, handle)`` gives the Gram of each text stream for the ``gram``
+    truncation and ``certify(erasure, handle, exported, exact)`` (dense deltas per module) the certificate of the
     exported delta next to the exact one (:func:`trace_erase.api.export_erasure` passes the closed-form engine's)."""
     out = check_output(output, overwrite)
     family = erasure.manifest["base_model"]["family"]
     check_gate(erasure.manifest.get("gate"), options)
+    fmt = TARGETS[options.target].format_for(family) if options.target else options.format
     erasure.check_base(handle)
     dtype = PRECISIONS[options.precision]
     factors = _factors(erasure, options.ungated)
-    plans = {m: plan_module(pairs, options) for m, pairs in factors.items()}
-    record: dict[str, Any] = {"format": options.format, "precision": options.precision, "max_rank": options.max_rank,
+    closed_form = bool(erasure.manifest["config"].get("closed_form"))
+    wants_metric = metric is not None and closed_form and options.max_rank and options.truncation == "gram"
+    metrics = metric(erasure, handle) if wants_metric else {}
+    plans = {m: plan_module(pairs, fmt, options.max_rank, options.rank_tolerance, options.target is None,
+                            options.truncation, metrics.get(m)) for m, pairs in factors.items()}
+    placement = _apply_target(plans, factors, options, family, handle, erasure.prefix) if options.target else None
+    record: dict[str, Any] = {"format": fmt, "target": options.target, "strict": options.strict,
+                              "precision": options.precision, "max_rank": options.max_rank,
+                              "truncation": options.truncation if options.max_rank else None,
                               "ungated": bool(options.ungated and erasure.gated_state_dict is not None),
                               "modules": {m: p.record() for m, p in plans.items()}}
     truncated = any(p.kind == "lora" and p.rank < p.numerical_rank for p in plans.values())
-    if truncated and certify is not None and erasure.manifest["config"].get("closed_form") and erasure.certificate:
+    if truncated and certify is not None and closed_form and erasure.certificate:
         exact = {m: dense_delta(pairs) for m, pairs in factors.items()}
-        exported = {m: p.delta if p.kind == "full" else p.b @ p.a for m, p in plans.items()}
-        record["certificate"] = certify(erasure, handle, exported, exact)
+        record["certificate"] = certify(erasure, handle, {m: p.exported() for m, p in plans.items()}, exact)
     full = _full_tensors(plans, handle, dtype)
     meta_base = {"format": "pt", "modelspec.architecture": family,
                  "ss_base_model_version": adapter_class(family).export_base_version}
     files: dict[str, dict[str, Any]] = {}
-    if options.format == "full":
+    if fmt == "full":
         files[out.name] = {"kind": "full", "tensors": len(full), "bytes": _nbytes(full)}
         record["files"] = files
         meta = {**meta_base, METADATA_KEY: json.dumps({**provenance(erasure), "export": record})}
         _save(out, full, meta)
         return record
-    if full:
-        files[full_companion(out).name] = {"kind": "full", "tensors": len(full), "bytes": _nbytes(full)}
-    if options.format == "kohya":
+    placeholders = {m: _placeholder(handle, m) for m in (placement.placeholders if placement else [])}
+    if fmt == "kohya":
         tensors, naming = _kohya_tensors(plans, family, handle, dtype)
         record["naming"] = naming
     else:
-        tensors, lora_config = _diffusers_tensors(plans, erasure.prefix, dtype)
+        tensors, lora_config = _diffusers_tensors({**plans, **placeholders}, erasure.prefix, dtype)
     if not tensors:
         raise TraceEraseError("no module of this erasure is low-rank enough for a LoRA file; pass --max-rank R "
                               "to truncate, or --format full")
-    if options.format == "kohya":
+    record["readers"] = verdicts(family, fmt, file_modules(list(tensors))[1])
+    if placement is not None:
+        keys = {r.key for r in placement.readers}
+        short = [v for v in record["readers"] if v["reader"] in keys and v["status"] != "whole"]
+        if short:  # the placement guarantees this; a failure here is a bug in the reader table or the exporter
+            raise TraceEraseError(f"internal error: the export would not load whole ({short[0]['line']}); "
+                                  "please report it, and use --target diffusers meanwhile")
+        record["placeholders"] = sorted(placeholders)
+    companion = full_companion(out)
+    if full:
+        files[companion.name] = {"kind": "full", "tensors": len(full), "bytes": _nbytes(full)}
+        mods = {m: [] for m, p in plans.items() if p.kind == "full"}
+        text = companion_instructions(companion.name, placement.companion, out.name) if placement else \
+            _dense_instructions(companion.name, list(mods), out.name)
+        record["companion"] = {"file": companion.name, "modules": placement.companion if placement else mods,
+                               "instructions": text}
+    if fmt == "kohya":
         extra = {"ss_network_module": "networks.lora",
                  "ss_network_dim": str(max(v.shape[0] for k, v in tensors.items() if k.endswith("down.weight"))),
                  "ss_network_alpha": str(next(float(v) for k, v in tensors.items() if k.endswith(".alpha")))}
     else:
         extra = {"lora_adapter_metadata": json.dumps(lora_config, sort_keys=True)}
-    files = {out.name: {"kind": options.format, "tensors": len(tensors), "bytes": _nbytes(tensors)}, **files}
-    record["files"] = files
+    record["files"] = {out.name: {"kind": fmt, "tensors": len(tensors), "bytes": _nbytes(tensors)}, **files}
     meta = {**meta_base, **extra, METADATA_KEY: json.dumps({**provenance(erasure), "export": record})}
     if full:
-        _save(full_companion(out), full, {**meta_base, METADATA_KEY: meta[METADATA_KEY]})
+        _save(companion, full, {**meta_base, METADATA_KEY: meta[METADATA_KEY]})
     _save(out, tensors, meta)
     return record
 
@@ -311,6 +344,14 @@ def read_export_record(path: str | Path) -> dict[str, Any]:
     if METADATA_KEY not in meta:
         raise TraceEraseError(f"'{path}' was not exported by trace-erase (no '{METADATA_KEY}' metadata)")
     return json.loads(meta[METADATA_KEY])
+
+
+def read_keys(path: str | Path) -> list[str]:
+    """The tensor names of a safetensors file (without loading the tensors)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
 
 
 def apply_full(target: Any, path: str | Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -27,9 +26,6 @@ from .gram import ConceptGram, GramStats
 from .positions import TOKEN_SELECTIONS, TRCE_TOKEN_WEIGHTS, aligned_positions, class_positions
 from .prompts import DEFAULT_TEMPLATES, check_templates, fill, load_corpus
 from .rece import projection_gram, rece_solve
-
-if TYPE_CHECKING:
-    from ..artifacts.erasure import Erasure
 
 DEFAULT_PROBES: tuple[str, ...] = (
     "a photo of a house",
@@ -370,25 +366,3 @@ class ClosedFormEngine:
             },
             rece={k: v for k, v in rece.items() if v},
         )
-
-
-def export_certificate(erasure: Erasure, handle: Any, exported: dict[str, torch.Tensor],
-                       exact: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    """The closed-form certificate of an exported (truncated) delta next to the exact one, per certified module: the
-    statistics are recomputed from the erasure's own concepts and stage-A config."""
-    from ..config import config_from_dict, make_concepts
-    from .certificate import certify_delta
-
-    cfg = config_from_dict(ClosedFormConfig, erasure.manifest["config"]["closed_form"], "the erasure's config")
-    engine = ClosedFormEngine(handle.adapter, cfg, progress=False)
-    stats = engine.statistics(make_concepts(erasure.manifest["concepts"]))
-    out: dict[str, dict[str, Any]] = {}
-    for stream in engine.streams:
-        for name in stream.modules:
-            if name not in exported or name not in exact:
-                continue
-            full = handle.adapter.module(name).weight.detach().double().cpu()
-            lo, hi = stream.columns or (0, full.shape[1])
-            out[name] = {"exact": certify_delta(stats[stream.name], full[:, lo:hi], exact[name][:, lo:hi]),
-                         "exported": certify_delta(stats[stream.name], full[:, lo:hi], exported[name][:, lo:hi])}
-    return out
