@@ -443,6 +443,49 @@ def test_stage_b_targets_follow_the_reference_model(reference) -> None:
     assert float(terms["early"].detach()) < 1e-10  # EARLY keeps θ*'s prediction: zero at init
 
 
+def test_anchor_reference_reverses_the_concept_relative_to_its_anchor_from_the_stage_a_prediction() -> None:
+    """reference=anchor: LATE target ε_A(c) − η(ε0(c) − ε0(anchor prompt)), the anchor prompt being the training
+    prompt with the concept replaced by its anchor. Fails if η's sign is flipped, if the anchor prompt is not the
+    concept's own anchor, if θ* gives the direction, or if the base is ε_A(∅) (the stage-a/original targets)."""
+    from trace_erase.config import Concept
+    from trace_erase.engines.stage_a import StageAWeights
+
+    adapter, deltas = _stage_a("sd")
+    x = torch.randn(adapter.latent_shape(1), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100])  # LATE (τ = 0.5)
+    prompts = ["a photo of a cat", "a photo of a dog", "a photo of a", ""]
+    cond = adapter.conditioning(prompts)
+    with torch.no_grad():
+        o = adapter.predict(x.repeat(4, 1, 1, 1), t.repeat(4), cond)  # θ0: cat, dog, anchor "", ∅
+    stage_a = StageAWeights(adapter, deltas)
+    eng = TrajectoryEngine(adapter, TrajectoryConfig.from_options(**FAST, reference="anchor", eta=1.5, gamma=0.0),
+                           progress=False, stage_a=stage_a)
+    eng.concepts = [Concept("cat", anchor="dog")]
+    assert eng.anchor_prompt("a photo of a cat") == "a photo of a dog"
+    eng.concepts = [Concept("cat", anchor="")]
+    assert eng.anchor_prompt("a photo of a cat") == "a photo of a"
+    with stage_a.applied():
+        with torch.no_grad():
+            a = adapter.predict(x.repeat(4, 1, 1, 1), t.repeat(4), cond)  # θ*
+        eng.attach()
+        try:
+            with torch.no_grad():  # a LoRA away from zero, so that the live prediction is not θ*'s (the loss at
+                for p in eng.lora_parameters():  # θ* would not see η's sign)
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+                live = adapter.predict(x, t, adapter.conditioning(prompts[:1]))[0]
+            terms = eng.loss_terms(x, t, ["a photo of a cat"], [])
+        finally:
+            eng.detach()
+    per = lambda p, q: float((p - q).pow(2).mean())  # noqa: E731
+    expected = per(live, a[0] - 1.5 * (o[0] - o[2]))
+    assert float(terms["erase"].detach()) == pytest.approx(expected, rel=1e-5)
+    for other in (per(live, a[0] + 1.5 * (o[0] - o[2])),  # flipped η
+                  per(live, a[0] - 1.5 * (o[0] - o[1])),  # another anchor
+                  per(live, a[0] - 1.5 * (a[0] - a[2])),  # θ*'s direction
+                  per(live, a[3] - 1.5 * (o[0] - o[3]))):  # the original reference's target
+        assert abs(other - expected) > 0.02 * expected, other
+
+
 def test_stage_b_moves_late_predictions_and_keeps_early_ones() -> None:
     """A micro-run of TRACE stage B (reference θ0) on toy-sd, erasing "circle": on a held-out trajectory of θ0 the
     LATE predictions move towards the reversed-guidance target, and far more than the EARLY ones move. (A random tiny

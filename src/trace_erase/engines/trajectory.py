@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Concept
-from ..errors import NonFiniteLossError
+from ..errors import NonFiniteLossError, TraceEraseError
 from ..models.base import Conditioning, FamilyAdapter
 from ..models.denoise import denoise
 from ..runtime import check_trainable, finite_gradients, training_attention
@@ -83,6 +83,14 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         """Setting the concepts also sets where the attention terms find their tokens."""
         self._concepts = list(concepts)
         self.concept_masks = ConceptMasks(self.adapter, self._concepts)
+
+    def anchor_prompt(self, prompt: str) -> str:
+        """``prompt`` with the concept it names (the longest name it contains) replaced by that concept's anchor."""
+        names = sorted((c for c in self.concepts if c.name.lower() in prompt.lower()), key=lambda c: -len(c.name))
+        if not names:
+            raise TraceEraseError(f"the training prompt '{prompt}' names no concept; reference=anchor needs one")
+        i = prompt.lower().index(names[0].name.lower())
+        return " ".join((prompt[:i] + names[0].anchor + prompt[i + len(names[0].name):]).split())
 
     def cond(self, prompts: list[str]) -> Conditioning:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
@@ -176,19 +184,24 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
             k = len(ref_conds)
             ref = self.adapter.predict(x.repeat(k, 1, 1, 1), t.repeat(k), Conditioning.cat(ref_conds)).chunk(k)
         e_c, e_u = ref[0], ref[1]
-        # the concept direction: θ*'s own, or θ0's (reference="original", stage A taken out)
+        # the concept direction: θ*'s own, or θ0's (reference="original", stage A taken out); "anchor": θ0's concept
+        # relative to its anchor, reversed from θ*'s prediction (ours: it cannot point back past the anchor)
+        r_c, r_u = e_c, e_u
         if cfg.reference == "original" and self.stage_a is not None:
             with torch.no_grad(), self.original():
                 r_c, r_u = self.adapter.predict(x.repeat(2, 1, 1, 1), t.repeat(2), Conditioning.cat([c, u])).chunk(2)
-        else:
-            r_c, r_u = e_c, e_u
+        erase_target = e_u - cfg.eta * (r_c - r_u)
+        if cfg.reference == "anchor":
+            a = self.cond([self.anchor_prompt(p) for p in prompts])
+            with torch.no_grad(), self.original():
+                o_c, o_a = self.adapter.predict(x.repeat(2, 1, 1, 1), t.repeat(2), Conditioning.cat([c, a])).chunk(2)
+            erase_target = e_c - cfg.eta * (o_c - o_a)
         late = self.adapter.is_late(t, cfg.tau) if cfg.window != "all" else torch.ones(n, dtype=torch.bool,
                                                                                           device=x.device)
         late_f = late.float()
         per = lambda a, b: (a.float() - b.float()).pow(2).flatten(1).mean(1)  # noqa: E731
         zero = torch.zeros((), device=x.device)
         weights = self.term_weights()
-        erase_target = e_u - cfg.eta * (r_c - r_u)
         # EraseAnything's regulariser reads the concept tokens' attention in the concept branch's forward
         ea = cfg.eraseanything
         c_mask = self.concept_masks(prompts) if ea is not None and ea.attention_weight > 0 else None

@@ -23,7 +23,7 @@ from .prompts import corpus_path
 WINDOWS = ("two", "late", "all", "early")
 MULTI_MODES = ("fuse", "joint", "sum")
 EARLY_MODES = ("keep", "positive", "none")
-REFERENCES = ("stage-a", "original")
+REFERENCES = ("stage-a", "original", "anchor")
 RESUME_FREE = {"resume_free": True}  # field metadata: a resumed run may change this option
 
 
@@ -166,7 +166,9 @@ class TrajectoryConfig:
     window: str = "two"
     early_mode: str = "keep"  # what EARLY states learn: keep (TRACE) | positive (ANT) | none
     # which model gives the concept direction ε_r(c) − ε_r(∅) and rolls out the trajectories: "stage-a" (θ*, the
-    # model stage B starts from) or "original" (θ0, before stage A; the same as θ* for methods without stage A)
+    # model stage B starts from) or "original" (θ0, before stage A; the same as θ* for methods without stage A).
+    # "anchor" (ours): LATE target ε*(c) − η(ε0(c) − ε0(anchor prompt)), θ*'s trajectories — away from the concept
+    # as θ0 tells it from its anchor, so stage B cannot push back past the anchor (e.g. towards a removed style)
     reference: str = "stage-a"
     beta: float = 0.5  # weight of the EARLY term
     gamma: float = 0.5  # weight of L_unc (unconditional field kept)
