@@ -173,7 +173,10 @@ def test_a_format_2_erasure_and_its_yaml_config_still_load(tmp_path) -> None:
     _, from_yaml = method_configs(get_method(yaml_cfg["method"]), yaml_cfg["options"])
     assert from_yaml == cfg
     # the adversarial defence switched off by its flat key, and a nested mapping as a manifest of format 3 stores it
-    assert TrajectoryConfig.from_options({**stored, "adversarial_every": 0}).adversarial is None
+    off = {k: v for k, v in stored.items() if not k.startswith("adversarial_")} | {"adversarial_every": 0}
+    assert TrajectoryConfig.from_options(off).adversarial is None
+    with pytest.raises(TraceEraseError, match="adversarial_steps is read only when adversarial is on"):
+        TrajectoryConfig.from_options({**off, "adversarial_steps": 1})  # an off defence's setting is not dropped
     import dataclasses
 
     assert TrajectoryConfig.from_options(dataclasses.asdict(cfg)) == cfg

@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 250
-PROCESS_WORDS = re.compile(r"\bsession\s+#?\d+|\bissue\s*#?\d+|\bissue\s+#\w+|\bpeople\s+steering\b", re.IGNORECASE)
+PROCESS_WORDS = re.compile(r"\bsession\s+#?\d+|\bissue\s*#?\d+|\bissue\s+#\w+|\bpeople\s+steering\b|\.\./shared/",
+                           re.IGNORECASE)
 
 
 def _pages() -> list[Path]:

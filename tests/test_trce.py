@@ -312,6 +312,8 @@ def test_existing_methods_configs_are_unchanged() -> None:
         got = dataclasses.asdict(cf) if cf else None
         if got is not None:
             assert {k: got.pop(k) for k in NEW_CLOSED_FORM} == NEW_CLOSED_FORM, name
+            # what a stage-B checkpoint's hash covers is exactly what it was, so interrupted runs still resume
+            assert cf.run_settings() == want["closed_form"], name
         assert got == want["closed_form"], name
         assert json.loads(json.dumps(tr.options() if tr else None)) == want["trajectory"], name
         if spec.uses_trajectory:

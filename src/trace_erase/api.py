@@ -126,7 +126,7 @@ def erase(
     cf_cfg, tr_cfg = method_configs(spec, options)
 
     # built before stage A runs: it refuses a dtype/device it cannot train in
-    run_config = {"method": spec.name, "closed_form": dataclasses.asdict(cf_cfg) if cf_cfg else None,
+    run_config = {"method": spec.name, "closed_form": cf_cfg.run_settings() if cf_cfg else None,
                   "base_sha256": None}
     tr_engine = TrajectoryEngine(adapter, tr_cfg, progress=progress, workdir=workdir,
                                  run_config=run_config) if tr_cfg else None

@@ -57,7 +57,8 @@ class EraseJob:
         if not values.get("concepts"):
             raise TraceEraseError("no concept given; pass at least one --concept")
         values["method"] = values.get("method") or "trace-closed-form"
-        values["concepts"] = list(values["concepts"])
+        concepts = values["concepts"]
+        values["concepts"] = [concepts] if isinstance(concepts, (str, dict)) else list(concepts)  # `concepts: cat`
         return cls(options=options, **values)
 
     @property

@@ -17,7 +17,8 @@ from ..models.registry import FAMILIES
 
 FORMAT = "trace-erase/erasure"
 # 1: first release. 2: adds "runtime" (device/dtype/offload the erasure was made with) and the integrity record.
-# 3: config.trajectory keeps the optional parts as nested sub-configs ("adversarial", "eraseanything", "fusion"; None
+# 3: config.trajectory keeps the optional parts as nested sub-configs ("adversarial", "eraseanything", "trce",
+# "fusion"; None
 # when off) where 1 and 2 stored flat keys; TrajectoryConfig.from_options reads both. Every earlier version is read.
 FORMAT_VERSION = 3
 PREFIXES = ("unet", "transformer")

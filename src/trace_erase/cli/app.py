@@ -69,6 +69,7 @@ def erase(
     job = EraseJob.from_config(load_yaml(config) if config else None, where=str(config), model=model, output=output,
                                method=method, concepts=list(concept or []), anchor=anchor,
                                preserve=list(preserve or []), options=options)
+    check_writable(job.output, overwrite, "erasure output")  # the first check, as before the job existed
     if format is not None or max_rank is not None or ungated:
         job.export = ExportOptions(format=format or "kohya", max_rank=max_rank, ungated=ungated)
     runtime = runtime_from(device, dtype, offload, None)

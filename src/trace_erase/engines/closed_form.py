@@ -12,8 +12,10 @@ projection that reads the same features (a *stream*) shares one d×d solve: 100 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -63,6 +65,16 @@ class ClosedFormConfig:
     # statistics as means, TRCE's scaling: erase rows over the (concept, anchor) prompt pairs, preserved rows over the
     # preserved prompts, so λ_p weighs the preserved prompts' mean Gram against the pairs' mean Gram
     mean_statistics: bool = False
+
+    # fields added after runs were first checkpointed: left out of a run's settings hash at their defaults, so an
+    # interrupted run made before them still resumes
+    LATER_FIELDS = ("token_weights", "mean_statistics")
+
+    def run_settings(self) -> dict[str, Any]:
+        """The settings a stage-B checkpoint's hash covers."""
+        defaults = ClosedFormConfig()
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if not (k in self.LATER_FIELDS and v == getattr(defaults, k))}
 
     def __post_init__(self) -> None:
         if self.token_selection not in TOKEN_SELECTIONS:

@@ -40,8 +40,9 @@ class ExportStatistics:
 
     def metrics(self, erasure: Erasure | None = None, handle: Any = None) -> dict[str, tuple[torch.Tensor,
                                                                                         tuple[int, int]]]:
-        """Per module of a text stream: G = λI + G_e + λ_p G_p (the solve's normal matrix) and the input columns it
-        covers. The arguments are ignored (the signature of :data:`~trace_erase.artifacts.export.MetricSource`)."""
+        """Per module of a text stream: G = λI + G_e + λ_p G_p (the solve's normal matrix; with ``rece_rounds`` > 0
+        the first round's, as the rounds' added rows are not replayed here) and the input columns it covers. The
+        arguments are ignored (the signature of :data:`~trace_erase.artifacts.export.MetricSource`)."""
         engine, stats = self._ready()
         lam, lam_p = engine.config.lambda_reg, engine.config.lambda_preserve
         out = {}

@@ -76,8 +76,10 @@ class Pool:
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint form: parallel lists, as format 2 has always stored them."""
+        finals = [tr.final for tr in self.trajectories]  # all kept, or (pools of older checkpoints) none
         return {"states": [tr.states for tr in self.trajectories], "times": [tr.times for tr in self.trajectories],
-                "prompts": self.prompts, "finals": self.finals, "format": self.FORMAT}
+                "prompts": self.prompts, "finals": finals if all(f is not None for f in finals) else [],
+                "format": self.FORMAT}
 
     @staticmethod
     def from_state(d: dict[str, Any]) -> Pool:

@@ -302,7 +302,8 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
             named = [t.format(c.name) for c in concepts for t in cfg.train_templates]
             if cfg.trce is not None:
                 named += list(safe_prompts(concepts, cfg.train_templates).values())
-            self.cond(["", *preserve, *irrelevant, *named])
+            anchors = [self.anchor_prompt(p) for p in named] if cfg.reference == "anchor" else []
+            self.cond(["", *preserve, *irrelevant, *named, *anchors])
             self.fill_pool(pool, concepts)
             history: list[dict[str, float]] = []
             bar = tqdm(total=cfg.steps, initial=step, desc="trajectory fine-tuning", disable=not self.progress)

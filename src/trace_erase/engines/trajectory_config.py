@@ -151,8 +151,6 @@ class TrajectoryConfig:
     """Knobs of the trajectory engine (defaults are TRACE stage B's; methods override a few); build it from option
     keys with :meth:`from_options`."""
 
-    """Knobs of the trajectory engine (defaults are TRACE stage B's; methods override a few)."""
-
     lora_targets: str = "kv"  # preset: kv | cross-attn | attn | self-attn+q (TRCE) | non-cross (ESD-u) | kq (FLUX)
     rank: int = 4  # 0: each layer's full rank min(in, out), α = rank (what full-weight training reaches)
     steps: int = 1000
@@ -239,9 +237,8 @@ class TrajectoryConfig:
         for name in ("beta", "gamma", "rho", "eta", "rollout_guidance"):
             if getattr(self, name) < 0:
                 raise TraceEraseError(f"{name} must be ≥ 0 (got {getattr(self, name)})")
-        for name in ("lr",):
-            if not getattr(self, name) > 0:
-                raise TraceEraseError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            raise TraceEraseError(f"lr must be > 0 (got {self.lr})")
         if not self.train_templates:
             raise TraceEraseError("train_templates is empty; give at least '{}'")
         if self.pres_corpus and self.rho <= 0:
@@ -308,6 +305,8 @@ class TrajectoryConfig:
             elif flat:
                 sub = cls_sub(**flat)
                 out[name] = sub if sub.active else None
+            if flat and out.get(name) is None:
+                _refuse_unread(name, flat)
         for key, value in values.items():
             if key in top and key not in SUB_CONFIGS:
                 out[key] = check_value(key, value, hints[key])
@@ -336,6 +335,22 @@ class TrajectoryConfig:
             free = {f.name for f in dataclasses.fields(cls_sub) if f.metadata.get("resume_free")}
             keys |= {key for key, f in names.items() if f in free}
         return keys
+
+
+SWITCHES = {"adversarial": "adversarial_every > 0 (e.g. 25)", "eraseanything": "attention_weight > 0 or bilevel=true",
+            "trce": "trce_beta > 0 (e.g. 1.0)"}
+
+
+def _refuse_unread(name: str, flat: dict[str, Any]) -> None:
+    """An off sub-config's keys at values other than its defaults would be silently dropped: refuse them in one line
+    naming the switch. (Its defaults pass, as erasures of formats 1 and 2 store every key.)"""
+    cls_sub = SUB_CONFIGS[name]
+    defaults = dataclasses.asdict(cls_sub())
+    switch = {"adversarial": "every", "eraseanything": None, "trce": "beta"}[name]
+    changed = [f for f, v in flat.items() if f != switch and f in defaults and v != defaults[f]]
+    if changed:
+        key = {v: k for k, v in _sub_keys(name).items()}[changed[0]]
+        raise TraceEraseError(f"{key} is read only when {name} is on; set {SWITCHES[name]} as well, or drop {key}")
 
 
 def _adversarial(flat: dict[str, Any]) -> AdversarialConfig | None:

@@ -65,7 +65,8 @@ def references(engine: StageBEngine, x: torch.Tensor, t: torch.Tensor, prompts: 
     conds = Conditioning.cat([engine.cond(prompts), engine.cond([safe[p] for p in prompts]),
                               engine.cond([UNCOND] * len(prompts))])
     with torch.no_grad(), engine.original():
-        r_c, r_s, r_u = engine.adapter.predict(x.repeat(3, 1, 1, 1), t.repeat(3), conds).chunk(3)
+        r_c, r_s, r_u = (r.float() for r in engine.adapter.predict(x.repeat(3, 1, 1, 1), t.repeat(3), conds).chunk(3))
+    # in float32: in bf16 each step of the ×15 extrapolation rounds by more than the hinge's margin resolves
     return r_s + g * (r_s - r_u), r_c + g * (r_c - r_u)
 
 

@@ -1,7 +1,8 @@
 """The model families: one adapter class per family, registered here. Everything family-specific — sampler defaults,
 batch sizing, export names, time kind, how a pipeline is recognised — is an attribute of the adapter class, so adding
 a family is one adapter file plus one line in :data:`ADAPTERS` (the first adapter whose ``matches`` accepts a
-pipeline is used, so a family that specialises another goes before it)."""
+pipeline is used; the ``matches`` of related families exclude each other, as SD's excludes SDXL's text-time
+embedding, or the more specific family goes first)."""
 
 from __future__ import annotations
 

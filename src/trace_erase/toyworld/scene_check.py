@@ -40,7 +40,10 @@ def model_world(model: str) -> str:
     sidecar = Path(resolve_model(model)) / SIDECAR
     if not sidecar.is_file():
         return "objects"
-    meta = json.loads(sidecar.read_text())
+    try:
+        meta = json.loads(sidecar.read_text())
+    except ValueError as exc:
+        raise TraceEraseError(f"'{sidecar}' is not valid JSON ({exc}); retrain the model or restore the file") from exc
     return str(meta.get("training", {}).get("world", "objects"))
 
 
