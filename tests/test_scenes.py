@@ -173,11 +173,8 @@ def test_vocabulary_covers_every_caption_word() -> None:
 # --- scorer ---------------------------------------------------------------------------------------------------------
 
 def test_bundled_scene_scorer_on_fresh_renders() -> None:
-    import torch
-
     from trace_erase.toyworld.scenes.scorer import heldout_accuracy, load_scene_scorer
 
-    torch.set_num_threads(1)
     acc = heldout_accuracy(load_scene_scorer(), n=100, first_seed=8_000_000)  # training seeds: 10⁶ .. 10⁶+12000
     assert set(acc) == {"class", "color", "style", "background"} and min(acc.values()) >= 0.98, acc
 
