@@ -102,6 +102,16 @@ def test_check_prompts_state_their_expectation_and_renders_pass_the_bars() -> No
     assert score_scenes(prompts, swapped)["side"] == 0.0 and score_scenes(prompts, swapped)["class"] >= 0.9
 
 
+def _assert_new_rows_are_full_size(encoder, n_old: int) -> None:
+    """The new words' rows have the old rows' median norm and point in different directions: with rows a tenth of a
+    trained word's size, 'left' and 'right' reach the denoiser nearly identical and are never learned."""
+    weight = encoder.get_input_embeddings().weight.detach()
+    old, new = weight[:n_old].norm(dim=1).median(), weight[n_old:]
+    assert len(new) >= 2 and torch.allclose(new.norm(dim=1), old.expand(len(new)), rtol=1e-4)
+    cos = torch.nn.functional.cosine_similarity(new[:, None], new[None], dim=-1) - torch.eye(len(new))
+    assert cos.abs().max() < 0.9
+
+
 @pytest.fixture(scope="module")
 def micro_scenes(tmp_path_factory) -> tuple:
     """A micro single-object toy-sd, and a micro scene pipeline fine-tuned from it (seconds)."""
@@ -141,6 +151,7 @@ def test_micro_scene_fine_tune_starts_from_the_old_weights(tmp_path) -> None:
     parts, ref = build_components(cfg), DiffusionPipeline.from_pretrained(base)
     old = ref.text_encoder.get_input_embeddings().weight
     assert torch.equal(parts["text_encoder"].get_input_embeddings().weight[: len(old)], old)
+    _assert_new_rows_are_full_size(parts["text_encoder"], len(old))
     for (k, p), (_, q) in zip(parts["unet"].state_dict().items(), ref.unet.state_dict().items(), strict=True):
         assert torch.equal(p, q), k
     with pytest.raises(TraceEraseError, match="other sizes"):
@@ -283,6 +294,7 @@ def test_micro_flux_scene_fine_tune_starts_from_the_old_weights(micro_flux_scene
     for enc in ("text_encoder", "text_encoder_2"):
         old = getattr(ref, enc).get_input_embeddings().weight
         assert torch.equal(parts[enc].get_input_embeddings().weight[: len(old)], old), enc
+        _assert_new_rows_are_full_size(parts[enc], len(old))
     for (k, p), (_, q) in zip(parts["transformer"].state_dict().items(), ref.transformer.state_dict().items(),
                               strict=True):
         assert torch.equal(p, q), k

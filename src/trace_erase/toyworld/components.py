@@ -113,8 +113,8 @@ ARCHITECTURE = ("family", "max_tokens", "text_width", "text_layers", "vae_channe
 
 def initial_components(cfg: ToyTrainConfig) -> dict[str, Any]:
     """The text encoder(s) and denoiser of the trained toy pipeline ``cfg.init_from``, to fine-tune: its tokenizer(s)
-    extended by this world's new words (every old token keeps its id and embedding; new words get new rows, drawn
-    from the old rows' mean and covariance); a UNet's ``sample_size`` set to this recipe's latent size (FLUX's
+    extended by this world's new words (every old token keeps its id and embedding; new words get new rows, see
+    :func:`init_new_rows`); a UNet's ``sample_size`` set to this recipe's latent size (FLUX's
     transformer has none: its rotary positions come from the image ids of each call)."""
     import dataclasses
     import json
@@ -139,14 +139,14 @@ def initial_components(cfg: ToyTrainConfig) -> dict[str, Any]:
     words = toy_words(cfg.world)
     tokenizer = extend_clip_tokenizer(CLIPTokenizer.from_pretrained(folder / "tokenizer"), words)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
-    text_encoder.resize_token_embeddings(len(tokenizer))  # appends rows; the old ones are kept as they are
+    init_new_rows(text_encoder, len(tokenizer), cfg.seed)  # appends rows; the old ones are kept as they are
     if cfg.family == "flux":
         from diffusers import FluxTransformer2DModel
         from transformers import T5EncoderModel, T5Tokenizer
 
         tokenizer_2 = extend_t5_tokenizer(T5Tokenizer.from_pretrained(folder / "tokenizer_2"), words)
         text_encoder_2 = T5EncoderModel.from_pretrained(folder / "text_encoder_2")
-        text_encoder_2.resize_token_embeddings(len(tokenizer_2))  # the same for T5 (its tied input rows)
+        init_new_rows(text_encoder_2, len(tokenizer_2), cfg.seed + 1)  # the same for T5 (its tied input rows)
         return {"tokenizer": tokenizer, "text_encoder": text_encoder, "tokenizer_2": tokenizer_2,
                 "text_encoder_2": text_encoder_2,
                 "transformer": FluxTransformer2DModel.from_pretrained(folder / "transformer")}
@@ -156,6 +156,25 @@ def initial_components(cfg: ToyTrainConfig) -> dict[str, Any]:
     size = latent_size(cfg)
     unet.register_to_config(sample_size=list(size) if isinstance(size, tuple) else size)
     return {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet}
+
+
+def init_new_rows(encoder: Any, size: int, seed: int) -> None:
+    """Grow ``encoder``'s token embeddings to ``size`` rows; each new row is a random direction (seeded) with the old
+    rows' median norm. The library's own resizing draws new rows from the old rows' mean and covariance, which in a
+    toy vocabulary (most rows never trained) gives rows at 7–30 % of a trained word's norm: 'left' and 'right'
+    then reach the denoiser almost identical, and a first scene fine-tune ignored them (its loss with the sides
+    swapped equalled the loss with the right sides to 1e-6)."""
+    old = encoder.get_input_embeddings().weight.detach().clone()
+    encoder.resize_token_embeddings(size, mean_resizing=False)
+    weight = encoder.get_input_embeddings().weight
+    n_new = size - len(old)
+    if n_new <= 0:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(n_new, old.shape[1], generator=gen, dtype=old.dtype)
+    rows = rows / rows.norm(dim=1, keepdim=True) * old.norm(dim=1).median()
+    with torch.no_grad():
+        weight[len(old):] = rows
 
 
 def assemble_pipeline(cfg: ToyTrainConfig, parts: dict[str, Any], latent_stats: tuple[float, float]) -> Any:

@@ -25,7 +25,7 @@ SCENE_HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
 # the scene fine-tunes' (steps, lr) per family, sized to ≈ 60–90 min at one thread on the shared 2-core machine:
 # toy-sd-scenes 1.2–1.5 s/step; toy-flux-scenes 1.53 s/step measured beside three other jobs (1.7× toy-flux's step
 # then: 128 image tokens instead of 64), ≈ 1.1 s beside one; lr below the single-object recipes' (4e-4, 5e-4)
-SCENE_SCHEDULE: dict[str, tuple[int, float]] = {"sd": (3500, 3e-4), "flux": (3000, 4e-4)}
+SCENE_SCHEDULE: dict[str, tuple[int, float]] = {"sd": (4000, 3e-4), "flux": (3500, 4e-4)}
 NEW_FIELDS = ("world", "image_width", "init_from")  # left out of key() at their defaults: older partial runs resume
 
 
