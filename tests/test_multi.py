@@ -280,3 +280,82 @@ def test_ant_erases_several_concepts_its_own_way() -> None:
     assert method_configs(ant, {"multi": "joint", "tau": 0.8})[1].tau == 0.8
     assert method_configs(get_method("trace"), {"multi": "fuse"})[1].tau == method_configs(
         get_method("trace"), {"multi": None})[1].tau
+
+
+# ---- null space: the fused LoRA does not read the retained prompts' token directions -------------------------------
+def test_null_space_leaves_retained_rows_unchanged_exactly() -> None:
+    """With the retained rows' whole span projected out, ΔW* r = 0 for every retained row r (and not without)."""
+    inputs, e, _, w = _synthetic(3)
+    g = torch.Generator().manual_seed(5)
+    kept = torch.randn(2, 6, generator=g, dtype=torch.float64)  # two retained token directions in d = 6
+    inputs.retained = {"s": kept.T @ kept}
+    plain, _, _ = fuse(inputs, 0.1, 1.0)
+    projected, _, _ = fuse(inputs, 0.1, 1.0, null_space=1.0)
+    assert (_dense(plain) @ kept.T).abs().max() > 1e-2
+    assert (_dense(projected) @ kept.T).abs().max() < 1e-10
+    # only the retained span is removed: on directions orthogonal to it the fused LoRA is unchanged
+    q, _ = torch.linalg.qr(kept.T, mode="complete")
+    free = q[:, 2:]
+    assert torch.allclose(_dense(projected) @ free, _dense(plain) @ free, atol=1e-12)
+    # a concept at scale 0 still equals fusing the others, with the same projection
+    without = FusionInputs(inputs.factors[:2], inputs.module_stream, inputs.grams[:2], inputs.preserve,
+                           inputs.retained)
+    dropped, _, _ = fuse(inputs, 0.1, 1.0, scales=[1.0, 1.0, 0.0], null_space=1.0)
+    assert torch.allclose(_dense(dropped), _dense(fuse(without, 0.1, 1.0, null_space=1.0)[0]), atol=1e-12)
+
+
+def test_null_space_share_keeps_the_leading_directions() -> None:
+    from trace_erase.engines.fusion import retained_basis
+
+    scales = torch.tensor([10.0, 3.0, 1.0, 0.0], dtype=torch.float64)
+    basis = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(1),
+                                        dtype=torch.float64))[0]
+    gram = basis @ torch.diag(scales) @ basis.T
+    assert retained_basis(gram, 1.0).shape[1] == 3  # the whole span: the zero eigenvalue is not in it
+    assert retained_basis(gram, 0.7).shape[1] == 1  # 10 / 14 ≥ 0.7
+    assert retained_basis(gram, 0.9).shape[1] == 2
+    top = retained_basis(gram, 0.7)[:, 0]
+    assert torch.allclose(top.abs(), basis[:, 0].abs(), atol=1e-10)  # the largest direction, not another
+
+
+def _kv_outputs(pipe, prompt: str) -> list[torch.Tensor]:
+    """Every cross-attention K/V projection's output for ``prompt`` in one denoiser call."""
+    adapter = get_adapter(pipe)
+    outs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: outs.append(o.detach().clone()))
+             for name, m in adapter.denoiser.named_modules() if name.endswith(("attn2.to_k", "attn2.to_v"))]
+    try:
+        _pred(adapter, [prompt])
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+def test_null_space_fusion_keeps_a_retained_prompts_kv_exactly(tmp_path, sd_fused) -> None:
+    """End to end on SD: with ``fusion_null_space=1`` a --preserve prompt (and the empty prompt) gets exactly the
+    stage-A model's K/V (1e-5); the same erasure without the projection changes them."""
+    er = erase(BUILDERS["sd"](), ["cat", "dog"], method="trace", anchor="", progress=False, fusion_null_space=1.0,
+               **FAST, **FAST_A)
+    assert er.manifest["fusion"]["null_space"] == 1.0 and er.manifest["fusion"]["null_space_rank"]
+    er.save(tmp_path / "ns")
+    loaded = load_erasure(tmp_path / "ns")
+    assert set(loaded.fusion_state) >= {k for k in loaded.fusion_state if k.startswith("retained.")} != set()
+    for erasure, exact in ((loaded, True), (load_erasure(sd_fused[1]), False)):
+        stage_a_only = concept_scaled(erasure, {"cat": 0, "dog": 0})
+        for prompt in ("a photo of boat", ""):
+            pipe = BUILDERS["sd"]()
+            erasure.apply(pipe)
+            full = _kv_outputs(pipe, prompt)
+            stage_a_only.apply(pipe)
+            ref = _kv_outputs(pipe, prompt)
+            worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(full, ref, strict=True))
+            assert (worst < 1e-5) if exact else (worst > 1e-4), (prompt, exact, worst)
+    # re-fusion at other scales keeps the projection (it is read from the manifest)
+    half = concept_scaled(loaded, {"cat": 0.5})
+    pipe = BUILDERS["sd"]()
+    half.apply(pipe)
+    got = _kv_outputs(pipe, "a photo of boat")
+    concept_scaled(loaded, {"cat": 0, "dog": 0}).apply(pipe)
+    ref = _kv_outputs(pipe, "a photo of boat")
+    assert max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, ref, strict=True)) < 1e-5

@@ -181,7 +181,8 @@ def _stage_b(run: _Run, adapter: FamilyAdapter, engine: TrajectoryEngine, cf_cfg
         states, run.stage_b_log = train_per_concept(adapter, engine.config, concepts, stage_a,
                                                     Path(workdir) if workdir else None, engine.run_config, progress)
         stats_cfg = cf_cfg or config_from_dict(ClosedFormConfig, get_method("trace").defaults)
-        inputs = fusion_inputs(adapter, concepts, states, stats_cfg, run.mode, concept_stats)
+        inputs = fusion_inputs(adapter, concepts, states, stats_cfg, run.mode, concept_stats,
+                               engine.config.fusion.null_space)
         run.parts["trajectory"], run.fusion = combine(adapter, inputs, engine.config, run.mode, deltas, concepts)
         run.fusion_state = fusion_tensors(inputs)
         if "closed_form" in run.parts:  # apply-time re-fusion (per-concept scales) rebuilds the whole LoRA

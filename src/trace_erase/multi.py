@@ -19,7 +19,7 @@ import torch
 from .artifacts.lora import pairs_to_state
 from .config import Concept, config_hash
 from .engines.closed_form import ClosedFormConfig, ClosedFormEngine
-from .engines.fusion import FusionInputs, certificate, fuse
+from .engines.fusion import FusionInputs, certificate, fuse, retained_basis
 from .engines.stage_a import StageAWeights
 from .engines.trajectory import TrajectoryConfig, TrajectoryEngine
 from .errors import TraceEraseError
@@ -127,9 +127,11 @@ def train_per_concept(adapter: FamilyAdapter, cfg: TrajectoryConfig, concepts: l
 
 
 def fusion_inputs(adapter: FamilyAdapter, concepts: list[Concept], states: list[dict[str, torch.Tensor]],
-                  stats_config: ClosedFormConfig, mode: str, stats: tuple[list, dict] | None = None) -> FusionInputs:
+                  stats_config: ClosedFormConfig, mode: str, stats: tuple[list, dict] | None = None,
+                  null_space: float = 0.0) -> FusionInputs:
     """Per-concept factors and, for ``fuse``, the token Grams of the text streams the LoRA modules read (``stats``:
-    stage A's per-concept statistics when it gathered them, else gathered here with ``stats_config``)."""
+    stage A's per-concept statistics when it gathered them, else gathered here with ``stats_config``); with
+    ``null_space`` > 0 also the Gram of the retained prompts' tokens (:func:`retained_grams`)."""
     from .artifacts.lora import lora_pairs
 
     # float32 as trained: fuse() and certificate() widen one module at a time (held as float64, 100 concepts' factors
@@ -154,16 +156,42 @@ def fusion_inputs(adapter: FamilyAdapter, concepts: list[Concept], states: list[
         concept_rows = st.counts["erase"] / max(len(per), 1)
         rows = st.counts["preserve"]
         preserve[name] = st.g_p * (concept_rows / rows) if rows else st.g_p
-    return FusionInputs(factors, module_stream, grams, preserve)
+    retained = retained_grams(engine, concepts, read) if null_space > 0 else {}
+    return FusionInputs(factors, module_stream, grams, preserve, retained)
+
+
+def retained_prompts(templates: list[str], concepts: list[Concept]) -> list[str]:
+    """What a fusion's null space keeps exactly: every ``--preserve`` text of the concepts in every template, and the
+    empty prompt (whose states the unconditional branch of guidance reads)."""
+    from .engines.prompts import fill
+
+    named = dict.fromkeys(p for c in concepts for p in c.preserve)
+    return list(dict.fromkeys([fill(t, p)[0] for p in named for t in templates] + [""]))
+
+
+def retained_grams(engine: ClosedFormEngine, concepts: list[Concept], streams: set[str]) -> dict[str, torch.Tensor]:
+    """Per stream, Σ e eᵀ over every token (all positions, BOS and padding included) of :func:`retained_prompts`
+    (float64)."""
+    feats = engine.encode(retained_prompts(engine.templates, concepts), "encoding retained prompts")
+    out: dict[str, torch.Tensor] = {}
+    for f in feats.values():
+        for name in streams:
+            e = f[name].double().reshape(-1, f[name].shape[-1])
+            out[name] = out.get(name, 0) + e.T @ e
+    return out
 
 
 def combine(adapter: FamilyAdapter, inputs: FusionInputs, cfg: TrajectoryConfig, mode: str,
             stage_a_deltas: dict[str, torch.Tensor], concepts: list[Concept],
             scales: list[float] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The combined LoRA (diffusers keys) and the manifest's ``fusion`` record (modes, rank slices, certificate)."""
-    fused, how, slices = fuse(inputs, cfg.fusion.lam, cfg.fusion.lam_preserve, scales, mode)
+    null_space = cfg.fusion.null_space if inputs.retained else 0.0
+    fused, how, slices = fuse(inputs, cfg.fusion.lam, cfg.fusion.lam_preserve, scales, mode, null_space)
     state = pairs_to_state(fused, adapter.denoiser_name)
     record: dict[str, Any] = {"mode": mode, "lambda": cfg.fusion.lam, "lambda_preserve": cfg.fusion.lam_preserve,
+                              **({"null_space": null_space, "null_space_rank": {
+                                  s: int(retained_basis(g, null_space).shape[1]) for s, g in inputs.retained.items()}}
+                                 if null_space > 0 else {}),
                               "modules": how, "module_streams": inputs.module_stream, "weight_name": FUSION_WEIGHT_NAME,
                               "concepts": [{"name": c.name, "rank_slice": list(sl)}
                                            for c, sl in zip(concepts, slices, strict=True)]}

@@ -192,7 +192,7 @@ class ClosedFormEngine:
         t, a, w = class_positions(lt, la, cfg.token_weights or TRCE_TOKEN_WEIGHTS)
         return t, a, torch.tensor(w, dtype=torch.float64).sqrt() * (1.0 if scale is None else scale)
 
-    def _encode(self, prompts: list[str], desc: str) -> dict[str, dict[str, torch.Tensor]]:
+    def encode(self, prompts: list[str], desc: str) -> dict[str, dict[str, torch.Tensor]]:
         """Encode each distinct prompt once, batched; features kept in float32 on the CPU."""
         import time
 
@@ -227,7 +227,7 @@ class ClosedFormEngine:
         # mean statistics (TRCE's scaling): every erase row × 1/√pairs, every preserved row × 1/√(preserved prompts)
         pair_scale = len(jobs) ** -0.5 if cfg.mean_statistics else None
         keep_scale = max(len(keep) + len(corpus), 1) ** -0.5 if cfg.mean_statistics else None
-        fixed = self._encode([j[2] for j in jobs] + [k[0] for k in keep] + corpus + probes, "encoding anchors")
+        fixed = self.encode([j[2] for j in jobs] + [k[0] for k in keep] + corpus + probes, "encoding anchors")
         layouts: dict[tuple[str, tuple[int, int]], TokenLayout | SegmentedLayout] = {}
 
         def layout(prompt: str, span: tuple[int, int]) -> TokenLayout | SegmentedLayout:
@@ -239,7 +239,7 @@ class ClosedFormEngine:
         bs = cfg.batch_size
         for i in tqdm(range(0, len(jobs), bs), desc="encoding concepts", disable=not self.progress or len(jobs) <= bs):
             chunk = jobs[i : i + bs]
-            feats = self._encode([j[0] for j in chunk], "")
+            feats = self.encode([j[0] for j in chunk], "")
             for stream in self.streams:
                 rows: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
                 for pt, st, pa, sa, ci in chunk:

@@ -7,6 +7,11 @@ trained on, concept i's LoRA ΔWᵢ = BᵢAᵢ and Cᵢ = Σ e eᵀ over concept
        = W + Σᵢ sᵢ ΔWᵢ Cᵢ G⁻¹,   G = Σᵢ Cᵢ + λ_p P + λ I
 
 which is a LoRA of rank Σ rᵢ: up = [s₁B₁ … s_qB_q], down = [A₁C₁G⁻¹; …; A_qC_qG⁻¹] — one d×d solve per stream.
+With a null space (``null_space`` > 0, SPEED's idea as an exact projection), every down factor is then multiplied by
+(I − UUᵀ), U an orthonormal basis of the retained prompts' token directions (the user's ``--preserve`` prompts in
+every template and the empty prompt, every position, BOS included): a retained token e in span(U) gives ΔW*e = 0,
+so a retained prompt's K/V are exactly the stage-A model's. ``null_space`` = 1 takes their whole span; below 1 the
+fewest leading directions holding that share of their energy.
 A naive sum replaces CᵢG⁻¹ by I. A LoRA on a module that does not read the text features (FLUX/SD3 ``add_k/add_v``,
 ESD-u's layers) has no Cᵢ: it is summed, and the record says so. Concepts with scale 0 leave the objective (and G):
 the result equals the fusion of the others.
@@ -15,7 +20,7 @@ the result equals the fusion of the others.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,12 +41,31 @@ class FusionInputs:
     module_stream: dict[str, str]
     grams: list[dict[str, torch.Tensor]]
     preserve: dict[str, torch.Tensor]
+    retained: dict[str, torch.Tensor] = field(default_factory=dict)  # per stream: Gram of the retained prompts' tokens
+
+
+SPAN_TOLERANCE = 1e-9  # eigenvalues below this share of the largest are numerical zeros (float64 Grams)
+
+
+def retained_basis(gram: torch.Tensor, share: float) -> torch.Tensor:
+    """Orthonormal columns ``[d, k]``: the leading eigenvectors of the retained tokens' Gram holding ``share`` of its
+    energy (1: its whole numerical span)."""
+    values, vectors = torch.linalg.eigh(gram.double())
+    values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+    if values[0] <= 0:
+        return vectors[:, :0]
+    rank = int((values > SPAN_TOLERANCE * values[0]).sum())
+    if share < 1:
+        cumulative = torch.cumsum(values, 0) / values.sum()
+        rank = min(rank, int((cumulative < share).sum()) + 1)
+    return vectors[:, :rank]
 
 
 def fuse(inputs: FusionInputs, lam: float, lam_preserve: float, scales: list[float] | None = None,
-         mode: str = "fuse") -> tuple[Factors, dict[str, str], list[tuple[int, int]]]:
+         mode: str = "fuse", null_space: float = 0.0) -> tuple[Factors, dict[str, str], list[tuple[int, int]]]:
     """Fused (or, with ``mode="sum"``, summed) factors per module, how each module was combined, and each concept's
-    rank slice in them (empty for a concept at scale 0)."""
+    rank slice in them (empty for a concept at scale 0); ``null_space`` > 0 projects the fused down factors off the
+    retained prompts' token directions (module docstring)."""
     q = len(inputs.factors)
     scales = [1.0] * q if scales is None else list(scales)
     active = [i for i in range(q) if scales[i] != 0]
@@ -72,6 +96,9 @@ def fuse(inputs: FusionInputs, lam: float, lam_preserve: float, scales: list[flo
                 except torch.linalg.LinAlgError as exc:
                     raise TraceEraseError("the fusion Gram is singular; set fusion_lambda > 0") from exc
             widths = [inputs.factors[i][m][0].shape[0] for i, m in keys]
+            if null_space > 0 and stream in inputs.retained:  # down (I − UUᵀ): columns of sol are downᵀ
+                basis = retained_basis(inputs.retained[stream], null_space)
+                sol = sol - basis @ (basis.T @ sol)
             for key, block in zip(keys, torch.split(sol, widths, dim=1), strict=True):
                 downs_fused[key] = block.T
     out: Factors = {}
@@ -139,6 +166,8 @@ def fusion_tensors(inputs: FusionInputs) -> dict[str, torch.Tensor]:
             out[f"gram.{i}.{stream}"] = g.float().contiguous()
     for stream, p in inputs.preserve.items():
         out[f"preserve.{stream}"] = p.float().contiguous()
+    for stream, r in inputs.retained.items():
+        out[f"retained.{stream}"] = r.double().contiguous()  # its span is cut at 1e-9 of the top eigenvalue
     return out
 
 
@@ -147,6 +176,7 @@ def inputs_from_tensors(tensors: dict[str, torch.Tensor], n: int, module_stream:
     factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(n)]
     grams: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
     preserve: dict[str, torch.Tensor] = {}
+    retained: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         kind, rest = key.split(".", 1)
         if kind == "concept" and rest.endswith(".lora_A.weight"):
@@ -157,7 +187,9 @@ def inputs_from_tensors(tensors: dict[str, torch.Tensor], n: int, module_stream:
             grams[int(i)][stream] = t.double()
         elif kind == "preserve":
             preserve[rest] = t.double()
-    return FusionInputs(factors, module_stream, grams, preserve)
+        elif kind == "retained":
+            retained[rest] = t.double()
+    return FusionInputs(factors, module_stream, grams, preserve, retained)
 
 
 def combine_tensors(tensors: dict[str, torch.Tensor], prefix: str, fusion: dict[str, Any], lam: float,
@@ -165,7 +197,7 @@ def combine_tensors(tensors: dict[str, torch.Tensor], prefix: str, fusion: dict[
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Re-fusion from a saved erasure's per-concept factors at per-concept ``scales``: (stage-A LoRA, stage-B LoRA)."""
     inputs = inputs_from_tensors(tensors, len(fusion["concepts"]), fusion.get("module_streams", {}))
-    fused, _, _ = fuse(inputs, lam, lam_preserve, scales, fusion["mode"])
+    fused, _, _ = fuse(inputs, lam, lam_preserve, scales, fusion["mode"], fusion.get("null_space", 0.0))
     stage_a = {k[len("stage_a."):]: v for k, v in tensors.items() if k.startswith("stage_a.")}
     return stage_a, pairs_to_state(fused, prefix)
 

@@ -25,6 +25,9 @@ MULTI_MODES = ("fuse", "joint", "sum")
 EARLY_MODES = ("keep", "positive", "none")
 REFERENCES = ("stage-a", "original", "anchor")
 RESUME_FREE = {"resume_free": True}  # field metadata: a resumed run may change this option
+# field metadata: options() leaves the key out at its default, so configs written before the field existed (and the
+# run hashes over them) are unchanged
+OMITTED_AT_DEFAULT = {"omitted_at_default": True}
 
 
 def _at_least(values: dict[str, Any], names: tuple[str, ...], low: float, strict: bool = False) -> None:
@@ -121,18 +124,24 @@ class TrceConfig:
 
 @dataclass
 class FusionConfig:
-    """λ and λ_p of the closed-form integration of per-concept LoRAs (``multi=fuse``; engines/fusion.py; ours: the
-    closed-form engine's defaults). Option keys: ``fusion_lambda``, ``fusion_lambda_preserve``. Changing them
-    re-integrates the same per-concept LoRAs, so a resumed run may."""
+    """How per-concept LoRAs are integrated (``multi=fuse``; engines/fusion.py): λ and λ_p of the closed form (ours:
+    the closed-form engine's defaults), and ``null_space``, the share of the retained prompts' token energy whose
+    directions the fused LoRA may not read (0: off; 1: their whole span, so a retained prompt's K/V are exactly the
+    stage-A model's). Option keys: ``fusion_lambda``, ``fusion_lambda_preserve``, ``fusion_null_space``. Changing
+    them re-integrates the same per-concept LoRAs, so a resumed run may."""
 
     lam: float = field(default=0.1, metadata=RESUME_FREE)
     lam_preserve: float = field(default=1.0, metadata=RESUME_FREE)
+    null_space: float = field(default=0.0, metadata={**RESUME_FREE, **OMITTED_AT_DEFAULT})
 
-    KEYS = {"lam": "fusion_lambda", "lam_preserve": "fusion_lambda_preserve"}
+    KEYS = {"lam": "fusion_lambda", "lam_preserve": "fusion_lambda_preserve", "null_space": "fusion_null_space"}
 
     def __post_init__(self) -> None:
         if self.lam < 0 or self.lam_preserve < 0:
             raise TraceEraseError("fusion_lambda and fusion_lambda_preserve must be ≥ 0")
+        if not 0 <= self.null_space <= 1:
+            raise TraceEraseError(f"fusion_null_space is a share of the retained tokens' energy in [0, 1] (got "
+                                  f"{self.null_space}); 0 switches it off, 1 keeps retained prompts exactly")
 
 
 SUB_CONFIGS = {"adversarial": AdversarialConfig, "eraseanything": EraseAnythingConfig, "trce": TrceConfig,
@@ -323,7 +332,9 @@ class TrajectoryConfig:
                 continue
             values = dataclasses.asdict(sub) if sub is not None else {
                 **dataclasses.asdict(cls_sub()), **({"every": 0} if name == "adversarial" else {})}
-            out.update({key: values[f] for key, f in _sub_keys(name).items()})
+            omit = {f.name for f in dataclasses.fields(cls_sub) if f.metadata.get("omitted_at_default")
+                    and values[f.name] == f.default}
+            out.update({key: values[f] for key, f in _sub_keys(name).items() if f not in omit})
         return out
 
     @classmethod
