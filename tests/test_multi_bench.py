@@ -138,3 +138,34 @@ def test_more_subsets_than_exist_and_a_folder_of_another_set_are_one_line(micro_
     (folder / "bench.json").write_text(json.dumps({"rows": [{"concept": "a,b", "method": "trace"}]}))
     with pytest.raises(TraceEraseError, match="holds a bench of a,b, not a,c"):
         _set_rows(None, folder, ["a", "c"], ["trace"], [], 1, True, {})
+
+
+def test_multi_bench_draws_from_a_pool_and_preserves_the_retained_classes(micro_sd, tmp_path) -> None:
+    """``--concepts dev --preserve-retained``: sets come from the development half only, and every method is asked
+    to keep exactly the classes its set does not erase."""
+    from trace_erase.evaluation.suites import load_class_set, toy_split
+
+    dev = list(toy_split("dev"))
+    res = run_multi_bench(load_model(micro_sd), ["uce"], [2], tmp_path / "m", subsets=2, seeds=1, pool=dev,
+                          preserve_retained=True, progress=False)
+    groups = res["subsets"]["2"]
+    assert len(groups) == 2 and all(set(g) <= set(dev) for g in groups) and res["pool"] == dev
+    everything = list(load_class_set("toy").classes)
+    for k, group in enumerate(groups):
+        run = tmp_path / "m" / "N2" / f"set{k}" / "runs" / ",".join(group) / "uce" / "erasure" / "erasure.json"
+        concepts = json.loads(run.read_text())["concepts"]
+        assert [c["name"] for c in concepts] == group
+        assert all(c["preserve"] == [x for x in everything if x not in group] for c in concepts)
+    assert "--preserve-retained" in (tmp_path / "m" / "multi.md").read_text()
+
+
+def test_preserve_retained_bad_input(micro_sd, singletons, tmp_path, capsys) -> None:
+    base = ["bench", "--model", str(micro_sd), "--methods", "uce", "--output", str(tmp_path / "x")]
+    for extra, needle in ((["--preserve-retained"], "add --concept-counts"),
+                          (["--concept-counts", "2", "--preserve-retained", "--singletons", str(singletons[0])],
+                           "without --preserve-retained"),
+                          (["--concept-counts", "2,8", "--concepts", "dev"], "only 5 classes")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()

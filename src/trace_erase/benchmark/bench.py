@@ -99,6 +99,7 @@ def run_bench(
     retained: list[str] | None = None,
     reference: str | Path | None = None,
     attacks: list[Any] | None = None,
+    preserve: list[str] | None = None,
 ) -> dict[str, Any]:
     """Erase each concept with each method (plus the sweep's variants of ``trace``), evaluate on ``suite`` (built per
     concept with ``prompts``/``classes``/``retained``; scored by ``scorer``, default the suite's), write the tables.
@@ -107,7 +108,9 @@ def run_bench(
     ``resume=True`` after an interruption skips the finished ones (refusing changed settings). A run that fails is a
     ``failed`` row with its one-line reason, and the others still run. The folder moves to ``OUTPUT`` at the end.
     ``attacks`` (:class:`~trace_erase.attacks.AttackConfig` list): each erasure is also attacked, each attack run
-    once per concept on the base model as the control; the rows gain ``asr_<attack>`` columns."""
+    once per concept on the base model as the control; the rows gain ``asr_<attack>`` columns. ``preserve``:
+    concepts every method is asked to keep (``erase(preserve=...)``; each method that takes a preserve set reads
+    it)."""
     from ..api import erase, library_versions
 
     final = Path(output)
@@ -122,7 +125,8 @@ def run_bench(
                 "seeds_per_prompt": seeds, "options": options or {}, "sweep": list(sweep or []),
                 "scheduler": scheduler, "scorer": scorer.identity, "prompts": str(prompts) if prompts else None,
                 "classes": classes, "retained": retained, "reference": str(reference) if reference else None,
-                "attacks": [a.describe() for a in attacks or []]}
+                "attacks": [a.describe() for a in attacks or []],
+                **({"preserve": list(preserve)} if preserve else {})}  # absent when unset: older benches resume
     if attacks and any("," in c for c in concepts):
         raise TraceEraseError("--attacks attacks one erased concept at a time; drop the comma-separated sets")
     if work.exists():
@@ -155,7 +159,7 @@ def run_bench(
                     controls = _attack_controls(handle, attacks, concept, work / "attacks" / concept, scorer)
                 row = _bench_run(handle, erase, method, extra, label, concept, base, run_dir, suites[concept],
                                  scorer, seeds, options, scheduler, progress, reference,
-                                 per_concept_dir(work, concept, method, extra, options))
+                                 per_concept_dir(work, concept, method, extra, options), preserve)
                 if attacks and row["status"] == "ok":
                     row.update(_attack_row(handle, attacks, controls, concept, run_dir, scorer))
             except Exception as exc:  # noqa: BLE001 - one bad run is a failed row, not a lost bench
@@ -180,7 +184,8 @@ def run_bench(
 def _bench_run(handle: ModelHandle, erase: Any, method: str, extra: dict[str, Any], label: str, concept: str,
                base: np.ndarray, run_dir: Path, suite: Suite, scorer: Scorer, seeds: int,
                options: dict[str, Any] | None, scheduler: str | None, progress: bool,
-               reference: str | Path | None, workdir: Path | None = None) -> dict[str, Any]:
+               reference: str | Path | None, workdir: Path | None = None,
+               preserve: list[str] | None = None) -> dict[str, Any]:
     """One (method, concept) run: erase, evaluate on the shared base images, save; its row of the table."""
     common = {"seeds": seeds, "progress": False, "base_images": base, "scheduler": scheduler, "overwrite": True,
               "scorer": scorer, "reference": reference}
@@ -195,7 +200,7 @@ def _bench_run(handle: ModelHandle, erase: Any, method: str, extra: dict[str, An
     opts = {k: v for k, v in (options or {}).items() if _accepts(spec, k)}
     t0 = time.perf_counter()
     er = erase(handle, concept.split(","), method=method, progress=progress, workdir=workdir,  # "a,b": a set
-               **opts, **extra)
+               preserve=preserve, **opts, **extra)
     wall = time.perf_counter() - t0
     res = evaluate(handle, er, suite, concept, run_dir, **common)
     er.save(run_dir / "erasure")

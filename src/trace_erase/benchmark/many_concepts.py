@@ -44,7 +44,12 @@ def parse_counts(text: str) -> list[int]:
 def concept_sets(classes: list[str], counts: list[int], subsets: int, seed: int = 0) -> dict[int, list[list[str]]]:
     """Every singleton for N = 1 (always included: interference needs them); ``subsets`` distinct seeded subsets per
     N > 1. A draw that repeats an earlier subset is drawn again (a repeat would be the same run twice, counted as
-    two sets); the first subsets are the same as before that rule, as long as none of them repeated."""
+    two sets); the first subsets are the same as before that rule, as long as none of them repeated. ``classes`` is
+    the pool the sets are drawn from (all toy classes, or one half of them)."""
+    for n in counts:
+        if n > len(classes):
+            raise TraceEraseError(f"--concept-counts {n}: the pool has only {len(classes)} classes; drop N = {n} or "
+                                  "draw from all classes")
     out = {1: [[c] for c in classes]}
     for n in counts:
         if n > 1:
@@ -94,9 +99,12 @@ def singleton_rows(path: str | Path, model: str, seeds: int,
 
 
 def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: str | Path, subsets: int = 5,
-                    seeds: int = 10, singletons: str | Path | None = None, **bench_kwargs: Any) -> dict[str, Any]:
+                    seeds: int = 10, singletons: str | Path | None = None, pool: list[str] | None = None,
+                    preserve_retained: bool = False, **bench_kwargs: Any) -> dict[str, Any]:
     """Run the benches of every concept set and write ``multi.json``, ``multi.md`` and ``multi.png`` (each set's
-    bench is committed as it finishes: ``resume=True`` skips the finished ones)."""
+    bench is committed as it finishes: ``resume=True`` skips the finished ones). ``pool``: draw the sets from these
+    classes (e.g. the development half; default all); ``preserve_retained``: every method is asked to keep the
+    toy classes its set does not erase (``erase(preserve=...)``), the same list for each."""
     import shutil
 
     from ..io import atomic_write
@@ -109,7 +117,7 @@ def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: 
                                   "--overwrite to start afresh")
         shutil.rmtree(out)
     classes = list(load_class_set("toy").classes)
-    sets = concept_sets(classes, counts, subsets)
+    sets = concept_sets(list(pool or classes), counts, subsets)
     sweep = list(bench_kwargs.pop("sweep", None) or [])
     sweep_labels = [run_label("trace", e) for e in sweep]
     labels = [*methods, *sweep_labels]
@@ -129,7 +137,9 @@ def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: 
                               if lb not in aliases and lb not in reused]
             else:
                 reused, todo, todo_sweep = {}, methods, sweep
-            found = _set_rows(handle, folder, group, todo, todo_sweep, per_seed, resume, bench_kwargs)
+            kept = [c for c in classes if c not in group] if preserve_retained else None
+            found = _set_rows(handle, folder, group, todo, todo_sweep, per_seed, resume,
+                              {**bench_kwargs, **({"preserve": kept} if kept else {})})
             found += [(row, {group[0]: row["acc_e"]}) for row in reused.values()]
             by_label = {row["method"]: (row, per_class) for row, per_class in found if row.get("status") == "ok"}
             if n == 1 and "trace" in by_label:
@@ -142,6 +152,7 @@ def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: 
     summary = summarize_multi(rows, counts)
     result = {"model": handle.source, "counts": counts, "subsets": {str(n): g for n, g in sets.items()},
               "seeds_at_n1": seeds, "singletons": str(singletons) if singletons else None,
+              **({"pool": list(pool)} if pool else {}), **({"preserve_retained": True} if preserve_retained else {}),
               "aliases_at_n1": aliases, "rows": rows, "summary": summary}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "multi.json", json.dumps(result, indent=2) + "\n")
@@ -229,6 +240,8 @@ def markdown_multi(result: dict[str, Any]) -> str:
                  "Acc_e(c | S) − Acc_e(c | {c}).")
     if result.get("singletons"):
         lines.append(f"N = 1 rows from `{result['singletons']}` (each class alone, same model, seeds and options).")
+    if result.get("preserve_retained"):
+        lines.append("Every method was asked to keep the classes its set does not erase (`--preserve-retained`).")
     if result.get("aliases_at_n1"):
         lines.append(f"At N = 1, {', '.join(result['aliases_at_n1'])} = trace's own erasure (one concept: nothing to "
                      "combine), not rerun.")

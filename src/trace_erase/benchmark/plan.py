@@ -53,13 +53,21 @@ def resolve_concepts(concepts: str, suite: str, classes: str | None = None) -> l
 
 def check_concept_counts(concept_counts: str | None, suite: str, prompts: str | None, subsets: int,
                          singletons: str | None, model: str, seeds: int, options: dict[str, Any],
-                         attacks: bool) -> list[int] | None:
-    """The many-concepts protocol's counts (None: not asked for), checked with everything it combines with."""
+                         attacks: bool, pool: list[str] | None = None,
+                         preserve_retained: bool = False) -> list[int] | None:
+    """The many-concepts protocol's counts (None: not asked for), checked with everything it combines with;
+    ``pool``: the classes its sets are drawn from (None: all)."""
     if concept_counts is None:
         if singletons:
             raise TraceEraseError("--singletons supplies --concept-counts' N = 1 runs; add --concept-counts 1,2,5,8 "
                                   "or drop it")
+        if preserve_retained:
+            raise TraceEraseError("--preserve-retained names each concept set's retained classes; add "
+                                  "--concept-counts 2,5 or drop it")
         return None
+    if singletons and preserve_retained:
+        raise TraceEraseError("--singletons runs were made without --preserve-retained; drop one of them (N = 1 "
+                              "then runs here with the other classes preserved)")
     if attacks:
         raise TraceEraseError("--attacks attacks one erased concept at a time; it does not combine with "
                               "--concept-counts")
@@ -68,7 +76,7 @@ def check_concept_counts(concept_counts: str | None, suite: str, prompts: str | 
         raise TraceEraseError("--concept-counts runs on --suite toy-objects with its built-in prompts")
     if subsets < 1:
         raise TraceEraseError(f"--subsets must be ≥ 1 (got {subsets})")
-    concept_sets(list(load_class_set("toy").classes), counts, subsets)  # more subsets than exist: refused now
+    concept_sets(list(pool or load_class_set("toy").classes), counts, subsets)  # too many subsets: refused now
     if singletons:
         singleton_rows(singletons, model, seeds, options)
     return counts

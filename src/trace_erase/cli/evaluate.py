@@ -206,6 +206,8 @@ def bench(
                                                         "bench.json "
                                                         "of single classes (same model, seeds and options) "
                                                         "instead of rerunning it")] = None,
+    preserve_retained: Annotated[bool, typer.Option(help="--concept-counts: ask every method to keep the toy "
+                                                         "classes a set does not erase (its --preserve)")] = False,
     attacks: Annotated[str | None, typer.Option(help="also attack every erasure (and the base model as the control) "
                                                      "with these, e.g. paraphrase,concept-vector,soft-prompt,"
                                                      "inversion: ASR columns")] = None,
@@ -228,9 +230,10 @@ def bench(
     runtime = runtime_from(device, dtype, offload, batch_size)
     method_list = check_methods(model, methods, runtime, scheduler, sweep)
     attack_configs = [AttackConfig(a.strip()) for a in attacks.split(",") if a.strip()] if attacks else None
-    counts = check_concept_counts(concept_counts, suite, prompts, subsets, singletons, model, seeds,
-                                  parse_options(option or []), bool(attacks))
     concept_list = resolve_concepts(concepts, suite, classes)
+    pool = concept_list if concept_counts and concepts != "all" else None
+    counts = check_concept_counts(concept_counts, suite, prompts, subsets, singletons, model, seeds,
+                                  parse_options(option or []), bool(attacks), pool, preserve_retained)
     if attacks and suite in SCENE_SUITES:
         raise TraceEraseError(f"--attacks are scored on single-object suites; drop --attacks for --suite {suite}")
     _, the_scorer = _suite_and_scorer(model, suite, concept_list[0] if concept_list else "", seeds, prompts,
@@ -241,6 +244,7 @@ def bench(
         from ..benchmark.many_concepts import run_multi_bench
 
         res = run_multi_bench(handle, method_list, counts, output, subsets=subsets, seeds=seeds, singletons=singletons,
+                              pool=pool, preserve_retained=preserve_retained,
                               options=parse_options(option or []), sweep=parse_sweep(sweep), overwrite=overwrite,
                               scheduler=scheduler, resume=resume, scorer=the_scorer)
         typer.echo((Path(output) / "multi.md").read_text())
