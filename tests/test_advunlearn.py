@@ -71,6 +71,18 @@ def test_only_the_text_encoder_lora_trains() -> None:
     assert log["final_losses"]["retain"] > 0 and log["adversarial_losses"]["cat"] > 0
 
 
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path) -> None:
+    """The text-encoder LoRA, its optimiser, the pool (retain trajectories included) and the attack's slots are in
+    the checkpoint: a run resumed from step 2 ends where an uninterrupted one does."""
+    opts = {**FAST, "steps": 4, "lr": 1e-3}
+    whole = erase(BUILDERS["sd"](), ["cat"], method="advunlearn", progress=False, **opts)
+    erase(BUILDERS["sd"](), ["cat"], method="advunlearn", progress=False, workdir=tmp_path,
+          **{**opts, "checkpoint_every": 2})  # leaves its step-2 checkpoint behind
+    resumed = erase(BUILDERS["sd"](), ["cat"], method="advunlearn", progress=False, workdir=tmp_path,
+                    **{**opts, "checkpoint_every": 2})
+    assert all(torch.equal(whole.state_dict[k], resumed.state_dict[k]) for k in whole.state_dict)
+
+
 # ---- (b) the loss, by hand ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("phase", ["warmup", "adversarial"])
 def test_loss_is_esd_on_the_text_encoder_plus_the_retain_term(phase: str) -> None:
@@ -205,7 +217,7 @@ def test_merge_writes_the_edited_text_encoder_and_targets_place_every_module(tra
     merged.save_pretrained(tmp_path / "m")
     reloaded = DiffusionPipeline.from_pretrained(tmp_path / "m", **null_components(tmp_path / "m"))
     _close(_text(reloaded), ref, _text(BUILDERS[fam]()))
-    for target in ("comfyui", "a1111", "forge", "kohya", "diffusers"):
+    for target in ("comfyui", "a1111", "forge", "invokeai", "kohya", "diffusers"):
         rec = export_erasure(er, ModelHandle(pipe, get_adapter(pipe), "tiny"),
                              ExportOptions(target=target, strict=True), tmp_path / f"{target}.safetensors")
         assert "companion" not in rec and rec["files"], target
