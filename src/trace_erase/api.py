@@ -19,6 +19,7 @@ from .artifacts.fingerprint import fingerprint
 from .artifacts.lora import concat_loras, deltas_to_state_dict
 from .artifacts.manifest import FORMAT, FORMAT_VERSION
 from .config import Concept, config_from_dict, make_concepts
+from .engines.advunlearn import TextEncoderEngine
 from .engines.closed_form import ClosedFormConfig, ClosedFormEngine
 from .engines.export_stats import ExportStatistics
 from .engines.fusion import fusion_tensors
@@ -27,6 +28,7 @@ from .engines.trajectory import TrajectoryConfig, TrajectoryEngine
 from .errors import TraceEraseError
 from .methods import MethodSpec, get_method
 from .models import FamilyAdapter, ModelHandle, get_adapter
+from .models.text_lora import split_qualified
 from .multi import combine, fusion_inputs, resolve_multi, train_per_concept
 
 
@@ -128,8 +130,9 @@ def erase(
     # built before stage A runs: it refuses a dtype/device it cannot train in
     run_config = {"method": spec.name, "closed_form": cf_cfg.run_settings() if cf_cfg else None,
                   "base_sha256": None}
-    tr_engine = TrajectoryEngine(adapter, tr_cfg, progress=progress, workdir=workdir,
-                                 run_config=run_config) if tr_cfg else None
+    engine_class = TextEncoderEngine if tr_cfg is not None and tr_cfg.trains_text_encoder else TrajectoryEngine
+    tr_engine = engine_class(adapter, tr_cfg, progress=progress, workdir=workdir,
+                             run_config=run_config) if tr_cfg else None
     run = _Run(mode=mode)
     concept_stats = None
     if cf_cfg is not None:
@@ -200,7 +203,8 @@ def _manifest(run: _Run, spec: MethodSpec, cf_cfg: ClosedFormConfig | None, tr_c
     """``erasure.json``: what was erased, how, from which base model, with what result, and at what cost."""
     manifest: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        # text-encoder modules need format 4 to be read; without them, format 3 keeps older readers reading it
+        "format_version": FORMAT_VERSION if any(split_qualified(m)[0] for m in run.modules) else 3,
         "method": spec.name,
         "engine": spec.engine,
         "config": {

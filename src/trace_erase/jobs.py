@@ -72,8 +72,9 @@ class EraseJob:
         spec = self.spec
         spec.check_family(peek_family(self.model))
         make_concepts(self.concepts, anchor=self.anchor, preserve=self.preserve)
-        resolve_multi(spec, self.options.get("multi"), len(self.concepts))  # erase() resolves it again
-        _, trajectory = method_configs(spec, self.engine_options)
+        mode = resolve_multi(spec, self.options.get("multi"), len(self.concepts))  # erase() resolves it again
+        several = {"multi": mode} if spec.uses_trajectory and mode != "single" else {}  # as erase() passes it
+        _, trajectory = method_configs(spec, {**self.engine_options, **several})
         if spec.uses_trajectory:
             runtime.check_training()
         if self.export is not None:

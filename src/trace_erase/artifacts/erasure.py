@@ -18,6 +18,7 @@ import torch
 from ..errors import TraceEraseError
 from ..io import file_sha256, output_folder
 from ..models.loading import pipe_and_adapter
+from ..models.text_lora import split_qualified
 from .fingerprint import check_fingerprint, fingerprint
 from .gate import LateGate
 from .manifest import Manifest, check_file_name
@@ -94,6 +95,11 @@ class Erasure:
     def modules(self) -> list[str]:
         return list(self.manifest["lora"]["target_modules"])
 
+    def components(self, denoiser_name: str) -> list[str]:
+        """The pipeline components this erasure's LoRA edits: the denoiser and/or text encoders."""
+        heads = [split_qualified(m)[0] or denoiser_name for m in self.modules]
+        return list(dict.fromkeys(heads))
+
     def deltas(self) -> dict[str, torch.Tensor]:
         """ΔW per module at scale 1 (B·A)."""
         from .lora import lora_to_delta
@@ -147,12 +153,12 @@ class Erasure:
     def _load_adapter(self, pipe: Any, state: dict[str, torch.Tensor], name: str) -> str:
         from diffusers.utils import logging as dlogging
 
-        existing = set(pipe.get_list_adapters().get(self.prefix, []))
+        existing = {n for names in pipe.get_list_adapters().values() for n in names}
         base, i = name, 1
         while name in existing:
             name, i = f"{base}_{i}", i + 1
         verbosity = dlogging.get_verbosity()
-        dlogging.set_verbosity_error()  # silence "no LoRA keys for text_encoder": ours only edit the denoiser
+        dlogging.set_verbosity_error()  # silence "no LoRA keys for text_encoder" (or for the unet: AdvUnlearn's)
         try:
             pipe.load_lora_weights({k: v.clone() for k, v in state.items()}, adapter_name=name)
         finally:
@@ -193,7 +199,7 @@ class Erasure:
             raise TraceEraseError("a gated erasure acts only in late steps and cannot be fused into the weights; "
                                   "use `generate --erasure` instead of merge")
         self.apply(target, scale=scale)
-        pipe.fuse_lora(components=[adapter.denoiser_name], lora_scale=1.0)
+        pipe.fuse_lora(components=self.components(adapter.denoiser_name), lora_scale=1.0)
         pipe.unload_lora_weights()
         setattr(pipe, APPLIED_ATTR, [])
         return pipe
@@ -236,9 +242,9 @@ def load_erasure(directory: str | Path, allow_pickle: bool = False) -> Erasure:
         raise TraceEraseError(f"'{directory}' has no {typed.lora.weight_name}; re-run the erasure")
     state = _read_safetensors(wpath)
     prefix = typed.lora.prefix + "."
-    if not state or any(not k.startswith(prefix) for k in state):
-        raise TraceEraseError(f"'{wpath}' does not hold this erasure's LoRA (keys must start with '{prefix}'); "
-                              "re-run the erasure")
+    if not state or any(not k.startswith(prefix) and split_qualified(k)[0] is None for k in state):
+        raise TraceEraseError(f"'{wpath}' does not hold this erasure's LoRA (keys must start with '{prefix}' or a "
+                              "text encoder's name); re-run the erasure")
     return Erasure(state, manifest, gated_state_dict=gated, fusion_state=fusion_state)
 
 

@@ -17,6 +17,7 @@ always-on with ``ungated=True``, which the file's metadata records.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,9 @@ import torch
 from ..errors import TraceEraseError
 from ..io import atomic_write
 from ..models.registry import adapter_class
+from ..models.text_lora import ROOT, canonical_name, clip_encoders, lora_key, split_qualified
 from .erasure import Erasure
-from .lora import lora_pairs
+from .lora import module_pairs
 from .lowrank import TRUNCATIONS, Metric, ModuleExport, dense_delta, plan_module
 from .naming import kohya_modules
 from .readers import file_modules
@@ -151,20 +153,29 @@ def _kohya_tensors(plans: dict[str, ModuleExport], family: str, handle: Any,
 
 def _diffusers_tensors(plans: dict[str, ModuleExport], prefix: str,
                        dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """PEFT keys (``{prefix}.{module}.lora_A/B.weight``) at each module's own rank, and the LoraConfig for them."""
+    """PEFT keys (``{prefix}.{module}.lora_A/B.weight``; a text-encoder module under its qualified name) at each
+    module's own rank, and the LoraConfig for each component."""
     loras = {m: p for m, p in plans.items() if p.kind == "lora" and p.rank > 0}
     out: dict[str, torch.Tensor] = {}
+    groups: dict[str, dict[str, int]] = {}  # component → {module name as its LoraConfig names it: rank}
     for m, p in loras.items():
-        out[f"{prefix}.{m}.lora_A.weight"] = p.a.to(dtype).contiguous()
-        out[f"{prefix}.{m}.lora_B.weight"] = p.b.to(dtype).contiguous()
-    top = max((p.rank for p in loras.values()), default=1)
-    ranks = {m: p.rank for m, p in loras.items()}
-    config = {"r": top, "lora_alpha": top, "target_modules": sorted(loras),
-              # exact module names (peft matches pattern keys as regexes against the end of a module's name)
-              "rank_pattern": {f"^{m}$".replace(".", r"\."): r for m, r in ranks.items() if r != top},
-              "alpha_pattern": {f"^{m}$".replace(".", r"\."): r for m, r in ranks.items() if r != top},
-              "init_lora_weights": False}
-    return out, {f"{prefix}.{k}": v for k, v in config.items()}
+        out[f"{lora_key(m, prefix)}.lora_A.weight"] = p.a.to(dtype).contiguous()
+        out[f"{lora_key(m, prefix)}.lora_B.weight"] = p.b.to(dtype).contiguous()
+        component, name = split_qualified(m)
+        if component is None:  # exact module names (peft matches pattern keys as regexes against a name's end)
+            groups.setdefault(prefix, {})[m] = p.rank
+        else:  # without the CLIP root, which transformers 5 flattens away on CLIPTextModel: matches either way
+            groups.setdefault(component, {})[name.removeprefix(ROOT)] = p.rank
+    metadata: dict[str, Any] = {}
+    for component, ranks in groups.items():
+        top = max(ranks.values())
+        pattern = (lambda m: f"^{m}$".replace(".", r"\.")) if component == prefix else re.escape
+        config = {"r": top, "lora_alpha": top, "target_modules": sorted(ranks),
+                  "rank_pattern": {pattern(m): r for m, r in ranks.items() if r != top},
+                  "alpha_pattern": {pattern(m): r for m, r in ranks.items() if r != top},
+                  "init_lora_weights": False}
+        metadata.update({f"{component}.{k}": v for k, v in config.items()})
+    return out, metadata
 
 
 def _full_tensors(plans: dict[str, ModuleExport], handle: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -202,11 +213,12 @@ MetricSource = Callable[[Erasure, Any], dict[str, Metric]]  # per module: its te
 
 
 def _factors(erasure: Erasure, ungated: bool) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """(A, B) pairs per module (denoiser-relative names) of the main LoRA and, when ``ungated``, the gated one."""
+    """(A, B) pairs per module (denoiser-relative names, qualified text-encoder names) of the main LoRA and, when
+    ``ungated``, the gated one."""
     states = [erasure.state_dict] + ([erasure.gated_state_dict] if ungated and erasure.gated_state_dict else [])
     out: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for state in states:
-        for name, pair in lora_pairs(state, erasure.prefix).items():
+        for name, pair in module_pairs(state, erasure.prefix).items():
             out.setdefault(name, []).append(pair)
     return out
 
@@ -218,7 +230,7 @@ def _file_names(plans: dict[str, ModuleExport], fmt: str, family: str, handle: A
     if fmt == "kohya":
         modules, _ = kohya_modules(family, loras, getattr(handle.adapter.denoiser, "config", None))
         return {km.name: tuple(m for m in km.members if m in loras) for km in modules}
-    return {f"{prefix}.{m}": (m,) for m in loras}
+    return {lora_key(m, prefix): (m,) for m in loras}
 
 
 def _apply_target(plans: dict[str, ModuleExport], factors: dict[str, list], options: ExportOptions, family: str,
@@ -355,14 +367,17 @@ def read_keys(path: str | Path) -> list[str]:
 
 
 def apply_full(target: Any, path: str | Path) -> None:
-    """Load a ``full`` export's edited weights into a pipeline's denoiser (in place: use a fresh pipeline)."""
+    """Load a ``full`` export's edited weights into a pipeline's denoiser, and its text encoders' (keys under the
+    component's name, ``text_encoder.text_model.…``), in place: use a fresh pipeline."""
     from safetensors.torch import load_file
 
     from ..models.loading import pipe_and_adapter
 
-    _, adapter = pipe_and_adapter(target)
+    pipe, adapter = pipe_and_adapter(target)
     weights = load_file(str(path))
-    own = adapter.denoiser.state_dict()
+    own = {k: v for k, v in adapter.denoiser.state_dict().items()}
+    for component, encoder in clip_encoders(pipe).items():
+        own.update({f"{component}.{canonical_name(encoder, k)}": v for k, v in encoder.state_dict().items()})
     unknown = [k for k in weights if k not in own]
     if unknown:
         raise TraceEraseError(f"'{path}' holds weights the model does not have ({unknown[0]}); "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..models.text_lora import split_qualified
+
 
 def delta_to_lora(delta: torch.Tensor, rank_tolerance: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """ΔW ≈ B·A by SVD, keeping singular values above ``rank_tolerance`` × the largest (the numerical rank).
@@ -60,6 +62,18 @@ def lora_pairs(state: dict[str, torch.Tensor], prefix: str) -> dict[str, tuple[t
         if key.startswith(head) and key.endswith(".lora_A.weight"):
             name = key[len(head) : -len(".lora_A.weight")]
             out[name] = (a, state[f"{head}{name}.lora_B.weight"])
+    return out
+
+
+def module_pairs(state: dict[str, torch.Tensor], prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) per module of a diffusers-format LoRA state dict, as stored: denoiser modules by their names relative
+    to ``prefix``, text-encoder modules by their qualified names (``text_encoder.text_model.…``)."""
+    out = lora_pairs(state, prefix)
+    tail = ".lora_A.weight"
+    for key, a in state.items():
+        if key.endswith(tail) and split_qualified(key)[0] is not None:
+            name = key[: -len(tail)]
+            out[name] = (a, state[f"{name}.lora_B.weight"])
     return out
 
 

@@ -19,8 +19,10 @@ FORMAT = "trace-erase/erasure"
 # 1: first release. 2: adds "runtime" (device/dtype/offload the erasure was made with) and the integrity record.
 # 3: config.trajectory keeps the optional parts as nested sub-configs ("adversarial", "eraseanything", "trce",
 # "fusion"; None
-# when off) where 1 and 2 stored flat keys; TrajectoryConfig.from_options reads both. Every earlier version is read.
-FORMAT_VERSION = 3
+# when off) where 1 and 2 stored flat keys; TrajectoryConfig.from_options reads both. 4: lora.target_modules may name
+# text-encoder modules by their qualified names (``text_encoder.text_model.…``, keyed so in the LoRA file without the
+# denoiser's prefix; written only by erasures that have them, the others stay 3). Every earlier version is read.
+FORMAT_VERSION = 4
 PREFIXES = ("unet", "transformer")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 

@@ -10,6 +10,8 @@ module path is depends on the family:
 - FLUX: the BFL path, where several diffusers projections are one fused module (``txt_attn_qkv`` = add_q ⊕ add_k ⊕
   add_v): a :class:`KohyaModule` then lists its members in row order, and the exporter writes the members that were
   not trained as zero blocks (sd-scripts' converter drops a fused module whose first member is missing).
+- Text encoders (AdvUnlearn's LoRA): ``lora_te_`` + the canonical CLIP path (``text_model.encoder.layers.N…``);
+  SDXL's two encoders ``lora_te1_`` and ``lora_te2_``, as sd-scripts, ComfyUI and A1111 name them.
 - SD3/SD3.5: the SAI MMDiT path (``joint_blocks.N.context_block.attn.qkv``), fused the same way; ComfyUI reads it,
   diffusers has no loader for it (export SD3 for diffusers in the diffusers format).
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import TraceEraseError
+from ..models.text_lora import split_qualified
 
 KOHYA_KEY = re.compile(r"^lora_(unet|te[123]?)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
@@ -139,9 +142,32 @@ _SD3_GLOBAL = {
 _SD3_BLOCKS = {"transformer_blocks": ("joint_blocks", _SD3_BLOCK)}
 
 
+# ---- text encoders ---------------------------------------------------------------------------------------------------
+# kohya's text-encoder prefixes: one CLIP encoder is ``lora_te``; SDXL's two are ``lora_te1`` and ``lora_te2``
+_TE_PREFIXES = {"sd": {"text_encoder": "lora_te"}, "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
+
+
+def kohya_text_module(family: str, qualified: str) -> KohyaModule:
+    """The kohya module of a text-encoder module (``text_encoder.text_model.encoder.layers.0.self_attn.q_proj`` →
+    ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``; SDXL: ``lora_te1_``/``lora_te2_``)."""
+    component, canonical = split_qualified(qualified)
+    prefix = _TE_PREFIXES.get(family, {}).get(component or "")
+    if prefix is None:
+        raise TraceEraseError(f"no kohya name for the {family} {component} ('{qualified}'); export with --format "
+                              "diffusers or --format full")
+    return KohyaModule(f"{prefix}_{canonical.replace('.', '_')}", (qualified,))
+
+
 # ---- all families ------------------------------------------------------------------------------------------------
 def kohya_modules(family: str, modules: list[str], unet_config: Any = None) -> tuple[list[KohyaModule], str]:
-    """The kohya modules that carry ``modules`` (diffusers names) and the naming used ("diffusers", "sgm", "bfl")."""
+    """The kohya modules that carry ``modules`` (diffusers names; text-encoder modules by their qualified names,
+    which come first) and the naming used for the denoiser ("diffusers", "sgm", "bfl", "sai")."""
+    text = [kohya_text_module(family, m) for m in modules if split_qualified(m)[0] is not None]
+    found, naming = _denoiser_modules(family, [m for m in modules if split_qualified(m)[0] is None], unet_config)
+    return text + found, naming
+
+
+def _denoiser_modules(family: str, modules: list[str], unet_config: Any) -> tuple[list[KohyaModule], str]:
     if family == "sd":
         return [KohyaModule(_key(m), (m,)) for m in modules], "diffusers"
     if family == "sdxl":

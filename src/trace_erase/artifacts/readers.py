@@ -13,6 +13,7 @@ The exporter (:mod:`.targets`) uses these rules to place every module where the 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -41,6 +42,16 @@ _BFL_BLOCKS = (r"lora_unet_double_blocks_\d+_(img|txt)_(attn_qkv|attn_proj|mlp_0
 _BFL_EMBED = r"lora_unet_(img_in|txt_in|(time_in|vector_in|guidance_in)_(in|out)_layer)"
 _SAI_ALL = (r"lora_unet_joint_blocks_\d+_(context_block|x_block)_\w+",
             r"lora_unet_(context_embedder|x_embedder_proj|(t_embedder|y_embedder)_mlp_[02]|final_layer_\w+)")
+# CLIP text-encoder Linear layers (q/k/v/out projections and both MLP layers of each transformer layer): kohya names
+# (SD1 ``lora_te_``; SDXL ``lora_te1_``/``lora_te2_``) and PEFT names (``text_encoder[_2].text_model.…``)
+_TE_LEAF = r"(self_attn_(q|k|v|out)_proj|mlp_fc[12])"
+_KOHYA_TE_SD = rf"lora_te_text_model_encoder_layers_\d+_{_TE_LEAF}"
+_KOHYA_TE_SDXL = rf"lora_te[12]_text_model_encoder_layers_\d+_{_TE_LEAF}"
+_PEFT_TE_LEAF = r"(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
+_PEFT_TE_SD = rf"text_encoder\.text_model\.encoder\.layers\.\d+\.{_PEFT_TE_LEAF}"
+_PEFT_TE_SDXL = rf"text_encoder(_2)?\.text_model\.encoder\.layers\.\d+\.{_PEFT_TE_LEAF}"
+_TE = {("sd", "kohya"): _KOHYA_TE_SD, ("sdxl", "kohya"): _KOHYA_TE_SDXL, ("sd", "diffusers"): _PEFT_TE_SD,
+       ("sdxl", "diffusers"): _PEFT_TE_SDXL}
 _PEFT_UNET_NO_TO = r"unet\.(?![\w.]*\.to_)[\w.]+"  # PEFT UNet keys without '.to_' in the module path
 _PEFT_TRANSFORMER = r"transformer\.[\w.]+"
 _PEFT_ANY = r"(unet|transformer)\.[\w.]+"
@@ -123,7 +134,7 @@ _SDS_SD3 = Rule(_SAI_ALL, DROPS, "networks/lora_sd3.py: SingleDiTBlock Linears, 
                 "context/t/x/y embedders and final layer (emb_dims)")
 _NOTHING = Rule((), DROPS, "reads no key of this format")
 
-READERS: dict[str, Reader] = {r.key: r for r in (
+_READERS: dict[str, Reader] = {r.key: r for r in (
     Reader("comfyui", "ComfyUI", "0.3.64", "comfyanonymous/ComfyUI@41444b5 comfy/lora.py (load_lora, "
            "model_lora_keys_unet), comfy/utils.py (unet_to_diffusers, flux_to_diffusers)", {
                **_same(_COMFY_KOHYA, ("sd", "kohya"), ("sdxl", "kohya"), ("flux", "kohya"), ("sd3", "kohya")),
@@ -198,6 +209,35 @@ READERS: dict[str, Reader] = {r.key: r for r in (
                **_same(Rule((_PEFT_ANY,), REFUSES, "PEFT keys with lora_adapter_metadata: every module"),
                        ("sd", "diffusers"), ("sdxl", "diffusers"), ("flux", "diffusers"), ("sd3", "diffusers"))}),
 )}
+
+# Which readers also apply the CLIP text encoders' LoRA modules (AdvUnlearn's), per (family, format), from their
+# code: ComfyUI's model_lora_keys_clip (and Forge's copy of it, packages_3rdparty/comfyui_lora_collection) maps
+# lora_te_/lora_te1_/lora_te2_ and text_encoder[_2].text_model.encoder.layers.N.… onto CLIP-L/G; A1111's
+# convert_diffusers_name_to_compvis (a 1.x networks.py) maps lora_te_ (SD1) and, for SDXL, lora_te1_ →
+# 0_transformer_text_model… and lora_te2_ → 1_model_transformer_resblocks… (q/k/v into the fused in_proj when q, k,
+# v and out of a layer are all present); InvokeAI patches lora_te_/lora_te1_/lora_te2_ onto the text encoders
+# (app/invocations/compel.py) and passes SDXL's through its key conversion; sd-scripts builds lora_te[12]_ modules for
+# the Linear children of CLIPAttention/CLIPMLP (networks/lora.py, lora_diffusers.py); diffusers converts kohya
+# lora_te* keys and loads PEFT text_encoder[_2]. keys (run in tests/test_advunlearn.py).
+_KOHYA_PAIRS = (("sd", "kohya"), ("sdxl", "kohya"))
+_ALL_PAIRS = (*_KOHYA_PAIRS, ("sd", "diffusers"), ("sdxl", "diffusers"))
+TEXT_ENCODER_LOADS: dict[str, tuple[tuple[str, str], ...]] = {
+    "comfyui": _ALL_PAIRS, "forge": _ALL_PAIRS, "diffusers": _ALL_PAIRS, "a1111": _KOHYA_PAIRS,
+    "invokeai": _KOHYA_PAIRS, "sd-scripts": _KOHYA_PAIRS, "sd-scripts-diffusers": _KOHYA_PAIRS,
+}
+
+
+def _with_text_encoders(reader: Reader) -> Reader:
+    """``reader`` with its text-encoder patterns added to the rules :data:`TEXT_ENCODER_LOADS` names."""
+    rules = dict(reader.rules)
+    for pair in TEXT_ENCODER_LOADS.get(reader.key, ()):
+        rule = rules[pair]
+        rules[pair] = dataclasses.replace(rule, loads=(*rule.loads, _TE[pair]),
+                                          reads=rule.reads + "; text encoders: lora_te*/text_encoder[_2] CLIP layers")
+    return dataclasses.replace(reader, rules=rules)
+
+
+READERS: dict[str, Reader] = {key: _with_text_encoders(r) for key, r in _READERS.items()}
 
 
 @dataclass

@@ -33,10 +33,12 @@ if TYPE_CHECKING:
 
 class AdversarialPrompts:
     """Per-concept adversarial word slots for the trajectory engine, and the conditioning they give each training
-    prompt (encoded once per refresh)."""
+    prompt (encoded once per refresh). ``restart``: each attack starts from k random vocabulary words instead of
+    its last result; ``signed``: its Adam steps take the gradient's sign (AdvUnlearn's ``fast_at``)."""
 
-    def __init__(self, engine: StageBEngine, concepts: list[Concept]):
+    def __init__(self, engine: StageBEngine, concepts: list[Concept], restart: bool = False, signed: bool = False):
         self.engine = engine
+        self.restart, self.signed = restart, signed
         cfg = engine.config
         self.prompts = {t.format(c.name): c.name for c in concepts for t in cfg.train_templates}
         self.slots = WordSlots(engine.adapter, cfg.adversarial.tokens, list(self.prompts))
@@ -44,6 +46,17 @@ class AdversarialPrompts:
         self.values = {c.name: [v.to(device) for v in self.slots.init_from(self.slots.filler)] for c in concepts}
         self.losses: dict[str, float] = {}
         self._cond: dict[str, Conditioning] = {}
+
+    def attack_loss(self, values: list[torch.Tensor], x: torch.Tensor, t: torch.Tensor,
+                    prompts: list[str]) -> torch.Tensor:
+        """The inner attack's objective: how far the model as it is now, under the slots ``values`` before each
+        prompt, is from what the original model predicts under the prompt itself (MSE)."""
+        engine, adapter = self.engine, self.engine.adapter
+        with torch.no_grad(), engine.original():
+            target = adapter.predict(x, t, engine.cond(prompts))
+        with self.slots.active(values), adapter.text_gradients():
+            cond = adapter.conditioning([self.slots.prefixed(p) for p in prompts])
+        return torch.nn.functional.mse_loss(adapter.predict(x, t, cond).float(), target.float())
 
     def attack(self, pool: Pool) -> None:
         """Update every concept's slots by ``adversarial_steps`` Adam steps against the model as it is now."""
@@ -53,21 +66,18 @@ class AdversarialPrompts:
                 rows = [j for j, p in enumerate(pool.prompts) if self.prompts.get(p) == name]
                 if not rows:
                     continue
-                live = [v.detach().clone().requires_grad_(True) for v in values]
+                start = self.slots.init_random(engine.gen) if self.restart else values
+                live = [v.detach().clone().to(adapter.device).requires_grad_(True) for v in start]
                 opt = torch.optim.Adam(self.slots.param_groups(live, cfg.adversarial.lr))
                 for step in range(cfg.adversarial.steps):
                     x, t, prompts = engine.sample(pool, rows, any_time=True)
-                    with torch.no_grad(), engine.original():
-                        target = adapter.predict(x, t, engine.cond(prompts))
-                    with self.slots.active(live), adapter.text_gradients():
-                        cond = adapter.conditioning([self.slots.prefixed(p) for p in prompts])
-                    loss = torch.nn.functional.mse_loss(adapter.predict(x, t, cond).float(), target.float())
+                    loss = self.attack_loss(live, x, t, prompts)
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(f"the adversarial prompt's loss became {loss.item()} at inner step "
                                                  f"{step}; lower adversarial_lr")
                     # only the slots' gradients: the adapter toggles in ``original()`` mark the LoRA trainable again
                     for v, g in zip(live, torch.autograd.grad(loss, live), strict=True):
-                        v.grad = g
+                        v.grad = g.sign() if self.signed else g
                     if not finite_gradients(live):
                         raise NonFiniteLossError(
                             f"the adversarial prompt's gradients became non-finite at inner step {step} with a finite "
@@ -80,13 +90,22 @@ class AdversarialPrompts:
 
     def _encode(self) -> None:
         """Each training prompt's adversarial conditioning under its concept's current slots."""
+        prompts = list(self.prompts)
+        with torch.no_grad():
+            cond = self.encode(prompts)
+        self._cond = {p: cond.select([i]) for i, p in enumerate(prompts)}
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """The adversarial conditioning of training ``prompts`` under their concepts' current slots, encoded now
+        (under ``adapter.text_gradients()`` it carries gradients to trained text-encoder weights)."""
         adapter = self.engine.adapter
-        self._cond = {}
-        for name, values in self.values.items():
-            prompts = [p for p, c in self.prompts.items() if c == name]
-            with torch.no_grad(), self.slots.active(values):
-                cond = adapter.conditioning([self.slots.prefixed(p) for p in prompts])
-            self._cond.update({p: cond.select([i]) for i, p in enumerate(prompts)})
+        rows: dict[int, Conditioning] = {}
+        for name in dict.fromkeys(self.prompts[p] for p in prompts):
+            idx = [i for i, p in enumerate(prompts) if self.prompts[p] == name]
+            with self.slots.active(self.values[name]):
+                cond = adapter.conditioning([self.slots.prefixed(prompts[i]) for i in idx])
+            rows.update({i: cond.select([j]) for j, i in enumerate(idx)})
+        return Conditioning.cat([rows[i] for i in range(len(prompts))])
 
     def cond(self, prompts: list[str]) -> Conditioning:
         """The adversarial conditioning of a batch of training prompts (after the first :meth:`attack`)."""

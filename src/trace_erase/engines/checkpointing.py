@@ -3,6 +3,7 @@ replay pool, the defence's slots), refused when the run's settings differ."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ class CheckpointMixin:
     scaler: Any
     gen: torch.Generator
     adversarial: Any
-    adapter_name: str
+    named_lora_parameters: Callable[[], dict[str, torch.nn.Parameter]]
 
     def _ckpt(self) -> Path | None:
         return self.workdir / CHECKPOINT_NAME if self.workdir else None
@@ -39,8 +40,7 @@ class CheckpointMixin:
             "run_config": self.run_config,
             "run_hash": config_hash(self.run_config),
             "step": step,
-            "lora": {n: p.detach().cpu().clone() for n, p in self.adapter.denoiser.named_parameters()
-                     if self.adapter_name in n},
+            "lora": {n: p.detach().cpu().clone() for n, p in self.named_lora_parameters().items()},
             "opt": opt.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "gen": self.gen.get_state(),
@@ -60,7 +60,7 @@ class CheckpointMixin:
             changed = ", ".join(differing_keys(state.get("run_config") or {}, self.run_config))
             raise TraceEraseError(f"--resume with different settings ({changed or 'an older checkpoint'}) than the "
                                   "interrupted run; rerun them unchanged, or --overwrite")
-        params = dict(self.adapter.denoiser.named_parameters())
+        params = self.named_lora_parameters()
         with torch.no_grad():
             for n, v in state["lora"].items():
                 params[n].copy_(v)

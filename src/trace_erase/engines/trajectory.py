@@ -31,23 +31,25 @@ from tqdm.auto import tqdm
 from ..config import Concept
 from ..errors import NonFiniteLossError, TraceEraseError
 from ..models.base import Conditioning, FamilyAdapter
-from ..models.denoise import denoise
+from ..models.text_lora import lora_key
 from ..runtime import check_trainable, finite_gradients, training_attention
 from .adversarial import AdversarialPrompts
 from .checkpointing import CHECKPOINT_NAME, CheckpointMixin
 from .eraseanything import ConceptMasks, attention_penalty, lower_terms
 from .lora_switch import ADAPTER_NAME, LoraSwitchMixin
-from .pool import Pool, Trajectory
+from .pool import Pool
 from .prompts import load_corpus
+from .rollouts import RolloutMixin
 from .stage_a import StageAWeights
 from .trajectory_config import EraseAnythingConfig, TrajectoryConfig
-from .trce import UNCOND, safe_prompts, trce_terms
+from .trce import safe_prompts, trce_terms
 from .trce import term_weights as trce_weights
 
-__all__ = ["ADAPTER_NAME", "CHECKPOINT_NAME", "TrajectoryConfig", "TrajectoryEngine", "late_fraction"]
+__all__ = ["ADAPTER_NAME", "CHECKPOINT_NAME", "TrajectoryConfig", "TrajectoryEngine", "late_fraction",
+           "reversed_guidance"]
 
 
-class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
+class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
     """Trains a LoRA on the adapter's denoiser; the pipeline's own weights are never changed."""
 
     adapter_name = ADAPTER_NAME
@@ -65,13 +67,17 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         self.progress = progress
         self.workdir = Path(workdir) if workdir else None
         self.gen = torch.Generator().manual_seed(config.seed)
-        self.targets = adapter.lora_target_modules(config.lora_targets)
+        self.targets = self._targets()
         self._cond_cache: dict[str, Conditioning] = {}
         self.adversarial: AdversarialPrompts | None = None  # the defence's slots while training with it
         self.concepts = []  # what train() erases (the attention terms locate their tokens)
         check_trainable(adapter.device, adapter.dtype)
         # fp16 activations need loss scaling to keep small gradients (bf16 and fp32 do not)
         self.scaler = torch.amp.GradScaler(adapter.device.type) if adapter.dtype == torch.float16 else None
+
+    def _targets(self) -> list[str]:
+        """The modules the LoRA trains (denoiser-relative names)."""
+        return self.adapter.lora_target_modules(self.config.lora_targets)
 
     # ---- conditioning and trajectories -----------------------------------------------------------------------------
     @property
@@ -91,72 +97,6 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
             raise TraceEraseError(f"the training prompt '{prompt}' names no concept; reference=anchor needs one")
         i = prompt.lower().index(names[0].name.lower())
         return " ".join((prompt[:i] + names[0].anchor + prompt[i + len(names[0].name):]).split())
-
-    def cond(self, prompts: list[str]) -> Conditioning:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
-        if missing:
-            with torch.no_grad():
-                c = self.adapter.conditioning(missing)
-            for i, p in enumerate(missing):
-                self._cond_cache[p] = c.select([i])
-        return Conditioning.cat([self._cond_cache[p] for p in prompts])
-
-    def rollout(self, prompt: str, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                torch.Tensor]:
-        """A trajectory of θ* under ``prompt`` exactly as the pipeline's own ``__call__`` samples it (same scheduler,
-        input scaling, guidance semantics, ``rollout_guidance``): the denoiser's input at each step, its model time,
-        and the final latents. ``noise`` is the standard-normal x_T before ``init_noise_sigma`` (default: drawn from
-        the engine's generator)."""
-        cfg, adapter = self.config, self.adapter
-        scheduler = adapter.rollout_scheduler(cfg.rollout_steps)
-        if noise is None:
-            noise = torch.randn(adapter.latent_shape(1), generator=self.gen)
-        x = adapter.initial_noise(scheduler, noise)
-        c, u = self.cond([prompt] * x.shape[0]), self.cond([""] * x.shape[0])
-        states, times = [], []
-
-        def keep(x_in: torch.Tensor, tm: torch.Tensor) -> None:  # what the denoiser sees: the pool stores exactly this
-            states.append(x_in[0].detach().cpu())
-            times.append(tm[0].detach().cpu().float())
-
-        with self.reference():
-            x = denoise(adapter, scheduler, x, c, u, cfg.rollout_guidance, self.gen, keep)
-        return torch.stack(states), torch.stack(times), x
-
-    def _target_prompt(self, concepts: list[Concept]) -> str:
-        templates = self.config.train_templates
-        i = int(torch.randint(0, len(concepts) * len(templates), (1,), generator=self.gen))
-        return templates[i % len(templates)].format(concepts[i // len(templates)].name)
-
-    def fill_pool(self, pool: Pool, concepts: list[Concept]) -> None:
-        """Roll out trajectories until the pool holds ``pool_trajectories`` of the concepts (and, with TRCE's terms,
-        ``trce_preserve_trajectories`` unconditional ones)."""
-        cfg = self.config
-        while sum(p != UNCOND for p in pool.prompts) < cfg.pool_trajectories:
-            prompt = self._target_prompt(concepts)
-            s, t, final = self.rollout(prompt)
-            pool.add(Trajectory(s, t, prompt, final[0].detach().cpu()))
-        while cfg.trce is not None and pool.prompts.count(UNCOND) < cfg.trce.preserve_trajectories:
-            s, t, final = self.rollout(UNCOND)
-            pool.add(Trajectory(s, t, UNCOND, final[0].detach().cpu()))
-
-    def refresh(self, pool: Pool, concepts: list[Concept]) -> None:
-        """Replace the oldest trajectory (of each kind: concept, unconditional) with a fresh one."""
-        pool.evict_oldest(lambda tr: tr.prompt != UNCOND)
-        if self.config.trce is not None:
-            pool.evict_oldest(lambda tr: tr.prompt == UNCOND)
-        self.fill_pool(pool, concepts)
-
-    def sample(self, pool: Pool, rows: list[int] | None = None, any_time: bool = False,
-               n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """A batch of ``n`` (default ``batch_size``) (x_t, t, prompt) from the pool (from trajectories ``rows`` only,
-        when given); with window='late' only LATE states, with window='early' only EARLY ones, unless ``any_time``."""
-        cfg = self.config
-        window = cfg.window if cfg.window in ("late", "early") and not any_time else None
-        allowed = (lambda times: self.adapter.is_late(times, cfg.tau) == (window == "late")) if window else None
-        xs, ts, ps = pool.sample(n or cfg.batch_size, self.gen, rows, allowed, (window or "late").upper())
-        return (torch.stack(xs).to(self.adapter.device, self.adapter.dtype),
-                torch.stack(ts).to(self.adapter.device), ps)
 
     # ---- losses ----
     def loss_terms(self, x: torch.Tensor, t: torch.Tensor, prompts: list[str], preserve: list[str],
@@ -190,7 +130,7 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         if cfg.reference == "original" and self.stage_a is not None:
             with torch.no_grad(), self.original():
                 r_c, r_u = self.adapter.predict(x.repeat(2, 1, 1, 1), t.repeat(2), Conditioning.cat([c, u])).chunk(2)
-        erase_target = e_u - cfg.eta * (r_c - r_u)
+        erase_target = reversed_guidance(e_u, r_c, r_u, cfg.eta)
         if cfg.reference == "anchor":
             a = self.cond([self.anchor_prompt(p) for p in prompts])
             with torch.no_grad(), self.original():
@@ -295,7 +235,10 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
             for p in params:
                 p.requires_grad_(True)
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.trce.weight_decay if cfg.trce else 0.0)
-            self.adversarial = AdversarialPrompts(self, concepts) if cfg.adversarial is not None else None
+            au = cfg.advunlearn
+            self.adversarial = AdversarialPrompts(
+                self, concepts, restart=au is not None and au.attack_init == "random",
+                signed=au is not None and au.attack == "fast_at") if cfg.adversarial is not None else None
             resumed = self.load_checkpoint(opt)
             step, pool = resumed if resumed else (0, Pool())
             # every prompt training reads, encoded once now: the text encoders are idle (or offloaded) from here on
@@ -309,10 +252,7 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
             bar = tqdm(total=cfg.steps, initial=step, desc="trajectory fine-tuning", disable=not self.progress)
             while step < cfg.steps:
                 with training_attention(self.adapter.device, kernels):
-                    if step > 0 and step % cfg.refresh_every == 0:
-                        self.refresh(pool, concepts)
-                    if self.adversarial is not None and step % cfg.adversarial.every == 0:
-                        self.adversarial.attack(pool)
+                    self.before_step(pool, concepts, step)
                     rng = self.gen.get_state()  # a step recomputed under another kernel draws the same batch
                     logged = self._accumulate(opt, pool, preserve, irrelevant, step)
                 if self.scaler is None and not finite_gradients(params):
@@ -357,6 +297,14 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
                 **({"adversarial_losses": adversarial.losses} if adversarial is not None else {}),
                 **({"attention_fallback": fallback} if fallback else {})}
 
+    def before_step(self, pool: Pool, concepts: list[Concept], step: int) -> None:
+        """What runs before training step ``step``: the pool's refresh and the defence's attack, when due."""
+        cfg = self.config
+        if step > 0 and step % cfg.refresh_every == 0:
+            self.refresh(pool, concepts)
+        if self.adversarial is not None and step % cfg.adversarial.every == 0:
+            self.adversarial.attack(pool)
+
     def _accumulate(self, opt: torch.optim.Optimizer, pool: Pool, preserve: list[str], irrelevant: list[str],
                     step: int) -> dict[str, float]:
         """One optimiser step's gradients (``grad_accum`` micro-batches, accumulated into the LoRA's ``.grad``) and
@@ -386,16 +334,22 @@ class TrajectoryEngine(LoraSwitchMixin, CheckpointMixin):
         return logged
 
     def export(self) -> dict[str, torch.Tensor]:
-        """The trained LoRA in diffusers keys (``{prefix}.{module}.lora_A.weight``), scale folded into B."""
+        """The trained LoRA in diffusers keys (``{prefix}.{module}.lora_A.weight``; a text-encoder module's
+        qualified name is its key), scale folded into B."""
         out = {}
-        prefix = self.adapter.denoiser_name
         for name in self.targets:
-            layer = self.adapter.denoiser.get_submodule(name)
+            layer = self.trained_layer(name)
             a = layer.lora_A[ADAPTER_NAME].weight.detach().float().cpu().clone()
             b = layer.lora_B[ADAPTER_NAME].weight.detach().float().cpu().clone() * layer.scaling[ADAPTER_NAME]
-            out[f"{prefix}.{name}.lora_A.weight"] = a
-            out[f"{prefix}.{name}.lora_B.weight"] = b
+            key = lora_key(name, self.adapter.denoiser_name)
+            out[f"{key}.lora_A.weight"] = a
+            out[f"{key}.lora_B.weight"] = b
         return out
+
+
+def reversed_guidance(e_u: torch.Tensor, r_c: torch.Tensor, r_u: torch.Tensor, eta: float) -> torch.Tensor:
+    """ESD's erase target ε*(∅) − η(ε_r(c) − ε_r(∅)): the unconditional prediction pushed away from the concept."""
+    return e_u - eta * (r_c - r_u)
 
 
 def late_fraction(adapter: FamilyAdapter, tau: float, steps: int) -> float:

@@ -3,7 +3,8 @@
 :class:`TrajectoryConfig` holds the training knobs; the optional parts are typed sub-configs, each ``None`` when off,
 as peft keeps ``LoftQConfig`` beside ``LoraConfig``: :class:`AdversarialConfig` (the defence against word-level
 attacks), :class:`EraseAnythingConfig` (its attention and bilevel terms), :class:`TrceConfig` (TRCE's hinge and
-preservation terms) and :class:`FusionConfig` (how per-concept LoRAs are integrated). Users set them with flat option
+preservation terms), :class:`AdvUnlearnConfig` (AdvUnlearn's terms on a text-encoder LoRA) and :class:`FusionConfig`
+(how per-concept LoRAs are integrated), all in :mod:`.sub_configs`. Users set them with flat option
 keys (``--option adversarial_every=25``, YAML ``flow_weight: 0.1``): :meth:`TrajectoryConfig.from_options` reads
 those keys (and nested ones), :meth:`TrajectoryConfig.options` writes them back. A field whose metadata says
 ``resume_free`` may change when an interrupted run resumes: it does not alter the trained weights.
@@ -17,135 +18,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import TraceEraseError
+from ..models.text_lora import TEXT_LORA_PRESETS
 from ..runtime import ATTENTION_KERNELS
 from .prompts import corpus_path
+from .sub_configs import (
+    RESUME_FREE,
+    AdversarialConfig,
+    AdvUnlearnConfig,
+    EraseAnythingConfig,
+    FusionConfig,
+    TrceConfig,
+)
 
 WINDOWS = ("two", "late", "all", "early")
 MULTI_MODES = ("fuse", "joint", "sum")
 EARLY_MODES = ("keep", "positive", "none")
 REFERENCES = ("stage-a", "original", "anchor")
-RESUME_FREE = {"resume_free": True}  # field metadata: a resumed run may change this option
-# field metadata: options() leaves the key out at its default, so configs written before the field existed (and the
-# run hashes over them) are unchanged
-OMITTED_AT_DEFAULT = {"omitted_at_default": True}
-
-
-def _at_least(values: dict[str, Any], names: tuple[str, ...], low: float, strict: bool = False) -> None:
-    for name in names:
-        value = values[name]
-        if (value <= low) if strict else (value < low):
-            raise TraceEraseError(f"{name} must be {'>' if strict else '≥'} {low:g} (got {value})")
-
-
-@dataclass
-class AdversarialConfig:
-    """Defence against word-level attacks (ours; engines/adversarial.py): every ``every`` steps an inner soft-prompt
-    attack of ``steps`` Adam steps (lr ``lr``) updates ``tokens`` prefix word embeddings per concept; their
-    conditioning joins the LATE erase loss with weight ``weight``. Option keys: ``adversarial_<field>``."""
-
-    every: int = 25
-    steps: int = 30
-    lr: float = 1e-2
-    tokens: int = 1
-    weight: float = 1.0
-
-    PREFIX = "adversarial_"
-
-    def __post_init__(self) -> None:
-        flat = {self.PREFIX + f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        _at_least(flat, ("adversarial_every", "adversarial_steps", "adversarial_tokens"), 1)
-        _at_least(flat, ("adversarial_weight",), 0)
-        _at_least(flat, ("adversarial_lr",), 0, strict=True)
-
-
-@dataclass
-class EraseAnythingConfig:
-    """EraseAnything's terms (engines/eraseanything.py; FLUX only): ``attention_weight`` × the concept tokens'
-    attention mass joins the erase loss; with ``bilevel`` the steps alternate with lower steps of ``flow_weight`` ×
-    flow matching on the base model's images of the concept + ``contrast_weight`` × the reverse self-contrastive loss
-    against ``contrast_irrelevant`` irrelevant prompts at ``contrast_temperature``. Option keys: the field names."""
-
-    bilevel: bool = False
-    attention_weight: float = 0.0
-    flow_weight: float = 0.0
-    contrast_weight: float = 0.0
-    contrast_irrelevant: int = 3
-    contrast_temperature: float = 0.07
-
-    PREFIX = ""
-
-    def __post_init__(self) -> None:
-        flat = dataclasses.asdict(self)
-        _at_least(flat, ("contrast_irrelevant",), 1)
-        _at_least(flat, ("attention_weight", "flow_weight", "contrast_weight"), 0)
-        _at_least(flat, ("contrast_temperature",), 0, strict=True)
-        if (self.flow_weight > 0 or self.contrast_weight > 0) and not self.bilevel:
-            raise TraceEraseError("flow_weight and contrast_weight act in the lower step of bilevel training; "
-                                  "set bilevel=true as well")
-        if self.bilevel and not (self.flow_weight > 0 or self.contrast_weight > 0):
-            raise TraceEraseError("bilevel training needs a lower-step term; set flow_weight or contrast_weight > 0 "
-                                  "(e.g. flow_weight=0.1)")
-
-    @property
-    def active(self) -> bool:
-        return self.bilevel or self.attention_weight > 0
-
-
-@dataclass
-class TrceConfig:
-    """TRCE's stage-2 terms (engines/trce.py), which replace the engine's own losses when on (``beta`` > 0): on states
-    of the window, the hinge ``max(0, β·(‖ε − prefer‖² − ‖ε − reject‖² + margin))`` on the trained model's concept
-    and empty-prompt predictions, with prefer/reject the original model's safe/concept predictions pushed ``guidance``
-    further from its unconditional one; plus ``preserve_scale`` × the MSE between the trained and the stage-A model's
-    unconditional predictions on ``preserve_batch`` states, at any step, of ``preserve_trajectories`` unconditional
-    trajectories. The optimiser is AdamW with ``weight_decay``. Option keys: ``trce_<field>``; an off config writes
-    no keys (the settings of runs made before it are unchanged)."""
-
-    beta: float = 0.0
-    margin: float = 0.01
-    guidance: float = 15.0
-    preserve_scale: float = 100.0
-    preserve_batch: int = 4
-    preserve_trajectories: int = 2
-    weight_decay: float = 0.01
-
-    PREFIX = "trce_"
-    WRITTEN_WHEN_OFF = False
-
-    def __post_init__(self) -> None:
-        flat = {self.PREFIX + f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        _at_least(flat, ("trce_beta", "trce_margin", "trce_guidance", "trce_preserve_scale", "trce_weight_decay"), 0)
-        _at_least(flat, ("trce_preserve_batch", "trce_preserve_trajectories"), 1)
-
-    @property
-    def active(self) -> bool:
-        return self.beta > 0
-
-
-@dataclass
-class FusionConfig:
-    """How per-concept LoRAs are integrated (``multi=fuse``; engines/fusion.py): λ and λ_p of the closed form (ours:
-    the closed-form engine's defaults), and ``null_space``, the share of the retained prompts' token energy whose
-    directions the fused LoRA may not read (0: off; 1: their whole span, so a retained prompt's K/V are exactly the
-    stage-A model's). Option keys: ``fusion_lambda``, ``fusion_lambda_preserve``, ``fusion_null_space``. Changing
-    them re-integrates the same per-concept LoRAs, so a resumed run may."""
-
-    lam: float = field(default=0.1, metadata=RESUME_FREE)
-    lam_preserve: float = field(default=1.0, metadata=RESUME_FREE)
-    null_space: float = field(default=0.0, metadata={**RESUME_FREE, **OMITTED_AT_DEFAULT})
-
-    KEYS = {"lam": "fusion_lambda", "lam_preserve": "fusion_lambda_preserve", "null_space": "fusion_null_space"}
-
-    def __post_init__(self) -> None:
-        if self.lam < 0 or self.lam_preserve < 0:
-            raise TraceEraseError("fusion_lambda and fusion_lambda_preserve must be ≥ 0")
-        if not 0 <= self.null_space <= 1:
-            raise TraceEraseError(f"fusion_null_space is a share of the retained tokens' energy in [0, 1] (got "
-                                  f"{self.null_space}); 0 switches it off, 1 keeps retained prompts exactly")
 
 
 SUB_CONFIGS = {"adversarial": AdversarialConfig, "eraseanything": EraseAnythingConfig, "trce": TrceConfig,
-               "fusion": FusionConfig}
+               "fusion": FusionConfig, "advunlearn": AdvUnlearnConfig}
 
 
 def _sub_keys(name: str) -> dict[str, str]:
@@ -160,7 +52,9 @@ class TrajectoryConfig:
     """Knobs of the trajectory engine (defaults are TRACE stage B's; methods override a few); build it from option
     keys with :meth:`from_options`."""
 
-    lora_targets: str = "kv"  # preset: kv | cross-attn | attn | self-attn+q (TRCE) | non-cross (ESD-u) | kq (FLUX)
+    # preset: kv | cross-attn | attn | self-attn+q (TRCE) | non-cross (ESD-u) | kq (FLUX) | text_encoder_full (the
+    # text encoders' layers instead of the denoiser's: AdvUnlearn, with its ``advunlearn`` terms)
+    lora_targets: str = "kv"
     rank: int = 4  # 0: each layer's full rank min(in, out), α = rank (what full-weight training reaches)
     steps: int = 1000
     lr: float = 1e-4
@@ -210,6 +104,7 @@ class TrajectoryConfig:
     adversarial: AdversarialConfig | None = None
     eraseanything: EraseAnythingConfig | None = None
     trce: TrceConfig | None = None
+    advunlearn: AdvUnlearnConfig | None = None
 
     def __post_init__(self) -> None:
         for name, cls in SUB_CONFIGS.items():
@@ -239,6 +134,7 @@ class TrajectoryConfig:
         if self.rank < 0:
             raise TraceEraseError(f"rank must be ≥ 1, or 0 for each layer's full rank (got {self.rank})")
         self._check_trce()
+        self._check_text_encoder()
         for name in ("steps", "batch_size", "grad_accum", "rollout_steps", "pool_trajectories",
                      "refresh_every", "checkpoint_every"):
             if getattr(self, name) < 1:
@@ -270,6 +166,36 @@ class TrajectoryConfig:
         if ignored or others:
             raise TraceEraseError(f"TRCE's terms replace the engine's losses; switch off {', '.join(ignored + others)} "
                                   "(beta=0, gamma=0, rho=0, early_mode=none, adversarial_every=0, eraseanything off)")
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether the LoRA is on the text encoders (AdvUnlearn) rather than the denoiser."""
+        return self.lora_targets in TEXT_LORA_PRESETS
+
+    def _check_text_encoder(self) -> None:
+        """AdvUnlearn's terms and the text-encoder LoRA go together, and replace the engine's window and keep terms:
+        refuse the settings they would silently ignore."""
+        if self.advunlearn is not None and not self.trains_text_encoder:
+            raise TraceEraseError("the advunlearn_* options train the text encoder; set lora_targets="
+                                  f"{next(iter(TEXT_LORA_PRESETS))} (as --method advunlearn does) or drop them")
+        if not self.trains_text_encoder:
+            return
+        if self.advunlearn is None:
+            raise TraceEraseError(f"lora_targets={self.lora_targets} is AdvUnlearn's text-encoder LoRA; use "
+                                  "--method advunlearn")
+        ignored = [k for k in ("beta", "gamma", "rho") if getattr(self, k) > 0] + [
+            k for k, off in (("window", "all"), ("early_mode", "none")) if getattr(self, k) != off] + [
+            k for k in ("pres_corpus", "gate_tau", "trce", "eraseanything") if getattr(self, k) is not None]
+        if self.reference == "anchor":
+            ignored.append("reference")
+        if self.adversarial is not None and self.adversarial.weight != 1.0:
+            ignored.append("adversarial_weight")  # its erase term is on the adversarial prompt alone
+        if ignored:
+            raise TraceEraseError(f"AdvUnlearn's text-encoder LoRA erases at every step with its own terms; drop "
+                                  f"{', '.join(ignored)} (window=all, early_mode=none, beta=gamma=rho=0, no gate)")
+        if self.multi in ("fuse", "sum"):
+            raise TraceEraseError(f"--multi {self.multi} combines per-concept denoiser LoRAs; AdvUnlearn trains one "
+                                  "text-encoder LoRA for all concepts: use --multi joint")
 
     # ---- option keys ---------------------------------------------------------------------------------------------
     @classmethod
@@ -349,7 +275,7 @@ class TrajectoryConfig:
 
 
 SWITCHES = {"adversarial": "adversarial_every > 0 (e.g. 25)", "eraseanything": "attention_weight > 0 or bilevel=true",
-            "trce": "trce_beta > 0 (e.g. 1.0)"}
+            "trce": "trce_beta > 0 (e.g. 1.0)", "advunlearn": "lora_targets=text_encoder_full"}
 
 
 def _refuse_unread(name: str, flat: dict[str, Any]) -> None:
@@ -357,7 +283,7 @@ def _refuse_unread(name: str, flat: dict[str, Any]) -> None:
     naming the switch. (Its defaults pass, as erasures of formats 1 and 2 store every key.)"""
     cls_sub = SUB_CONFIGS[name]
     defaults = dataclasses.asdict(cls_sub())
-    switch = {"adversarial": "every", "eraseanything": None, "trce": "beta"}[name]
+    switch = {"adversarial": "every", "eraseanything": None, "trce": "beta", "advunlearn": None}[name]
     changed = [f for f, v in flat.items() if f != switch and f in defaults and v != defaults[f]]
     if changed:
         key = {v: k for k, v in _sub_keys(name).items()}[changed[0]]

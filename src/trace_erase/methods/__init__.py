@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import TraceEraseError
+from .advunlearn import ADVUNLEARN
 from .ant import ANT
 from .base import MethodSpec
 from .eraseanything import ERASEANYTHING
@@ -14,7 +15,7 @@ from .uce import UCE
 
 METHODS: dict[str, MethodSpec] = {
     m.name: m for m in (TRACE, TRACE_CLOSED_FORM, TRACE_LATE_ONLY, TRACE_STAGE_B, UCE, MACE_CFR, ESD_X, ESD_U, ANT,
-                        ERASEANYTHING, TRCE)
+                        ERASEANYTHING, TRCE, ADVUNLEARN)
 }
 
 

@@ -25,11 +25,13 @@ class MethodSpec:
     # trajectory options that replace ``trajectory``'s when several concepts are erased (a method's own
     # multi-concept settings, e.g. ANT's earlier cut-off); an explicit option still wins
     multi_trajectory: dict[str, Any] = field(default_factory=dict)
+    family_reason: str = ""  # why the families left out are (said when one is refused)
 
     def check_family(self, family: str | None) -> None:
         """Refuse a model family this method does not support (None: not known yet, nothing to check)."""
         if family is not None and family not in self.families:
-            raise TraceEraseError(f"method '{self.name}' does not support {family}; it supports "
+            why = f" ({self.family_reason})" if self.family_reason else ""
+            raise TraceEraseError(f"method '{self.name}' does not support {family}{why}; it supports "
                                   f"{', '.join(self.families)} — pick another --method or model")
 
     @property

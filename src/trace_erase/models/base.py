@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import TraceEraseError
+from .text_lora import split_qualified, text_module
 
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
 TimeKind = Literal["ddpm", "flow"]
@@ -377,6 +378,9 @@ class FamilyAdapter(ABC):
         """Module names (relative to the denoiser) a LoRA targets for ``preset``."""
 
     def module(self, name: str) -> torch.nn.Module:
-        """A denoiser submodule by name; for a peft-wrapped layer, its original base layer."""
+        """A denoiser submodule by name, or a text-encoder one by its qualified name (``text_encoder.text_model.…``,
+        :mod:`.text_lora`); for a peft-wrapped layer, its original base layer."""
+        if split_qualified(name)[0] is not None:
+            return text_module(self.pipe, name)
         mod = self.denoiser.get_submodule(name)
         return getattr(mod, "base_layer", mod)

@@ -82,6 +82,13 @@ class WordSlots:
             out.append(table[int(ids[0])].float().repeat(self.k, 1).clone())
         return out
 
+    def init_random(self, gen: torch.Generator) -> list[torch.Tensor]:
+        """Slot values that start at k random vocabulary words (the same ids in every encoder), ``[k, d_i]`` each:
+        AdvUnlearn's random restart of its inner attack."""
+        tables = self.tables()
+        ids = torch.randint(0, min(t.shape[0] for t in tables), (self.k,), generator=gen)
+        return [t[ids.to(t.device)].float().clone() for t in tables]
+
     def prefixed(self, prompt: str) -> str:
         """``prompt`` with the k slots in front (AdvUnlearn's and UnlearnDiffAtk's prefix insertion)."""
         return " ".join([self.filler] * self.k + [prompt])
