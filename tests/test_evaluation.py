@@ -279,6 +279,24 @@ def test_keep_concepts_cuts_a_bench_to_a_half() -> None:
         keep_concepts(bench, "dev")
 
 
+def test_toy_halves_are_disjoint_and_fixed_for_classes_and_styles() -> None:
+    """Defaults are chosen on ``dev`` and reported on ``test``: the halves must not overlap, must cover everything
+    erasable, and must not move (a moved half would let a choice see its test set)."""
+    from trace_erase.benchmark.plan import resolve_concepts
+    from trace_erase.evaluation.suites import toy_split
+    from trace_erase.toyworld.render import CLASSES, STYLES
+
+    for kind, items in (("classes", CLASSES), ("styles", STYLES[1:])):
+        dev, test = toy_split("dev", kind), toy_split("test", kind)
+        assert not set(dev) & set(test) and set(dev) | set(test) == set(items) and len(dev) == len(test)
+    assert toy_split("dev") == ("square", "star", "heart", "arrow", "diamond")
+    assert toy_split("dev", "styles") == ("striped", "checkered")
+    assert resolve_concepts("test", "toy-styles") == ["dotted", "outlined"]
+    assert resolve_concepts("dev", "toy-objects") == list(toy_split("dev"))
+    with pytest.raises(TraceEraseError, match="toy world's split"):
+        resolve_concepts("dev", "objects")
+
+
 def test_bench_report_renders_in_headless_chromium(tmp_path) -> None:
     """The bench report (figures + table) renders in a real browser; skipped where Debian's chromium is absent."""
     import shutil

@@ -34,12 +34,14 @@ def check_methods(model: str, methods: str, runtime: Runtime, scheduler: str | N
 
 
 def resolve_concepts(concepts: str, suite: str, classes: str | None = None) -> list[str]:
-    """``dev``/``test`` (the toy classes' halves), ``all`` (every class of an objects suite, every toy style), or a
-    comma list."""
+    """``dev``/``test`` (the toy classes' halves; for toy-styles the styles' halves), ``all`` (every class of an
+    objects suite, every toy style), or a comma list."""
     if concepts in ("dev", "test"):
+        if suite == "toy-styles":
+            return list(toy_split(concepts, "styles"))
         if suite not in ("toy-objects", "toy-scenes") and not (suite == "objects" and classes == "toy"):
-            raise TraceEraseError(f"--concepts {concepts} is the toy classes' split; use it with --suite toy-objects "
-                                  "or toy-scenes")
+            raise TraceEraseError(f"--concepts {concepts} is the toy world's split; use it with --suite toy-objects, "
+                                  "toy-scenes or toy-styles")
         return list(toy_split(concepts))
     if concepts == "all":
         if suite in ("objects", "toy-objects", "toy-scenes"):

@@ -72,16 +72,18 @@ def load_class_set(spec: str | None = "cifar10") -> ClassSet:
                     spec if spec in CLASS_SETS else str(Path(spec).resolve()))
 
 
-def toy_split(name: str) -> tuple[str, ...]:
-    """The toy classes' fixed development / test halves: a ``random.Random(0)`` shuffle of the classes, cut in two
-    (dev: square, star, heart, arrow, diamond; test: circle, triangle, cross, crescent, house). Defaults are chosen
-    on ``dev`` only; tables report ``test`` (and all)."""
+def toy_split(name: str, kind: str = "classes") -> tuple[str, ...]:
+    """The toy world's fixed development / test halves: a ``random.Random(0)`` shuffle, cut in two. Classes (dev:
+    square, star, heart, arrow, diamond; test: circle, triangle, cross, crescent, house) or, with ``kind="styles"``,
+    the four erasable styles (plain is the anchor), two each way. Defaults are chosen on ``dev`` only; tables report
+    ``test`` (and all)."""
     import random
 
-    order = list(CLASSES)
+    items = list(CLASSES) if kind == "classes" else list(STYLES[1:])
+    order = list(items)
     random.Random(0).shuffle(order)
-    half = order[:5] if name == "dev" else order[5:]
-    return tuple(c for c in CLASSES if c in half)
+    half = order[: len(order) // 2] if name == "dev" else order[len(order) // 2:]
+    return tuple(c for c in items if c in half)
 
 
 def toy_class_of(concept: str) -> str:
