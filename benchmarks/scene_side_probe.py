@@ -1,0 +1,126 @@
+"""How much a scene model uses the side words: its denoising loss on single-object renders captioned with the right
+side, with the sides swapped, and with no caption, in three noise bands.
+
+A model that binds "on the left"/"on the right" has a lower loss with the right side than with the sides swapped; one
+that ignores them has the same loss (to the last digit). ``side share`` = (swapped − right) / (empty − right): the
+part of what the whole caption tells the denoiser that the side word carries. Cheap (a few denoiser calls), so it
+can be run on a training run's latest checkpoint (``OUTPUT.partial``) while it trains, long before a scene check.
+
+    python benchmarks/scene_side_probe.py /work/scene-train/toy-flux-scenes.partial [--json out.json]
+    python benchmarks/scene_side_probe.py out/toy-sd-scenes
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from _script import refuse, run, write_json
+
+SEED = 9_500_000  # render seeds of the probe: outside every training and check range of the toy world
+
+
+def load_parts(folder: Path) -> tuple[Any, dict[str, Any], int | None]:
+    """(recipe, components with trained weights, training step or None for a finished pipeline)."""
+    from trace_erase.toyworld.config import ToyTrainConfig
+
+    if (folder / "checkpoint.pt").is_file():
+        from trace_erase.artifacts.checkpoint import load_checkpoint
+        from trace_erase.toyworld.components import build_components
+
+        raw = json.loads((folder / "config.json").read_text())["config"]
+        fields = {f.name: f for f in dataclasses.fields(ToyTrainConfig)}
+        cfg = ToyTrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})
+        parts = build_components(cfg)
+        state = load_checkpoint(folder / "checkpoint.pt")
+        if state["phase"] != "denoiser":
+            refuse(f"'{folder}' has not reached the denoiser phase yet; probe it later")
+        for name, weights in state["models"].items():
+            parts[name].load_state_dict(weights)
+        parts["vae"].load_state_dict(state["vae"])
+        return cfg, parts, int(state["step"])
+    sidecar = folder / "trace_erase.json"
+    if not sidecar.is_file():
+        refuse(f"'{folder}' is neither a training run's .partial folder nor a toy pipeline; pass one of them")
+    from diffusers import DiffusionPipeline
+
+    raw = json.loads(sidecar.read_text())["training"]
+    fields = {f.name for f in dataclasses.fields(ToyTrainConfig)}
+    cfg = ToyTrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    return cfg, dict(pipe.components), None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder", help="a scene training run's OUTPUT.partial folder, or a trained scene pipeline")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        refuse(f"no folder '{folder}'; pass a scene training run's .partial folder or a scene pipeline")
+    import numpy as np
+    import torch
+
+    from trace_erase.toyworld.components import assemble_pipeline
+    from trace_erase.toyworld.data import to_tensor
+    from trace_erase.toyworld.scenes.render import other_side, random_scene, render_scene
+    from trace_erase.toyworld.train import ToyTrainer
+
+    cfg, parts, step = load_parts(folder)
+    if cfg.world != "scenes":
+        refuse(f"'{folder}' is a single-object model; the side probe needs a scene model")
+    images, right, swapped = [], [], []
+    seed = SEED
+    while len(images) < args.images:
+        scene = random_scene(seed)
+        seed += 1
+        if len(scene.objects()) != 1:
+            continue
+        side = "left" if scene.left else "right"
+        obj = scene.objects()[0]
+        images.append(render_scene(scene, seed))
+        right.append(f"a {obj.color} {obj.cls} on the {side}")
+        swapped.append(f"a {obj.color} {obj.cls} on the {other_side(side)}")
+    x = to_tensor(np.stack(images))
+    bands: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        latents = parts["vae"].encode(x).latent_dist.mean
+        pipe = assemble_pipeline(cfg, parts, (float(latents.mean()), float(latents.std())))
+        gen = torch.Generator().manual_seed(1)
+        for lo, hi in ((0.0, 0.3), (0.3, 0.7), (0.7, 1.0)):
+            u = lo + (hi - lo) * torch.rand(len(x), generator=gen)
+            noise = torch.randn(latents.shape, generator=gen)
+            losses = {}
+            for name, captions in (("right", right), ("swapped", swapped), ("empty", [""] * len(x))):
+                if cfg.family == "flux":
+                    z0 = (latents - latents.mean()) / latents.std()
+                    zt = (1 - u[:, None, None, None]) * z0 + u[:, None, None, None] * noise
+                    err = ToyTrainer._flux_forward(pipe, zt, u, captions) - (noise - z0)
+                else:
+                    z0 = latents / latents.std()
+                    t = (u * 999).long()
+                    a = pipe.scheduler.alphas_cumprod[t][:, None, None, None]
+                    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+                    ids = pipe.tokenizer(captions, padding="max_length", max_length=cfg.max_tokens, truncation=True,
+                                         return_tensors="pt").input_ids
+                    err = pipe.unet(zt, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample - noise
+                losses[name] = float(err.pow(2).mean())
+            gap = losses["empty"] - losses["right"]
+            share = (losses["swapped"] - losses["right"]) / gap if gap > 0 else None
+            bands[f"{lo:.1f}-{hi:.1f}"] = {**losses, "side_share": share}
+    result = {"folder": str(folder), "step": step, "family": cfg.family, "images": args.images, "bands": bands,
+              "noise": "flow σ" if cfg.family == "flux" else "DDPM t / 1000"}
+    for band, v in bands.items():
+        share = "-" if v["side_share"] is None else f"{v['side_share']:+.3f}"
+        print(f"{band}: right {v['right']:.5f}  swapped {v['swapped']:.5f}  empty {v['empty']:.5f}  side share {share}")
+    if args.json:
+        write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    run(main)
