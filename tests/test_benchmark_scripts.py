@@ -24,6 +24,8 @@ def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     ("attacks.py", ["--attacks", "no-such-attack", "--output", "out"], "no-such-attack"),
     ("attacks.py", ["--saved-only", "--output", "out"], "run the matrix without --saved-only first"),
     ("toy_vae_probe.py", ["--set", "no_such_key=1", "--output", "pipe", "--micro"], "no_such_key"),
+    ("scene_side_probe.py", ["missing"], "no folder 'missing'"),
+    ("scene_side_probe.py", ["."], "neither a training run's .partial folder nor a toy pipeline"),
 ])
 def test_bad_input_is_one_line_and_exit_2(name: str, args: list[str], says: str, tmp_path: Path) -> None:
     done = script(name, *args, cwd=tmp_path)
