@@ -23,6 +23,7 @@ from .engines.advunlearn import TextEncoderEngine
 from .engines.closed_form import ClosedFormConfig, ClosedFormEngine
 from .engines.export_stats import ExportStatistics
 from .engines.fusion import fusion_tensors
+from .engines.preimage import check_preimage
 from .engines.stage_a import StageAWeights
 from .engines.trajectory import TrajectoryConfig, TrajectoryEngine
 from .errors import TraceEraseError
@@ -69,9 +70,10 @@ def _summary(cert: dict[str, dict[str, float | None]]) -> dict[str, float | None
     return out
 
 
-def method_configs(spec: MethodSpec, options: dict[str, Any]) -> tuple[ClosedFormConfig | None,
-                                                                     TrajectoryConfig | None]:
-    """Route each option to the engine that owns it and build both typed configs (errors name the valid keys)."""
+def method_configs(spec: MethodSpec, options: dict[str, Any], family: str | None = None
+                   ) -> tuple[ClosedFormConfig | None, TrajectoryConfig | None]:
+    """Route each option to the engine that owns it and build both typed configs (errors name the valid keys), and
+    refuse the combinations the method or the model ``family`` (None: not known yet) cannot run."""
     cf_keys = {f.name for f in dataclasses.fields(ClosedFormConfig)}
     tr_keys = set(TrajectoryConfig.option_keys())
     cf_opts, tr_opts = {}, {}
@@ -89,6 +91,7 @@ def method_configs(spec: MethodSpec, options: dict[str, Any]) -> tuple[ClosedFor
     base = {**spec.trajectory, **(spec.multi_trajectory if several else {})}
     tr = config_from_dict(TrajectoryConfig, {**base, **tr_opts}, f"options for '{spec.name}'") \
         if spec.uses_trajectory else None
+    check_preimage(tr, family, stage_a=spec.uses_closed_form)
     return cf, tr
 
 
@@ -125,7 +128,7 @@ def erase(
     options = {k: v for k, v in options.items() if k != "multi"}
     if spec.uses_trajectory:
         options["multi"] = mode if mode != "single" else None
-    cf_cfg, tr_cfg = method_configs(spec, options)
+    cf_cfg, tr_cfg = method_configs(spec, options, adapter.family)
 
     # built before stage A runs: it refuses a dtype/device it cannot train in
     run_config = {"method": spec.name, "closed_form": cf_cfg.run_settings() if cf_cfg else None,

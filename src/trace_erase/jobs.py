@@ -70,11 +70,12 @@ class EraseJob:
         mode), the runtime's ability to train, and the export's options against the gate."""
         check_writable(self.output, overwrite, "erasure output")
         spec = self.spec
-        spec.check_family(peek_family(self.model))
+        family = peek_family(self.model)
+        spec.check_family(family)
         make_concepts(self.concepts, anchor=self.anchor, preserve=self.preserve)
         mode = resolve_multi(spec, self.options.get("multi"), len(self.concepts))  # erase() resolves it again
         several = {"multi": mode} if spec.uses_trajectory and mode != "single" else {}  # as erase() passes it
-        _, trajectory = method_configs(spec, {**self.engine_options, **several})
+        _, trajectory = method_configs(spec, {**self.engine_options, **several}, family)
         if spec.uses_trajectory:
             runtime.check_training()
         if self.export is not None:

@@ -29,7 +29,7 @@ def check_methods(model: str, methods: str, runtime: Runtime, scheduler: str | N
     if any(get_method(m).uses_trajectory for m in method_list) or sweep:
         runtime.check_training()
     for extra in parse_sweep(sweep):
-        method_configs(get_method("trace"), extra)
+        method_configs(get_method("trace"), extra, family)
     return method_list
 
 

@@ -36,10 +36,15 @@ def projection_gram(weights: Iterable[torch.Tensor]) -> torch.Tensor:
 
 def adversarial_map(s: torch.Tensor, k: torch.Tensor, lam: float) -> torch.Tensor:
     """M with c' = M c: the conditioning through which the edit W·S best reproduces W c (regularised)."""
-    a = s.T @ k @ s
+    return ridge_map(s.T @ k @ s, s.T @ k, lam)
+
+
+def ridge_map(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
+    """(A + μI)⁻¹ B with μ = ``lam`` × tr(A)/d (a linear solve). With A = Σ_l W'_lᵀW'_l and B = Σ_l W'_lᵀW_l it is
+    the map M whose c' = M c minimises Σ_l ||W'_l c' − W_l c||² + μ||c'||²; for W'_l = W_l·S, A = SᵀKS and B = SᵀK."""
     mu = lam * float(torch.trace(a)) / a.shape[0]
-    eye = torch.eye(a.shape[0], dtype=a.dtype)
-    return torch.linalg.solve(a + mu * eye, s.T @ k)
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(a + mu * eye, b)
 
 
 def recovered(s: torch.Tensor, m: torch.Tensor, k: torch.Tensor, st: GramStats) -> float:

@@ -1,6 +1,7 @@
 """The trajectory engine's optional parts as typed sub-configs, each ``None`` in :class:`~.trajectory_config.
 TrajectoryConfig` when off: the defence against word-level attacks, EraseAnything's, TRCE's and AdvUnlearn's terms,
-and the fusion of per-concept LoRAs. Each names its option keys (``PREFIX`` + field, or ``KEYS``)."""
+the preimage branch, and the fusion of per-concept LoRAs. Each names its option keys (``PREFIX`` + field, or
+``KEYS``)."""
 
 from __future__ import annotations
 
@@ -147,6 +148,29 @@ class AdvUnlearnConfig:
     @property
     def active(self) -> bool:
         return True
+
+
+@dataclass
+class PreimageConfig:
+    """The preimage branch of stage B (engines/preimage.py; ours): the concept prompt's conditioning mapped to the
+    conditioning through which the stage-A model gives back the original model's K/V (a ridge least-squares solve,
+    ridge ``lam`` × the mean eigenvalue), trained as one more branch with the concept prompt's own targets, with
+    weight ``weight`` (0: off). Option keys: ``preimage_<field>``; an off config writes no keys."""
+
+    weight: float = 0.0
+    lam: float = 0.01
+
+    KEYS = {"weight": "preimage_weight", "lam": "preimage_lambda"}
+    WRITTEN_WHEN_OFF = False
+
+    def __post_init__(self) -> None:
+        flat = {self.KEYS[f.name]: getattr(self, f.name) for f in dataclasses.fields(self)}
+        _at_least(flat, ("preimage_weight",), 0)
+        _at_least(flat, ("preimage_lambda",), 0, strict=True)
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0
 
 
 @dataclass

@@ -10,7 +10,9 @@ With τ splitting the model's time into EARLY (t ≥ τ, layout) and LATE (t < �
     ALL:   L_unc   = ||ε_θ(x,t,∅) − ε*(x,t,∅)||² ;  L_pres over preserve prompts likewise.
 
 ε stands for whatever the family predicts (ε, v or flow velocity): the losses are the same in each. With TRCE's terms
-on (``trce``; engines/trce.py) its hinge and preservation terms replace all of these.
+on (``trce``; engines/trce.py) its hinge and preservation terms replace all of these. With the preimage branch on
+(``preimage``; engines/preimage.py) the prediction in L_erase and L_keep is also taken at the conditioning through which
+θ* gives back θ0's K/V for the concept prompt, against the same targets.
 
 θ* is the model stage B starts from (stage A applied, when the method has one). The reference r that gives the
 concept direction and draws the trajectories is ``reference``: ``stage-a`` (r = θ*) or ``original`` (r = θ0, the
@@ -38,6 +40,9 @@ from .checkpointing import CHECKPOINT_NAME, CheckpointMixin
 from .eraseanything import ConceptMasks, attention_penalty, lower_terms
 from .lora_switch import ADAPTER_NAME, LoraSwitchMixin
 from .pool import Pool
+from .preimage import TERMS as PREIMAGE_TERMS
+from .preimage import PreimageMap
+from .preimage import term_weights as preimage_weights
 from .prompts import load_corpus
 from .rollouts import RolloutMixin
 from .stage_a import StageAWeights
@@ -71,6 +76,7 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
         self._cond_cache: dict[str, Conditioning] = {}
         self.adversarial: AdversarialPrompts | None = None  # the defence's slots while training with it
         self.concepts = []  # what train() erases (the attention terms locate their tokens)
+        self._preimage: PreimageMap | None = None  # the preimage branch's map, built at first use (engines/preimage.py)
         check_trainable(adapter.device, adapter.dtype)
         # fp16 activations need loss scaling to keep small gradients (bf16 and fp32 do not)
         self.scaler = torch.amp.GradScaler(adapter.device.type) if adapter.dtype == torch.float16 else None
@@ -114,6 +120,8 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
         ref_conds, live = [c, u], {"c": c} | ({"u": u} if use_unc else {})
         if self.adversarial is not None:
             live["a"] = self.adversarial.cond(prompts)
+        if cfg.preimage is not None:  # the concept prompt through the conditioning that undoes stage A
+            live["pre"] = self.preimage_map()(c)
         if use_pres:
             i = int(torch.randint(0, len(preserve), (1,), generator=self.gen))
             p = self.cond([preserve[i]] * n)
@@ -147,6 +155,14 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
         c_mask = self.concept_masks(prompts) if ea is not None and ea.attention_weight > 0 else None
         maps: list[torch.Tensor] = []
 
+        def concept_terms(pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """The concept prompt's LATE erase and EARLY losses (ANT: positive guidance before the cut-off; TRACE:
+            keep θ*'s prediction for the concept prompt)."""
+            l_erase = per(pred, erase_target)
+            l_early = per(pred, e_u + cfg.eta * (r_c - r_u)) if cfg.early_mode == "positive" else per(pred, e_c)
+            early = (l_early * (1 - late_f)).sum() / n if cfg.early_mode != "none" else zero
+            return (l_erase * late_f).sum() / n, early
+
         def branch_terms(name: str, pred: torch.Tensor) -> dict[str, torch.Tensor]:
             if name == "u":
                 return {"unc": per(pred, e_u).mean()}
@@ -154,11 +170,10 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
                 return {"pres": per(pred, ref[-1]).mean()}
             if name == "a":  # the adversarial prompt: the concept prompt's erase target, in the same window
                 return {"adv": (per(pred, erase_target) * late_f).sum() / n}
-            l_erase = per(pred, erase_target)
-            # ANT: positive guidance before the cut-off; TRACE: keep θ*'s prediction
-            l_early = per(pred, e_u + cfg.eta * (r_c - r_u)) if cfg.early_mode == "positive" else per(pred, e_c)
-            return {"erase": (l_erase * late_f).sum() / n,
-                    "early": (l_early * (1 - late_f)).sum() / n if cfg.early_mode != "none" else zero,
+            if name == "pre":  # the preimage of the concept prompt: the concept prompt's targets, both windows
+                return dict(zip(PREIMAGE_TERMS, concept_terms(pred), strict=True))
+            erase, early = concept_terms(pred)
+            return {"erase": erase, "early": early,
                     **({"attn": attention_penalty([m[:n] for m in maps])} if c_mask is not None else {})}
 
         def predict(names: list[str]) -> torch.Tensor:
@@ -196,7 +211,15 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
         ea = cfg.eraseanything or EraseAnythingConfig()
         return {"erase": 1.0, "early": cfg.beta, "unc": cfg.gamma, "pres": cfg.rho, "adv": adv,
                 "attn": ea.attention_weight, "flow": ea.flow_weight, "contrast": ea.contrast_weight,
-                **(trce_weights(cfg.trce) if cfg.trce is not None else {})}
+                **(trce_weights(cfg.trce) if cfg.trce is not None else {}),
+                **(preimage_weights(cfg) if cfg.preimage is not None else {})}
+
+    def preimage_map(self) -> PreimageMap:
+        """The preimage branch's map of the stage-A edit (built at first use: ``stage_a`` may be set after the
+        engine is made)."""
+        if self._preimage is None:
+            self._preimage = PreimageMap(self.adapter, self.stage_a, self.config.preimage.lam)
+        return self._preimage
 
     def _nonfinite_gradients(self, step: int, loss: float, kernels: str) -> NonFiniteLossError:
         """The error for a step whose gradients are not finite although its loss is (refused before opt.step: the LoRA

@@ -131,6 +131,9 @@ class FamilyAdapter(ABC):
     batch_pixels: int = 8 * 512 * 512
     export_base_version: str = ""  # kohya's ``ss_base_model_version`` for files exported for this family
     _text_grad: bool = False  # encode_text keeps the autograd graph (attacks optimise text inputs through it)
+    # stage-A stream → the conditioning tensor its projections read as they are (no layer between): where a map on
+    # the text features can stand in for one on the conditioning (stage B's preimage branch). Empty: not declared.
+    stream_conditioning: dict[str, str] = {}
 
     @classmethod
     def matches(cls, components: dict[str, Any]) -> bool:

@@ -22,6 +22,7 @@ class StableDiffusionAdapter(FamilyAdapter):
     sampler_defaults = {"steps": 50, "guidance": 7.5, "scheduler": "ddim"}
     batch_pixels = 8 * 512 * 512
     export_base_version = "sd_v1"
+    stream_conditioning = {"tokens": "encoder_hidden_states"}
 
     @classmethod
     def matches(cls, components: dict[str, Any]) -> bool:

@@ -19,6 +19,8 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     """
 
     POOLED_PROJECTION = "add_embedding.linear_1"
+    # the pooled stream is the text columns of add_embedding.linear_1's input: text_embeds as the conditioning has it
+    stream_conditioning = {"tokens": "encoder_hidden_states", "pooled": "text_embeds"}
 
     def text_streams(self, targets: str = "default") -> list[TextStream]:
         streams = super().text_streams(targets)
