@@ -169,3 +169,17 @@ def test_preserve_retained_bad_input(micro_sd, singletons, tmp_path, capsys) -> 
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_fusion_option_reuses_the_per_concept_loras(micro_sd, tmp_path) -> None:
+    """``fusion_null_space`` only changes how the per-concept LoRAs are combined: its run reloads them (and the
+    null space it asks for is in its erasure)."""
+    run_bench(load_model(micro_sd), ["trace"], ["circle,square"], tmp_path / "b", seeds=1, progress=False,
+              options=TINY, sweep=[{"fusion_null_space": 1.0}], preserve=["star"])
+    runs = tmp_path / "b" / "runs" / "circle,square"
+    fuse = json.loads((runs / "trace" / "erasure" / "erasure.json").read_text())
+    projected = json.loads((runs / "trace[fusion_null_space=1.0]" / "erasure" / "erasure.json").read_text())
+    assert "resumed" not in fuse["trajectory_log"] and "null_space" not in fuse["fusion"]
+    assert projected["trajectory_log"]["resumed"] == ["circle", "square"]
+    assert projected["fusion"]["null_space"] == 1.0
+    assert all(c["preserve"] == ["star"] for c in projected["concepts"])

@@ -232,7 +232,9 @@ def per_concept_dir(work: Path, concept: str, method: str, extra: dict[str, Any]
 
     Both train one LoRA per concept from the same joint stage A, and ``multi`` does not enter their run hash, so a
     ``trace[multi=sum]`` run beside ``trace`` (fuse) reloads the fuse run's LoRAs instead of training them again
-    (each LoRA's stored run hash still guards the match). One folder per method and options other than ``multi``.
+    (each LoRA's stored run hash still guards the match). The same holds for the options that only change how the
+    LoRAs are combined (resume-free ones such as ``fusion_null_space``). One folder per method and the options that
+    change what is trained.
     """
     if method == "base":
         return None
@@ -246,7 +248,10 @@ def per_concept_dir(work: Path, concept: str, method: str, extra: dict[str, Any]
     # one concept alone, or one LoRA for all (joint): nothing per concept to share
     if resolve_multi(spec, opts.get("multi"), len(concept.split(","))) not in ("fuse", "sum"):
         return None
-    key = config_hash({"method": method, **{k: v for k, v in opts.items() if k != "multi"}})[:12]
+    from ..engines.trajectory_config import TrajectoryConfig
+
+    shared = {"multi", *TrajectoryConfig.resume_free_keys()}
+    key = config_hash({"method": method, **{k: v for k, v in opts.items() if k not in shared}})[:12]
     return work / "stage-b" / concept / key
 
 
