@@ -31,7 +31,7 @@ def test_scene_preset_sizes_and_refusals() -> None:
     # the single-object recipes hash as before the scene fields existed: their partial runs still resume
     assert preset("sd").key() == "afbf2f88dfa21172" and preset("flux", micro=True).key() == "627db3ea8a63def2"
     assert preset("sd").key() != cfg.key()
-    assert cfg.key() == "9d24b7a1639b6e4b"  # toy-sd-scenes' own partial run resumes across the flux recipe's changes
+    assert cfg.key() == "500244dfa23c72c9"  # toy-sd-scenes' partial run resumes across the flux recipe's changes
     with pytest.raises(TraceEraseError, match="32 high × 64 wide"):
         check_recipe(override(cfg, ["image_width=32"]))
     with pytest.raises(TraceEraseError, match="square"):
@@ -211,7 +211,7 @@ def test_flux_scene_preset_sizes_and_square_keys() -> None:
     cfg = preset("flux", scenes=True)
     assert (cfg.world, cfg.height_width, cfg.name) == ("scenes", (32, 64), "toy-flux-scenes")
     assert (cfg.init_from, cfg.vae_from) == ("toy-flux", "toy-sd")  # toy-flux's own VAE is toy-sd's
-    assert (cfg.steps, cfg.cycles, cfg.lr, cfg.checkpoint_every, cfg.n_images) == (3000, 1, 4e-4, 250, 20000)
+    assert (cfg.steps, cfg.cycles, cfg.lr, cfg.checkpoint_every, cfg.n_images) == (3500, 1, 4e-4, 250, 20000)
     assert (cfg.sampler_steps, cfg.sampler_guidance) == (20, 4.0)  # toy-flux's sampler
     check_recipe(cfg)
     assert preset("flux", micro=True, scenes=True).height_width == (32, 64)

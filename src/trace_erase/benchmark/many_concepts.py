@@ -121,9 +121,11 @@ def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: 
     sweep = list(bench_kwargs.pop("sweep", None) or [])
     sweep_labels = [run_label("trace", e) for e in sweep]
     labels = [*methods, *sweep_labels]
-    # at N = 1, sweep runs that only choose the combination are trace's own erasure: copied, not rerun
-    aliases = [lb for lb, e in zip(sweep_labels, sweep, strict=True) if set(e) <= {"multi"}] if "trace" in methods \
-        else []
+    # at N = 1, sweep runs that only choose the combination (multi, the fusion's options) are trace's own erasure:
+    # copied, not rerun
+    combination = {"multi", "fusion_lambda", "fusion_lambda_preserve", "fusion_null_space"}
+    aliases = [lb for lb, e in zip(sweep_labels, sweep, strict=True) if set(e) <= combination] \
+        if "trace" in methods else []
     alone = singleton_rows(singletons, handle.source, seeds, bench_kwargs.get("options")) if singletons else {}
     rows = []
     for n, groups in sets.items():
