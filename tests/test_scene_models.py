@@ -158,6 +158,29 @@ def test_micro_scene_fine_tune_starts_from_the_old_weights(tmp_path) -> None:
         build_components(dataclasses.replace(cfg, text_width=32))
 
 
+def test_text_only_start_keeps_the_text_side_and_builds_a_fresh_deeper_unet(micro_scenes) -> None:
+    """``init_parts=text``: the trained text encoder (old rows unchanged, new rows added) with a fresh UNet of the
+    recipe's own sizes — here one level deeper than the start, which ``init_parts=all`` refuses."""
+    from diffusers import DiffusionPipeline
+
+    from trace_erase.toyworld.components import build_components
+
+    base = micro_scenes[0]
+    cfg = dataclasses.replace(preset("sd", micro=True, scenes=True), init_from=str(base), vae_from=str(base),
+                              init_parts="text", widths=(16, 16, 16, 16))
+    parts, ref = build_components(cfg), DiffusionPipeline.from_pretrained(base)
+    old = ref.text_encoder.get_input_embeddings().weight
+    assert torch.equal(parts["text_encoder"].get_input_embeddings().weight[: len(old)], old)
+    assert len(parts["tokenizer"]) > len(ref.tokenizer)
+    assert len(parts["unet"].down_blocks) == 4 and len(ref.unet.down_blocks) == 3
+    with pytest.raises(TraceEraseError, match="other sizes"):
+        build_components(dataclasses.replace(cfg, init_parts="all"))
+    with pytest.raises(TraceEraseError, match="set init_from as well"):
+        check_recipe(dataclasses.replace(cfg, init_from=None))
+    with pytest.raises(TraceEraseError, match="not one of all, text"):
+        check_recipe(dataclasses.replace(cfg, init_parts="unet"))
+
+
 def test_micro_scene_fine_tune_resumes_to_the_same_weights(micro_scenes, tmp_path) -> None:
     """Interrupted inside the denoiser phase and rerun, the fine-tune ends where the uninterrupted one did."""
     from diffusers import DiffusionPipeline

@@ -48,7 +48,8 @@ def latent_size(cfg: ToyTrainConfig) -> int | tuple[int, int]:
 
 def build_components(cfg: ToyTrainConfig) -> dict[str, Any]:
     """Fresh (random) components of the toy pipeline, from the real diffusers/transformers classes; with
-    ``cfg.init_from``, the text encoder and denoiser of that trained pipeline instead (:func:`initial_components`)."""
+    ``cfg.init_from``, the text encoder(s) and (``init_parts="all"``) the denoiser of that trained pipeline instead
+    (:func:`initial_components`)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -61,7 +62,7 @@ def build_components(cfg: ToyTrainConfig) -> dict[str, Any]:
         down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
         layers_per_block=1, norm_num_groups=8, sample_size=cfg.image_size,
     )
-    if cfg.init_from is not None:
+    if cfg.init_from is not None and cfg.init_parts == "all":
         return {"vae": vae, **initial_components(cfg)}
     clip_cfg = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
@@ -104,11 +105,14 @@ def build_components(cfg: ToyTrainConfig) -> dict[str, Any]:
                 pooled_projection_dim=cfg.text_width, guidance_embeds=False, axes_dims_rope=rope,
             ),
         )
+    if cfg.init_from is not None:  # init_parts="text": the trained text side, a fresh denoiser of this recipe
+        parts.update(initial_components(cfg))
     return parts
 
 
 ARCHITECTURE = ("family", "max_tokens", "text_width", "text_layers", "vae_channels", "latent_channels", "widths",
                 "flux_layers", "flux_heads", "flux_head_dim")  # what a fine-tune start must share with the recipe
+TEXT_ARCHITECTURE = ("family", "max_tokens", "text_width", "text_layers", "vae_channels", "latent_channels")
 
 
 def initial_components(cfg: ToyTrainConfig) -> dict[str, Any]:
@@ -132,7 +136,7 @@ def initial_components(cfg: ToyTrainConfig) -> dict[str, Any]:
     done = {**json.loads(json.dumps(dataclasses.asdict(ToyTrainConfig()))),
             **json.loads(sidecar.read_text())["training"]}
     ours = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    diff = [k for k in ARCHITECTURE if ours[k] != done[k]]
+    diff = [k for k in (ARCHITECTURE if cfg.init_parts == "all" else TEXT_ARCHITECTURE) if ours[k] != done[k]]
     if diff:
         raise TraceEraseError(f"init_from '{folder}' has other sizes ({', '.join(f'{k} {done[k]}' for k in diff)}); "
                               "start from a pipeline of this recipe's sizes")
@@ -147,9 +151,13 @@ def initial_components(cfg: ToyTrainConfig) -> dict[str, Any]:
         tokenizer_2 = extend_t5_tokenizer(T5Tokenizer.from_pretrained(folder / "tokenizer_2"), words)
         text_encoder_2 = T5EncoderModel.from_pretrained(folder / "text_encoder_2")
         init_new_rows(text_encoder_2, len(tokenizer_2), cfg.seed + 1)  # the same for T5 (its tied input rows)
-        return {"tokenizer": tokenizer, "text_encoder": text_encoder, "tokenizer_2": tokenizer_2,
-                "text_encoder_2": text_encoder_2,
-                "transformer": FluxTransformer2DModel.from_pretrained(folder / "transformer")}
+        text = {"tokenizer": tokenizer, "text_encoder": text_encoder, "tokenizer_2": tokenizer_2,
+                "text_encoder_2": text_encoder_2}
+        if cfg.init_parts == "text":
+            return text
+        return {**text, "transformer": FluxTransformer2DModel.from_pretrained(folder / "transformer")}
+    if cfg.init_parts == "text":
+        return {"tokenizer": tokenizer, "text_encoder": text_encoder}
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")

@@ -26,7 +26,8 @@ SCENE_HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
 # toy-sd-scenes 1.2–1.5 s/step; toy-flux-scenes 1.53 s/step measured beside three other jobs (1.7× toy-flux's step
 # then: 128 image tokens instead of 64), ≈ 1.1 s beside one; lr below the single-object recipes' (4e-4, 5e-4)
 SCENE_SCHEDULE: dict[str, tuple[int, float]] = {"sd": (4000, 3e-4), "flux": (3500, 4e-4)}
-NEW_FIELDS = ("world", "image_width", "init_from")  # left out of key() at their defaults: older partial runs resume
+NEW_FIELDS = ("world", "image_width", "init_from", "init_parts")  # left out of key() at their defaults: older
+# partial runs resume
 
 
 @dataclass
@@ -51,6 +52,9 @@ class ToyTrainConfig:
     # fine-tune: start the text encoder(s) and the denoiser from this trained toy pipeline (same sizes; its tokenizer
     # extended by the world's new words, which get new embedding rows) instead of random weights; needs vae_from
     init_from: str | None = None
+    # what init_from gives: "all" (text encoders and denoiser) or "text" (the text encoders and tokenizers only; the
+    # denoiser starts from random weights of this recipe's sizes, e.g. a UNet with one more level)
+    init_parts: str = "all"
     widths: tuple[int, ...] = (32, 64, 128)  # UNet block widths (sd); cross-attention at the two coarser levels
     flux_layers: tuple[int, int] = (2, 2)  # double-, single-stream blocks (flux)
     flux_heads: int = 4
@@ -124,6 +128,10 @@ def check_recipe(cfg: ToyTrainConfig) -> None:
                               f"{cfg.height_width[1]}); drop the image_size / image_width settings")
     if cfg.world == "objects" and cfg.image_width not in (None, cfg.image_size):
         raise TraceEraseError("single-object pictures are square; drop image_width (or train with --scenes)")
+    if cfg.init_parts not in ("all", "text"):
+        raise TraceEraseError(f"init_parts '{cfg.init_parts}' is not one of all, text")
+    if cfg.init_parts == "text" and cfg.init_from is None:
+        raise TraceEraseError("init_parts=text takes the text encoders from init_from; set init_from as well")
     if cfg.init_from is not None and cfg.vae_from is None:
         raise TraceEraseError("init_from needs vae_from: the denoiser it starts from was trained on that VAE's "
                               "latents (e.g. --set vae_from=toy-sd)")
