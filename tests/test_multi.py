@@ -359,3 +359,19 @@ def test_null_space_fusion_keeps_a_retained_prompts_kv_exactly(tmp_path, sd_fuse
     concept_scaled(loaded, {"cat": 0, "dog": 0}).apply(pipe)
     ref = _kv_outputs(pipe, "a photo of boat")
     assert max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, ref, strict=True)) < 1e-5
+
+
+def test_preserve_growth_weighs_the_preserved_tokens_by_the_number_of_concepts() -> None:
+    """``preserve_growth`` g: fusing n concepts uses λ_p·n^g (1: linear, as MACE raises its weight with N); a concept
+    at scale 0 does not count, so dropping it still equals fusing the others."""
+    inputs, _, _, _ = _synthetic(3)
+    grown, _, _ = fuse(inputs, 0.1, 0.7, preserve_growth=1.0)
+    assert torch.allclose(_dense(grown), _dense(fuse(inputs, 0.1, 2.1)[0]), atol=1e-12)
+    assert not torch.allclose(_dense(grown), _dense(fuse(inputs, 0.1, 0.7)[0]), atol=1e-6)
+    without = FusionInputs(inputs.factors[:2], inputs.module_stream, inputs.grams[:2], inputs.preserve)
+    dropped, _, _ = fuse(inputs, 0.1, 0.7, scales=[1.0, 1.0, 0.0], preserve_growth=2.0)
+    assert torch.allclose(_dense(dropped), _dense(fuse(without, 0.1, 0.7 * 4)[0]), atol=1e-12)
+    with pytest.raises(TraceEraseError, match="fusion_preserve_growth must be ≥ 0"):
+        from trace_erase.engines.trajectory_config import TrajectoryConfig
+
+        TrajectoryConfig.from_options({"fusion_preserve_growth": -1})

@@ -186,12 +186,14 @@ def combine(adapter: FamilyAdapter, inputs: FusionInputs, cfg: TrajectoryConfig,
             scales: list[float] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The combined LoRA (diffusers keys) and the manifest's ``fusion`` record (modes, rank slices, certificate)."""
     null_space = cfg.fusion.null_space if inputs.retained else 0.0
-    fused, how, slices = fuse(inputs, cfg.fusion.lam, cfg.fusion.lam_preserve, scales, mode, null_space)
+    growth = cfg.fusion.preserve_growth
+    fused, how, slices = fuse(inputs, cfg.fusion.lam, cfg.fusion.lam_preserve, scales, mode, null_space, growth)
     state = pairs_to_state(fused, adapter.denoiser_name)
     record: dict[str, Any] = {"mode": mode, "lambda": cfg.fusion.lam, "lambda_preserve": cfg.fusion.lam_preserve,
                               **({"null_space": null_space, "null_space_rank": {
                                   s: int(retained_basis(g, null_space).shape[1]) for s, g in inputs.retained.items()}}
                                  if null_space > 0 else {}),
+                              **({"preserve_growth": growth} if growth else {}),
                               "modules": how, "module_streams": inputs.module_stream, "weight_name": FUSION_WEIGHT_NAME,
                               "concepts": [{"name": c.name, "rank_slice": list(sl)}
                                            for c, sl in zip(concepts, slices, strict=True)]}

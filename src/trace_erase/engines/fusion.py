@@ -62,13 +62,16 @@ def retained_basis(gram: torch.Tensor, share: float) -> torch.Tensor:
 
 
 def fuse(inputs: FusionInputs, lam: float, lam_preserve: float, scales: list[float] | None = None,
-         mode: str = "fuse", null_space: float = 0.0) -> tuple[Factors, dict[str, str], list[tuple[int, int]]]:
+         mode: str = "fuse", null_space: float = 0.0, preserve_growth: float = 0.0
+         ) -> tuple[Factors, dict[str, str], list[tuple[int, int]]]:
     """Fused (or, with ``mode="sum"``, summed) factors per module, how each module was combined, and each concept's
     rank slice in them (empty for a concept at scale 0); ``null_space`` > 0 projects the fused down factors off the
-    retained prompts' token directions (module docstring)."""
+    retained prompts' token directions (module docstring); ``preserve_growth`` g weighs P by λ_p·n^g, n the concepts
+    fused (those at scale 0 do not count)."""
     q = len(inputs.factors)
     scales = [1.0] * q if scales is None else list(scales)
     active = [i for i in range(q) if scales[i] != 0]
+    lam_preserve = lam_preserve * max(len(active), 1) ** preserve_growth
     modules = list(dict.fromkeys(m for f in inputs.factors for m in f))
     # down rows Aᵢ Cᵢ G⁻¹ = (G⁻¹ Cᵢ Aᵢᵀ)ᵀ: one Cholesky factor of G per stream, and all (concept, module) right-hand
     # sides of the stream solved together — r columns each instead of a d×d solve per concept
@@ -197,7 +200,8 @@ def combine_tensors(tensors: dict[str, torch.Tensor], prefix: str, fusion: dict[
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Re-fusion from a saved erasure's per-concept factors at per-concept ``scales``: (stage-A LoRA, stage-B LoRA)."""
     inputs = inputs_from_tensors(tensors, len(fusion["concepts"]), fusion.get("module_streams", {}))
-    fused, _, _ = fuse(inputs, lam, lam_preserve, scales, fusion["mode"], fusion.get("null_space", 0.0))
+    fused, _, _ = fuse(inputs, lam, lam_preserve, scales, fusion["mode"], fusion.get("null_space", 0.0),
+                       fusion.get("preserve_growth", 0.0))
     stage_a = {k[len("stage_a."):]: v for k, v in tensors.items() if k.startswith("stage_a.")}
     return stage_a, pairs_to_state(fused, prefix)
 

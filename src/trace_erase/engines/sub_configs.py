@@ -178,18 +178,26 @@ class FusionConfig:
     """How per-concept LoRAs are integrated (``multi=fuse``; engines/fusion.py): λ and λ_p of the closed form (ours:
     the closed-form engine's defaults), and ``null_space``, the share of the retained prompts' token energy whose
     directions the fused LoRA may not read (0: off; 1: their whole span, so a retained prompt's K/V are exactly the
-    stage-A model's). Option keys: ``fusion_lambda``, ``fusion_lambda_preserve``, ``fusion_null_space``. Changing
+    stage-A model's), and ``preserve_growth``. Option keys: ``fusion_lambda``, ``fusion_lambda_preserve``,
+    ``fusion_null_space``, ``fusion_preserve_growth``. Changing
     them re-integrates the same per-concept LoRAs, so a resumed run may."""
 
     lam: float = field(default=0.1, metadata=RESUME_FREE)
     lam_preserve: float = field(default=1.0, metadata=RESUME_FREE)
     null_space: float = field(default=0.0, metadata={**RESUME_FREE, **OMITTED_AT_DEFAULT})
+    # λ_p × (concepts fused)^growth: 1 keeps the preserved tokens' share of G as N grows (MACE raises its preserve
+    # weight with N); 0: λ_p as given
+    preserve_growth: float = field(default=0.0, metadata={**RESUME_FREE, **OMITTED_AT_DEFAULT})
 
-    KEYS = {"lam": "fusion_lambda", "lam_preserve": "fusion_lambda_preserve", "null_space": "fusion_null_space"}
+    KEYS = {"lam": "fusion_lambda", "lam_preserve": "fusion_lambda_preserve", "null_space": "fusion_null_space",
+            "preserve_growth": "fusion_preserve_growth"}
 
     def __post_init__(self) -> None:
         if self.lam < 0 or self.lam_preserve < 0:
             raise TraceEraseError("fusion_lambda and fusion_lambda_preserve must be ≥ 0")
+        if self.preserve_growth < 0:
+            raise TraceEraseError(f"fusion_preserve_growth must be ≥ 0 (got {self.preserve_growth}); 1 grows the "
+                                  "preserve weight linearly with the number of concepts")
         if not 0 <= self.null_space <= 1:
             raise TraceEraseError(f"fusion_null_space is a share of the retained tokens' energy in [0, 1] (got "
                                   f"{self.null_space}); 0 switches it off, 1 keeps retained prompts exactly")
