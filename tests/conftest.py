@@ -96,3 +96,20 @@ def tiny_clip(tmp_path_factory) -> str:
     CLIPModel(cfg).eval().save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+def stop_after_first_checkpoint(monkeypatch: pytest.MonkeyPatch, run) -> None:
+    """Run ``run()`` with stage B interrupted (KeyboardInterrupt) right after its first checkpoint is written; the
+    patch is undone afterwards, so the caller's next run resumes from that checkpoint."""
+    from trace_erase.engines.trajectory import TrajectoryEngine
+
+    original = TrajectoryEngine.save_checkpoint
+
+    def save_then_stop(self, step, opt, pool):
+        original(self, step, opt, pool)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrajectoryEngine, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(TrajectoryEngine, "save_checkpoint", original)

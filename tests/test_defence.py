@@ -12,7 +12,7 @@ from trace_erase.engines.pool import Pool
 from trace_erase.engines.trajectory import TrajectoryConfig, TrajectoryEngine
 from trace_erase.errors import TraceEraseError
 
-from .conftest import BUILDERS
+from .conftest import BUILDERS, stop_after_first_checkpoint
 
 FAST = {"steps": 2, "rollout_steps": 4, "pool_trajectories": 1, "batch_size": 2, "checkpoint_every": 1000}
 
@@ -90,16 +90,8 @@ def test_interrupted_adversarial_run_resumes_to_the_uninterrupted_weights(tmp_pa
     opts = dict(FAST, steps=4, checkpoint_every=2, adversarial_every=2, adversarial_steps=3, pool_trajectories=2,
                 refresh_every=3, templates=["{}"])
     full = erase(BUILDERS["sd"](), ["cat"], method="trace", anchor="dog", progress=False, **opts)
-    original = TrajectoryEngine.save_checkpoint
-
-    def save_then_stop(self, step, opt, pool):
-        original(self, step, opt, pool)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(TrajectoryEngine, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        erase(BUILDERS["sd"](), ["cat"], method="trace", anchor="dog", progress=False, workdir=tmp_path, **opts)
-    monkeypatch.setattr(TrajectoryEngine, "save_checkpoint", original)
+    stop_after_first_checkpoint(monkeypatch, lambda: erase(BUILDERS["sd"](), ["cat"], method="trace", anchor="dog",
+                                                           progress=False, workdir=tmp_path, **opts))
     resumed = erase(BUILDERS["sd"](), ["cat"], method="trace", anchor="dog", progress=False, workdir=tmp_path,
                     **opts)
     assert resumed.manifest["trajectory_log"]["adversarial_losses"].keys() == {"cat"}

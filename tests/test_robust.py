@@ -20,7 +20,7 @@ from trace_erase.engines.trajectory_config import TrajectoryConfig
 from trace_erase.errors import TraceEraseError
 from trace_erase.methods import METHODS, get_method
 
-from .conftest import BUILDERS
+from .conftest import BUILDERS, stop_after_first_checkpoint
 
 CAT = [Concept("cat", anchor="dog")]
 # a stage A that moves the concept onto its anchor (no caption corpus holding every direction of the tiny encoder)
@@ -208,16 +208,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch) -> N
     full = erase(BUILDERS["sd"](), ["cat"], method="trace", anchor="dog", progress=False, **opts)
     assert full.manifest["trajectory_log"]["final_losses"]["pre"] > 0
     assert full.manifest["config"]["trajectory"]["preimage"] == {"weight": 1.0, "lam": 0.01}
-    original = TrajectoryEngine.save_checkpoint
-
-    def save_then_stop(self, step, opt, pool):
-        original(self, step, opt, pool)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(TrajectoryEngine, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        erase(BUILDERS["sd"](), ["cat"], method="trace", anchor="dog", progress=False, workdir=tmp_path, **opts)
-    monkeypatch.setattr(TrajectoryEngine, "save_checkpoint", original)
+    stop_after_first_checkpoint(monkeypatch, lambda: erase(BUILDERS["sd"](), ["cat"], method="trace", anchor="dog",
+                                                           progress=False, workdir=tmp_path, **opts))
     state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert state["step"] == 2 and state["run_config"]["trajectory"]["preimage_weight"] == 1.0
     with pytest.raises(TraceEraseError, match="preimage_weight"):  # the branch's settings are the run's
