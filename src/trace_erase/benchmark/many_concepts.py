@@ -123,7 +123,9 @@ def run_multi_bench(handle: Any, methods: list[str], counts: list[int], output: 
     labels = [*methods, *sweep_labels]
     # at N = 1, sweep runs that only choose the combination (multi, the fusion's options) are trace's own erasure:
     # copied, not rerun
-    combination = {"multi", "fusion_lambda", "fusion_lambda_preserve", "fusion_null_space", "fusion_preserve_growth"}
+    from ..engines.sub_configs import FusionConfig
+
+    combination = {"multi", *FusionConfig.KEYS.values()}
     aliases = [lb for lb, e in zip(sweep_labels, sweep, strict=True) if set(e) <= combination] \
         if "trace" in methods else []
     alone = singleton_rows(singletons, handle.source, seeds, bench_kwargs.get("options")) if singletons else {}
