@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from trace_erase import TraceEraseError
 from trace_erase.toyworld.classifier import heldout_accuracy, load_classifier
@@ -150,3 +151,21 @@ def test_min_snr_weighting_trains_sd_and_is_refused_for_flux(tmp_path) -> None:
         ToyTrainer(override(preset("sd", micro=True), ["snr_gamma=0"]), tmp_path / "zero", progress=False)
     out = ToyTrainer(override(preset("sd", micro=True), ["snr_gamma=5"]), tmp_path / "sd", progress=False).run()
     assert json.loads((out / "trace_erase.json").read_text())["training"]["snr_gamma"] == 5.0
+
+
+def test_noise_shift_moves_training_noise_levels_towards_noise(tmp_path) -> None:
+    from trace_erase.toyworld.train import shift_noise_levels
+
+    u = torch.linspace(0, 1, 11)
+    assert torch.equal(shift_noise_levels(u, 1.0), u)
+    shifted = shift_noise_levels(u, 3.0)
+    assert shifted[0] == 0 and shifted[-1] == 1 and abs(float(shifted[5]) - 0.75) < 1e-6  # 3·½ / (1 + 2·½)
+    assert torch.all(shifted[1:-1] > u[1:-1]) and torch.all(shifted.diff() > 0)  # towards noise, order kept
+    assert torch.all(shift_noise_levels(u, 0.5)[1:-1] < u[1:-1])
+    # the default leaves a recipe's key (and so its resumable runs) unchanged; a shift is a new recipe
+    assert override(preset("sd"), ["noise_shift=1"]).key() == preset("sd").key()
+    assert override(preset("sd"), ["noise_shift=3"]).key() != preset("sd").key()
+    with pytest.raises(TraceEraseError, match="noise_shift"):
+        ToyTrainer(override(preset("sd", micro=True), ["noise_shift=0"]), tmp_path / "zero", progress=False)
+    out = ToyTrainer(override(preset("sd", micro=True), ["noise_shift=3"]), tmp_path / "sd", progress=False).run()
+    assert json.loads((out / "trace_erase.json").read_text())["training"]["noise_shift"] == 3.0

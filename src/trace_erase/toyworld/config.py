@@ -26,8 +26,8 @@ SCENE_HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
 # toy-sd-scenes 1.2–1.5 s/step; toy-flux-scenes 1.53 s/step measured beside three other jobs (1.7× toy-flux's step
 # then: 128 image tokens instead of 64), ≈ 1.1 s beside one; lr below the single-object recipes' (4e-4, 5e-4)
 SCENE_SCHEDULE: dict[str, tuple[int, float]] = {"sd": (4000, 3e-4), "flux": (3500, 4e-4)}
-NEW_FIELDS = ("world", "image_width", "init_from", "init_parts")  # left out of key() at their defaults: older
-# partial runs resume
+# left out of key() at their defaults: older partial runs resume
+NEW_FIELDS = ("world", "image_width", "init_from", "init_parts", "noise_shift")
 
 
 @dataclass
@@ -65,6 +65,9 @@ class ToyTrainConfig:
     lr: float = 4e-4
     caption_dropout: float = 0.1
     snr_gamma: float | None = None  # sd only: min-SNR loss weighting min(SNR, γ)/SNR (Hang et al. 2023); none: plain
+    # the training noise levels, shifted towards noise by s·u / (1 + (s − 1)·u) (SD3's resolution shift, Esser et al.
+    # 2024): 1 leaves them as drawn; > 1 trains more where the picture's layout is still undecided (scenes: 2× wider)
+    noise_shift: float = 1.0
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     sampler_steps: int = 25
@@ -128,6 +131,8 @@ def check_recipe(cfg: ToyTrainConfig) -> None:
                               f"{cfg.height_width[1]}); drop the image_size / image_width settings")
     if cfg.world == "objects" and cfg.image_width not in (None, cfg.image_size):
         raise TraceEraseError("single-object pictures are square; drop image_width (or train with --scenes)")
+    if cfg.noise_shift <= 0:
+        raise TraceEraseError(f"noise_shift must be > 0 (1 leaves the noise levels as drawn; got {cfg.noise_shift})")
     if cfg.init_parts not in ("all", "text"):
         raise TraceEraseError(f"init_parts '{cfg.init_parts}' is not one of all, text")
     if cfg.init_parts == "text" and cfg.init_from is None:

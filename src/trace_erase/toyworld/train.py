@@ -40,6 +40,12 @@ def scene_caption(labels: dict, seed: int) -> str:
     return scene_caption_for(scene_from_labels(labels), seed)
 
 
+def shift_noise_levels(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """Noise levels ``u`` in [0, 1] (0 clean, 1 pure noise) moved towards noise by ``shift`` (SD3's time shift,
+    s·u / (1 + (s − 1)·u)); ``shift`` 1 returns them unchanged, and the map is monotone, so their order is kept."""
+    return u if shift == 1 else shift * u / (1 + (shift - 1) * u)
+
+
 # ---- training ----------------------------------------------------------------------------------------------------
 class ToyTrainer:
     """Runs (or resumes) one toy training; all state lives in ``OUTPUT.partial``."""
@@ -285,13 +291,17 @@ class ToyTrainer:
             noise = torch.randn(latents[idx].shape, generator=gen)
             if flux:
                 z0 = (latents[idx] - mean) / std
-                sigma = torch.sigmoid(torch.randn(cfg.batch, generator=gen))
+                sigma = shift_noise_levels(torch.sigmoid(torch.randn(cfg.batch, generator=gen)), cfg.noise_shift)
                 zt = (1 - sigma[:, None, None, None]) * z0 + sigma[:, None, None, None] * noise
                 target = noise - z0
                 pred = self._flux_forward(pipe, zt, sigma, captions)
             else:
                 z0 = latents[idx] / std
-                t = torch.randint(0, 1000, (cfg.batch,), generator=gen)
+                if cfg.noise_shift == 1:  # the plain draw (older runs resume with the same generator stream)
+                    t = torch.randint(0, 1000, (cfg.batch,), generator=gen)
+                else:
+                    u = shift_noise_levels(torch.rand(cfg.batch, generator=gen), cfg.noise_shift)
+                    t = (u * 1000).long().clamp(max=999)
                 a = alphas[t].sqrt()[:, None, None, None]
                 s = (1 - alphas[t]).sqrt()[:, None, None, None]
                 zt = a * z0 + s * noise
