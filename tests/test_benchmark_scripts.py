@@ -26,6 +26,7 @@ def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     ("toy_vae_probe.py", ["--set", "no_such_key=1", "--output", "pipe", "--micro"], "no_such_key"),
     ("scene_side_probe.py", ["missing"], "no folder 'missing'"),
     ("scene_side_probe.py", ["."], "neither a training run's .partial folder nor a toy pipeline"),
+    ("paired.py", ["missing/bench.json", "--focus", "trace"], "'missing/bench.json' does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(name: str, args: list[str], says: str, tmp_path: Path) -> None:
     done = script(name, *args, cwd=tmp_path)
@@ -93,3 +94,24 @@ def test_attack_gaps_pair_trace_with_the_lowest_other_method_class_by_class() ->
     no_attack = out["no attack"]
     assert no_attack["other"] == "ant" and no_attack["mean"] == pytest.approx(0.1)
     assert no_attack["ci"][0] < no_attack["mean"] < no_attack["ci"][1]
+
+
+def test_paired_script_pairs_rows_across_benches_of_one_suite(tmp_path: Path) -> None:
+    def bench(path: Path, methods: dict[str, int], seeds: int = 4) -> None:
+        rows = [{"concept": c, "method": m, "status": "ok",
+                 "units": [{"seed": k, "hits": {"erased": 0, "other": kept, "synonym": 0},
+                            "n": {"erased": 1, "other": 9, "synonym": 1}, "drift": [0.1]} for k in range(seeds)]}
+                for m, kept in methods.items() for c in ("circle", "star")]
+        path.write_text(json.dumps({"model": "toy-sd", "suite": "toy-objects", "seeds_per_prompt": seeds,
+                                    "rows": rows}))
+
+    bench(tmp_path / "a.json", {"trace": 8, "esd-x": 6})
+    bench(tmp_path / "b.json", {"trace[reference=anchor]": 9})
+    done = script("paired.py", "a.json", "b.json", "--focus", "trace", "--json", "out.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    records = {r["other"]: r for r in json.loads((tmp_path / "out.json").read_text())["records"]}
+    assert set(records) == {"esd-x", "trace[reference=anchor]"}
+    assert records["esd-x"]["headline"]["mean"] > 0 > records["trace[reference=anchor]"]["headline"]["mean"]
+    bench(tmp_path / "c.json", {"ant": 7}, seeds=3)
+    done = script("paired.py", "a.json", "c.json", "--focus", "trace", cwd=tmp_path)
+    assert done.returncode == 2 and "seeds_per_prompt" in done.stderr

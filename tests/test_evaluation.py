@@ -238,6 +238,33 @@ def test_bootstrap_intervals_over_concepts_and_seeds() -> None:
     assert bootstrap("toy-styles", styles, draws=50)["headline"] == pytest.approx((2 / 3, 2 / 3))
 
 
+def test_paired_bootstrap_sees_a_gap_that_separate_intervals_hide() -> None:
+    """Classes of very different difficulty widen each method's own interval; the paired difference cancels them."""
+    from trace_erase.evaluation.intervals import bootstrap, paired_bootstrap
+
+    def unit(seed: int, s: int, n_other: int = 10, drift: float = 0.1) -> dict:
+        return {"seed": seed, "hits": {"erased": 0, "other": s, "synonym": 0},
+                "n": {"erased": 1, "other": n_other, "synonym": 1}, "drift": [drift]}
+
+    # four classes from hard to easy; the focus keeps one more of the ten other prompts on every class and seed
+    other = [[unit(k, base + (k % 2)) for k in range(6)] for base in (3, 5, 7, 8)]
+    focus = [[unit(k, base + (k % 2) + 1, drift=0.08) for k in range(6)] for base in (3, 5, 7, 8)]
+    gap = paired_bootstrap("toy-objects", focus, other, draws=500)
+    assert gap["headline"]["mean"] > 0 and gap["headline"]["ci"][0] > 0
+    assert gap["drift_l2"]["mean"] == pytest.approx(-0.02) and gap["drift_l2"]["ci"][1] < 0
+    lo_f, _ = bootstrap("toy-objects", focus, draws=500)["headline"]
+    _, hi_o = bootstrap("toy-objects", other, draws=500)["headline"]
+    assert lo_f < hi_o  # the separate intervals overlap: they could not say the focus is ahead
+    # the order of the methods flips the sign; a method against itself is 0 with no spread
+    back = paired_bootstrap("toy-objects", other, focus, draws=500)
+    assert back["headline"]["mean"] == pytest.approx(-gap["headline"]["mean"]) and back["headline"]["ci"][1] < 0
+    assert paired_bootstrap("toy-objects", other, other, draws=50)["headline"] == {"mean": 0.0, "ci": (0.0, 0.0)}
+    with pytest.raises(TraceEraseError, match="same seeds"):
+        paired_bootstrap("toy-objects", focus, [[unit(k + 1, 5) for k in range(6)] for _ in range(4)])
+    with pytest.raises(TraceEraseError, match="same concepts"):
+        paired_bootstrap("toy-objects", focus, other[:3])
+
+
 def test_merge_relabel_makes_option_variants_rows_of_one_table() -> None:
     from trace_erase.benchmark.tables import merge_results
 

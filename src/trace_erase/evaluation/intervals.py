@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import TraceEraseError
 from .metrics import h_identities, h_objects
 from .suites import SCENE_SUITES
 
@@ -91,3 +92,49 @@ def bootstrap(suite: str, per_concept: list[list[dict[str, Any]]], draws: int = 
         return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))) if values else None
 
     return {"headline": ci(heads), "drift_l2": ci(drifts)}
+
+
+def paired_bootstrap(suite: str, focus: list[list[dict[str, Any]]], other: list[list[dict[str, Any]]],
+                     draws: int = 2000, seed: int = 0) -> dict[str, dict[str, Any] | None]:
+    """The difference ``focus − other`` of the mean headline metric and of the mean drift, for two methods run on
+    the same concepts and seeds, with a 95 % interval from resampling concepts and, within each, seeds — the same
+    draw for both methods. Shared noise (a class or seed that is hard for every erasure) cancels, so this interval
+    is what says whether one method is ahead; two separate intervals overlap long after the paired one has
+    cleared 0. Concepts pair by position, seeds by their number."""
+    if suite in SCENE_SUITES:
+        raise TraceEraseError("paired intervals cover the label suites (objects, styles, celebrities); compare scene "
+                              "suites metric by metric from their own intervals")
+    if len(focus) != len(other) or not focus:
+        raise TraceEraseError(f"paired intervals need the same concepts for both methods (got {len(focus)} and "
+                              f"{len(other)})")
+    pairs = []
+    for a, b in zip(focus, other, strict=True):
+        by_seed = {u["seed"]: u for u in b}
+        if sorted(by_seed) != sorted(u["seed"] for u in a):
+            raise TraceEraseError("paired intervals need the same seeds for both methods; rerun one with the "
+                                  "other's --seeds")
+        pairs.append([(u, by_seed[u["seed"]]) for u in a])
+
+    def means(drawn: list[list[tuple[dict, dict]]]) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        stats = [(_concept_stats(suite, [p[0] for p in c]), _concept_stats(suite, [p[1] for p in c])) for c in drawn]
+        for k, key in enumerate(("headline", "drift_l2")):
+            vals = [(sa[k], sb[k]) for sa, sb in stats if sa[k] is not None and sb[k] is not None]
+            out[key] = float(np.mean([va - vb for va, vb in vals])) if vals else None
+        return out
+
+    point = means(pairs)
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {"headline": [], "drift_l2": []}
+    for _ in range(draws):
+        drawn = []
+        for c in rng.integers(0, len(pairs), len(pairs)):
+            seeds = pairs[c]
+            drawn.append([seeds[i] for i in rng.integers(0, len(seeds), len(seeds))])
+        for key, value in means(drawn).items():
+            if value is not None:
+                samples[key].append(value)
+    return {key: None if point[key] is None else
+            {"mean": point[key], "ci": (float(np.percentile(samples[key], 2.5)),
+                                        float(np.percentile(samples[key], 97.5)))}
+            for key in samples}

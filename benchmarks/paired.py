@@ -1,0 +1,106 @@
+"""Paired differences between methods of finished benches: the focus method's headline (H_o / H_s / H_c) and drift
+minus each other method's, with 95 % intervals from resampling classes and seeds jointly for both methods.
+
+Benches of the same model, suite and seeds can be given together (e.g. a development run and a later sweep over the
+same classes); rows pair by class and seed. The bench table's own intervals are per method: they overlap long after
+the paired interval of the difference has cleared 0, so a ranking claim needs this one.
+
+    python benchmarks/paired.py benchmarks/results/reference-choice-dev-toy-sd-objects/bench.json --focus trace
+    python benchmarks/paired.py A/bench.json B/bench.json --focus "trace[reference=anchor]" --against trace \
+        [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from _script import refuse, run, write_json
+
+SAME = ("model", "suite", "seeds_per_prompt")  # what benches must share for their rows to pair
+
+
+def load_rows(paths: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, list[dict]]]]:
+    """(the benches' shared settings, method → class → per-seed units); a method in two benches keeps the first."""
+    shared: dict[str, Any] = {}
+    rows: dict[str, dict[str, list[dict]]] = {}
+    for path in paths:
+        file = Path(path)
+        if not file.is_file():
+            refuse(f"'{path}' does not exist; pass a finished bench's bench.json")
+        data = json.loads(file.read_text())
+        if "rows" not in data or "suite" not in data:
+            refuse(f"'{path}' is not a bench.json (no rows); pass the bench.json a finished `trace-erase bench` wrote")
+        for key in SAME:
+            if shared.setdefault(key, data.get(key)) != data.get(key):
+                refuse(f"'{path}' has {key} {data.get(key)!r} where the first bench has {shared[key]!r}; pair benches "
+                       "of one model, suite and seed count")
+        added: dict[str, dict[str, list[dict]]] = {}
+        for row in data["rows"]:
+            if row.get("status", "ok") == "ok" and row.get("units"):
+                added.setdefault(row["method"], {})[row["concept"]] = row["units"]
+        for method, per_class in added.items():
+            rows.setdefault(method, per_class)
+    return shared, rows
+
+
+def compare(suite: str, rows: dict[str, dict[str, list[dict]]], focus: str, against: list[str]) -> list[dict]:
+    """One record per other method: the classes both ran, and the paired headline and drift differences."""
+    from trace_erase.evaluation.intervals import paired_bootstrap
+
+    if focus not in rows:
+        refuse(f"no rows of '{focus}' in these benches; methods there: {', '.join(sorted(rows))}")
+    out = []
+    for other in against:
+        if other not in rows:
+            refuse(f"no rows of '{other}' in these benches; methods there: {', '.join(sorted(rows))}")
+        classes = sorted(set(rows[focus]) & set(rows[other]))
+        if not classes:
+            refuse(f"'{focus}' and '{other}' share no class; pass benches over the same classes")
+        diff = paired_bootstrap(suite, [rows[focus][c] for c in classes], [rows[other][c] for c in classes])
+        out.append({"other": other, "classes": classes, **diff})
+    return out
+
+
+def table(suite: str, focus: str, records: list[dict]) -> str:
+    """Markdown: one line per other method, differences as focus − other."""
+    from trace_erase.evaluation.intervals import HEADLINE
+
+    head = HEADLINE.get(suite, "headline")
+
+    def cell(d: dict | None, digits: int, higher_is_better: bool) -> str:
+        if d is None:
+            return "–"
+        lo, hi = d["ci"]
+        better, worse = (lo > 0, hi < 0) if higher_is_better else (hi < 0, lo > 0)
+        mark = " ✓" if better else " ✗" if worse else ""
+        return f"{d['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{mark}"
+
+    lines = [f"| {focus} − … | classes | Δ {head} | Δ drift L2 |", "|---|---|---|---|"]
+    for r in records:
+        head_cell, drift_cell = cell(r["headline"], 3, True), cell(r["drift_l2"], 4, False)
+        lines.append(f"| {r['other']} | {len(r['classes'])} | {head_cell} | {drift_cell} |")
+    lines.append("\nPaired 95 % bootstrap over classes × seeds (2,000 draws). ✓: the focus is better with the "
+                 "interval clear of 0 (higher headline, lower drift), ✗: worse.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("benches", nargs="+", help="bench.json files of one model, suite and seed count")
+    parser.add_argument("--focus", required=True, help="the method the differences are about, as the table names it")
+    parser.add_argument("--against", help="comma-separated methods (default: every other method but base)")
+    parser.add_argument("--json", help="also write the records here")
+    args = parser.parse_args()
+    shared, rows = load_rows(args.benches)
+    against = args.against.split(",") if args.against else [m for m in rows if m not in ("base", args.focus)]
+    records = compare(shared["suite"], rows, args.focus, against)
+    print(table(shared["suite"], args.focus, records))
+    if args.json:
+        write_json(args.json, {**shared, "focus": args.focus, "records": records})
+
+
+if __name__ == "__main__":
+    run(main)
