@@ -2,8 +2,12 @@
 side, with the sides swapped, and with no caption, in three noise bands.
 
 A model that binds "on the left"/"on the right" has a lower loss with the right side than with the sides swapped; one
-that ignores them has the same loss (to the last digit). ``side share`` = (swapped − right) / (empty − right): the
-part of what the whole caption tells the denoiser that the side word carries. Cheap (a few denoiser calls), so it
+that ignores them has the same loss (to the last digit). The noise bands are the training distribution, where a
+picture's layout still shows through the noise (a schedule whose last step keeps some signal, or σ < 1), so a model
+may read the side from the noisy latent instead of the caption; the ``start`` row is the sampler's first step, pure
+noise, scored on the clean-latent estimate x̂0: there only the caption can place the object. ``side share`` =
+(swapped − right) / (empty − right): the part of what the whole caption tells the denoiser that the side word
+carries. Cheap (a few denoiser calls), so it
 can be run on a training run's latest checkpoint (``OUTPUT.partial``) while it trains, long before a scene check.
 
     python benchmarks/scene_side_probe.py /work/scene-train/toy-flux-scenes.partial [--json out.json]
@@ -52,6 +56,12 @@ def load_parts(folder: Path) -> tuple[Any, dict[str, Any], int | None]:
     cfg = ToyTrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})
     pipe = DiffusionPipeline.from_pretrained(folder)
     return cfg, dict(pipe.components), None
+
+
+def with_share(losses: dict[str, float]) -> dict[str, float | None]:
+    """The losses and the side share (swapped − right) / (empty − right); None when the caption does not help."""
+    gap = losses["empty"] - losses["right"]
+    return {**losses, "side_share": (losses["swapped"] - losses["right"]) / gap if gap > 0 else None}
 
 
 def main() -> None:
@@ -108,11 +118,32 @@ def main() -> None:
                     zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
                     ids = pipe.tokenizer(captions, padding="max_length", max_length=cfg.max_tokens, truncation=True,
                                          return_tensors="pt").input_ids
-                    err = pipe.unet(zt, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample - noise
+                    v = pipe.scheduler.config.prediction_type == "v_prediction"
+                    target = a.sqrt() * noise - (1 - a).sqrt() * z0 if v else noise
+                    err = pipe.unet(zt, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample - target
                 losses[name] = float(err.pow(2).mean())
-            gap = losses["empty"] - losses["right"]
-            share = (losses["swapped"] - losses["right"]) / gap if gap > 0 else None
-            bands[f"{lo:.1f}-{hi:.1f}"] = {**losses, "side_share": share}
+            bands[f"{lo:.1f}-{hi:.1f}"] = with_share(losses)
+        # the sampler's first step: pure noise, where no layout leaks in from the picture and only the caption can
+        # say where the object goes; the error of the clean-latent estimate x̂0 against the rendered picture's
+        noise = torch.randn(latents.shape, generator=gen)
+        losses = {}
+        for name, captions in (("right", right), ("swapped", swapped), ("empty", [""] * len(x))):
+            if cfg.family == "flux":
+                z0 = (latents - latents.mean()) / latents.std()
+                x0_hat = noise - ToyTrainer._flux_forward(pipe, noise, torch.ones(len(x)), captions)
+            else:
+                z0 = latents / latents.std()
+                t = torch.full((len(x),), pipe.scheduler.config.num_train_timesteps - 1)
+                a = pipe.scheduler.alphas_cumprod[t][:, None, None, None]
+                ids = pipe.tokenizer(captions, padding="max_length", max_length=cfg.max_tokens, truncation=True,
+                                     return_tensors="pt").input_ids
+                out = pipe.unet(noise, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+                if pipe.scheduler.config.prediction_type == "v_prediction":
+                    x0_hat = a.sqrt() * noise - (1 - a).sqrt() * out
+                else:
+                    x0_hat = (noise - (1 - a).sqrt() * out) / a.sqrt()
+            losses[name] = float((x0_hat - z0).pow(2).mean())
+        bands["start"] = with_share(losses)
     result = {"folder": str(folder), "step": step, "family": cfg.family, "images": args.images, "bands": bands,
               "noise": "flow σ" if cfg.family == "flux" else "DDPM t / 1000"}
     for band, v in bands.items():

@@ -169,3 +169,22 @@ def test_noise_shift_moves_training_noise_levels_towards_noise(tmp_path) -> None
         ToyTrainer(override(preset("sd", micro=True), ["noise_shift=0"]), tmp_path / "zero", progress=False)
     out = ToyTrainer(override(preset("sd", micro=True), ["noise_shift=3"]), tmp_path / "sd", progress=False).run()
     assert json.loads((out / "trace_erase.json").read_text())["training"]["noise_shift"] == 3.0
+
+
+def test_zero_terminal_snr_schedule_trains_a_v_prediction_toy_sd(tmp_path) -> None:
+    """The v-zero-snr recipe gives a pipeline whose scheduler ends at pure noise and predicts v; the trainer's target
+    is v there (at the last step, where ᾱ = 0, v = −x0, the picture itself: the caption must say where it goes)."""
+    for bad, says in ((["noise_schedule=v"], "noise_schedule 'v'"), (["noise_schedule=v-zero-snr", "snr_gamma=5"],
+                                                                   "snr_gamma")):
+        with pytest.raises(TraceEraseError, match=says):
+            ToyTrainer(override(preset("sd", micro=True), bad), tmp_path / "bad", progress=False)
+    with pytest.raises(TraceEraseError, match="noise_schedule"):
+        ToyTrainer(override(preset("flux", micro=True), ["noise_schedule=v-zero-snr"]), tmp_path / "f", progress=False)
+    out = ToyTrainer(override(preset("sd", micro=True), ["noise_schedule=v-zero-snr"]), tmp_path / "sd",
+                     progress=False).run()
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction" and sched["rescale_betas_zero_snr"] is True
+    from diffusers import DDIMScheduler
+
+    assert float(DDIMScheduler.from_pretrained(out / "scheduler").alphas_cumprod[-1]) == 0.0
+    assert override(preset("sd"), ["noise_schedule=epsilon"]).key() == preset("sd").key()

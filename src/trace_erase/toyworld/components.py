@@ -193,8 +193,13 @@ def assemble_pipeline(cfg: ToyTrainConfig, parts: dict[str, Any], latent_stats: 
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         vae.register_to_config(scaling_factor=1.0 / std)
-        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        if cfg.noise_schedule == "v-zero-snr":
+            scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      clip_sample=False, set_alpha_to_one=False, rescale_betas_zero_snr=True,
+                                      prediction_type="v_prediction", timestep_spacing="trailing")
+        else:
+            scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      clip_sample=False, set_alpha_to_one=False, steps_offset=1)
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
                                        unet=parts["unet"], scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)

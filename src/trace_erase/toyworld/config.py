@@ -27,7 +27,11 @@ SCENE_HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
 # then: 128 image tokens instead of 64), ≈ 1.1 s beside one; lr below the single-object recipes' (4e-4, 5e-4)
 SCENE_SCHEDULE: dict[str, tuple[int, float]] = {"sd": (4000, 3e-4), "flux": (3500, 4e-4)}
 # left out of key() at their defaults: older partial runs resume
-NEW_FIELDS = ("world", "image_width", "init_from", "init_parts", "noise_shift")
+NEW_FIELDS = ("world", "image_width", "init_from", "init_parts", "noise_shift", "noise_schedule")
+# sd only: "epsilon" (SD 1.x: ε-prediction on the scaled-linear betas, whose last step keeps √ᾱ = 0.068 of the
+# picture) or "v-zero-snr" (v-prediction on the same betas rescaled to zero terminal SNR, trailing timesteps:
+# Lin et al. 2024), where the sampler's first step is pure noise in training too, so a layout cannot leak through it
+NOISE_SCHEDULES = ("epsilon", "v-zero-snr")
 
 
 @dataclass
@@ -68,6 +72,7 @@ class ToyTrainConfig:
     # the training noise levels, shifted towards noise by s·u / (1 + (s − 1)·u) (SD3's resolution shift, Esser et al.
     # 2024): 1 leaves them as drawn; > 1 trains more where the picture's layout is still undecided (scenes: 2× wider)
     noise_shift: float = 1.0
+    noise_schedule: str = "epsilon"  # sd only: epsilon | v-zero-snr (NOISE_SCHEDULES)
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     sampler_steps: int = 25
@@ -131,6 +136,12 @@ def check_recipe(cfg: ToyTrainConfig) -> None:
                               f"{cfg.height_width[1]}); drop the image_size / image_width settings")
     if cfg.world == "objects" and cfg.image_width not in (None, cfg.image_size):
         raise TraceEraseError("single-object pictures are square; drop image_width (or train with --scenes)")
+    if cfg.noise_schedule not in NOISE_SCHEDULES:
+        raise TraceEraseError(f"noise_schedule '{cfg.noise_schedule}' is not one of {', '.join(NOISE_SCHEDULES)}")
+    if cfg.noise_schedule != "epsilon" and cfg.family != "sd":
+        raise TraceEraseError("noise_schedule sets toy-sd's DDPM schedule; the flux recipe has its own (drop it)")
+    if cfg.noise_schedule != "epsilon" and cfg.snr_gamma is not None:
+        raise TraceEraseError("snr_gamma weighs the ε-prediction loss; drop it with noise_schedule=v-zero-snr")
     if cfg.noise_shift <= 0:
         raise TraceEraseError(f"noise_shift must be > 0 (1 leaves the noise levels as drawn; got {cfg.noise_shift})")
     if cfg.init_parts not in ("all", "text"):

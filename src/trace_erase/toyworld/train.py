@@ -309,7 +309,7 @@ class ToyTrainer:
                                      return_tensors="pt").input_ids
                 cond = pipe.text_encoder(ids)[0]
                 pred = pipe.unet(zt, t, encoder_hidden_states=cond).sample
-                target = noise
+                target = noise if cfg.noise_schedule == "epsilon" else a * noise - s * z0  # v = √ᾱ·ε − √(1−ᾱ)·x0
             if flux or cfg.snr_gamma is None:
                 loss = nn.functional.mse_loss(pred, target)
             else:  # min-SNR-γ: low-noise steps, which dominate the ε-loss's gradient, count no more than SNR γ
