@@ -148,8 +148,11 @@ def test_ant_trains_with_the_single_concept_code_reading(tmp_path) -> None:
 @pytest.mark.parametrize(("options", "message"), [
     ({"keep_end": "start"}, "unknown keep_end 'start'; choose one of noisy, clean"),
     ({"window_sampling": "even"}, "unknown window_sampling 'even'; choose one of pool, balanced"),
-    ({"keep_end": "clean", "window": "all"}, "keep_end=clean moves the keep term of window=two; set window=two"),
-    ({"keep_end": "clean", "window": "late"}, "set window=two, or drop keep_end"),
+    ({"keep_end": "clean", "window": "all", "tau": 0.14},
+     "keep_end=clean moves the keep term of window=two; set window=two"),
+    ({"keep_end": "clean", "window": "late", "tau": 0.14}, "set window=two, or drop keep_end"),
+    ({"keep_end": "clean", "tau": 0.86}, "keep_end=clean keeps the field at t < tau, here 0.86 of the time range; "
+                                         "set tau to the clean end's share \\(ANT's single-concept code: tau=0.14\\)"),
     ({"window_sampling": "balanced", "window": "all"}, "set window=two, or window_sampling=pool"),
     ({"window_sampling": "balanced", "batch_size": 3}, "set an even batch_size \\(e.g. 4\\)"),
 ])
@@ -162,5 +165,5 @@ def test_bad_window_options_are_refused_in_one_line(options, message) -> None:
 def test_the_window_options_are_option_keys() -> None:
     keys = TrajectoryConfig.option_keys()
     assert "keep_end" in keys and "window_sampling" in keys
-    cfg = TrajectoryConfig.from_options(keep_end="clean", window_sampling="balanced")
+    cfg = TrajectoryConfig.from_options(keep_end="clean", tau=0.14, window_sampling="balanced")
     assert TrajectoryConfig.from_options(cfg.options()) == cfg

@@ -133,7 +133,7 @@ class TrajectoryConfig:
             raise TraceEraseError(f"unknown early_mode '{self.early_mode}'; choose one of {', '.join(EARLY_MODES)}")
         if not 0.0 < self.tau <= 1.0:
             raise TraceEraseError("tau must be in (0, 1]: a fraction of the model's time range")
-        check_windows(self.window, self.keep_end, self.window_sampling, self.batch_size)
+        check_windows(self.window, self.keep_end, self.window_sampling, self.batch_size, self.tau)
         if self.gate_tau is not None and not 0.0 < self.gate_tau <= 1.0:
             raise TraceEraseError("gate_tau must be in (0, 1]")
         if self.multi is not None and self.multi not in MULTI_MODES:

@@ -26,8 +26,9 @@ KEEP_ENDS = ("noisy", "clean")
 WINDOW_SAMPLINGS = ("pool", "balanced")
 
 
-def check_windows(window: str, keep_end: str, window_sampling: str, batch_size: int) -> None:
-    """Refuse unknown values, and the combinations that would be silently ignored or cannot be drawn."""
+def check_windows(window: str, keep_end: str, window_sampling: str, batch_size: int, tau: float) -> None:
+    """Refuse unknown values, the combinations that would be silently ignored or cannot be drawn, and a clean-end
+    keep window over most of the time range (a τ meant for the noisy end)."""
     if keep_end not in KEEP_ENDS:
         raise TraceEraseError(f"unknown keep_end '{keep_end}'; choose one of {', '.join(KEEP_ENDS)}")
     if window_sampling not in WINDOW_SAMPLINGS:
@@ -36,6 +37,9 @@ def check_windows(window: str, keep_end: str, window_sampling: str, batch_size: 
     if keep_end != "noisy" and window != "two":
         raise TraceEraseError(f"keep_end={keep_end} moves the keep term of window=two; set window=two, or drop "
                               "keep_end")
+    if keep_end == "clean" and tau > 0.5:
+        raise TraceEraseError(f"keep_end=clean keeps the field at t < tau, here {tau:g} of the time range; set tau to "
+                              "the clean end's share (ANT's single-concept code: tau=0.14)")
     if window_sampling == "balanced" and window != "two":
         raise TraceEraseError("window_sampling=balanced draws from both windows of window=two; set window=two, or "
                               "window_sampling=pool")
