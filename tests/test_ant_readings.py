@@ -153,6 +153,7 @@ def test_ant_trains_with_the_single_concept_code_reading(tmp_path) -> None:
     ({"keep_end": "clean", "window": "late", "tau": 0.14}, "set window=two, or drop keep_end"),
     ({"keep_end": "clean", "tau": 0.86}, "keep_end=clean keeps the field at t < tau, here 0.86 of the time range; "
                                          "set tau to the clean end's share \\(ANT's single-concept code: tau=0.14\\)"),
+    ({"keep_end": "clean", "tau": 0.14, "gate_tau": 0.5}, "drop gate_tau or keep_end"),
     ({"window_sampling": "balanced", "window": "all"}, "set window=two, or window_sampling=pool"),
     ({"window_sampling": "balanced", "batch_size": 3}, "set an even batch_size \\(e.g. 4\\)"),
 ])

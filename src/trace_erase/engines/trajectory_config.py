@@ -136,6 +136,9 @@ class TrajectoryConfig:
         check_windows(self.window, self.keep_end, self.window_sampling, self.batch_size, self.tau)
         if self.gate_tau is not None and not 0.0 < self.gate_tau <= 1.0:
             raise TraceEraseError("gate_tau must be in (0, 1]")
+        if self.gate_tau is not None and self.keep_end == "clean":
+            raise TraceEraseError("gate_tau lets the LoRA act only at the clean end, where keep_end=clean trains it "
+                                  "to keep the field; drop gate_tau or keep_end")
         if self.multi is not None and self.multi not in MULTI_MODES:
             raise TraceEraseError(f"unknown multi '{self.multi}'; choose one of {', '.join(MULTI_MODES)}")
         if self.attention_kernels not in ATTENTION_KERNELS:
