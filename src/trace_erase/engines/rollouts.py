@@ -15,6 +15,7 @@ from ..models.base import Conditioning
 from ..models.denoise import denoise
 from .pool import Pool, Trajectory
 from .trce import UNCOND
+from .windows import balanced_draws
 
 
 class RolloutMixin:
@@ -85,8 +86,13 @@ class RolloutMixin:
     def sample(self, pool: Pool, rows: list[int] | None = None, any_time: bool = False,
                n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """A batch of ``n`` (default ``batch_size``) (x_t, t, prompt) from the pool (from trajectories ``rows`` only,
-        when given); with window='late' only LATE states, with window='early' only EARLY ones, unless ``any_time``."""
+        when given); with window='late' only LATE states, with window='early' only EARLY ones, with
+        window_sampling='balanced' half from each window, unless ``any_time``."""
         cfg = self.config
+        if cfg.window_sampling == "balanced" and cfg.window == "two" and not any_time:
+            xs, ts, ps = balanced_draws(pool, n or cfg.batch_size, self.gen, self.adapter, cfg.tau, cfg.keep_end, rows)
+            return (torch.stack(xs).to(self.adapter.device, self.adapter.dtype),
+                    torch.stack(ts).to(self.adapter.device), ps)
         window = cfg.window if cfg.window in ("late", "early") and not any_time else None
         allowed = (lambda times: self.adapter.is_late(times, cfg.tau) == (window == "late")) if window else None
         xs, ts, ps = pool.sample(n or cfg.batch_size, self.gen, rows, allowed, (window or "late").upper())

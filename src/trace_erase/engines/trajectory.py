@@ -14,6 +14,9 @@ on (``trce``; engines/trce.py) its hinge and preservation terms replace all of t
 (``preimage``; engines/preimage.py) the prediction in L_erase and L_keep is also taken at the conditioning through which
 θ* gives back θ0's K/V for the concept prompt, against the same targets.
 
+With ``keep_end="clean"`` (ANT's single-concept code) the windows swap sides of τ: the EARLY term applies at t < τ,
+L_erase at t ≥ τ (engines/windows.py, which also draws ``window_sampling="balanced"`` batches).
+
 θ* is the model stage B starts from (stage A applied, when the method has one). The reference r that gives the
 concept direction and draws the trajectories is ``reference``: ``stage-a`` (r = θ*) or ``original`` (r = θ0, the
 model before stage A: stage A has already weakened θ*'s concept direction, so a target built from it asks little).
@@ -49,6 +52,7 @@ from .stage_a import StageAWeights
 from .trajectory_config import EraseAnythingConfig, TrajectoryConfig
 from .trce import safe_prompts, trce_terms
 from .trce import term_weights as trce_weights
+from .windows import erase_window
 
 __all__ = ["ADAPTER_NAME", "CHECKPOINT_NAME", "TrajectoryConfig", "TrajectoryEngine", "late_fraction",
            "reversed_guidance"]
@@ -144,9 +148,8 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
             with torch.no_grad(), self.original():
                 o_c, o_a = self.adapter.predict(x.repeat(2, 1, 1, 1), t.repeat(2), Conditioning.cat([c, a])).chunk(2)
             erase_target = e_c - cfg.eta * (o_c - o_a)
-        late = self.adapter.is_late(t, cfg.tau) if cfg.window != "all" else torch.ones(n, dtype=torch.bool,
-                                                                                          device=x.device)
-        late_f = late.float()
+        # the states the erase term applies to: LATE, unless keep_end=clean swaps the windows (engines/windows.py)
+        erase_f = erase_window(self.adapter, t, cfg.window, cfg.tau, cfg.keep_end).float()
         per = lambda a, b: (a.float() - b.float()).pow(2).flatten(1).mean(1)  # noqa: E731
         zero = torch.zeros((), device=x.device)
         weights = self.term_weights()
@@ -160,8 +163,8 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
             keep θ*'s prediction for the concept prompt)."""
             l_erase = per(pred, erase_target)
             l_early = per(pred, e_u + cfg.eta * (r_c - r_u)) if cfg.early_mode == "positive" else per(pred, e_c)
-            early = (l_early * (1 - late_f)).sum() / n if cfg.early_mode != "none" else zero
-            return (l_erase * late_f).sum() / n, early
+            early = (l_early * (1 - erase_f)).sum() / n if cfg.early_mode != "none" else zero
+            return (l_erase * erase_f).sum() / n, early
 
         def branch_terms(name: str, pred: torch.Tensor) -> dict[str, torch.Tensor]:
             if name == "u":
@@ -169,7 +172,7 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
             if name == "p":
                 return {"pres": per(pred, ref[-1]).mean()}
             if name == "a":  # the adversarial prompt: the concept prompt's erase target, in the same window
-                return {"adv": (per(pred, erase_target) * late_f).sum() / n}
+                return {"adv": (per(pred, erase_target) * erase_f).sum() / n}
             if name == "pre":  # the preimage of the concept prompt: the concept prompt's targets, both windows
                 return dict(zip(PREIMAGE_TERMS, concept_terms(pred), strict=True))
             erase, early = concept_terms(pred)

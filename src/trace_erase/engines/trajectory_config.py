@@ -23,6 +23,7 @@ from ..models.text_lora import TEXT_LORA_PRESETS
 from ..runtime import ATTENTION_KERNELS
 from .prompts import corpus_path
 from .sub_configs import (
+    OMITTED_AT_DEFAULT,
     RESUME_FREE,
     AdversarialConfig,
     AdvUnlearnConfig,
@@ -31,6 +32,7 @@ from .sub_configs import (
     PreimageConfig,
     TrceConfig,
 )
+from .windows import check_windows
 
 WINDOWS = ("two", "late", "all", "early")
 MULTI_MODES = ("fuse", "joint", "sum")
@@ -67,7 +69,13 @@ class TrajectoryConfig:
     # two: EARLY keep + LATE erase | late: sample only LATE states | all: erase everywhere (ESD) | early: sample only
     # EARLY states (TRCE's terms)
     window: str = "two"
-    early_mode: str = "keep"  # what EARLY states learn: keep (TRACE) | positive (ANT) | none
+    early_mode: str = "keep"  # what the keep window's states learn: keep (TRACE) | positive (ANT) | none
+    # which side of τ window=two keeps the field at: "noisy" (EARLY, t ≥ τ; erase at LATE) or "clean" (LATE, t < τ;
+    # erase at EARLY: ANT's single-concept code). engines/windows.py
+    keep_end: str = field(default="noisy", metadata=OMITTED_AT_DEFAULT)
+    # how a window=two batch is drawn: "pool" (uniform over each trajectory's steps, so each window gets states in
+    # proportion to its length) or "balanced" (half the batch from each window, as ANT's code draws them)
+    window_sampling: str = field(default="pool", metadata=OMITTED_AT_DEFAULT)
     # which model gives the concept direction ε_r(c) − ε_r(∅) and rolls out the trajectories: "stage-a" (θ*, the
     # model stage B starts from) or "original" (θ0, before stage A; the same as θ* for methods without stage A).
     # "anchor" (ours): LATE target ε*(c) − η(ε0(c) − ε0(anchor prompt)), θ*'s trajectories — away from the concept
@@ -125,8 +133,12 @@ class TrajectoryConfig:
             raise TraceEraseError(f"unknown early_mode '{self.early_mode}'; choose one of {', '.join(EARLY_MODES)}")
         if not 0.0 < self.tau <= 1.0:
             raise TraceEraseError("tau must be in (0, 1]: a fraction of the model's time range")
+        check_windows(self.window, self.keep_end, self.window_sampling, self.batch_size, self.tau)
         if self.gate_tau is not None and not 0.0 < self.gate_tau <= 1.0:
             raise TraceEraseError("gate_tau must be in (0, 1]")
+        if self.gate_tau is not None and self.keep_end == "clean":
+            raise TraceEraseError("gate_tau lets the LoRA act only at the clean end, where keep_end=clean trains it "
+                                  "to keep the field; drop gate_tau or keep_end")
         if self.multi is not None and self.multi not in MULTI_MODES:
             raise TraceEraseError(f"unknown multi '{self.multi}'; choose one of {', '.join(MULTI_MODES)}")
         if self.attention_kernels not in ATTENTION_KERNELS:
@@ -253,9 +265,11 @@ class TrajectoryConfig:
 
     def options(self) -> dict[str, Any]:
         """The flat option keys and values this config stands for (an off sub-config writes its defaults, with
-        ``adversarial_every=0``, or nothing when it says ``WRITTEN_WHEN_OFF = False``): what a run's settings hash
-        and what :meth:`from_options` reads back."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SUB_CONFIGS}
+        ``adversarial_every=0``, or nothing when it says ``WRITTEN_WHEN_OFF = False``; a field marked
+        ``omitted_at_default`` is left out at its default): what a run's settings hash and what
+        :meth:`from_options` reads back."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SUB_CONFIGS
+               and not (f.metadata.get("omitted_at_default") and getattr(self, f.name) == f.default)}
         for name, cls_sub in SUB_CONFIGS.items():
             sub = getattr(self, name)
             if sub is None and not getattr(cls_sub, "WRITTEN_WHEN_OFF", True):
