@@ -539,3 +539,26 @@ def test_esd_u_trains_esds_own_layer_set(name) -> None:
     assert not any("attn2" in n or n.startswith("time_embedding") or n == "conv_out" for n in u)
     x = adapter.lora_target_modules("cross-attn")
     assert {n.rsplit("attn2.", 1)[1] for n in x} == {"to_q", "to_k", "to_v", "to_out.0"}
+
+
+def test_kind_defaults_apply_to_their_model_kind_under_the_users_options() -> None:
+    """A method's per-kind overrides reach each engine for that kind only, and an explicit option still wins."""
+    import dataclasses
+
+    from trace_erase.api import method_configs
+    from trace_erase.methods import get_method
+
+    trace = get_method("trace")
+    spec = dataclasses.replace(trace, kind_defaults={"flow": {"rece_rounds": 2, "reference": "original"}})
+    for family in ("flux", "sd3"):
+        cf, tr = method_configs(spec, {}, family)
+        assert cf.rece_rounds == 2 and tr.reference == "original"
+    for family in ("sd", "sdxl", None):  # latent diffusion, or the family not known yet: the method's own
+        cf, tr = method_configs(spec, {}, family)
+        base_cf, base_tr = method_configs(trace, {}, family)
+        assert cf == base_cf and tr.options() == base_tr.options()
+    cf, tr = method_configs(spec, {"rece_rounds": 1, "reference": "stage-a"}, "flux")
+    assert cf.rece_rounds == 1 and tr.reference == "stage-a"
+    bad = dataclasses.replace(trace, kind_defaults={"flow": {"no_such_option": 1}})
+    with pytest.raises(TraceEraseError, match="no_such_option"):
+        method_configs(bad, {}, "flux")

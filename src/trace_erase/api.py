@@ -76,19 +76,26 @@ def method_configs(spec: MethodSpec, options: dict[str, Any], family: str | None
     refuse the combinations the method or the model ``family`` (None: not known yet) cannot run."""
     cf_keys = {f.name for f in dataclasses.fields(ClosedFormConfig)}
     tr_keys = set(TrajectoryConfig.option_keys())
-    cf_opts, tr_opts = {}, {}
-    for key, value in options.items():
-        if key in cf_keys and spec.uses_closed_form:
-            cf_opts[key] = value
-        elif key in tr_keys and spec.uses_trajectory:
-            tr_opts[key] = value
-        else:
-            valid = sorted((cf_keys if spec.uses_closed_form else set()) | (tr_keys if spec.uses_trajectory else set()))
-            raise TraceEraseError(f"unknown options for '{spec.name}' ['{key}']; valid keys: {', '.join(valid)}")
-    cf = config_from_dict(ClosedFormConfig, {**spec.defaults, **cf_opts}, f"options for '{spec.name}'") \
+
+    def route(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        cf_part, tr_part = {}, {}
+        for key, value in opts.items():
+            if key in cf_keys and spec.uses_closed_form:
+                cf_part[key] = value
+            elif key in tr_keys and spec.uses_trajectory:
+                tr_part[key] = value
+            else:
+                valid = sorted((cf_keys if spec.uses_closed_form else set())
+                               | (tr_keys if spec.uses_trajectory else set()))
+                raise TraceEraseError(f"unknown options for '{spec.name}' ['{key}']; valid keys: {', '.join(valid)}")
+        return cf_part, tr_part
+
+    cf_opts, tr_opts = route(options)
+    cf_kind, tr_kind = route(spec.kind_options(family))
+    cf = config_from_dict(ClosedFormConfig, {**spec.defaults, **cf_kind, **cf_opts}, f"options for '{spec.name}'") \
         if spec.uses_closed_form else None
     several = tr_opts.get("multi") is not None  # erase() sets it only for two concepts or more
-    base = {**spec.trajectory, **(spec.multi_trajectory if several else {})}
+    base = {**spec.trajectory, **tr_kind, **(spec.multi_trajectory if several else {})}
     tr = config_from_dict(TrajectoryConfig, {**base, **tr_opts}, f"options for '{spec.name}'") \
         if spec.uses_trajectory else None
     check_preimage(tr, family, stage_a=spec.uses_closed_form)
