@@ -4,10 +4,11 @@ side, with the sides swapped, and with no caption, in three noise bands.
 A model that binds "on the left"/"on the right" has a lower loss with the right side than with the sides swapped; one
 that ignores them has the same loss (to the last digit). The noise bands are the training distribution, where a
 picture's layout still shows through the noise (a schedule whose last step keeps some signal, or σ < 1), so a model
-may read the side from the noisy latent instead of the caption; the ``start`` row is the sampler's first step, pure
-noise, scored on the clean-latent estimate x̂0: there only the caption can place the object. ``side share`` =
-(swapped − right) / (empty − right): the part of what the whole caption tells the denoiser that the side word
-carries. Cheap (a few denoiser calls), so it
+may read the side from the noisy latent instead of the caption. The ``start`` line is the sampler's first step, pure
+noise, where only the caption can place the object: the share of what the caption changes in the clean-latent
+estimate x̂0 (against the empty caption's) that lands in the named slot — 0.5 when the side word is ignored.
+``side share`` = (swapped − right) / (empty − right): the part of what the whole caption tells the denoiser that
+the side word carries. Cheap (a few denoiser calls), so it
 can be run on a training run's latest checkpoint (``OUTPUT.partial``) while it trains, long before a scene check.
 
     python benchmarks/scene_side_probe.py /work/scene-train/toy-flux-scenes.partial [--json out.json]
@@ -124,31 +125,41 @@ def main() -> None:
                 losses[name] = float(err.pow(2).mean())
             bands[f"{lo:.1f}-{hi:.1f}"] = with_share(losses)
         # the sampler's first step: pure noise, where no layout leaks in from the picture and only the caption can
-        # say where the object goes; the error of the clean-latent estimate x̂0 against the rendered picture's
+        # say where the object goes. What the caption changes in the clean-latent estimate x̂0 (against the empty
+        # caption's x̂0 on the same noise) should land in the named slot: its share of that change's energy there
         noise = torch.randn(latents.shape, generator=gen)
-        losses = {}
+        x0_hat = {}
         for name, captions in (("right", right), ("swapped", swapped), ("empty", [""] * len(x))):
             if cfg.family == "flux":
-                z0 = (latents - latents.mean()) / latents.std()
-                x0_hat = noise - ToyTrainer._flux_forward(pipe, noise, torch.ones(len(x)), captions)
+                x0_hat[name] = noise - ToyTrainer._flux_forward(pipe, noise, torch.ones(len(x)), captions)
             else:
-                z0 = latents / latents.std()
                 t = torch.full((len(x),), pipe.scheduler.config.num_train_timesteps - 1)
                 a = pipe.scheduler.alphas_cumprod[t][:, None, None, None]
                 ids = pipe.tokenizer(captions, padding="max_length", max_length=cfg.max_tokens, truncation=True,
                                      return_tensors="pt").input_ids
                 out = pipe.unet(noise, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
                 if pipe.scheduler.config.prediction_type == "v_prediction":
-                    x0_hat = a.sqrt() * noise - (1 - a).sqrt() * out
+                    x0_hat[name] = a.sqrt() * noise - (1 - a).sqrt() * out
                 else:
-                    x0_hat = (noise - (1 - a).sqrt() * out) / a.sqrt()
-            losses[name] = float((x0_hat - z0).pow(2).mean())
-        bands["start"] = with_share(losses)
+                    x0_hat[name] = (noise - (1 - a).sqrt() * out) / a.sqrt()
+        half = latents.shape[-1] // 2
+        named_left = torch.tensor([" on the left" in c for c in right])
+
+        def named_share(change: torch.Tensor, left: torch.Tensor) -> float:
+            energy = change.pow(2).sum(dim=(1, 2))  # [B, W]
+            e_left, e_right = energy[:, :half].sum(1), energy[:, half:].sum(1)
+            return float(torch.where(left, e_left, e_right).div(e_left + e_right).mean())
+
+        start = {"named_slot_share": named_share(x0_hat["right"] - x0_hat["empty"], named_left),
+                 "swapped_named_slot_share": named_share(x0_hat["swapped"] - x0_hat["empty"], ~named_left)}
     result = {"folder": str(folder), "step": step, "family": cfg.family, "images": args.images, "bands": bands,
+              "start": start,
               "noise": "flow σ" if cfg.family == "flux" else "DDPM t / 1000"}
     for band, v in bands.items():
         share = "-" if v["side_share"] is None else f"{v['side_share']:+.3f}"
         print(f"{band}: right {v['right']:.5f}  swapped {v['swapped']:.5f}  empty {v['empty']:.5f}  side share {share}")
+    print(f"start (pure noise): share of the caption's change to x̂0 in the named slot {start['named_slot_share']:.3f} "
+          f"(sides swapped: {start['swapped_named_slot_share']:.3f}; 0.5 = the side word is ignored)")
     if args.json:
         write_json(args.json, result)
 
