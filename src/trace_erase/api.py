@@ -20,10 +20,10 @@ from .artifacts.lora import concat_loras, deltas_to_state_dict
 from .artifacts.manifest import FORMAT, FORMAT_VERSION
 from .config import Concept, config_from_dict, make_concepts
 from .engines.advunlearn import TextEncoderEngine
+from .engines.bank import check_bank
 from .engines.closed_form import ClosedFormConfig, ClosedFormEngine
 from .engines.export_stats import ExportStatistics
 from .engines.fusion import fusion_tensors
-from .engines.bank import check_bank
 from .engines.preimage import check_preimage
 from .engines.stage_a import StageAWeights
 from .engines.trajectory import TrajectoryConfig, TrajectoryEngine
