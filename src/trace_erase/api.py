@@ -20,6 +20,7 @@ from .artifacts.lora import concat_loras, deltas_to_state_dict
 from .artifacts.manifest import FORMAT, FORMAT_VERSION
 from .config import Concept, config_from_dict, make_concepts
 from .engines.advunlearn import TextEncoderEngine
+from .engines.bank import check_bank
 from .engines.closed_form import ClosedFormConfig, ClosedFormEngine
 from .engines.export_stats import ExportStatistics
 from .engines.fusion import fusion_tensors
@@ -99,6 +100,7 @@ def method_configs(spec: MethodSpec, options: dict[str, Any], family: str | None
     tr = config_from_dict(TrajectoryConfig, {**base, **tr_opts}, f"options for '{spec.name}'") \
         if spec.uses_trajectory else None
     check_preimage(tr, family, stage_a=spec.uses_closed_form)
+    check_bank(tr, stage_a=spec.uses_closed_form)
     return cf, tr
 
 
@@ -255,7 +257,7 @@ def _manifest(run: _Run, spec: MethodSpec, cf_cfg: ClosedFormConfig | None, tr_c
     if tr_log:
         manifest["trajectory_log"] = {"final_losses": tr_log["final_losses"], "steps": tr_log["steps"],
                                       **{k: tr_log[k] for k in ("resumed", "other_processes", "adversarial_losses",
-                                                               "attention_fallback")
+                                                               "bank_search", "attention_fallback")
                                          if tr_log.get(k)}}
         manifest["timings"]["stage_b_s"] = tr_log["train_seconds"]
         if tr_log.get("resumed_train_seconds"):  # per-concept LoRAs reloaded, not trained now: what they took

@@ -110,6 +110,8 @@ def train_per_concept(adapter: FamilyAdapter, cfg: TrajectoryConfig, concepts: l
         logs["final_losses"][concept.name] = log["final_losses"]
         if "adversarial_losses" in log:
             logs.setdefault("adversarial_losses", {}).update(log["adversarial_losses"])
+        if "bank_search" in log:
+            logs.setdefault("bank_search", {}).update(log["bank_search"])
         if "attention_fallback" in log:
             logs.setdefault("attention_fallback", {})[concept.name] = log["attention_fallback"]
         logs["train_seconds"] += log["train_seconds"]

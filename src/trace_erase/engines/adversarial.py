@@ -16,6 +16,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,43 +50,22 @@ class AdversarialPrompts:
 
     def attack_loss(self, values: list[torch.Tensor], x: torch.Tensor, t: torch.Tensor,
                     prompts: list[str]) -> torch.Tensor:
-        """The inner attack's objective: how far the model as it is now, under the slots ``values`` before each
-        prompt, is from what the original model predicts under the prompt itself (MSE)."""
-        engine, adapter = self.engine, self.engine.adapter
-        with torch.no_grad(), engine.original():
-            target = adapter.predict(x, t, engine.cond(prompts))
-        with self.slots.active(values), adapter.text_gradients():
-            cond = adapter.conditioning([self.slots.prefixed(p) for p in prompts])
-        return torch.nn.functional.mse_loss(adapter.predict(x, t, cond).float(), target.float())
+        """The inner attack's objective (:func:`match_original_loss`) for the slots ``values`` before each prompt."""
+        return match_original_loss(self.engine, self.slots, values, x, t, prompts,
+                                   [self.slots.prefixed(p) for p in prompts])
 
     def attack(self, pool: Pool) -> None:
         """Update every concept's slots by ``adversarial_steps`` Adam steps against the model as it is now."""
-        engine, adapter, cfg = self.engine, self.engine.adapter, self.engine.config
-        with no_param_grads([adapter.denoiser, *(enc for _, enc in adapter.text_encoders())]):
-            for name, values in self.values.items():
-                rows = [j for j, p in enumerate(pool.prompts) if self.prompts.get(p) == name]
-                if not rows:
-                    continue
-                start = self.slots.init_random(engine.gen) if self.restart else values
-                live = [v.detach().clone().to(adapter.device).requires_grad_(True) for v in start]
-                opt = torch.optim.Adam(self.slots.param_groups(live, cfg.adversarial.lr))
-                for step in range(cfg.adversarial.steps):
-                    x, t, prompts = engine.sample(pool, rows, any_time=True)
-                    loss = self.attack_loss(live, x, t, prompts)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(f"the adversarial prompt's loss became {loss.item()} at inner step "
-                                                 f"{step}; lower adversarial_lr")
-                    # only the slots' gradients: the adapter toggles in ``original()`` mark the LoRA trainable again
-                    for v, g in zip(live, torch.autograd.grad(loss, live), strict=True):
-                        v.grad = g.sign() if self.signed else g
-                    if not finite_gradients(live):
-                        raise NonFiniteLossError(
-                            f"the adversarial prompt's gradients became non-finite at inner step {step} with a finite "
-                            "loss; on CUDA rerun with --option attention_kernels=math and --resume (elsewhere: lower "
-                            "adversarial_lr)")
-                    opt.step()
-                self.values[name] = [v.detach() for v in live]
-                self.losses[name] = float(loss.detach())
+        engine, cfg = self.engine, self.engine.config
+        for name, values in self.values.items():
+            rows = [j for j, p in enumerate(pool.prompts) if self.prompts.get(p) == name]
+            if not rows:
+                continue
+            start = self.slots.init_random(engine.gen) if self.restart else values
+            self.values[name], losses = descend_slots(engine, pool, rows, self.slots, start, self.attack_loss,
+                                                      cfg.adversarial.steps, cfg.adversarial.lr, "adversarial_lr",
+                                                      signed=self.signed)
+            self.losses[name] = losses[-1]
         self._encode()
 
     def _encode(self) -> None:
@@ -121,3 +101,44 @@ class AdversarialPrompts:
         self.values = {n: [v.to(device) for v in vs] for n, vs in state["values"].items()}
         self.losses = dict(state.get("losses", {}))
         self._cond = {}
+
+
+def match_original_loss(engine: StageBEngine, slots: WordSlots, values: list[torch.Tensor], x: torch.Tensor,
+                        t: torch.Tensor, prompts: list[str], texts: list[str]) -> torch.Tensor:
+    """How far the model as it is now, under ``texts`` (carrying the slots, filled with ``values``), is from what
+    the original model predicts under ``prompts`` (MSE): the soft-prompt attack's objective, text by text."""
+    adapter = engine.adapter
+    with torch.no_grad(), engine.original():
+        target = adapter.predict(x, t, engine.cond(prompts))
+    with slots.active(values), adapter.text_gradients():
+        cond = adapter.conditioning(texts)
+    return torch.nn.functional.mse_loss(adapter.predict(x, t, cond).float(), target.float())
+
+
+def descend_slots(engine: StageBEngine, pool: Pool, rows: list[int], slots: WordSlots, start: list[torch.Tensor],
+                  loss_at: Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor, list[str]], torch.Tensor],
+                  steps: int, lr: float, lr_key: str, signed: bool = False) -> tuple[list[torch.Tensor], list[float]]:
+    """``steps`` Adam steps (lr ``lr`` in the first encoder's units; on the gradient's sign when ``signed``) on slot
+    values from ``start``, each on a fresh batch of states, at any time, of the pool's trajectories ``rows``; returns
+    the values and each step's loss. Only the slots get gradients; ``lr_key`` is the option a failure names."""
+    adapter = engine.adapter
+    live = [v.detach().clone().to(adapter.device).requires_grad_(True) for v in start]
+    opt = torch.optim.Adam(slots.param_groups(live, lr))
+    losses: list[float] = []
+    with no_param_grads([adapter.denoiser, *(enc for _, enc in adapter.text_encoders())]):
+        for step in range(steps):
+            x, t, prompts = engine.sample(pool, rows, any_time=True)
+            loss = loss_at(live, x, t, prompts)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"the adversarial prompt's loss became {loss.item()} at inner step {step}; "
+                                         f"lower {lr_key}")
+            # only the slots' gradients: the adapter toggles in ``original()`` mark the LoRA trainable again
+            for v, g in zip(live, torch.autograd.grad(loss, live), strict=True):
+                v.grad = g.sign() if signed else g
+            if not finite_gradients(live):
+                raise NonFiniteLossError(
+                    f"the adversarial prompt's gradients became non-finite at inner step {step} with a finite loss; "
+                    f"on CUDA rerun with --option attention_kernels=math and --resume (elsewhere: lower {lr_key})")
+            opt.step()
+            losses.append(float(loss.detach()))
+    return [v.detach() for v in live], losses

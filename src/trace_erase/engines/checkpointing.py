@@ -1,5 +1,5 @@
 """Stage-B checkpoints: everything a resumed run needs to continue bit-identically (LoRA, optimizer, generator,
-replay pool, the defence's slots), refused when the run's settings differ."""
+replay pool, the defence's slots, the bank branch's entries), refused when the run's settings differ."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class CheckpointMixin:
     scaler: Any
     gen: torch.Generator
     adversarial: Any
+    bank: Any
     named_lora_parameters: Callable[[], dict[str, torch.nn.Parameter]]
 
     def _ckpt(self) -> Path | None:
@@ -46,6 +47,7 @@ class CheckpointMixin:
             "gen": self.gen.get_state(),
             "pool": pool.state_dict(),
             "adversarial": self.adversarial.state_dict() if self.adversarial is not None else None,
+            "bank": self.bank.state_dict() if self.bank is not None else None,
         }
         write_checkpoint(path, state)  # atomic and checksummed: a kill mid-write keeps the previous checkpoint
 
@@ -70,4 +72,6 @@ class CheckpointMixin:
         self.gen.set_state(state["gen"])
         if self.adversarial is not None and state.get("adversarial"):
             self.adversarial.load_state_dict(state["adversarial"])
+        if self.bank is not None and state.get("bank"):  # the bank found before the interruption: no new search
+            self.bank.load_state_dict(state["bank"])
         return int(state["step"]), Pool.from_state(state["pool"])

@@ -1,5 +1,5 @@
-"""What the stage-B add-ons (the adversarial defence, EraseAnything's and TRCE's terms) may use of the trajectory
-engine.
+"""What the stage-B add-ons (the adversarial defence, the bank branch, EraseAnything's and TRCE's terms) may use of
+the trajectory engine.
 
 They receive the engine as a :class:`StageBEngine`: its public surface, no private state, so they do not import the
 engine module and the engine can import them.
@@ -32,6 +32,9 @@ class StageBEngine(Protocol):
     def sample(self, pool: Pool, rows: list[int] | None = None, any_time: bool = False,
                n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """A training batch of (x_t, t, prompt) from the pool (``n`` states; None: the batch size)."""
+
+    def rollout(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A trajectory of the reference model under ``prompt``: states, model times, final latents."""
 
     def original(self) -> AbstractContextManager[None]:
         """Context in which the denoiser is the original model θ0."""

@@ -1,6 +1,6 @@
 """The trajectory engine's optional parts as typed sub-configs, each ``None`` in :class:`~.trajectory_config.
 TrajectoryConfig` when off: the defence against word-level attacks, EraseAnything's, TRCE's and AdvUnlearn's terms,
-the preimage branch, and the fusion of per-concept LoRAs. Each names its option keys (``PREFIX`` + field, or
+the preimage and bank branches, and the fusion of per-concept LoRAs. Each names its option keys (``PREFIX`` + field, or
 ``KEYS``)."""
 
 from __future__ import annotations
@@ -171,6 +171,48 @@ class PreimageConfig:
     @property
     def active(self) -> bool:
         return self.weight > 0
+
+
+@dataclass
+class BankConfig:
+    """The bank branch of stage B (engines/bank.py; after STEREO, search then erase once): before training, per
+    concept ``size`` adversarial conditionings found against the stage-A model by ``steps`` Adam steps each (lr
+    ``lr``) — soft prompts of ``tokens`` prefix word embeddings and one-vector inversions, as ``kinds`` says — then one
+    more branch, weight ``weight`` (0: off), pulls their predictions to the concept prompt's erase target in every
+    window. Option keys: ``bank_<field>``; an off config writes no keys."""
+
+    weight: float = 0.0
+    size: int = 16
+    kinds: str = "both"
+    steps: int = 50
+    lr: float = 1e-2
+    tokens: int = 3
+
+    KEYS = {"weight": "bank_weight", "size": "bank_size", "kinds": "bank_kinds", "steps": "bank_steps",
+            "lr": "bank_lr", "tokens": "bank_tokens"}
+    WRITTEN_WHEN_OFF = False
+    KINDS = ("both", "soft-prompt", "inversion")
+
+    def __post_init__(self) -> None:
+        flat = {self.KEYS[f.name]: getattr(self, f.name) for f in dataclasses.fields(self)}
+        _at_least(flat, ("bank_weight",), 0)
+        _at_least(flat, ("bank_size", "bank_steps", "bank_tokens"), 1)
+        _at_least(flat, ("bank_lr",), 0, strict=True)
+        if self.kinds not in self.KINDS:
+            raise TraceEraseError(f"unknown bank_kinds '{self.kinds}'; choose one of {', '.join(self.KINDS)}")
+        if self.kinds == "both" and self.size < 2:
+            raise TraceEraseError(f"bank_kinds=both splits the bank between soft prompts and inversions; set "
+                                  f"bank_size ≥ 2 (got {self.size}) or one kind")
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0
+
+    def sizes(self) -> dict[str, int]:
+        """How many entries of each kind a concept's bank holds (``both``: soft prompts get the odd one)."""
+        if self.kinds != "both":
+            return {self.kinds: self.size}
+        return {"soft-prompt": self.size - self.size // 2, "inversion": self.size // 2}
 
 
 @dataclass

@@ -39,6 +39,7 @@ from ..models.base import Conditioning, FamilyAdapter
 from ..models.text_lora import lora_key
 from ..runtime import check_trainable, finite_gradients, training_attention
 from .adversarial import AdversarialPrompts
+from .bank import Bank
 from .checkpointing import CHECKPOINT_NAME, CheckpointMixin
 from .eraseanything import ConceptMasks, attention_penalty, lower_terms
 from .lora_switch import ADAPTER_NAME, LoraSwitchMixin
@@ -81,6 +82,7 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
         self.adversarial: AdversarialPrompts | None = None  # the defence's slots while training with it
         self.concepts = []  # what train() erases (the attention terms locate their tokens)
         self._preimage: PreimageMap | None = None  # the preimage branch's map, built at first use (engines/preimage.py)
+        self.bank: Bank | None = None  # the bank branch's searched conditionings while training (engines/bank.py)
         check_trainable(adapter.device, adapter.dtype)
         # fp16 activations need loss scaling to keep small gradients (bf16 and fp32 do not)
         self.scaler = torch.amp.GradScaler(adapter.device.type) if adapter.dtype == torch.float16 else None
@@ -126,6 +128,8 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
             live["a"] = self.adversarial.cond(prompts)
         if cfg.preimage is not None:  # the concept prompt through the conditioning that undoes stage A
             live["pre"] = self.preimage_map()(c)
+        if self.bank is not None:  # per row, an entry of its concept's adversarial bank
+            live["bank"] = self.bank.draw(prompts)
         if use_pres:
             i = int(torch.randint(0, len(preserve), (1,), generator=self.gen))
             p = self.cond([preserve[i]] * n)
@@ -175,6 +179,8 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
                 return {"adv": (per(pred, erase_target) * erase_f).sum() / n}
             if name == "pre":  # the preimage of the concept prompt: the concept prompt's targets, both windows
                 return dict(zip(PREIMAGE_TERMS, concept_terms(pred), strict=True))
+            if name == "bank":  # a banked adversarial conditioning: the concept prompt's erase target, every window
+                return {"bank": per(pred, erase_target).mean()}
             erase, early = concept_terms(pred)
             return {"erase": erase, "early": early,
                     **({"attn": attention_penalty([m[:n] for m in maps])} if c_mask is not None else {})}
@@ -215,7 +221,8 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
         return {"erase": 1.0, "early": cfg.beta, "unc": cfg.gamma, "pres": cfg.rho, "adv": adv,
                 "attn": ea.attention_weight, "flow": ea.flow_weight, "contrast": ea.contrast_weight,
                 **(trce_weights(cfg.trce) if cfg.trce is not None else {}),
-                **(preimage_weights(cfg) if cfg.preimage is not None else {})}
+                **(preimage_weights(cfg) if cfg.preimage is not None else {}),
+                **({"bank": cfg.bank.weight} if cfg.bank is not None else {})}
 
     def preimage_map(self) -> PreimageMap:
         """The preimage branch's map of the stage-A edit (built at first use: ``stage_a`` may be set after the
@@ -265,6 +272,7 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
             self.adversarial = AdversarialPrompts(
                 self, concepts, restart=au is not None and au.attack_init == "random",
                 signed=au is not None and au.attack == "fast_at") if cfg.adversarial is not None else None
+            self.bank = Bank(self, concepts) if cfg.bank is not None else None  # searched below, or resumed
             resumed = self.load_checkpoint(opt)
             step, pool = resumed if resumed else (0, Pool())
             # every prompt training reads, encoded once now: the text encoders are idle (or offloaded) from here on
@@ -274,6 +282,8 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
             anchors = [self.anchor_prompt(p) for p in named] if cfg.reference == "anchor" else []
             self.cond(["", *preserve, *irrelevant, *named, *anchors])
             self.fill_pool(pool, concepts)
+            if self.bank is not None and not self.bank.searched:  # once, against θ* (before the LoRA trains)
+                self.bank.search(pool)
             history: list[dict[str, float]] = []
             bar = tqdm(total=cfg.steps, initial=step, desc="trajectory fine-tuning", disable=not self.progress)
             while step < cfg.steps:
@@ -315,12 +325,13 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
             state = self.export()
         finally:
             self.detach()
-            adversarial, self.adversarial = self.adversarial, None
+            adversarial, self.adversarial, bank, self.bank = self.adversarial, None, self.bank, None
         window = history[-min(len(history), 50):] if history else []
         final = {k: sum(h[k] for h in window) / len(window) for k in window[0]} if window else {}
         return {"state_dict": state, "final_losses": final, "train_seconds": time.perf_counter() - start,
                 "steps": cfg.steps, "target_modules": self.targets,
                 **({"adversarial_losses": adversarial.losses} if adversarial is not None else {}),
+                **({"bank_search": bank.log} if bank is not None else {}),
                 **({"attention_fallback": fallback} if fallback else {})}
 
     def before_step(self, pool: Pool, concepts: list[Concept], step: int) -> None:

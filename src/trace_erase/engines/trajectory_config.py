@@ -4,7 +4,8 @@
 as peft keeps ``LoftQConfig`` beside ``LoraConfig``: :class:`AdversarialConfig` (the defence against word-level
 attacks), :class:`EraseAnythingConfig` (its attention and bilevel terms), :class:`TrceConfig` (TRCE's hinge and
 preservation terms), :class:`AdvUnlearnConfig` (AdvUnlearn's terms on a text-encoder LoRA), :class:`PreimageConfig`
-(the preimage branch: the concept trained through the conditioning that undoes stage A) and :class:`FusionConfig`
+(the preimage branch: the concept trained through the conditioning that undoes stage A), :class:`BankConfig` (the
+bank branch: adversarial conditionings searched once against the stage-A model, then erased) and :class:`FusionConfig`
 (how per-concept LoRAs are integrated), all in :mod:`.sub_configs`. Users set them with flat option
 keys (``--option adversarial_every=25``, YAML ``flow_weight: 0.1``): :meth:`TrajectoryConfig.from_options` reads
 those keys (and nested ones), :meth:`TrajectoryConfig.options` writes them back. A field whose metadata says
@@ -27,6 +28,7 @@ from .sub_configs import (
     RESUME_FREE,
     AdversarialConfig,
     AdvUnlearnConfig,
+    BankConfig,
     EraseAnythingConfig,
     FusionConfig,
     PreimageConfig,
@@ -41,7 +43,8 @@ REFERENCES = ("stage-a", "original", "anchor")
 
 
 SUB_CONFIGS = {"adversarial": AdversarialConfig, "eraseanything": EraseAnythingConfig, "trce": TrceConfig,
-               "fusion": FusionConfig, "advunlearn": AdvUnlearnConfig, "preimage": PreimageConfig}
+               "fusion": FusionConfig, "advunlearn": AdvUnlearnConfig, "preimage": PreimageConfig,
+               "bank": BankConfig}
 
 
 def _sub_keys(name: str) -> dict[str, str]:
@@ -116,6 +119,7 @@ class TrajectoryConfig:
     trce: TrceConfig | None = None
     advunlearn: AdvUnlearnConfig | None = None
     preimage: PreimageConfig | None = None
+    bank: BankConfig | None = None
 
     def __post_init__(self) -> None:
         for name, cls in SUB_CONFIGS.items():
@@ -177,11 +181,11 @@ class TrajectoryConfig:
             raise TraceEraseError("TRCE's terms sample one window; set window=early (TRCE's), late or all")
         ignored = [k for k in ("beta", "gamma", "rho") if getattr(self, k) > 0] + (
             ["early_mode"] if self.early_mode != "none" else [])
-        others = [k for k in ("adversarial", "eraseanything", "preimage") if getattr(self, k) is not None]
+        others = [k for k in ("adversarial", "eraseanything", "preimage", "bank") if getattr(self, k) is not None]
         if ignored or others:
             raise TraceEraseError(f"TRCE's terms replace the engine's losses; switch off {', '.join(ignored + others)} "
                                   "(beta=0, gamma=0, rho=0, early_mode=none, adversarial_every=0, eraseanything off, "
-                                  "preimage_weight=0)")
+                                  "preimage_weight=0, bank_weight=0)")
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -201,7 +205,8 @@ class TrajectoryConfig:
                                   "--method advunlearn")
         ignored = [k for k in ("beta", "gamma", "rho") if getattr(self, k) > 0] + [
             k for k, off in (("window", "all"), ("early_mode", "none")) if getattr(self, k) != off] + [
-            k for k in ("pres_corpus", "gate_tau", "trce", "eraseanything", "preimage") if getattr(self, k) is not None]
+            k for k in ("pres_corpus", "gate_tau", "trce", "eraseanything", "preimage", "bank")
+            if getattr(self, k) is not None]
         if self.reference == "anchor":
             ignored.append("reference")
         if self.adversarial is not None and self.adversarial.weight != 1.0:
@@ -294,7 +299,7 @@ class TrajectoryConfig:
 
 SWITCHES = {"adversarial": "adversarial_every > 0 (e.g. 25)", "eraseanything": "attention_weight > 0 or bilevel=true",
             "trce": "trce_beta > 0 (e.g. 1.0)", "advunlearn": "lora_targets=text_encoder_full",
-            "preimage": "preimage_weight > 0 (e.g. 1.0)"}
+            "preimage": "preimage_weight > 0 (e.g. 1.0)", "bank": "bank_weight > 0 (e.g. 1.0)"}
 
 
 def _refuse_unread(name: str, flat: dict[str, Any]) -> None:
@@ -303,7 +308,7 @@ def _refuse_unread(name: str, flat: dict[str, Any]) -> None:
     cls_sub = SUB_CONFIGS[name]
     defaults = dataclasses.asdict(cls_sub())
     switch = {"adversarial": "every", "eraseanything": None, "trce": "beta", "advunlearn": None,
-              "preimage": "weight"}[name]
+              "preimage": "weight", "bank": "weight"}[name]
     changed = [f for f, v in flat.items() if f != switch and f in defaults and v != defaults[f]]
     if changed:
         key = {v: k for k, v in _sub_keys(name).items()}[changed[0]]
