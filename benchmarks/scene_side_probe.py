@@ -5,8 +5,9 @@ A model that binds "on the left"/"on the right" has a lower loss with the right 
 that ignores them has the same loss (to the last digit). The noise bands are the training distribution, where a
 picture's layout still shows through the noise (a schedule whose last step keeps some signal, or σ < 1), so a model
 may read the side from the noisy latent instead of the caption. The ``start`` line is the sampler's first step, pure
-noise, where only the caption can place the object: the share of what the caption changes in the clean-latent
-estimate x̂0 (against the empty caption's) that lands in the named slot — 0.5 when the side word is ignored.
+noise, where only the caption can place the object: how far swapping the side word moves the clean-latent estimate
+x̂0, relative to how far the caption moves it from the empty caption's — the *side effect*, 0 when the side word is
+ignored.
 ``side share`` = (swapped − right) / (empty − right): the part of what the whole caption tells the denoiser that
 the side word carries. Cheap (a few denoiser calls), so it
 can be run on a training run's latest checkpoint (``OUTPUT.partial``) while it trains, long before a scene check.
@@ -142,24 +143,20 @@ def main() -> None:
                     x0_hat[name] = a.sqrt() * noise - (1 - a).sqrt() * out
                 else:
                     x0_hat[name] = (noise - (1 - a).sqrt() * out) / a.sqrt()
-        half = latents.shape[-1] // 2
-        named_left = torch.tensor([" on the left" in c for c in right])
-
-        def named_share(change: torch.Tensor, left: torch.Tensor) -> float:
-            energy = change.pow(2).sum(dim=(1, 2))  # [B, W]
-            e_left, e_right = energy[:, :half].sum(1), energy[:, half:].sum(1)
-            return float(torch.where(left, e_left, e_right).div(e_left + e_right).mean())
-
-        start = {"named_slot_share": named_share(x0_hat["right"] - x0_hat["empty"], named_left),
-                 "swapped_named_slot_share": named_share(x0_hat["swapped"] - x0_hat["empty"], ~named_left)}
+        # how much swapping the side word moves x̂0, relative to how much the caption moves it at all: 0 when the side
+        # word is ignored; about 1 or more when the object moves to the other slot (an object there, the other slot
+        # emptied, both changes counted)
+        side_move = float((x0_hat["right"] - x0_hat["swapped"]).pow(2).mean())
+        caption_move = float((x0_hat["right"] - x0_hat["empty"]).pow(2).mean())
+        start = {"side_move": side_move, "caption_move": caption_move, "side_effect": side_move / caption_move}
     result = {"folder": str(folder), "step": step, "family": cfg.family, "images": args.images, "bands": bands,
               "start": start,
               "noise": "flow σ" if cfg.family == "flux" else "DDPM t / 1000"}
     for band, v in bands.items():
         share = "-" if v["side_share"] is None else f"{v['side_share']:+.3f}"
         print(f"{band}: right {v['right']:.5f}  swapped {v['swapped']:.5f}  empty {v['empty']:.5f}  side share {share}")
-    print(f"start (pure noise): share of the caption's change to x̂0 in the named slot {start['named_slot_share']:.3f} "
-          f"(sides swapped: {start['swapped_named_slot_share']:.3f}; 0.5 = the side word is ignored)")
+    print(f"start (pure noise): side effect {start['side_effect']:.3f} (swapping the side moves x̂0 by "
+          f"{start['side_move']:.5f}, the caption by {start['caption_move']:.5f}; 0 = the side word is ignored)")
     if args.json:
         write_json(args.json, result)
 
