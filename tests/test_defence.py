@@ -119,6 +119,8 @@ def test_bench_sweeps_an_integer_option_and_refuses_a_bad_value_before_loading(t
     assert parse_sweep("adversarial_every=10,25") == [{"adversarial_every": 10}, {"adversarial_every": 25}]
     assert all(type(r["adversarial_every"]) is int for r in parse_sweep("adversarial_every=10,25"))
     assert parse_sweep("tau=0.3,0.5") == [{"tau": 0.3}, {"tau": 0.5}]
+    assert parse_sweep("fusion_observed_grams=true,false") == [{"fusion_observed_grams": True},
+                                                               {"fusion_observed_grams": False}]
     assert parse_sweep("adversarial_every=25+adversarial_tokens=1,3") == [
         {"adversarial_every": 25, "adversarial_tokens": 1}, {"adversarial_every": 25, "adversarial_tokens": 3}]
     code = main(["bench", "--model", "toy-sd", "--output", str(tmp_path / "o"), "--methods", "trace",

@@ -90,6 +90,26 @@ def test_modules_that_do_not_read_text_are_summed_and_recorded() -> None:
     assert fusion["module_streams"] == {}
 
 
+def test_observed_grams_fuse_flux_add_kv_in_closed_form(tmp_path) -> None:
+    """With ``fusion_observed_grams`` FLUX's add_k/add_v LoRAs are integrated with Grams of their inputs observed
+    inside each block under the stage-A model: closed form per block, each concept reproduced better than by the
+    sum, and re-fusion at other scales still works from the saved erasure."""
+    er = erase(BUILDERS["flux"](), ["cat", "dog"], method="trace", anchor="", progress=False,
+               fusion_observed_grams=True, **FAST, **FAST_A)
+    fusion = er.manifest["fusion"]
+    assert fusion["observed_grams"] is True and set(fusion["modules"].values()) == {"closed-form"}
+    assert fusion["module_streams"] and all(m.endswith(("add_k_proj", "add_v_proj")) and s.startswith("block")
+                                            for m, s in fusion["module_streams"].items())
+    for c in fusion["concepts"]:
+        cert = c["certificate"]
+        assert cert["reproduction_error"] < cert["naive_sum_reproduction_error"]
+    er.save(tmp_path / "e")
+    loaded = load_erasure(tmp_path / "e")
+    only_cat = concept_scaled(loaded, {"dog": 0})
+    assert set(only_cat.deltas()) and any(
+        not torch.allclose(a, b) for a, b in zip(only_cat.deltas().values(), loaded.deltas().values(), strict=True))
+
+
 @pytest.fixture(scope="module")
 def sd_fused(tmp_path_factory):
     folder = tmp_path_factory.mktemp("multi") / "e"

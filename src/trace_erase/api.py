@@ -197,7 +197,7 @@ def _stage_b(run: _Run, adapter: FamilyAdapter, engine: TrajectoryEngine, cf_cfg
                                                     Path(workdir) if workdir else None, engine.run_config, progress)
         stats_cfg = cf_cfg or config_from_dict(ClosedFormConfig, get_method("trace").defaults)
         inputs = fusion_inputs(adapter, concepts, states, stats_cfg, run.mode, concept_stats,
-                               engine.config.fusion.null_space)
+                               engine.config.fusion.null_space, engine.config.fusion.observed, stage_a)
         run.parts["trajectory"], run.fusion = combine(adapter, inputs, engine.config, run.mode, deltas, concepts)
         run.fusion_state = fusion_tensors(inputs)
         if "closed_form" in run.parts:  # apply-time re-fusion (per-concept scales) rebuilds the whole LoRA

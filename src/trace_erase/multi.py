@@ -130,10 +130,13 @@ def train_per_concept(adapter: FamilyAdapter, cfg: TrajectoryConfig, concepts: l
 
 def fusion_inputs(adapter: FamilyAdapter, concepts: list[Concept], states: list[dict[str, torch.Tensor]],
                   stats_config: ClosedFormConfig, mode: str, stats: tuple[list, dict] | None = None,
-                  null_space: float = 0.0) -> FusionInputs:
+                  null_space: float = 0.0, observed: bool = False,
+                  stage_a: StageAWeights | None = None) -> FusionInputs:
     """Per-concept factors and, for ``fuse``, the token Grams of the text streams the LoRA modules read (``stats``:
     stage A's per-concept statistics when it gathered them, else gathered here with ``stats_config``); with
-    ``null_space`` > 0 also the Gram of the retained prompts' tokens (:func:`retained_grams`)."""
+    ``null_space`` > 0 also the Gram of the retained prompts' tokens (:func:`retained_grams`). ``observed``: where
+    no trained module reads those streams, the Grams of the adapter's ``fusion_targets`` streams instead, observed
+    with stage A applied (the model the LoRAs were trained on)."""
     from .artifacts.lora import lora_pairs
 
     # float32 as trained: fuse() and certificate() widen one module at a time (held as float64, 100 concepts' factors
@@ -144,12 +147,20 @@ def fusion_inputs(adapter: FamilyAdapter, concepts: list[Concept], states: list[
         return FusionInputs(factors, {}, [{} for _ in concepts], {})
     engine = ClosedFormEngine(adapter, stats_config, progress=False)
     trained = {m for f in factors for m in f}
-    module_stream = {m: s.name for s in engine.streams if s.per_token and s.columns is None and not s.hooked
-                     for m in s.modules if m in trained}
+    module_stream = fusable_streams(engine, trained)
+    context = contextlib.nullcontext()
+    if not module_stream and observed and adapter.fusion_targets is not None:
+        engine = ClosedFormEngine(adapter, dataclasses.replace(stats_config, targets=adapter.fusion_targets),
+                                  progress=False)
+        module_stream = fusable_streams(engine, trained, hooked=True)
+        stats = None  # stage A's statistics are of its own streams
+        context = stage_a.applied() if stage_a is not None else context
     read = set(module_stream.values())  # only these Grams are used (and saved): FLUX/SD3 stage B reads none
     if not read:  # nothing to integrate in closed form: no encoding pass
         return FusionInputs(factors, {}, [{} for _ in concepts], {})
-    per, joint = stats if stats is not None else engine.concept_statistics(concepts)
+    with context:
+        per, joint = stats if stats is not None else engine.concept_statistics(concepts)
+        retained = retained_grams(engine, concepts, read) if null_space > 0 else {}
     grams = [{name: cg.g_e for name, cg in p.items() if name in read} for p in per]
     # P per row of an average concept (ours): λ_p = 1 weighs the preserved tokens as much as one concept's own
     # tokens, whatever the corpus size (the raw sum over ~120 captions × every position would swamp each Cᵢ)
@@ -158,8 +169,14 @@ def fusion_inputs(adapter: FamilyAdapter, concepts: list[Concept], states: list[
         concept_rows = st.counts["erase"] / max(len(per), 1)
         rows = st.counts["preserve"]
         preserve[name] = st.g_p * (concept_rows / rows) if rows else st.g_p
-    retained = retained_grams(engine, concepts, read) if null_space > 0 else {}
-    return FusionInputs(factors, module_stream, grams, preserve, retained)
+    return FusionInputs(factors, module_stream, grams, preserve, retained,
+                        observed=any(s.hooked for s in engine.streams if s.name in read))
+
+
+def fusable_streams(engine: ClosedFormEngine, trained: set[str], hooked: bool = False) -> dict[str, str]:
+    """Trained module → the per-token text stream it reads as a whole (hooked streams only when ``hooked``)."""
+    return {m: s.name for s in engine.streams if s.per_token and s.columns is None and (hooked or not s.hooked)
+            for m in s.modules if m in trained}
 
 
 def retained_prompts(templates: list[str], concepts: list[Concept]) -> list[str]:
@@ -196,6 +213,7 @@ def combine(adapter: FamilyAdapter, inputs: FusionInputs, cfg: TrajectoryConfig,
                                   s: int(retained_basis(g, null_space).shape[1]) for s, g in inputs.retained.items()}}
                                  if null_space > 0 else {}),
                               **({"preserve_growth": growth} if growth else {}),
+                              **({"observed_grams": True} if inputs.observed else {}),
                               "modules": how, "module_streams": inputs.module_stream, "weight_name": FUSION_WEIGHT_NAME,
                               "concepts": [{"name": c.name, "rank_slice": list(sl)}
                                            for c, sl in zip(concepts, slices, strict=True)]}

@@ -29,7 +29,7 @@ def parse_sweep(text: str | None) -> list[dict[str, Any]]:
     """Extra ``trace`` runs, one options dict each: ``tau=0.3,0.5`` → [{tau: 0.3}, {tau: 0.5}] (a bare value reuses
     the previous key); ``+`` joins options of one run: ``adversarial_every=25+adversarial_tokens=1,3`` →
     [{adversarial_every: 25, adversarial_tokens: 1}, {adversarial_every: 25, adversarial_tokens: 3}]. Integers
-    stay integers; a value that is not a number stays text (``reference=original``)."""
+    stay integers; true/false are switches; any other value that is not a number stays text (``reference=original``)."""
     if not text:
         return []
     if "=" not in text.split(",")[0]:
@@ -41,7 +41,8 @@ def parse_sweep(text: str | None) -> list[dict[str, Any]]:
                 return kind(v)
             except ValueError:
                 pass
-        return v.strip()
+        flag = {"true": True, "false": False}.get(v.strip().lower())  # switches, as the CLI's --option reads them
+        return v.strip() if flag is None else flag
 
     runs: list[dict[str, Any]] = []
     for item in (i.strip() for i in text.split(",")):

@@ -42,6 +42,7 @@ class FusionInputs:
     grams: list[dict[str, torch.Tensor]]
     preserve: dict[str, torch.Tensor]
     retained: dict[str, torch.Tensor] = field(default_factory=dict)  # per stream: Gram of the retained prompts' tokens
+    observed: bool = False  # the Grams are of inputs observed inside the denoiser (``fusion_observed_grams``)
 
 
 SPAN_TOLERANCE = 1e-9  # eigenvalues below this share of the largest are numerical zeros (float64 Grams)

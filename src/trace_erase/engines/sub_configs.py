@@ -220,8 +220,8 @@ class FusionConfig:
     """How per-concept LoRAs are integrated (``multi=fuse``; engines/fusion.py): λ and λ_p of the closed form (ours:
     the closed-form engine's defaults), and ``null_space``, the share of the retained prompts' token energy whose
     directions the fused LoRA may not read (0: off; 1: their whole span, so a retained prompt's K/V are exactly the
-    stage-A model's), and ``preserve_growth``. Option keys: ``fusion_lambda``, ``fusion_lambda_preserve``,
-    ``fusion_null_space``, ``fusion_preserve_growth``. Changing
+    stage-A model's), ``preserve_growth`` and ``observed``. Option keys: ``fusion_lambda``,
+    ``fusion_lambda_preserve``, ``fusion_null_space``, ``fusion_preserve_growth``, ``fusion_observed_grams``. Changing
     them re-integrates the same per-concept LoRAs, so a resumed run may."""
 
     lam: float = field(default=0.1, metadata=RESUME_FREE)
@@ -230,9 +230,13 @@ class FusionConfig:
     # λ_p × (concepts fused)^growth: 1 keeps the preserved tokens' share of G as N grows (MACE raises its preserve
     # weight with N); 0: λ_p as given
     preserve_growth: float = field(default=0.0, metadata={**RESUME_FREE, **OMITTED_AT_DEFAULT})
+    # where the LoRA's modules read no fixed text features (FLUX's add_k/add_v read the text stream as each block has
+    # modulated it), integrate them in closed form with Grams of their inputs observed at a few noise levels under
+    # the stage-A model (the adapter's fusion_targets) instead of summing them
+    observed: bool = field(default=False, metadata={**RESUME_FREE, **OMITTED_AT_DEFAULT})
 
     KEYS = {"lam": "fusion_lambda", "lam_preserve": "fusion_lambda_preserve", "null_space": "fusion_null_space",
-            "preserve_growth": "fusion_preserve_growth"}
+            "preserve_growth": "fusion_preserve_growth", "observed": "fusion_observed_grams"}
 
     def __post_init__(self) -> None:
         if self.lam < 0 or self.lam_preserve < 0:

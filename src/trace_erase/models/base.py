@@ -134,6 +134,10 @@ class FamilyAdapter(ABC):
     # stage-A stream → the conditioning tensor its projections read as they are (no layer between): where a map on
     # the text features can stand in for one on the conditioning (stage B's preimage branch). Empty: not declared.
     stream_conditioning: dict[str, str] = {}
+    # stage-A targets whose streams are the inputs of stage B's text-side LoRA modules where the default targets'
+    # are not (FLUX: the double-stream blocks' add_k/add_v, observed at a few noise levels): the token Grams a
+    # fusion of per-concept LoRAs can use there. None: the default targets' streams are the ones, or none exist.
+    fusion_targets: str | None = None
 
     @classmethod
     def matches(cls, components: dict[str, Any]) -> bool:

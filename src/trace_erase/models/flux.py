@@ -91,6 +91,7 @@ class FluxAdapter(FamilyAdapter):
         return type(components.get("transformer")).__name__ == "FluxTransformer2DModel"
     denoiser_name = "transformer"
     time_kind = "flow"
+    fusion_targets = "add_kv"
 
     @classmethod
     def create(cls, pipe: Any, defaults: dict[str, Any]) -> FluxAdapter:
