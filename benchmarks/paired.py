@@ -23,7 +23,8 @@ SAME = ("model", "suite", "seeds_per_prompt")  # what benches must share for the
 
 
 def load_rows(paths: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, list[dict]]]]:
-    """(the benches' shared settings, method → class → per-seed units); a method in two benches keeps the first."""
+    """(the benches' shared settings, method → class → per-seed units); a (method, class) in two benches keeps the
+    first bench's rows."""
     shared: dict[str, Any] = {}
     rows: dict[str, dict[str, list[dict]]] = {}
     for path in paths:
@@ -42,7 +43,8 @@ def load_rows(paths: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, lis
             if row.get("status", "ok") == "ok" and row.get("units"):
                 added.setdefault(row["method"], {})[row["concept"]] = row["units"]
         for method, per_class in added.items():
-            rows.setdefault(method, per_class)
+            for cls, units in per_class.items():
+                rows.setdefault(method, {}).setdefault(cls, units)
     return shared, rows
 
 
