@@ -2,7 +2,8 @@
 minus each other method's, with 95 % intervals from resampling classes and seeds jointly for both methods.
 
 Benches of the same model, suite and seeds can be given together (e.g. a development run and a later sweep over the
-same classes); rows pair by class and seed. The bench table's own intervals are per method: they overlap long after
+same classes; a multi bench's sets as their ``N*/set*/set_rows.json``); rows pair by class (or concept set) and
+seed. The bench table's own intervals are per method: they overlap long after
 the paired interval of the difference has cleared 0, so a ranking claim needs this one.
 
     python benchmarks/paired.py benchmarks/results/reference-choice-dev-toy-sd-objects/bench.json --focus trace
@@ -32,6 +33,8 @@ def load_rows(paths: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, lis
         if not file.is_file():
             refuse(f"'{path}' does not exist; pass a finished bench's bench.json")
         data = json.loads(file.read_text())
+        if "group" in data and "rows" in data:  # a multi bench's set: its rows keep the per-seed units
+            data = set_bench(file, data)
         if "rows" not in data or "suite" not in data:
             refuse(f"'{path}' is not a bench.json (no rows); pass the bench.json a finished `trace-erase bench` wrote")
         for key in SAME:
@@ -46,6 +49,16 @@ def load_rows(paths: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, lis
             for cls, units in per_class.items():
                 rows.setdefault(method, {}).setdefault(cls, units)
     return shared, rows
+
+
+def set_bench(file: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """A multi bench's ``N*/set*/set_rows.json`` (the part of a set git keeps) read as a bench: the objects suite,
+    the model from the bench's ``multi.json`` two folders up, the seed count from the rows."""
+    rows = [r["row"] for r in data["rows"]]
+    multi = file.parent.parent.parent / "multi.json"
+    model = json.loads(multi.read_text())["model"] if multi.is_file() else None
+    seeds = max((len(r.get("units") or []) for r in rows), default=0)
+    return {"model": model, "suite": "toy-objects", "seeds_per_prompt": seeds, "rows": rows}
 
 
 def compare(suite: str, rows: dict[str, dict[str, list[dict]]], focus: str, against: list[str]) -> list[dict]:

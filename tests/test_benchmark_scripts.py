@@ -115,3 +115,24 @@ def test_paired_script_pairs_rows_across_benches_of_one_suite(tmp_path: Path) ->
     bench(tmp_path / "c.json", {"ant": 7}, seeds=3)
     done = script("paired.py", "a.json", "c.json", "--focus", "trace", cwd=tmp_path)
     assert done.returncode == 2 and "seeds_per_prompt" in done.stderr
+
+
+def test_paired_script_reads_a_multi_benchs_kept_set_rows(tmp_path: Path) -> None:
+    """A multi bench keeps only ``N*/set*/set_rows.json`` in git; its rows (with per-seed units) pair as a bench's."""
+    def unit(seed: int, kept: int) -> dict:
+        return {"seed": seed, "hits": {"erased": 0, "other": kept, "synonym": 0},
+                "n": {"erased": 1, "other": 8, "synonym": 1}, "drift": [0.1]}
+
+    (tmp_path / "multi.json").write_text(json.dumps({"model": "toy-sd"}))
+    for k, group in enumerate((["circle", "star"], ["heart", "star"])):
+        folder = tmp_path / "N2" / f"set{k}"
+        folder.mkdir(parents=True)
+        rows = [{"row": {"concept": ",".join(group), "method": m, "status": "ok",
+                         "units": [unit(s, kept) for s in range(3)]}, "per_class_acc_e": {}}
+                for m, kept in (("trace", 7), ("trace[multi=joint]", 5))]
+        (folder / "set_rows.json").write_text(json.dumps({"group": group, "rows": rows}))
+    done = script("paired.py", "N2/set0/set_rows.json", "N2/set1/set_rows.json", "--focus", "trace", "--json",
+                  "out.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (record,) = json.loads((tmp_path / "out.json").read_text())["records"]
+    assert record["classes"] == ["circle,star", "heart,star"] and record["headline"]["mean"] > 0
