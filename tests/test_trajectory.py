@@ -562,3 +562,14 @@ def test_kind_defaults_apply_to_their_model_kind_under_the_users_options() -> No
     bad = dataclasses.replace(trace, kind_defaults={"flow": {"no_such_option": 1}})
     with pytest.raises(TraceEraseError, match="no_such_option"):
         method_configs(bad, {}, "flux")
+
+
+def test_trace_reference_default_is_chosen_per_model_kind() -> None:
+    """Pinned: rectified flow (FLUX, SD3) trains stage B against the anchor reference, latent diffusion against the
+    stage-A model (the choice on each kind's development halves, docs/benchmarks/stage-b-reference.md)."""
+    from trace_erase.api import method_configs
+    from trace_erase.methods import get_method
+
+    for family, reference in (("flux", "anchor"), ("sd3", "anchor"), ("sd", "stage-a"), ("sdxl", "stage-a")):
+        assert method_configs(get_method("trace"), {}, family)[1].reference == reference, family
+    assert method_configs(get_method("trace"), {"reference": "stage-a"}, "flux")[1].reference == "stage-a"

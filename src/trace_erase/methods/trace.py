@@ -25,6 +25,11 @@ TRACE_CLOSED_FORM = MethodSpec(
     defaults=STAGE_A,
 )
 
+# per model kind, chosen on that kind's development halves of the objects and styles suites by the rule in
+# benchmarks/reference_choice.sh (docs/benchmarks/stage-b-reference.md): rectified flow takes stage B's LATE target
+# from the original model's concept direction relative to the anchor; latent diffusion keeps the stage-A reference
+KIND_DEFAULTS = {"flow": {"reference": "anchor"}}
+
 TRACE = MethodSpec(
     name="trace",
     engine="both",
@@ -32,6 +37,7 @@ TRACE = MethodSpec(
     defaults=STAGE_A,
     trajectory=STAGE_B,
     multi_default="fuse",
+    kind_defaults=KIND_DEFAULTS,
 )
 
 TRACE_STAGE_B = MethodSpec(
