@@ -159,7 +159,8 @@ def test_erasure_makes_target_predict_like_anchor_and_spares_unrelated(name: str
     adapter = get_adapter(pipe)
     target, anchor, unrelated = "a photo of a cat", "a photo of a dog", "a photo of a boat"
     before = _pred(adapter, [target, anchor, unrelated])
-    er = erase(pipe, ["cat"], anchor="dog", preserve=["boat"], progress=False,
+    # one solve (rectified flow's default adds RECE rounds, which also move the preimage and so leave a residual)
+    er = erase(pipe, ["cat"], anchor="dog", preserve=["boat"], progress=False, rece_rounds=0,
                token_selection="all", templates=["a photo of a {}"], lambda_reg=1e-6, preserve_corpus=None)
     assert er.certificate["summary"]["erasure_residual_max"] < 1e-3
     er.apply(pipe)

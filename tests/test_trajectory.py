@@ -565,11 +565,16 @@ def test_kind_defaults_apply_to_their_model_kind_under_the_users_options() -> No
 
 
 def test_trace_reference_default_is_chosen_per_model_kind() -> None:
-    """Pinned: rectified flow (FLUX, SD3) trains stage B against the anchor reference, latent diffusion against the
-    stage-A model (the choice on each kind's development halves, docs/benchmarks/stage-b-reference.md)."""
+    """Pinned: rectified flow (FLUX, SD3) runs two RECE rounds of stage A and trains stage B against the anchor
+    reference, latent diffusion neither (the choices on each kind's development halves,
+    docs/benchmarks/stage-b-reference.md and rece-rounds.md)."""
     from trace_erase.api import method_configs
     from trace_erase.methods import get_method
 
-    for family, reference in (("flux", "anchor"), ("sd3", "anchor"), ("sd", "stage-a"), ("sdxl", "stage-a")):
-        assert method_configs(get_method("trace"), {}, family)[1].reference == reference, family
+    for family, reference, rounds in (("flux", "anchor", 2), ("sd3", "anchor", 2), ("sd", "stage-a", 0),
+                                      ("sdxl", "stage-a", 0)):
+        cf, tr = method_configs(get_method("trace"), {}, family)
+        assert tr.reference == reference and cf.rece_rounds == rounds, family
+        # stage A alone is trace's stage A on every kind
+        assert method_configs(get_method("trace-closed-form"), {}, family)[0] == cf, family
     assert method_configs(get_method("trace"), {"reference": "stage-a"}, "flux")[1].reference == "stage-a"

@@ -18,17 +18,20 @@ STAGE_A = {"token_selection": "surrounding", "templates": None, "lambda_reg": 0.
 STAGE_B = {"window": "two", "early_mode": "keep", "tau": 0.5, "eta": 1.0, "beta": 0.5, "gamma": 0.5,
            "lora_targets": "kv", "rank": 4, "lr": 1e-4, "steps": 1000, "rollout_guidance": 3.0}
 
+# per model kind, each chosen on that kind's development halves (docs/benchmarks/stage-b-reference.md,
+# docs/benchmarks/rece-rounds.md). Rectified flow: two RECE-style rounds of stage A (they erase the synonyms stage A
+# leaves on FLUX), and stage B's LATE target from the original model's concept direction relative to the anchor
+# (by the rule in benchmarks/reference_choice.sh). Latent diffusion keeps the method defaults.
+STAGE_A_BY_KIND = {"flow": {"rece_rounds": 2}}
+KIND_DEFAULTS = {"flow": {**STAGE_A_BY_KIND["flow"], "reference": "anchor"}}
+
 TRACE_CLOSED_FORM = MethodSpec(
     name="trace-closed-form",
     engine="closed_form",
     summary="TRACE stage A: closed-form K/V refinement on the concept and surrounding tokens of ~30 prompts",
     defaults=STAGE_A,
+    kind_defaults=STAGE_A_BY_KIND,
 )
-
-# per model kind, chosen on that kind's development halves of the objects and styles suites by the rule in
-# benchmarks/reference_choice.sh (docs/benchmarks/stage-b-reference.md): rectified flow takes stage B's LATE target
-# from the original model's concept direction relative to the anchor; latent diffusion keeps the stage-A reference
-KIND_DEFAULTS = {"flow": {"reference": "anchor"}}
 
 TRACE = MethodSpec(
     name="trace",
@@ -55,4 +58,5 @@ TRACE_LATE_ONLY = MethodSpec(
     defaults=STAGE_A,
     trajectory={**STAGE_B, "window": "late"},
     multi_default="fuse",
+    kind_defaults=STAGE_A_BY_KIND,
 )
