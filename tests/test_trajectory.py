@@ -548,7 +548,7 @@ def test_kind_defaults_apply_to_their_model_kind_under_the_users_options() -> No
     from trace_erase.api import method_configs
     from trace_erase.methods import get_method
 
-    trace = get_method("trace")
+    trace = dataclasses.replace(get_method("trace"), kind_defaults={})  # the method defaults alone
     spec = dataclasses.replace(trace, kind_defaults={"flow": {"rece_rounds": 2, "reference": "original"}})
     for family in ("flux", "sd3"):
         cf, tr = method_configs(spec, {}, family)
@@ -565,16 +565,15 @@ def test_kind_defaults_apply_to_their_model_kind_under_the_users_options() -> No
 
 
 def test_trace_reference_default_is_chosen_per_model_kind() -> None:
-    """Pinned: rectified flow (FLUX, SD3) runs two RECE rounds of stage A and trains stage B against the anchor
-    reference, latent diffusion neither (the choices on each kind's development halves,
-    docs/benchmarks/stage-b-reference.md and rece-rounds.md)."""
+    """Pinned: stage B trains against the anchor reference, at full strength with two RECE rounds of stage A for
+    rectified flow (FLUX, SD3), at half strength with one solve for latent diffusion (the choices on each kind's
+    development halves, docs/benchmarks/stage-b-reference.md and rece-rounds.md)."""
     from trace_erase.api import method_configs
     from trace_erase.methods import get_method
 
-    for family, reference, rounds in (("flux", "anchor", 2), ("sd3", "anchor", 2), ("sd", "stage-a", 0),
-                                      ("sdxl", "stage-a", 0)):
+    for family, eta, rounds in (("flux", 1.0, 2), ("sd3", 1.0, 2), ("sd", 0.5, 0), ("sdxl", 0.5, 0)):
         cf, tr = method_configs(get_method("trace"), {}, family)
-        assert tr.reference == reference and cf.rece_rounds == rounds, family
+        assert tr.reference == "anchor" and tr.eta == eta and cf.rece_rounds == rounds, family
         # stage A alone is trace's stage A on every kind
         assert method_configs(get_method("trace-closed-form"), {}, family)[0] == cf, family
     assert method_configs(get_method("trace"), {"reference": "stage-a"}, "flux")[1].reference == "stage-a"

@@ -19,11 +19,14 @@ STAGE_B = {"window": "two", "early_mode": "keep", "tau": 0.5, "eta": 1.0, "beta"
            "lora_targets": "kv", "rank": 4, "lr": 1e-4, "steps": 1000, "rollout_guidance": 3.0}
 
 # per model kind, each chosen on that kind's development halves (docs/benchmarks/stage-b-reference.md,
-# docs/benchmarks/rece-rounds.md). Rectified flow: two RECE-style rounds of stage A (they erase the synonyms stage A
-# leaves on FLUX), and stage B's LATE target from the original model's concept direction relative to the anchor
-# (by the rule in benchmarks/reference_choice.sh). Latent diffusion keeps the method defaults.
+# docs/benchmarks/rece-rounds.md). Stage B's LATE target reverses the original model's concept direction relative to
+# the anchor, from the stage-A prediction (so it cannot push back past the anchor), by the rule in
+# benchmarks/reference_choice.sh: at full strength for rectified flow, at half (eta 0.5) for latent diffusion, where
+# the full push already erased everything and cost retention. Rectified flow also runs two RECE-style rounds of
+# stage A (they erase the synonyms stage A leaves on FLUX).
 STAGE_A_BY_KIND = {"flow": {"rece_rounds": 2}}
-KIND_DEFAULTS = {"flow": {**STAGE_A_BY_KIND["flow"], "reference": "anchor"}}
+KIND_DEFAULTS = {"flow": {**STAGE_A_BY_KIND["flow"], "reference": "anchor"},
+                 "ddpm": {"reference": "anchor", "eta": 0.5}}
 
 TRACE_CLOSED_FORM = MethodSpec(
     name="trace-closed-form",
