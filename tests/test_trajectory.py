@@ -574,6 +574,8 @@ def test_trace_reference_default_is_chosen_per_model_kind() -> None:
     for family, eta, rounds in (("flux", 1.0, 2), ("sd3", 1.0, 2), ("sd", 0.5, 0), ("sdxl", 0.5, 0)):
         cf, tr = method_configs(get_method("trace"), {}, family)
         assert tr.reference == "anchor" and tr.eta == eta and cf.rece_rounds == rounds, family
-        # stage A alone is trace's stage A on every kind
+        # stage A alone is trace's stage A on every kind; the late-only ablation differs from trace in its window only
         assert method_configs(get_method("trace-closed-form"), {}, family)[0] == cf, family
+        late_cf, late_tr = method_configs(get_method("trace-late-only"), {}, family)
+        assert late_cf == cf and {**late_tr.options(), "window": tr.window} == tr.options(), family
     assert method_configs(get_method("trace"), {"reference": "stage-a"}, "flux")[1].reference == "stage-a"

@@ -61,5 +61,5 @@ TRACE_LATE_ONLY = MethodSpec(
     defaults=STAGE_A,
     trajectory={**STAGE_B, "window": "late"},
     multi_default="fuse",
-    kind_defaults=STAGE_A_BY_KIND,
+    kind_defaults=KIND_DEFAULTS,  # an ablation of trace's window: every other default as trace's
 )
