@@ -60,6 +60,14 @@ def load_parts(folder: Path) -> tuple[Any, dict[str, Any], int | None]:
     return cfg, dict(pipe.components), None
 
 
+def unet_output(pipe: Any, cfg: Any, z: Any, t: Any, captions: list[str]) -> Any:
+    """The toy SD UNet's output (ε or v, as its scheduler says) at latents ``z``, timesteps ``t``, under
+    ``captions``."""
+    ids = pipe.tokenizer(captions, padding="max_length", max_length=cfg.max_tokens, truncation=True,
+                         return_tensors="pt").input_ids
+    return pipe.unet(z, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+
+
 def with_share(losses: dict[str, float]) -> dict[str, float | None]:
     """The losses and the side share (swapped − right) / (empty − right); None when the caption does not help."""
     gap = losses["empty"] - losses["right"]
@@ -118,11 +126,9 @@ def main() -> None:
                     t = (u * 999).long()
                     a = pipe.scheduler.alphas_cumprod[t][:, None, None, None]
                     zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-                    ids = pipe.tokenizer(captions, padding="max_length", max_length=cfg.max_tokens, truncation=True,
-                                         return_tensors="pt").input_ids
                     v = pipe.scheduler.config.prediction_type == "v_prediction"
                     target = a.sqrt() * noise - (1 - a).sqrt() * z0 if v else noise
-                    err = pipe.unet(zt, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample - target
+                    err = unet_output(pipe, cfg, zt, t, captions) - target
                 losses[name] = float(err.pow(2).mean())
             bands[f"{lo:.1f}-{hi:.1f}"] = with_share(losses)
         # the sampler's first step: pure noise, where no layout leaks in from the picture and only the caption can
@@ -136,9 +142,7 @@ def main() -> None:
             else:
                 t = torch.full((len(x),), pipe.scheduler.config.num_train_timesteps - 1)
                 a = pipe.scheduler.alphas_cumprod[t][:, None, None, None]
-                ids = pipe.tokenizer(captions, padding="max_length", max_length=cfg.max_tokens, truncation=True,
-                                     return_tensors="pt").input_ids
-                out = pipe.unet(noise, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+                out = unet_output(pipe, cfg, noise, t, captions)
                 if pipe.scheduler.config.prediction_type == "v_prediction":
                     x0_hat[name] = a.sqrt() * noise - (1 - a).sqrt() * out
                 else:
