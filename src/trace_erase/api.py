@@ -71,6 +71,10 @@ def _summary(cert: dict[str, dict[str, float | None]]) -> dict[str, float | None
     return out
 
 
+# options both engines read, set once for both (any other key both define goes to stage A, as it always has)
+SHARED_OPTIONS = frozenset({"attribute_contexts"})
+
+
 def method_configs(spec: MethodSpec, options: dict[str, Any], family: str | None = None
                    ) -> tuple[ClosedFormConfig | None, TrajectoryConfig | None]:
     """Route each option to the engine that owns it and build both typed configs (errors name the valid keys), and
@@ -81,11 +85,12 @@ def method_configs(spec: MethodSpec, options: dict[str, Any], family: str | None
     def route(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         cf_part, tr_part = {}, {}
         for key, value in opts.items():
+            known = False
             if key in cf_keys and spec.uses_closed_form:
-                cf_part[key] = value
-            elif key in tr_keys and spec.uses_trajectory:
-                tr_part[key] = value
-            else:
+                cf_part[key], known = value, True
+            if key in tr_keys and spec.uses_trajectory and (not known or key in SHARED_OPTIONS):
+                tr_part[key], known = value, True
+            if not known:
                 valid = sorted((cf_keys if spec.uses_closed_form else set())
                                | (tr_keys if spec.uses_trajectory else set()))
                 raise TraceEraseError(f"unknown options for '{spec.name}' ['{key}']; valid keys: {', '.join(valid)}")

@@ -41,7 +41,7 @@ class AdversarialPrompts:
         self.engine = engine
         self.restart, self.signed = restart, signed
         cfg = engine.config
-        self.prompts = {t.format(c.name): c.name for c in concepts for t in cfg.train_templates}
+        self.prompts = {t.format(c.name): c.name for c in concepts for t in cfg.training_templates}
         self.slots = WordSlots(engine.adapter, cfg.adversarial.tokens, list(self.prompts))
         device = engine.adapter.device
         self.values = {c.name: [v.to(device) for v in self.slots.init_from(self.slots.filler)] for c in concepts}

@@ -66,7 +66,7 @@ class Bank:
     def __init__(self, engine: StageBEngine, concepts: list[Concept]):
         self.engine = engine
         self.cfg = engine.config.bank
-        templates = engine.config.train_templates
+        templates = engine.config.training_templates
         self.prompts = {t.format(c.name): (c.name, t) for c in concepts for t in templates}
         try:
             self.slots = {"soft-prompt": WordSlots(engine.adapter, self.cfg.tokens, list(self.prompts)),

@@ -26,7 +26,7 @@ from ..models.base import FamilyAdapter, SegmentedLayout, TextStream, TokenLayou
 from .certificate import StreamCertifier
 from .gram import ConceptGram, GramStats
 from .positions import TOKEN_SELECTIONS, TRCE_TOKEN_WEIGHTS, aligned_positions, class_positions
-from .prompts import DEFAULT_TEMPLATES, check_templates, fill, load_corpus
+from .prompts import ATTRIBUTE_TEMPLATES, DEFAULT_TEMPLATES, check_templates, fill, load_corpus
 from .rece import projection_gram, rece_solve
 
 DEFAULT_PROBES: tuple[str, ...] = (
@@ -47,6 +47,9 @@ class ClosedFormConfig:
 
     token_selection: str = "surrounding"  # which token positions carry the concept (see TOKEN_SELECTIONS)
     templates: list[str] | None = None  # prompt augmentation; None → DEFAULT_TEMPLATES (~30)
+    # also the concept inside generic colour / texture / setting phrases (prompts.ATTRIBUTE_TEMPLATES; ours): the
+    # erase rows and the preserved prompts both get them
+    attribute_contexts: bool = False
     suffix_tokens: int | None = None  # positions after the concept to map (None: all, padding included)
     lambda_reg: float = 0.1  # λ: pull towards the original weights (keeps the solve well-posed)
     lambda_preserve: float = 1.0  # λ_p: weight of each preserved feature row
@@ -68,7 +71,7 @@ class ClosedFormConfig:
 
     # fields added after runs were first checkpointed: left out of a run's settings hash at their defaults, so an
     # interrupted run made before them still resumes
-    LATER_FIELDS = ("token_weights", "mean_statistics")
+    LATER_FIELDS = ("token_weights", "mean_statistics", "attribute_contexts")
 
     def run_settings(self) -> dict[str, Any]:
         """The settings a stage-B checkpoint's hash covers."""
@@ -175,7 +178,8 @@ class ClosedFormEngine:
 
     @property
     def templates(self) -> list[str]:
-        return list(self.config.templates or DEFAULT_TEMPLATES)
+        extra = list(ATTRIBUTE_TEMPLATES) if self.config.attribute_contexts else []
+        return list(self.config.templates or DEFAULT_TEMPLATES) + extra
 
     # ---- rows -----------------------------------------------------------------------------------------------------
     def positions(self, lt: TokenLayout | SegmentedLayout, la: TokenLayout | SegmentedLayout, stream: TextStream,

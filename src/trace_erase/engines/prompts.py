@@ -46,6 +46,24 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a view of {}",
 )
 
+# Attribute contexts (ours): the concept inside generic colour / texture / setting phrases, so that an edit learned
+# on "a photo of {}" also reaches the concept's tokens when attribute words precede or follow it (a text encoder's
+# causal attention makes the concept's features depend on them). A generic English list; it avoids the toy suite's
+# composition phrasings ("on a … background", "simple", "in the middle") and the toy world's style words; colour
+# words are bound to recur in any caption vocabulary.
+ATTRIBUTE_TEMPLATES: tuple[str, ...] = (
+    "a red {}", "a blue {}", "a green {}", "a yellow {}", "a pink {}", "a brown {}",
+    "a wooden {}", "a metallic {}", "a glossy {}", "a furry {}",
+    "a {} in a room", "a {} on a table", "a {} outdoors", "a {} at night",
+    "a purple velvet {}", "an orange woven {}", "a white marble {}", "a black rusty {}",
+    "a golden {} in the snow", "a gray {} on the grass",
+)
+# the few stage B's trajectories are also sampled under (as many as its default training templates, so half the
+# trajectories show the concept plain and half with attributes)
+ATTRIBUTE_TRAIN_TEMPLATES: tuple[str, ...] = (
+    "a red wooden {}", "a blue {} on a table", "a green metallic {} at night", "a yellow {} outdoors",
+)
+
 
 def fill(template: str, concept: str) -> tuple[str, tuple[int, int]]:
     """``template`` with ``{}`` replaced by ``concept``, and the concept's character span in the result."""

@@ -60,7 +60,7 @@ class RolloutMixin:
         return torch.stack(states), torch.stack(times), x
 
     def _target_prompt(self, concepts: list[Concept]) -> str:
-        templates = self.config.train_templates
+        templates = self.config.training_templates
         i = int(torch.randint(0, len(concepts) * len(templates), (1,), generator=self.gen))
         return templates[i % len(templates)].format(concepts[i // len(templates)].name)
 

@@ -276,9 +276,9 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
             resumed = self.load_checkpoint(opt)
             step, pool = resumed if resumed else (0, Pool())
             # every prompt training reads, encoded once now: the text encoders are idle (or offloaded) from here on
-            named = [t.format(c.name) for c in concepts for t in cfg.train_templates]
+            named = [t.format(c.name) for c in concepts for t in cfg.training_templates]
             if cfg.trce is not None:
-                named += list(safe_prompts(concepts, cfg.train_templates).values())
+                named += list(safe_prompts(concepts, cfg.training_templates).values())
             anchors = [self.anchor_prompt(p) for p in named] if cfg.reference == "anchor" else []
             self.cond(["", *preserve, *irrelevant, *named, *anchors])
             self.fill_pool(pool, concepts)

@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import TraceEraseError
 from ..models.text_lora import TEXT_LORA_PRESETS
 from ..runtime import ATTENTION_KERNELS
-from .prompts import corpus_path
+from .prompts import ATTRIBUTE_TRAIN_TEMPLATES, corpus_path
 from .sub_configs import (
     OMITTED_AT_DEFAULT,
     RESUME_FREE,
@@ -97,6 +97,8 @@ class TrajectoryConfig:
     train_templates: list[str] = field(
         default_factory=lambda: ["{}", "a photo of {}", "an image of {}", "a drawing of {}"]
     )  # prompts the trajectories are sampled under
+    # also sample them under generic attribute phrases (prompts.ATTRIBUTE_TRAIN_TEMPLATES; ours): see training_templates
+    attribute_contexts: bool = field(default=False, metadata=OMITTED_AT_DEFAULT)
     # gated adapter: at inference the stage-B LoRA acts only for t < gate_tau
     gate_tau: float | None = field(default=None, metadata=RESUME_FREE)
     checkpoint_every: int = field(default=100, metadata=RESUME_FREE)
@@ -186,6 +188,12 @@ class TrajectoryConfig:
             raise TraceEraseError(f"TRCE's terms replace the engine's losses; switch off {', '.join(ignored + others)} "
                                   "(beta=0, gamma=0, rho=0, early_mode=none, adversarial_every=0, eraseanything off, "
                                   "preimage_weight=0, bank_weight=0)")
+
+    @property
+    def training_templates(self) -> list[str]:
+        """The templates every stage-B prompt is built from: ``train_templates``, plus the attribute contexts when
+        ``attribute_contexts`` is on."""
+        return list(self.train_templates) + (list(ATTRIBUTE_TRAIN_TEMPLATES) if self.attribute_contexts else [])
 
     @property
     def trains_text_encoder(self) -> bool:

@@ -57,7 +57,7 @@ def references(engine: StageBEngine, x: torch.Tensor, t: torch.Tensor, prompts: 
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prefer, reject) at the states ``x`` from the original model θ0, for the concept prompts ``prompts``."""
     g = engine.config.trce.guidance
-    safe = safe_prompts(engine.concepts, engine.config.train_templates)
+    safe = safe_prompts(engine.concepts, engine.config.training_templates)
     missing = [p for p in prompts if p not in safe]
     if missing:
         raise TraceEraseError(f"the training prompt '{missing[0]}' names no concept being erased; rerun with "
