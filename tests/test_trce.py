@@ -31,7 +31,10 @@ TEMPLATES = ["{}", "a photo of {}"]
 FAST = {"steps": 2, "rollout_steps": 4, "pool_trajectories": 1, "batch_size": 1, "checkpoint_every": 1000,
         "trce_preserve_trajectories": 1, "trce_preserve_batch": 2, "templates": TEMPLATES}
 CAT = [Concept("cat", anchor="dog")]
-NEW_CLOSED_FORM = {"token_weights": None, "mean_statistics": False}  # the closed-form options TRCE added, off
+# the closed-form options added since (TRCE's, attribute contexts, neighbours), each off
+NEW_CLOSED_FORM = {"token_weights": None, "mean_statistics": False, "attribute_contexts": False, "neighbours": 0,
+                   "neighbour_vocab": "model", "neighbour_pool": 256, "neighbour_synonym": 0.5,
+                   "neighbour_similarity": 0.8}
 
 
 # ---- stage 2: the hinge ----------------------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ def erase(
     if cf_cfg is not None:
         cf_engine = ClosedFormEngine(adapter, cf_cfg, progress=progress)
         if mode == "fuse" and tr_engine is not None:  # one encoding pass serves stage A and the fusion
-            concept_stats = cf_engine.concept_statistics(concept_list)
+            concept_stats = cf_engine.gather(concept_list, per_concept=True)
             run.stage_a = cf_engine.run(concept_list, stats=concept_stats[1])
         else:
             run.stage_a = cf_engine.run(concept_list)
@@ -167,13 +167,21 @@ def erase(
                                                                    cf_cfg.rank_tolerance)
     if tr_engine is not None:
         tr_engine.run_config["base_sha256"] = run.fingerprint["sha256"]
-        _stage_b(run, adapter, tr_engine, cf_cfg, concept_list, deltas, concept_stats, workdir, progress)
+        _stage_b(run, adapter, tr_engine, cf_cfg, with_neighbours(concept_list, run.stage_a), deltas, concept_stats,
+                 workdir, progress)
     gate_tau = tr_cfg.gate_tau if tr_cfg else None
     gated = run.parts.pop("trajectory") if gate_tau is not None else None
     main_state = concat_loras(list(run.parts.values())) if run.parts else {}
     manifest = _manifest(run, spec, cf_cfg, tr_cfg, concept_list, str(source), adapter, main_state, gated,
                          runtime_record(pipe, adapter), time.perf_counter() - start)
     return Erasure(main_state, manifest, gated_state_dict=gated, fusion_state=run.fusion_state or None)
+
+
+def with_neighbours(concepts: list[Concept], stage_a: Any) -> list[Concept]:
+    """The concepts with the neighbours stage A found added to their preserve prompts (stage B's L_pres, with
+    rho > 0, then keeps them too); unchanged when none were found."""
+    found = list((stage_a.neighbours or {}).get("preserved", {})) if stage_a is not None else []
+    return [dataclasses.replace(c, preserve=[*c.preserve, *found]) for c in concepts] if found else concepts
 
 
 @dataclasses.dataclass
@@ -259,6 +267,8 @@ def _manifest(run: _Run, spec: MethodSpec, cf_cfg: ClosedFormConfig | None, tr_c
         manifest["timings"].update({f"stage_a_{k}": v for k, v in cf_result.timings.items()})
         if cf_result.rece:
             manifest["certificate"]["rece_recovered"] = cf_result.rece
+        if cf_result.neighbours is not None:
+            manifest["neighbours"] = cf_result.neighbours
     if tr_log:
         manifest["trajectory_log"] = {"final_losses": tr_log["final_losses"], "steps": tr_log["steps"],
                                       **{k: tr_log[k] for k in ("resumed", "other_processes", "adversarial_losses",

@@ -12,7 +12,6 @@ projection that reads the same features (a *stream*) shares one d×d solve: 100 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,9 +23,11 @@ from ..config import Concept
 from ..errors import TraceEraseError
 from ..models.base import FamilyAdapter, SegmentedLayout, TextStream, TokenLayout
 from .certificate import StreamCertifier
+from .closed_form_config import ClosedFormConfig
 from .gram import ConceptGram, GramStats
-from .positions import TOKEN_SELECTIONS, TRCE_TOKEN_WEIGHTS, aligned_positions, class_positions
-from .prompts import ATTRIBUTE_TEMPLATES, DEFAULT_TEMPLATES, check_templates, fill, load_corpus
+from .neighbours import select_neighbours
+from .positions import TRCE_TOKEN_WEIGHTS, aligned_positions, class_positions
+from .prompts import ATTRIBUTE_TEMPLATES, DEFAULT_TEMPLATES, fill, load_corpus
 from .rece import projection_gram, rece_solve
 
 DEFAULT_PROBES: tuple[str, ...] = (
@@ -39,76 +40,6 @@ DEFAULT_PROBES: tuple[str, ...] = (
     "a boat on the sea",
     "a painting of flowers",
 )
-
-
-@dataclass
-class ClosedFormConfig:
-    """Knobs of the closed-form engine (defaults are TRACE stage A's; methods override a few)."""
-
-    token_selection: str = "surrounding"  # which token positions carry the concept (see TOKEN_SELECTIONS)
-    templates: list[str] | None = None  # prompt augmentation; None → DEFAULT_TEMPLATES (~30)
-    # also the concept inside generic colour / texture / setting phrases (prompts.ATTRIBUTE_TEMPLATES; ours): the
-    # erase rows and the preserved prompts both get them
-    attribute_contexts: bool = False
-    suffix_tokens: int | None = None  # positions after the concept to map (None: all, padding included)
-    lambda_reg: float = 0.1  # λ: pull towards the original weights (keeps the solve well-posed)
-    lambda_preserve: float = 1.0  # λ_p: weight of each preserved feature row
-    preserve_corpus: str | None = None  # text file, one caption per line, or "builtin": all their tokens are preserved
-    probe_prompts: list[str] | None = None  # unrelated prompts for the collateral certificate
-    targets: str = "default"  # which projections (adapter-specific: 'kv' for UNets, 'context' for FLUX)
-    rank_tolerance: float = 1e-6  # singular values below this × the largest are dropped in the LoRA export
-    batch_size: int = 32  # prompts encoded per text-encoder call
-    # RECE-style rounds (engines/rece.py; ours): after each solve, erase the conditioning the edited projections
-    # still map onto the concept, found in closed form with a ridge of rece_lambda × the mean eigenvalue
-    rece_rounds: int = 0
-    rece_lambda: float = 0.01
-    # TRCE's token classes (token_selection="trce"): weights of the start token, the first end token, the last position
-    # (× the positions after the first end token) and the concept's tokens; None: TRCE's (0, 1, 0, 0)
-    token_weights: list[float] | None = None
-    # statistics as means, TRCE's scaling: erase rows over the (concept, anchor) prompt pairs, preserved rows over the
-    # preserved prompts, so λ_p weighs the preserved prompts' mean Gram against the pairs' mean Gram
-    mean_statistics: bool = False
-
-    # fields added after runs were first checkpointed: left out of a run's settings hash at their defaults, so an
-    # interrupted run made before them still resumes
-    LATER_FIELDS = ("token_weights", "mean_statistics", "attribute_contexts")
-
-    def run_settings(self) -> dict[str, Any]:
-        """The settings a stage-B checkpoint's hash covers."""
-        defaults = ClosedFormConfig()
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if not (k in self.LATER_FIELDS and v == getattr(defaults, k))}
-
-    def __post_init__(self) -> None:
-        if self.token_selection not in TOKEN_SELECTIONS:
-            raise TraceEraseError(
-                f"unknown token_selection '{self.token_selection}'; choose one of {', '.join(TOKEN_SELECTIONS)}"
-            )
-        if self.lambda_reg < 0:
-            raise TraceEraseError(f"lambda_reg must be ≥ 0 (got {self.lambda_reg})")
-        if self.lambda_preserve < 0:
-            raise TraceEraseError("lambda_preserve must be ≥ 0")
-        if self.lambda_reg == 0 and not (self.preserve_corpus and self.lambda_preserve > 0):
-            raise TraceEraseError("lambda_reg=0 needs a preserve_corpus with lambda_preserve > 0 to keep the normal "
-                                  "equations well-posed; set lambda_reg > 0 (e.g. 0.1) or preserve_corpus=builtin")
-        if self.token_weights is not None:
-            if self.token_selection != "trce":
-                raise TraceEraseError("token_weights weigh TRCE's token classes; set token_selection=trce as well")
-            if len(self.token_weights) != 4 or min(self.token_weights) < 0 or not any(self.token_weights):
-                raise TraceEraseError(f"token_weights takes 4 weights ≥ 0, not all 0 (start, first end, last end, "
-                                      f"key), not {self.token_weights}")
-        if self.batch_size < 1:
-            raise TraceEraseError(f"batch_size must be ≥ 1 (got {self.batch_size})")
-        if self.suffix_tokens is not None and self.suffix_tokens < 0:
-            raise TraceEraseError(f"suffix_tokens must be ≥ 0 or null (got {self.suffix_tokens})")
-        if self.rece_rounds < 0:
-            raise TraceEraseError(f"rece_rounds must be ≥ 0 (got {self.rece_rounds})")
-        if not self.rece_lambda > 0:
-            raise TraceEraseError(f"rece_lambda must be > 0 (got {self.rece_lambda}); it keeps the search well-posed")
-        if not 0 <= self.rank_tolerance < 1:
-            raise TraceEraseError(f"rank_tolerance must be in [0, 1) (got {self.rank_tolerance})")
-        if self.templates is not None:
-            self.templates = check_templates(self.templates)
 
 
 @dataclass
@@ -132,6 +63,8 @@ class ClosedFormResult:
     counts: dict[str, dict[str, int]]
     timings: dict[str, float]
     rece: dict[str, list[float]] = field(default_factory=dict)  # per stream: what each RECE round's search recovered
+    # neighbours on: {"preserved": word → share the first solve moved it, "concepts": concept → its own share}
+    neighbours: dict[str, dict[str, float]] | None = None
 
 
 def _rows(features: torch.Tensor, positions: list[int] | None = None, scale: torch.Tensor | None = None
@@ -161,6 +94,8 @@ class ClosedFormEngine:
         self.streams: list[TextStream] = adapter.text_streams(config.targets)
         self.encode_seconds = 0.0
         self.prompts_encoded = 0
+        self.extra_preserve: list[str] = []  # the neighbours found by gather(), preserved under every template
+        self.neighbour_record: dict[str, dict[str, float]] | None = None
 
     # ---- validation ---------------------------------------------------------------------------------------------
     def check_concepts(self, concepts: list[Concept]) -> None:
@@ -225,6 +160,7 @@ class ClosedFormEngine:
                 jobs.append((pt, st, pa, sa, ci))
                 for p in c.preserve:
                     keep.append(fill(t, p))
+        keep += [fill(t, p) for p in self.extra_preserve for t in self.templates]
         corpus = load_corpus(self.adapter, cfg.preserve_corpus, concepts) if cfg.preserve_corpus else []
         probes = list(cfg.probe_prompts if cfg.probe_prompts is not None else DEFAULT_PROBES)
 
@@ -310,6 +246,19 @@ class ClosedFormEngine:
                 st.add_probe(batch.e)
         return per, joint
 
+    def gather(self, concepts: list[Concept], per_concept: bool = False) -> Any:
+        """:meth:`statistics` (or :meth:`concept_statistics` with ``per_concept``); with ``neighbours`` on, gathered
+        twice: the first solve picks the neighbours (engines/neighbours.py), which the second gathering preserves."""
+        collect = self.concept_statistics if per_concept else self.statistics
+        out = collect(concepts)
+        if self.config.neighbours:
+            chosen, own = select_neighbours(self, concepts, out[1] if per_concept else out)
+            self.neighbour_record = {"preserved": chosen, "concepts": own}
+            if chosen:
+                self.extra_preserve = list(chosen)
+                out = collect(concepts)
+        return out
+
     # ---- solve ------------------------------------------------------------------------------------------------------
     def stream_solution(self, st: GramStats) -> torch.Tensor:
         """S with W' = W·S for every projection of the stream (a linear solve, never an explicit inverse)."""
@@ -344,7 +293,7 @@ class ClosedFormEngine:
 
         self.check_concepts(concepts)
         t0 = time.perf_counter()
-        stats = stats if stats is not None else self.statistics(concepts)
+        stats = stats if stats is not None else self.gather(concepts)
         t1 = time.perf_counter()
         deltas: dict[str, torch.Tensor] = {}
         cert: dict[str, dict[str, float | None]] = {}
@@ -381,4 +330,5 @@ class ClosedFormEngine:
                 "prompts_encoded": self.prompts_encoded,
             },
             rece={k: v for k, v in rece.items() if v},
+            neighbours=self.neighbour_record,
         )
