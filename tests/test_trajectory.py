@@ -486,6 +486,50 @@ def test_anchor_reference_reverses_the_concept_relative_to_its_anchor_from_the_s
         assert abs(other - expected) > 0.02 * expected, other
 
 
+def test_anchor_reference_runs_the_original_model_only_on_the_erase_windows_rows() -> None:
+    """In a batch of one LATE and one EARLY state the anchor target needs θ0 only for the LATE row: θ0 sees 2 rows
+    (concept and anchor prompt of that state), and the terms equal the full computation's."""
+    from trace_erase.config import Concept
+    from trace_erase.engines.stage_a import StageAWeights
+
+    adapter, deltas = _stage_a("sd")
+    x = torch.randn(adapter.latent_shape(2), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([900, 100])  # EARLY, LATE (τ = 0.5)
+    prompts = ["a photo of a cat", "a photo of a"]
+    with torch.no_grad():
+        o = adapter.predict(x[1:].repeat(2, 1, 1, 1), t[1:].repeat(2), adapter.conditioning(prompts))  # θ0, LATE
+    stage_a = StageAWeights(adapter, deltas)
+    eng = TrajectoryEngine(adapter, TrajectoryConfig.from_options(**FAST, reference="anchor", eta=1.5, gamma=0.0),
+                           progress=False, stage_a=stage_a)
+    eng.concepts = [Concept("cat", anchor="")]
+    sizes: list[tuple[bool, int]] = []
+    predict = adapter.predict
+
+    def recording(xs, ts, cond):  # noqa: ANN001, ANN202
+        sizes.append((stage_a.on, xs.shape[0]))
+        return predict(xs, ts, cond)
+
+    with stage_a.applied():
+        with torch.no_grad():
+            a = adapter.predict(x, t, adapter.conditioning(prompts[:1] * 2))  # θ*, concept prompt
+        eng.attach()
+        try:
+            with torch.no_grad():
+                for p in eng.lora_parameters():
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+                live = adapter.predict(x, t, adapter.conditioning(prompts[:1] * 2))
+            adapter.predict = recording  # type: ignore[method-assign]
+            terms = eng.loss_terms(x, t, prompts[:1] * 2, [])
+        finally:
+            adapter.predict = predict  # type: ignore[method-assign]
+            eng.detach()
+    assert (False, 2) in sizes and all(n == 2 for on, n in sizes if not on)  # θ0: the LATE row's two prompts only
+    target = a[1] - 1.5 * (o[0] - o[1])
+    expected = float((live[1] - target).pow(2).mean()) / 2  # the erase term is a mean over the batch of 2
+    assert float(terms["erase"].detach()) == pytest.approx(expected, rel=1e-5)
+    assert float(terms["early"].detach()) == pytest.approx(float((live[0] - a[0]).pow(2).mean()) / 2, rel=1e-5)
+
+
 def test_stage_b_moves_late_predictions_and_keeps_early_ones() -> None:
     """A micro-run of TRACE stage B (reference θ0) on toy-sd, erasing "circle": on a held-out trajectory of θ0 the
     LATE predictions move towards the reversed-guidance target, and far more than the EARLY ones move. (A random tiny

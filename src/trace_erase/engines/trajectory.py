@@ -146,14 +146,19 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
         if cfg.reference == "original" and self.stage_a is not None:
             with torch.no_grad(), self.original():
                 r_c, r_u = self.adapter.predict(x.repeat(2, 1, 1, 1), t.repeat(2), Conditioning.cat([c, u])).chunk(2)
-        erase_target = reversed_guidance(e_u, r_c, r_u, cfg.eta)
-        if cfg.reference == "anchor":
-            a = self.cond([self.anchor_prompt(p) for p in prompts])
-            with torch.no_grad(), self.original():
-                o_c, o_a = self.adapter.predict(x.repeat(2, 1, 1, 1), t.repeat(2), Conditioning.cat([c, a])).chunk(2)
-            erase_target = e_c - cfg.eta * (o_c - o_a)
         # the states the erase term applies to: LATE, unless keep_end=clean swaps the windows (engines/windows.py)
         erase_f = erase_window(self.adapter, t, cfg.window, cfg.tau, cfg.keep_end).float()
+        erase_target = reversed_guidance(e_u, r_c, r_u, cfg.eta)
+        if cfg.reference == "anchor":
+            # θ0's two predictions only for the rows whose erase target is read (the bank reads every row's)
+            rows = torch.arange(n, device=x.device) if self.bank is not None else erase_f.nonzero().flatten()
+            erase_target = e_c.clone()  # the other rows' targets are never read
+            if len(rows):
+                a = self.cond([self.anchor_prompt(prompts[i]) for i in rows.tolist()])
+                with torch.no_grad(), self.original():
+                    o_c, o_a = self.adapter.predict(x[rows].repeat(2, 1, 1, 1), t[rows].repeat(2),
+                                                    Conditioning.cat([c.select(rows), a])).chunk(2)
+                erase_target[rows] = e_c[rows] - cfg.eta * (o_c - o_a)
         per = lambda a, b: (a.float() - b.float()).pow(2).flatten(1).mean(1)  # noqa: E731
         zero = torch.zeros((), device=x.device)
         weights = self.term_weights()
