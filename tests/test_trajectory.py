@@ -623,3 +623,30 @@ def test_trace_reference_default_is_chosen_per_model_kind() -> None:
         late_cf, late_tr = method_configs(get_method("trace-late-only"), {}, family)
         assert late_cf == cf and {**late_tr.options(), "window": tr.window} == tr.options(), family
     assert method_configs(get_method("trace"), {"reference": "stage-a"}, "flux")[1].reference == "stage-a"
+
+
+def test_stage_b_base_original_trains_the_lora_on_the_model_without_stage_a(monkeypatch) -> None:
+    """stage_b_base=original: while stage B trains, stage A's edit is off and the engine has no stage A (so its
+    frozen branch, rollouts and references are θ0's); the default trains on θ*. Both artifacts carry stage A."""
+    seen: list[tuple[bool, bool]] = []
+    train = TrajectoryEngine.train
+
+    def recording(self, concepts):  # noqa: ANN001, ANN202
+        edited = any(not torch.equal(self.adapter.module(m).weight, base[m]) for m in base)
+        seen.append((self.stage_a is not None, edited))
+        return train(self, concepts)
+
+    monkeypatch.setattr(TrajectoryEngine, "train", recording)
+    pipe = BUILDERS["sd"]()
+    adapter = get_adapter(pipe)
+    base = {name: adapter.module(name).weight.detach().clone() for name in adapter.text_streams()[0].modules}
+    parts = []
+    for options in ({}, {"stage_b_base": "original"}):
+        er = erase(pipe, ["cat"], method="trace", progress=False, **FAST, **FAST_A, **options)
+        parts.append(er.manifest["lora"]["parts"])
+    assert seen == [(True, True), (False, False)]
+    assert parts == [["closed_form", "trajectory"]] * 2
+    with pytest.raises(TraceEraseError, match="has no stage A"):
+        erase(pipe, ["cat"], method="esd-x", progress=False, stage_b_base="original", **FAST)
+    with pytest.raises(TraceEraseError, match="drop one of them"):
+        erase(pipe, ["cat"], method="trace", progress=False, stage_b_base="original", preimage_weight=1.0, **FAST)

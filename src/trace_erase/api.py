@@ -105,6 +105,13 @@ def method_configs(spec: MethodSpec, options: dict[str, Any], family: str | None
     tr = config_from_dict(TrajectoryConfig, {**base, **tr_opts}, f"options for '{spec.name}'") \
         if spec.uses_trajectory else None
     check_preimage(tr, family, stage_a=spec.uses_closed_form)
+    if tr is not None and tr.stage_b_base == "original":
+        if not spec.uses_closed_form:
+            raise TraceEraseError(f"stage_b_base=original trains stage B beside stage A; '{spec.name}' has no stage A, "
+                                  "so drop the option")
+        if tr.preimage is not None:
+            raise TraceEraseError("the preimage branch trains through stage A's edit; with stage_b_base=original "
+                                  "stage A is off while stage B trains — drop one of them")
     check_bank(tr, stage_a=spec.uses_closed_form)
     return cf, tr
 
@@ -205,8 +212,10 @@ def _stage_b(run: _Run, adapter: FamilyAdapter, engine: TrajectoryEngine, cf_cfg
     """Stage B on top of stage A's deltas: one LoRA for all concepts, or one per concept then combined
     (``fuse``/``sum``, with what apply-time re-fusion needs kept in ``run.fusion_state``)."""
     stage_a = StageAWeights(adapter, deltas) if deltas else None
+    # stage_b_base=original: stage B trains on θ0, as if there were no stage A (the fusion still reads θ*)
+    base = stage_a if engine.config.stage_b_base == "stage-a" else None
     if run.mode in ("fuse", "sum"):
-        states, run.stage_b_log = train_per_concept(adapter, engine.config, concepts, stage_a,
+        states, run.stage_b_log = train_per_concept(adapter, engine.config, concepts, base,
                                                     Path(workdir) if workdir else None, engine.run_config, progress)
         stats_cfg = cf_cfg or config_from_dict(ClosedFormConfig, get_method("trace").defaults)
         inputs = fusion_inputs(adapter, concepts, states, stats_cfg, run.mode, concept_stats,
@@ -216,8 +225,8 @@ def _stage_b(run: _Run, adapter: FamilyAdapter, engine: TrajectoryEngine, cf_cfg
         if "closed_form" in run.parts:  # apply-time re-fusion (per-concept scales) rebuilds the whole LoRA
             run.fusion_state.update({f"stage_a.{k}": v for k, v in run.parts["closed_form"].items()})
         return
-    engine.stage_a = stage_a
-    with stage_a.applied() if stage_a else contextlib.nullcontext():
+    engine.stage_a = base
+    with base.applied() if base else contextlib.nullcontext():
         run.stage_b_log = engine.train(concepts)
     run.parts["trajectory"] = run.stage_b_log.pop("state_dict")
 

@@ -84,6 +84,11 @@ class TrajectoryConfig:
     # "anchor" (ours): LATE target ε*(c) − η(ε0(c) − ε0(anchor prompt)), θ*'s trajectories — away from the concept
     # as θ0 tells it from its anchor, so stage B cannot push back past the anchor (e.g. towards a removed style)
     reference: str = "stage-a"
+    # which model the LoRA trains on top of (ours): "stage-a" (θ*, stage A on while it trains) or "original" (θ0:
+    # stage B trained as if there were no stage A — its rollouts, targets and keep terms all θ0's — then stacked on
+    # stage A). "original" lets stage B meet the concept's original conditioning, which word-level attacks rebuild
+    # through the edited projections; with it every reference reads θ0.
+    stage_b_base: str = field(default="stage-a", metadata=OMITTED_AT_DEFAULT)
     beta: float = 0.5  # weight of the EARLY term
     gamma: float = 0.5  # weight of L_unc (unconditional field kept)
     rho: float = 0.0  # weight of L_pres over preserve prompts
@@ -150,6 +155,8 @@ class TrajectoryConfig:
         if self.attention_kernels not in ATTENTION_KERNELS:
             raise TraceEraseError(f"unknown attention_kernels '{self.attention_kernels}'; choose one of "
                                   f"{', '.join(ATTENTION_KERNELS)}")
+        if self.stage_b_base not in ("stage-a", "original"):
+            raise TraceEraseError(f"stage_b_base must be 'stage-a' or 'original', not '{self.stage_b_base}'")
         if self.branches not in ("sequential", "batched"):
             raise TraceEraseError(f"branches must be 'sequential' or 'batched', not '{self.branches}'")
         if self.rank < 0:
