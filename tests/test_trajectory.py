@@ -486,6 +486,44 @@ def test_anchor_reference_reverses_the_concept_relative_to_its_anchor_from_the_s
         assert abs(other - expected) > 0.02 * expected, other
 
 
+def test_to_anchor_reference_targets_the_original_anchor_prediction_whatever_stage_a_did() -> None:
+    """reference=to-anchor: LATE target ε0(anchor prompt) − (η − 1)(ε0(c) − ε0(anchor prompt)). Fails if the base is
+    θ*'s prediction (reference=anchor), if (η − 1)'s sign flips, or if the anchor prompt is not the concept's."""
+    from trace_erase.config import Concept
+    from trace_erase.engines.stage_a import StageAWeights
+
+    adapter, deltas = _stage_a("sd")
+    x = torch.randn(adapter.latent_shape(1), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100])  # LATE (τ = 0.5)
+    prompts = ["a photo of a cat", "a photo of a dog", "a photo of a"]
+    cond = adapter.conditioning(prompts)
+    with torch.no_grad():
+        o = adapter.predict(x.repeat(3, 1, 1, 1), t.repeat(3), cond)  # θ0: cat, dog, anchor ""
+    stage_a = StageAWeights(adapter, deltas)
+    eng = TrajectoryEngine(adapter, TrajectoryConfig.from_options(**FAST, reference="to-anchor", eta=1.5, gamma=0.0),
+                           progress=False, stage_a=stage_a)
+    eng.concepts = [Concept("cat", anchor="")]
+    with stage_a.applied():
+        with torch.no_grad():
+            a = adapter.predict(x, t, adapter.conditioning(prompts[:1]))  # θ*(cat)
+        eng.attach()
+        try:
+            with torch.no_grad():
+                for p in eng.lora_parameters():
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+                live = adapter.predict(x, t, adapter.conditioning(prompts[:1]))[0]
+            terms = eng.loss_terms(x, t, prompts[:1], [])
+        finally:
+            eng.detach()
+    per = lambda p, q: float((p - q).pow(2).mean())  # noqa: E731
+    expected = per(live, o[2] - 0.5 * (o[0] - o[2]))
+    assert float(terms["erase"].detach()) == pytest.approx(expected, rel=1e-5)
+    for other in (per(live, a[0] - 1.5 * (o[0] - o[2])),  # reference=anchor's target
+                  per(live, o[2] + 0.5 * (o[0] - o[2])),  # (η − 1) flipped
+                  per(live, o[1] - 0.5 * (o[0] - o[1]))):  # another anchor
+        assert abs(other - expected) > 0.02 * expected, other
+
+
 def test_anchor_reference_runs_the_original_model_only_on_the_erase_windows_rows() -> None:
     """In a batch of one LATE and one EARLY state the anchor target needs θ0 only for the LATE row: θ0 sees 2 rows
     (concept and anchor prompt of that state), and the terms equal the full computation's."""

@@ -149,7 +149,7 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
         # the states the erase term applies to: LATE, unless keep_end=clean swaps the windows (engines/windows.py)
         erase_f = erase_window(self.adapter, t, cfg.window, cfg.tau, cfg.keep_end).float()
         erase_target = reversed_guidance(e_u, r_c, r_u, cfg.eta)
-        if cfg.reference == "anchor":
+        if cfg.reference in ("anchor", "to-anchor"):
             # θ0's two predictions only for the rows whose erase target is read (the bank reads every row's)
             rows = torch.arange(n, device=x.device) if self.bank is not None else erase_f.nonzero().flatten()
             erase_target = e_c.clone()  # the other rows' targets are never read
@@ -158,7 +158,10 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
                 with torch.no_grad(), self.original():
                     o_c, o_a = self.adapter.predict(x[rows].repeat(2, 1, 1, 1), t[rows].repeat(2),
                                                     Conditioning.cat([c.select(rows), a])).chunk(2)
-                erase_target[rows] = e_c[rows] - cfg.eta * (o_c - o_a)
+                if cfg.reference == "anchor":
+                    erase_target[rows] = e_c[rows] - cfg.eta * (o_c - o_a)
+                else:
+                    erase_target[rows] = o_a - (cfg.eta - 1.0) * (o_c - o_a)
         per = lambda a, b: (a.float() - b.float()).pow(2).flatten(1).mean(1)  # noqa: E731
         zero = torch.zeros((), device=x.device)
         weights = self.term_weights()
@@ -284,7 +287,7 @@ class TrajectoryEngine(RolloutMixin, LoraSwitchMixin, CheckpointMixin):
             named = [t.format(c.name) for c in concepts for t in cfg.training_templates]
             if cfg.trce is not None:
                 named += list(safe_prompts(concepts, cfg.training_templates).values())
-            anchors = [self.anchor_prompt(p) for p in named] if cfg.reference == "anchor" else []
+            anchors = [self.anchor_prompt(p) for p in named] if cfg.reference in ("anchor", "to-anchor") else []
             self.cond(["", *preserve, *irrelevant, *named, *anchors])
             self.fill_pool(pool, concepts)
             if self.bank is not None and not self.bank.searched:  # once, against θ* (before the LoRA trains)

@@ -39,7 +39,7 @@ from .windows import check_windows
 WINDOWS = ("two", "late", "all", "early")
 MULTI_MODES = ("fuse", "joint", "sum")
 EARLY_MODES = ("keep", "positive", "none")
-REFERENCES = ("stage-a", "original", "anchor")
+REFERENCES = ("stage-a", "original", "anchor", "to-anchor")
 
 
 SUB_CONFIGS = {"adversarial": AdversarialConfig, "eraseanything": EraseAnythingConfig, "trce": TrceConfig,
@@ -82,7 +82,10 @@ class TrajectoryConfig:
     # which model gives the concept direction ε_r(c) − ε_r(∅) and rolls out the trajectories: "stage-a" (θ*, the
     # model stage B starts from) or "original" (θ0, before stage A; the same as θ* for methods without stage A).
     # "anchor" (ours): LATE target ε*(c) − η(ε0(c) − ε0(anchor prompt)), θ*'s trajectories — away from the concept
-    # as θ0 tells it from its anchor, so stage B cannot push back past the anchor (e.g. towards a removed style)
+    # as θ0 tells it from its anchor, so stage B cannot push back past the anchor (e.g. towards a removed style).
+    # "to-anchor" (ours; Concept Ablation's target, Kumari et al. 2023, in the LATE window): ε0(anchor prompt) −
+    # (η − 1)(ε0(c) − ε0(anchor prompt)) — the anchor's own prediction at η = 1, past it for η > 1; it does not read
+    # θ*, so it erases as much where stage A failed as where it worked
     reference: str = "stage-a"
     # which model the LoRA trains on top of (ours): "stage-a" (θ*, stage A on while it trains) or "original" (θ0:
     # stage B trained as if there were no stage A — its rollouts, targets and keep terms all θ0's — then stacked on
@@ -222,7 +225,7 @@ class TrajectoryConfig:
             k for k, off in (("window", "all"), ("early_mode", "none")) if getattr(self, k) != off] + [
             k for k in ("pres_corpus", "gate_tau", "trce", "eraseanything", "preimage", "bank")
             if getattr(self, k) is not None]
-        if self.reference == "anchor":
+        if self.reference in ("anchor", "to-anchor"):
             ignored.append("reference")
         if self.adversarial is not None and self.adversarial.weight != 1.0:
             ignored.append("adversarial_weight")  # its erase term is on the adversarial prompt alone
