@@ -9,6 +9,10 @@ the paired interval of the difference has cleared 0, so a ranking claim needs th
     python benchmarks/paired.py benchmarks/results/reference-choice-dev-toy-sd-objects/bench.json --focus trace
     python benchmarks/paired.py A/bench.json B/bench.json --focus "trace[reference=anchor]" --against trace \
         [--json out.json]
+    python benchmarks/paired.py TEN_SEEDS/bench.json FIVE_SEEDS/bench.json --focus trace --seeds 5
+
+``--seeds N`` pairs benches run with different seed counts on their first N seeds (0..N−1), which every bench must
+have: seeds are drawn in order, so a 10-seed run's first five images are a 5-seed run's five.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ from _script import refuse, run, write_json
 SAME = ("model", "suite", "seeds_per_prompt")  # what benches must share for their rows to pair
 
 
-def load_rows(paths: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, list[dict]]]]:
+def load_rows(paths: list[str], seeds: int | None = None) -> tuple[dict[str, Any], dict[str, dict[str, list[dict]]]]:
     """(the benches' shared settings, method → class → per-seed units); a (method, class) in two benches keeps the
-    first bench's rows."""
+    first bench's rows. With ``seeds``, only seeds 0..seeds−1 of each, and benches of more seeds pair too."""
     shared: dict[str, Any] = {}
     rows: dict[str, dict[str, list[dict]]] = {}
     for path in paths:
@@ -37,10 +41,17 @@ def load_rows(paths: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, lis
             data = set_bench(file, data)
         if "rows" not in data or "suite" not in data:
             refuse(f"'{path}' is not a bench.json (no rows); pass the bench.json a finished `trace-erase bench` wrote")
+        if seeds is not None:
+            if (data.get("seeds_per_prompt") or 0) < seeds:
+                refuse(f"'{path}' has {data.get('seeds_per_prompt')} seeds per prompt, fewer than --seeds {seeds}; "
+                       "lower --seeds")
+            data = {**data, "seeds_per_prompt": seeds,
+                    "rows": [{**r, "units": [u for u in r.get("units") or [] if u["seed"] < seeds]}
+                             for r in data["rows"]]}
         for key in SAME:
             if shared.setdefault(key, data.get(key)) != data.get(key):
                 refuse(f"'{path}' has {key} {data.get(key)!r} where the first bench has {shared[key]!r}; pair benches "
-                       "of one model, suite and seed count")
+                       "of one model, suite and seed count (or pass --seeds N to pair their first N seeds)")
         added: dict[str, dict[str, list[dict]]] = {}
         for row in data["rows"]:
             if row.get("status", "ok") == "ok" and row.get("units"):
@@ -108,8 +119,11 @@ def main() -> None:
     parser.add_argument("--focus", required=True, help="the method the differences are about, as the table names it")
     parser.add_argument("--against", help="comma-separated methods (default: every other method but base)")
     parser.add_argument("--json", help="also write the records here")
+    parser.add_argument("--seeds", type=int, help="pair on seeds 0..N−1 only (benches of different seed counts)")
     args = parser.parse_args()
-    shared, rows = load_rows(args.benches)
+    if args.seeds is not None and args.seeds < 1:
+        refuse(f"--seeds must be ≥ 1 (got {args.seeds})")
+    shared, rows = load_rows(args.benches, args.seeds)
     against = args.against.split(",") if args.against else [m for m in rows if m not in ("base", args.focus)]
     records = compare(shared["suite"], rows, args.focus, against)
     print(table(shared["suite"], args.focus, records))

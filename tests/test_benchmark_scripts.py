@@ -115,6 +115,19 @@ def test_paired_script_pairs_rows_across_benches_of_one_suite(tmp_path: Path) ->
     bench(tmp_path / "c.json", {"ant": 7}, seeds=3)
     done = script("paired.py", "a.json", "c.json", "--focus", "trace", cwd=tmp_path)
     assert done.returncode == 2 and "seeds_per_prompt" in done.stderr
+    # --seeds pairs the first seeds of both: a's seed 3 (where trace keeps 0 of 9) is left out
+    rows = json.loads((tmp_path / "a.json").read_text())
+    for r in rows["rows"]:
+        if r["method"] == "trace":
+            r["units"][3]["hits"]["other"] = 0
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    done = script("paired.py", "a.json", "c.json", "--focus", "trace", "--against", "ant", "--seeds", "3",
+                  "--json", "out3.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (record,) = json.loads((tmp_path / "out3.json").read_text())["records"]
+    full = script("paired.py", "a.json", "c.json", "--focus", "trace", "--seeds", "4", cwd=tmp_path)
+    assert full.returncode == 2 and "fewer than --seeds 4" in full.stderr
+    assert record["headline"]["mean"] > 0  # trace (8 of 9 kept) ahead of ant (7 of 9) on seeds 0..2
 
 
 def test_paired_script_reads_a_multi_benchs_kept_set_rows(tmp_path: Path) -> None:
