@@ -170,3 +170,17 @@ def test_bad_option_values_are_refused_before_loading(option, tmp_path, capsys) 
                         "--output", str(tmp_path / "o"), "--option", option], capsys)
     key = option.split("=")[0]
     assert code == 2 and len(err.strip().splitlines()) == 1 and key in err and "does not exist" not in err, err
+
+
+@pytest.mark.parametrize("text, expected", [("1e-5", 1e-5), ("2E-4", 2e-4), ("+3e2", 300.0), (".5e1", 5.0)])
+def test_exponent_numbers_without_a_dot_are_numbers(text, expected) -> None:
+    """YAML 1.1 reads ``1e-5`` (no dot) as text; a float option must still take it, and a string option keeps it as
+    text, while words stay refused."""
+    from trace_erase.cli.common import parse_options
+    from trace_erase.engines.trajectory_config import TrajectoryConfig
+    from trace_erase.errors import TraceEraseError
+
+    value = parse_options([f"lr={text}"])["lr"]
+    assert TrajectoryConfig.from_options({"lr": value}).lr == pytest.approx(expected)
+    with pytest.raises(TraceEraseError, match="lr"):
+        TrajectoryConfig.from_options({"lr": "1e-5x"})

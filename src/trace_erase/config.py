@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,9 @@ def make_concepts(
     return out
 
 
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _type_name(tp: Any) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
     if typing.get_origin(tp) is list:
@@ -98,6 +102,8 @@ def check_value(key: str, value: Any, annotation: Any) -> Any:
             return float(value)
         if kind is str and isinstance(value, str):
             return value
+        if kind is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return check_value(key, float(value), annotation)  # YAML 1.1 reads 1e-5 (no dot) as text
         if typing.get_origin(kind) is list and isinstance(value, list):
             if typing.get_args(kind) == (float,):
                 if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
