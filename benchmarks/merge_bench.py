@@ -9,7 +9,8 @@ over all their rows with the bench's own code. The runs must share model, suite,
 With --relabel the runs may use different --option values (variants run in parallel): each run's rows are named
 after its options, e.g. ``trace{reference=original}``, and become rows of one table. --concepts keeps only some
 classes (``dev``, ``test`` or a list), e.g. to set a variant run on the development half beside the defaults' rows
-of an all-classes bench.
+of an all-classes bench. --seeds N keeps each run's first N seeds (accuracies, headline and drift recomputed from
+the per-seed units; SSIM and FID left out), so that a 10-seed run sits beside 5-seed ones on the same images.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from _script import refuse, run
 
-from trace_erase.benchmark.tables import keep_concepts, markdown, merge_results, write_tables
+from trace_erase.benchmark.tables import keep_concepts, keep_seeds, markdown, merge_results, write_tables
 from trace_erase.evaluation.intervals import units
 from trace_erase.io import output_folder
 
@@ -43,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     ap.add_argument("--relabel", action="store_true", help="runs with different --option values: name rows by them")
     ap.add_argument("--concepts", help="keep only these concepts: dev, test (the toy halves) or a comma list")
+    ap.add_argument("--seeds", type=int, help="keep only each run's first N seeds (runs of different seed counts)")
     args = ap.parse_args(argv)
     missing = [str(p) for p in args.inputs if not p.is_file()]
     if missing:
         refuse(f"not found: {', '.join(missing)}; give the bench.json files of finished runs")
-    result = merge_results([keep_concepts(with_units(p), args.concepts) for p in args.inputs], relabel=args.relabel)
+    result = merge_results([keep_seeds(keep_concepts(with_units(p), args.concepts), args.seeds) for p in args.inputs],
+                           relabel=args.relabel)
     with output_folder(args.output, args.overwrite, "merged bench output") as tmp:
         (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
         write_tables(result, tmp)

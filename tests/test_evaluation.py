@@ -306,6 +306,36 @@ def test_keep_concepts_cuts_a_bench_to_a_half() -> None:
         keep_concepts(bench, "dev")
 
 
+def test_keep_seeds_recomputes_a_row_from_its_first_seeds() -> None:
+    """A 4-seed row whose first two seeds erased and last two did not: cut to 2 seeds it reads as erased, with H_o and
+    drift from those seeds alone and the image statistics the units lack left out; all seeds give the row back."""
+    from trace_erase.benchmark.tables import keep_seeds
+    from trace_erase.evaluation.metrics import h_objects
+
+    def unit(seed: int, erased: int, drift: float) -> dict:
+        return {"seed": seed, "hits": {"erased": erased, "other": 2, "synonym": 0, "composed": erased},
+                "n": {"erased": 1, "other": 3, "synonym": 1, "composed": 1}, "drift": [drift, drift]}
+
+    units = [unit(0, 0, 0.1), unit(1, 0, 0.1), unit(2, 1, 0.3), unit(3, 1, 0.3)]
+    row = {"concept": "circle", "method": "trace", "status": "ok", "acc_e": 0.5, "acc_s": 2 / 3, "acc_g": 0.0,
+           "acc_c": 0.5, "h_o": h_objects(0.5, 2 / 3, 0.0), "drift_l2": 0.2, "drift_ssim": 0.9, "fid_vs_base": 3.0,
+           "erase_s": 5.0, "units": units}
+    bench = {"model": "toy-sd", "suite": "toy-objects", "seeds_per_prompt": 4, "concepts": ["circle"],
+             "rows": [row], "means": []}
+    cut = keep_seeds(bench, 2)
+    two = cut["rows"][0]
+    assert cut["seeds_per_prompt"] == 2 and [u["seed"] for u in two["units"]] == [0, 1]
+    assert (two["acc_e"], two["acc_c"], two["acc_s"]) == (0.0, 0.0, pytest.approx(2 / 3))
+    assert two["h_o"] == pytest.approx(h_objects(0.0, 2 / 3, 0.0)) and two["drift_l2"] == pytest.approx(0.1)
+    assert "drift_ssim" not in two and "fid_vs_base" not in two and two["erase_s"] == 5.0
+    assert cut["means"][-1]["h_o"] == pytest.approx(two["h_o"])
+    whole = keep_seeds(bench, 4)["rows"][0]
+    assert all(whole[k] == pytest.approx(row[k]) for k in ("acc_e", "acc_s", "acc_g", "acc_c", "h_o", "drift_l2"))
+    assert keep_seeds(bench, None) is bench
+    with pytest.raises(TraceEraseError, match="seeds must be 1..4"):
+        keep_seeds(bench, 5)
+
+
 def test_toy_halves_are_disjoint_and_fixed_for_classes_and_styles() -> None:
     """Defaults are chosen on ``dev`` and reported on ``test``: the halves must not overlap, must cover everything
     erasable, and must not move (a moved half would let a choice see its test set)."""

@@ -1,5 +1,6 @@
 """The bench's tables: means over concepts with intervals (``summarize``), merging runs that split the work,
-cutting a result to some concepts, and the written outputs (``bench.md``, figures, ``report.html``)."""
+cutting a result to some concepts or to its first seeds, and the written outputs (``bench.md``, figures,
+``report.html``)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import TraceEraseError
-from ..evaluation.intervals import intervals
+from ..evaluation.intervals import intervals, unit_metrics
 from ..evaluation.metrics import columns
+from ..evaluation.suites import SCENE_SUITES
 
 NOT_METRICS = {"concept", "method", "status", "error", "erase_s", "erase_reused_s", "peak_rss_mb"}  # not metrics
 
@@ -93,6 +95,31 @@ def keep_concepts(result: dict[str, Any], concepts: str | None) -> dict[str, Any
         raise TraceEraseError(f"this bench has no '{missing[0]}'; it covers {', '.join(result['concepts'])}")
     return {**result, "concepts": [c for c in result["concepts"] if c in wanted],
             "rows": [r for r in result["rows"] if r["concept"] in wanted]}
+
+
+def keep_seeds(result: dict[str, Any], seeds: int | None) -> dict[str, Any]:
+    """A label-suite bench result cut to its first ``seeds`` seeds (0..seeds−1; seeds are drawn in order, so a
+    10-seed run's first five images are a 5-seed run's five): each row's accuracies, headline and drift recomputed
+    from those seeds' units, the image statistics the units do not hold (SSIM, FID) left out, the means redone. It
+    sets benches of different seed counts side by side on the same images. None: unchanged."""
+    if seeds is None:
+        return result
+    have = result["seeds_per_prompt"]
+    if result["suite"] in SCENE_SUITES or seeds < 1 or seeds > have:
+        raise TraceEraseError(f"seeds must be 1..{have} for this bench (a label suite's first seeds), not {seeds}"
+                              if result["suite"] not in SCENE_SUITES else "seeds: scene benches are not cut by seed")
+    rows = []
+    for row in result["rows"]:
+        if row["status"] != "ok" or row["method"] == "base" and not row.get("units"):
+            rows.append(row)
+            continue
+        if not row.get("units"):
+            raise TraceEraseError(f"{row['concept']} / {row['method']} has no per-seed units to cut; rerun the bench")
+        kept = [u for u in row["units"] if u["seed"] < seeds]
+        redone = {k: v for k, v in unit_metrics(result["suite"], kept).items() if k in row and v is not None}
+        cut = {k: v for k, v in row.items() if k not in ("drift_ssim", "fid_vs_base")}
+        rows.append({**cut, **redone, "units": kept})
+    return {**result, "seeds_per_prompt": seeds, "rows": rows, "means": summarize(rows, result["suite"])}
 
 
 def _shared_options(options: dict[str, Any]) -> dict[str, Any]:

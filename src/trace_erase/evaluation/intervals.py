@@ -51,19 +51,29 @@ def intervals(suite: str, per_concept: list[list[dict[str, Any]]]) -> dict[str, 
     return {**out, **({"drift_l2_ci95": list(ci["drift_l2"])} if ci["drift_l2"] is not None else {})}
 
 
-def _concept_stats(suite: str, seeds: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+def unit_metrics(suite: str, seeds: list[dict[str, Any]]) -> dict[str, float | None]:
+    """One concept's accuracies, headline and mean drift from some of its per-seed units, as its evaluation computes
+    them from all (evaluation/metrics.py): a label suite's ``acc_e``, ``acc_s``, ``acc_g``, ``acc_c`` (composed), the
+    headline and ``drift_l2``."""
     def acc(g: str) -> float | None:
         n = sum(u["n"].get(g, 0) for u in seeds)
         return sum(u["hits"].get(g, 0) for u in seeds) / n if n else None
 
     drift = [d for u in seeds for d in u["drift"]]
-    head = None
     e, s, g = acc("erased"), acc("other"), acc("synonym")
-    if HEADLINE.get(suite) == "h_o" and None not in (e, s, g):
-        head = h_objects(e, s, g)
-    elif HEADLINE.get(suite) in ("h_c", "h_s") and None not in (e, s):
-        head = h_identities(e, s)
-    return head, (float(np.mean(drift)) if drift else None)
+    out = {"acc_e": e, "acc_s": s, "acc_g": g, "acc_c": acc("composed"),
+           "drift_l2": float(np.mean(drift)) if drift else None}
+    head = HEADLINE.get(suite)
+    if head == "h_o":
+        out[head] = h_objects(e, s, g) if None not in (e, s, g) else None
+    elif head in ("h_c", "h_s"):
+        out[head] = h_identities(e, s) if None not in (e, s) else None
+    return out
+
+
+def _concept_stats(suite: str, seeds: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    m = unit_metrics(suite, seeds)
+    return m.get(HEADLINE.get(suite, "")), m["drift_l2"]
 
 
 def bootstrap(suite: str, per_concept: list[list[dict[str, Any]]], draws: int = 2000,
