@@ -98,6 +98,11 @@ class ClosedFormConfig:
         if not self.neighbour_synonym > 0 or not -1 < self.neighbour_similarity <= 1:
             raise TraceEraseError(f"neighbour_synonym must be > 0 and neighbour_similarity in (-1, 1] (got "
                                   f"{self.neighbour_synonym}, {self.neighbour_similarity}); e.g. 0.5 and 0.8")
+        tuned = [f.name for f in dataclasses.fields(self)
+                 if f.name.startswith("neighbour_") and getattr(self, f.name) != f.default]
+        if tuned and not self.neighbours:
+            raise TraceEraseError(f"{tuned[0]} has no effect with neighbours=0 (the default of this method and "
+                                  "model kind); add --option neighbours=8, or drop it")
         if self.neighbours and self.neighbour_vocab != "model" and not Path(self.neighbour_vocab).is_file():
             raise TraceEraseError(f"neighbour_vocab '{self.neighbour_vocab}' does not exist; give a text file of "
                                   "words, or 'model'")

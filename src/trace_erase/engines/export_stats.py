@@ -31,6 +31,9 @@ class ExportStatistics:
             cfg = config_from_dict(ClosedFormConfig, self.erasure.manifest["config"]["closed_form"],
                                    "the erasure's config")
             self._engine = ClosedFormEngine(self.handle.adapter, cfg, progress=False)
+            # the words stage A found and preserved in its second solve (neighbours > 0), as the manifest records them
+            found = (self.erasure.manifest.get("neighbours") or {}).get("preserved", {})
+            self._engine.extra_preserve = list(found)
             self._stats = self._engine.statistics(make_concepts(self.erasure.manifest["concepts"]))
         return self._engine, self._stats
 

@@ -26,6 +26,7 @@ import torch
 
 from ..config import Concept
 from ..errors import TraceEraseError
+from ..models.base import SegmentedLayout, TokenLayout
 from .gram import GramStats
 from .prompts import fill
 from .rece import projection_gram
@@ -102,7 +103,7 @@ def measure(engine: Any, texts: list[str], solutions: dict[str, torch.Tensor], n
             if stream.per_token:
                 layout = engine.adapter.token_layout(prompt, span)
                 pos, _, _ = engine.positions(layout, layout, stream)
-                f, word = f[..., pos, :], f[..., list(range(layout.start, layout.end)), :]
+                f, word = f[..., pos, :], f[..., word_positions(layout), :]
             f = f.reshape(-1, f.shape[-1])
             g = f.T @ f
             num[i] += float((moved_k * g).sum())
@@ -114,6 +115,14 @@ def measure(engine: Any, texts: list[str], solutions: dict[str, torch.Tensor], n
         norm = gram.diag().clamp(min=1e-30).sqrt()
         sims += (gram / (norm[:, None] * norm[None, :]))[:, :n_concepts]
     return num / den.clamp(min=1e-30), sims / len(engine.streams)
+
+
+def word_positions(layout: TokenLayout | SegmentedLayout) -> list[int]:
+    """The positions of the word's tokens in the feature sequence; in a joint sequence (SD3's CLIP then T5
+    positions), in every segment, offset into it."""
+    if isinstance(layout, SegmentedLayout):
+        return [offset + p for offset, part, _ in layout.parts for p in range(part.start, part.end)]
+    return list(range(layout.start, layout.end))
 
 
 def select_neighbours(engine: Any, concepts: list[Concept], stats: dict[str, GramStats]
