@@ -109,14 +109,20 @@ def test_demo_and_eval_cli(micro_sd, tmp_path, capsys) -> None:
 
 
 def test_bench_micro(micro_sd, tmp_path, capsys) -> None:
+    captions = tmp_path / "words" / "captions.txt"  # a sweep value that is a path names a row, not a folder
+    captions.parent.mkdir()
+    captions.write_text("a red house\na blue car\n")
     code = main(["bench", "--model", micro_sd, "--output", str(tmp_path / "b"), "--methods", "uce,esd-x",
-                 "--concepts", "circle", "--seeds", "1", "--sweep", "tau=0.3",
+                 "--concepts", "circle", "--seeds", "1", "--sweep", f"tau=0.3+rho=0.5+pres_corpus={captions}",
                  "--option", "steps=2", "--option", "rollout_steps=2", "--option", "pool_trajectories=1",
                  "--option", "templates=['{}']"])
     assert code == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
     methods = [e["method"] for e in result["means"]]
-    assert methods == ["base", "uce", "esd-x", "trace[tau=0.3]"]
+    swept = f"trace[tau=0.3][rho=0.5][pres_corpus={captions}]"
+    assert methods == ["base", "uce", "esd-x", swept]
+    assert result["rows"][2]["status"] == "ok", result["rows"][2]
+    assert (tmp_path / "b" / "runs" / "circle" / swept.replace("/", "_") / "report.html").is_file()
     assert result["rows"][0]["status"] == "ok" and "h_o" in result["means"][1]
     md = (tmp_path / "b" / "bench.md").read_text()
     assert "| uce |" in md and "H_o" in md

@@ -106,3 +106,9 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_label(label: str) -> str:
+    """A row label as one file or folder name: a sweep value that is a path (``neighbour_vocab=data/words.txt``)
+    keeps its text with the separators replaced."""
+    return label.replace("/", "_").replace("\\", "_")

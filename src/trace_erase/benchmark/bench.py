@@ -19,7 +19,7 @@ from ..evaluation.metrics import columns
 from ..evaluation.run import evaluate, images_for
 from ..evaluation.scorers import Scorer, ScorerOptions, scorer_for
 from ..evaluation.suites import Suite, build_suite
-from ..io import atomic_write, check_writable, commit_folder, prepare_workdir
+from ..io import atomic_write, check_writable, commit_folder, file_label, prepare_workdir
 from ..methods import get_method
 from ..models import ModelHandle
 from .tables import summarize, write_tables
@@ -147,11 +147,11 @@ def run_bench(
         controls: dict[str, Any] | None = None
         for method, extra in [*runs, ("base", {})]:
             label = run_label(method, extra)
-            row_file = work / "rows" / f"{concept}__{label}.json"
+            row_file = work / "rows" / f"{concept}__{file_label(label)}.json"
             if row_file.is_file():  # finished before an interruption
                 rows.append(json.loads(row_file.read_text()))
                 continue
-            run_dir = work / "runs" / concept / label
+            run_dir = work / "runs" / concept / file_label(label)
             try:
                 if base is None:
                     _reset(handle)

@@ -11,6 +11,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+from ..io import file_label
 from .intervals import HEADLINE
 from .metrics import SUITE_COLUMNS
 
@@ -159,10 +160,10 @@ def bench_report(result: dict[str, Any], folder: Path, table_md: str, figures: l
     notes = "".join(f"<p>{html.escape(ln)}</p>" for ln in table_md.splitlines()[len(lines):] if ln.strip())
     figs = "".join(f'<img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}">' for p in figures) or (
         "<p>No figures: install the plots extra (<code>pip install 'trace-erase[plots]'</code>).</p>")
-    runs = "".join(f'<li><a href="runs/{html.escape(r["concept"])}/{html.escape(r["method"])}/report.html">'
+    runs = "".join(f'<li><a href="runs/{html.escape(r["concept"])}/{html.escape(file_label(r["method"]))}/report.html">'
                    f'{html.escape(r["concept"])} / {html.escape(r["method"])}</a></li>'
                    for r in result.get("rows", []) if r.get("status") == "ok"
-                   and (folder / "runs" / r["concept"] / r["method"] / "report.html").is_file())
+                   and (folder / "runs" / r["concept"] / file_label(r["method"]) / "report.html").is_file())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>trace-erase bench</title><style>
 body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 8px}} img{{max-width:100%;margin:8px 8px 0 0;border:1px solid #eee}}
