@@ -44,13 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     ap.add_argument("--relabel", action="store_true", help="runs with different --option values: name rows by them")
     ap.add_argument("--concepts", help="keep only these concepts: dev, test (the toy halves) or a comma list")
+    ap.add_argument("--first-wins", action="store_true",
+                    help="a (concept, method) row in two runs: keep the first run's instead of refusing")
     ap.add_argument("--seeds", type=int, help="keep only each run's first N seeds (runs of different seed counts)")
     args = ap.parse_args(argv)
     missing = [str(p) for p in args.inputs if not p.is_file()]
     if missing:
         refuse(f"not found: {', '.join(missing)}; give the bench.json files of finished runs")
     result = merge_results([keep_seeds(keep_concepts(with_units(p), args.concepts), args.seeds) for p in args.inputs],
-                           relabel=args.relabel)
+                           relabel=args.relabel, first_wins=args.first_wins)
     with output_folder(args.output, args.overwrite, "merged bench output") as tmp:
         (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
         write_tables(result, tmp)

@@ -217,6 +217,8 @@ def test_merge_results_recomputes_means_over_disjoint_concepts() -> None:
     assert merged["means"][-1]["acc_s"] == pytest.approx(0.8) and merged["means"][-1]["concepts"] == 2
     with pytest.raises(TraceEraseError, match="appears in two runs"):
         merge_results([run("circle", 0.6), run("circle", 1.0)])
+    kept = merge_results([run("circle", 0.6), run("circle", 1.0), run("heart", 1.0)], first_wins=True)
+    assert [(r["concept"], r["acc_s"]) for r in kept["rows"]] == [("circle", 0.6), ("heart", 1.0)]
     other = run("heart", 1.0) | {"seeds_per_prompt": 10}
     with pytest.raises(TraceEraseError, match="differ in 'seeds_per_prompt'"):
         merge_results([run("circle", 0.6), other])

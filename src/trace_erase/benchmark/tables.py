@@ -44,12 +44,14 @@ def summarize(rows: list[dict[str, Any]], suite: str | None = None) -> list[dict
 MERGE_SHARED = ("model", "suite", "seeds_per_prompt", "options", "sweep", "methods")
 
 
-def merge_results(results: list[dict[str, Any]], relabel: bool = False) -> dict[str, Any]:
+def merge_results(results: list[dict[str, Any]], relabel: bool = False, first_wins: bool = False) -> dict[str, Any]:
     """Bench results of processes that split the work, as one result: all rows, means recomputed.
 
     By default the runs must share model, suite, seeds, options, sweep and methods, and cover disjoint concepts. With
     ``relabel`` they may differ in options (and methods): each run's rows are named ``method{key=value,...}`` after
-    its options, so variants run in parallel processes become rows of one table (one base row per concept is kept)."""
+    its options, so variants run in parallel processes become rows of one table (one base row per concept is kept).
+    With ``first_wins`` a (concept, method) row that an earlier run already has is left out instead of refused (a
+    rerun's table set beside an older bench that ran some of the same methods)."""
     first = results[0]
     opts = [_shared_options(r["options"]) for r in results]
     shared = [k for k in MERGE_SHARED if k != "options" and (not relabel or k not in ("methods", "sweep"))]
@@ -69,7 +71,7 @@ def merge_results(results: list[dict[str, Any]], relabel: bool = False) -> dict[
         for row in r["rows"]:
             name = row["method"] if row["method"] == "base" else row["method"] + tag
             if (row["concept"], name) in seen:
-                if name == "base" and relabel:
+                if name == "base" and relabel or first_wins:
                     continue
                 raise TraceEraseError(f"{row['concept']} / {name} appears in two runs; merge runs over disjoint "
                                       "--concepts (or different options, with relabel)")
