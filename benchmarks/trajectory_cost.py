@@ -1,8 +1,9 @@
 """Stage-B cost on an SD-1.4-architecture UNet (random weights): per-iteration time and peak RSS.
 
 Setups, each in its own process (peak RSS is per process):
-  trace         — our TRACE stage B: LoRA on K/V, frozen branch = same UNet with the adapter disabled, states
-                  from the replay pool, trained branches (c, ∅) backpropagated one at a time
+  trace         — our TRACE stage B at its SD defaults: LoRA on K/V, frozen branch = same UNet with the adapter
+                  disabled, states from the replay pool, trained branches (c, ∅) backpropagated one at a time
+  trace-batched — the same with both trained branches in one call (``branches=batched``)
   esd-x         — our ESD-x: the same engine (one trained branch, no L_unc)
   two-copy      — ESD-style memory layout as in the original repos: a frozen deepcopy of the UNet beside the trained
                   one (full fine-tuning of cross-attention, as ESD-x does); states given, not sampled
@@ -11,7 +12,8 @@ Setups, each in its own process (peak RSS is per process):
                   Derived, not run: two-copy's s/iteration + 25 × the measured time of one guided call (batch 2)
   trace-gc      — trace with gradient checkpointing
 
-    python benchmarks/trajectory_cost.py [--iters 3] [--threads 2] [--setups trace,esd-x,two-copy,trace-gc]
+    python benchmarks/trajectory_cost.py [--iters 3] [--threads 2] \
+        [--setups trace,trace-batched,esd-x,two-copy,trace-gc]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def run_setup(setup: str, iters: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
+    from trace_erase.api import method_configs
     from trace_erase.config import Concept
     from trace_erase.engines.trajectory import TrajectoryConfig, TrajectoryEngine
     from trace_erase.methods import get_method
@@ -41,9 +44,10 @@ def run_setup(setup: str, iters: int, threads: int) -> dict:
     adapter = get_adapter(pipe)
     model_bytes = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
     method = "esd-x" if setup == "esd-x" else "trace"
-    opts = dict(get_method(method).trajectory)
+    opts = method_configs(get_method(method), {}, "sd")[1].options()  # the method's defaults on SD
     opts.update(steps=iters, rollout_steps=4, pool_trajectories=1, batch_size=1, checkpoint_every=10**9,
-                gradient_checkpointing=setup == "trace-gc")
+                gradient_checkpointing=setup == "trace-gc",
+                branches="batched" if setup == "trace-batched" else "sequential")
     engine = TrajectoryEngine(adapter, TrajectoryConfig.from_options(**opts), progress=False)
     concepts = [Concept("van gogh")]
     sample_call_s = None
@@ -108,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--setups", default="trace,esd-x,two-copy,trace-gc")
+    parser.add_argument("--setups", default="trace,trace-batched,esd-x,two-copy,trace-gc")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -136,7 +140,7 @@ def main() -> None:
     if "trace" in by and "two-copy" in by:
         print(f"\ntrace / two-copy: time {by['trace']['per_iter_s'] / by['two-copy']['per_iter_s']:.2f}×, "
               f"peak RSS {by['trace']['peak_rss_gib'] / by['two-copy']['peak_rss_gib']:.2f}×")
-    for other in ("esd-x", "esd-original"):
+    for other in ("trace-batched", "esd-x", "esd-original"):
         if "trace" in by and other in by:
             print(f"trace / {other}: time {by['trace']['per_iter_s'] / by[other]['per_iter_s']:.2f}×, "
                   f"peak RSS {by['trace']['peak_rss_gib'] / by[other]['peak_rss_gib']:.2f}×")
