@@ -86,6 +86,7 @@ def run_setup(setup: str, iters: int, threads: int) -> dict:
             times.append(time.perf_counter() - start)
         per_iter = sum(times[1:]) / iters
     else:
+        engine.concepts = concepts  # the anchor reference reads the training prompt's concept
         engine.attach()
         params = engine.lora_parameters()
         for p in params:
@@ -101,7 +102,6 @@ def run_setup(setup: str, iters: int, threads: int) -> dict:
             opt.step()
             times.append(time.perf_counter() - start)
         per_iter = sum(times[1:]) / iters
-        _ = concepts
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"setup": setup, "per_iter_s": per_iter, "sample_call_s": sample_call_s, "peak_rss_gib": peak / 2**30,
             "unet_gib": model_bytes / 2**30,
