@@ -23,7 +23,7 @@ from _script import refuse, run
 
 from trace_erase.benchmark.tables import keep_concepts, keep_seeds, markdown, merge_results, write_tables
 from trace_erase.evaluation.intervals import units
-from trace_erase.io import file_label, output_folder
+from trace_erase.io import output_folder, run_folder
 
 
 def with_units(path: Path) -> dict:
@@ -31,7 +31,7 @@ def with_units(path: Path) -> dict:
     them from its runs' saved results.json (per-image judgements), where the run folders are still next to it."""
     result = json.loads(path.read_text())
     for row in result["rows"]:
-        saved = path.parent / "runs" / row["concept"] / file_label(row["method"]) / "results.json"
+        saved = run_folder(path.parent, row["concept"], row["method"]) / "results.json"
         if row.get("status") == "ok" and not row.get("units") and saved.is_file():
             row["units"] = units(json.loads(saved.read_text()))
     return result

@@ -112,3 +112,8 @@ def file_label(label: str) -> str:
     """A row label as one file or folder name: a sweep value that is a path (``neighbour_vocab=data/words.txt``)
     keeps its text with the separators replaced."""
     return label.replace("/", "_").replace("\\", "_")
+
+
+def run_folder(folder: str | Path, concept: str, label: str) -> Path:
+    """Where a bench keeps one (concept, row label) run: ``folder/runs/<concept>/<label as a file name>``."""
+    return Path(folder) / "runs" / concept / file_label(label)

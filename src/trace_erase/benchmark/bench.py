@@ -19,7 +19,7 @@ from ..evaluation.metrics import columns
 from ..evaluation.run import evaluate, images_for
 from ..evaluation.scorers import Scorer, ScorerOptions, scorer_for
 from ..evaluation.suites import Suite, build_suite
-from ..io import atomic_write, check_writable, commit_folder, file_label, prepare_workdir
+from ..io import atomic_write, check_writable, commit_folder, file_label, prepare_workdir, run_folder
 from ..methods import get_method
 from ..models import ModelHandle
 from .tables import summarize, write_tables
@@ -151,7 +151,7 @@ def run_bench(
             if row_file.is_file():  # finished before an interruption
                 rows.append(json.loads(row_file.read_text()))
                 continue
-            run_dir = work / "runs" / concept / file_label(label)
+            run_dir = run_folder(work, concept, label)
             try:
                 if base is None:
                     _reset(handle)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import TraceEraseError
 from ..evaluation.suites import load_class_set
-from ..io import file_label
+from ..io import run_folder
 from .bench import run_bench, run_label
 
 KEYS = ("acc_e", "acc_s", "acc_g", "h_o", "drift_l2")
@@ -196,7 +196,7 @@ def _set_rows(handle: Any, folder: Path, group: list[str], methods: list[str], s
                            resume=resume, sweep=sweep, **bench_kwargs)
     found = []
     for row in result["rows"]:
-        run = folder / "runs" / row["concept"] / file_label(row["method"]) / "results.json"
+        run = run_folder(folder, row["concept"], row["method"]) / "results.json"
         found.append((row, per_class_acc_e(json.loads(run.read_text())) if run.is_file() else {}))
     atomic_write(folder / SET_ROWS, json.dumps({"group": group, "rows": [
         {"row": row, "per_class_acc_e": per_class} for row, per_class in found]}, indent=1) + "\n")

@@ -106,10 +106,11 @@ def keep_seeds(result: dict[str, Any], seeds: int | None) -> dict[str, Any]:
     sets benches of different seed counts side by side on the same images. None: unchanged."""
     if seeds is None:
         return result
+    if result["suite"] in SCENE_SUITES:
+        raise TraceEraseError("seeds: scene benches are not cut by seed; merge them at their own seed count")
     have = result["seeds_per_prompt"]
-    if result["suite"] in SCENE_SUITES or seeds < 1 or seeds > have:
-        raise TraceEraseError(f"seeds must be 1..{have} for this bench (a label suite's first seeds), not {seeds}"
-                              if result["suite"] not in SCENE_SUITES else "seeds: scene benches are not cut by seed")
+    if not 1 <= seeds <= have:
+        raise TraceEraseError(f"seeds must be 1..{have} for this bench (its first seeds), not {seeds}")
     rows = []
     for row in result["rows"]:
         if row["status"] != "ok" or row["method"] == "base" and not row.get("units"):

@@ -11,7 +11,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from ..io import file_label
+from ..io import file_label, run_folder
 from .intervals import HEADLINE
 from .metrics import SUITE_COLUMNS
 
@@ -163,7 +163,7 @@ def bench_report(result: dict[str, Any], folder: Path, table_md: str, figures: l
     runs = "".join(f'<li><a href="runs/{html.escape(r["concept"])}/{html.escape(file_label(r["method"]))}/report.html">'
                    f'{html.escape(r["concept"])} / {html.escape(r["method"])}</a></li>'
                    for r in result.get("rows", []) if r.get("status") == "ok"
-                   and (folder / "runs" / r["concept"] / file_label(r["method"]) / "report.html").is_file())
+                   and (run_folder(folder, r["concept"], r["method"]) / "report.html").is_file())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>trace-erase bench</title><style>
 body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 8px}} img{{max-width:100%;margin:8px 8px 0 0;border:1px solid #eee}}
