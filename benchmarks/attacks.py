@@ -6,7 +6,8 @@ seeds, attack settings and variant match, so a matrix grows class by class acros
 (ignored) work folder are reused too. ``rows.json`` also keeps each erasure's time, so the table's matrix time adds
 up across machines; ``--saved-only`` prints the table of the classes finished so far without computing anything.
 Processes may share one ``--output`` when each has its own ``--classes`` (``rows.json`` is re-read and added to
-under a file lock): one process per core, then ``--saved-only`` over every class for the table.
+under a file lock): one process per core, then ``--saved-only`` over every class for the table. A run whose classes,
+methods or attacks are a part of the table already in its folder saves its rows and leaves that table as it is.
 A ``--variant NAME=METHOD:KEY=VALUE,...`` row is METHOD with engine options (list NAME in ``--methods``), e.g. the
 stage-B defence: ``--variant trace-adv=trace:adversarial_every=25 --methods ...,trace,trace-adv``.
 
@@ -200,11 +201,30 @@ def main() -> None:
                         if k not in ("variant", "saved_only") and v is not None]
                        + [f"--variant {v}" for v in args.variant]))
     tables = Path(args.tables) if args.tables else out
+    wider = covers_more(tables / "attacks.json", classes, ["base", *methods], attacks)
+    if wider:
+        print(f"kept {tables / 'attacks.md'}: it covers {wider} that this run does not (a partial run would "
+              "overwrite it with a partial table); regenerate it with --saved-only and the full --classes/--methods",
+              flush=True)
+        return
     tables.mkdir(parents=True, exist_ok=True)
     write_json(tables / "attacks.json", summary)
     atomic_write(tables / "attacks.md", table(summary) + "\n")
     figures(summary, rows, classes, tables)
     print(table(summary))
+
+
+def covers_more(path: Path, classes: list[str], methods: list[str], attacks: list[str]) -> str:
+    """What the table already at ``path`` holds beyond this run's classes, methods and attacks ('' when nothing, or
+    when there is no table): processes that share one ``--output`` each compute part of a matrix, and the last to
+    finish must not replace the whole table with its part."""
+    old = _load(path)
+    if not old:
+        return ""
+    extra = {"classes": sorted(set(old.get("classes", [])) - set(classes)),
+             "methods": sorted(set(old.get("methods", [])) - set(methods)),
+             "attacks": sorted(set(old.get("attacks", [])) - set(attacks))}
+    return "; ".join(f"{k} {', '.join(v)}" for k, v in extra.items() if v)
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:

@@ -70,6 +70,21 @@ def test_two_attack_matrices_sharing_an_output_keep_each_others_rows(tmp_path: P
     assert SavedRows(path, "toy-sd", 5, {"paraphrase": {"budget": 8}}, {}).get("square", "trace", "paraphrase")
 
 
+def test_a_partial_attack_run_keeps_the_wider_table_it_shares_an_output_with(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from attacks import covers_more
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    table = tmp_path / "attacks.json"
+    assert covers_more(table, ["circle"], ["base", "trace"], ["p4d"]) == ""  # no table yet: write it
+    table.write_text(json.dumps({"classes": ["circle", "cross"], "methods": ["base", "ant", "trace"],
+                                 "attacks": ["p4d"]}))
+    assert covers_more(table, ["circle", "cross"], ["base", "ant", "trace"], ["p4d"]) == ""  # the same matrix
+    assert covers_more(table, ["circle", "cross", "house"], ["base", "ant", "trace", "trce"], ["p4d"]) == ""
+    assert covers_more(table, ["circle"], ["base", "trce"], ["p4d"]) == "classes cross; methods ant, trace"
+
+
 def test_attack_gaps_pair_trace_with_the_lowest_other_method_class_by_class() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
