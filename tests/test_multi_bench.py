@@ -124,6 +124,16 @@ def test_the_subsets_of_one_n_are_distinct_and_the_earlier_draws_stay() -> None:
     assert len({tuple(g) for g in concept_sets(classes, [9], subsets=10)[9]}) == 10  # every one there is
 
 
+def test_singletons_run_only_when_n1_is_asked_for(micro_sd, tmp_path, capsys) -> None:
+    classes = [f"c{i}" for i in range(10)]
+    assert sorted(concept_sets(classes, [2, 5], subsets=1)) == [2, 5]  # a fusion choice runs no singletons
+    assert concept_sets(classes, [1, 2], subsets=1)[1] == [[c] for c in classes]
+    assert main(["bench", "--model", micro_sd, "--concept-counts", "2,5", "--singletons", str(tmp_path / "s.json"),
+                 "--output", str(tmp_path / "m")]) == 2
+    assert "has no N = 1; add 1 to --concept-counts" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def test_more_subsets_than_exist_and_a_folder_of_another_set_are_one_line(micro_sd, tmp_path, capsys) -> None:
     assert main(["bench", "--model", micro_sd, "--concept-counts", "1,9", "--subsets", "11",
                  "--output", str(tmp_path / "m")]) == 2

@@ -74,6 +74,9 @@ def check_concept_counts(concept_counts: str | None, suite: str, prompts: str | 
         raise TraceEraseError("--attacks attacks one erased concept at a time; it does not combine with "
                               "--concept-counts")
     counts = parse_counts(concept_counts)
+    if singletons and 1 not in counts:
+        raise TraceEraseError(f"--singletons supplies the N = 1 runs, and --concept-counts {concept_counts} has no "
+                              "N = 1; add 1 to --concept-counts or drop --singletons")
     if suite != "toy-objects" or prompts:
         raise TraceEraseError("--concept-counts runs on --suite toy-objects with its built-in prompts")
     if subsets < 1:
