@@ -130,6 +130,9 @@ def main() -> None:
                     help="write attacks.md, attacks.json and the figures here instead of --output (rows.json and "
                          "the work folder stay in --output): e.g. a test-half table of a 10-class matrix")
     ap.add_argument("--variant", action="append", default=[], help="NAME=METHOD:KEY=VALUE,... (repeatable)")
+    ap.add_argument("--focus", default=FOCUS,
+                    help="the method whose paired gap to the lowest other method the table gives (e.g. a --variant "
+                         "of trace); list only one TRACE row in --methods, or the other counts as a rival")
     ap.add_argument("--saved-only", action="store_true",
                     help="compute nothing: the table from rows.json over the classes whose every run is saved "
                          "(an interim table while a matrix grows; the other classes are listed as pending)")
@@ -138,6 +141,8 @@ def main() -> None:
     if args.classes in ("dev", "test", "all"):
         classes = list(CLASSES) if args.classes == "all" else list(toy_split(args.classes))
     variants = dict(parse_variant(v) for v in args.variant)
+    if args.focus != FOCUS and args.focus not in methods:
+        refuse(f"--focus {args.focus} is not among --methods; add it there (a --variant's NAME counts)")
     configs = {a: AttackConfig(a, seeds=args.seeds) for a in attacks}  # validated before anything loads
     out = Path(args.output)
     work = out / "work"
@@ -189,7 +194,7 @@ def main() -> None:
                       f"(base {res['base_rate']:.2f} → {res['base_asr']:.2f}) {res['timings']['total_s']:.0f} s",
                       flush=True)
     wall = time.perf_counter() - t_start
-    summary = collate(rows, classes, ["base", *methods], attacks)
+    summary = collate(rows, classes, ["base", *methods], attacks, focus=args.focus)
     attack_s = sum(r["timings"]["total_s"] for r in rows.values())  # controls (the base rows) included
     erase_s = {k: v for k, v in saved.erase_s.items() if k.split("|")[0] in classes and k.split("|")[1] in methods}
     summary.update(model=args.model, classes=classes, seeds=args.seeds, wall_s=wall, erase_s=erase_s,
@@ -237,7 +242,7 @@ def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:
 
 
 def collate(rows: dict[tuple[str, str, str], dict[str, Any]], classes: list[str], methods: list[str],
-            attacks: list[str]) -> dict[str, Any]:
+            attacks: list[str], focus: str = FOCUS) -> dict[str, Any]:
     """Mean and std over classes of the no-attack rate and each attack's ASR, per method (base: the control runs)."""
     cells: dict[str, dict[str, Any]] = {}
     for m in methods:
@@ -252,9 +257,9 @@ def collate(rows: dict[tuple[str, str, str], dict[str, Any]], classes: list[str]
                 ] if "paraphrase" in attacks else []
         if para:
             cells[m]["paraphrase families"] = {f: float(np.mean([p[f] for p in para])) for f in para[0]}
-    summary = {"cells": cells, "attacks": attacks, "methods": methods}
-    if FOCUS in methods and any(m not in ("base", FOCUS) for m in methods) and len(classes) > 1:
-        summary["gaps"] = gaps(rows, classes, methods, attacks)
+    summary = {"cells": cells, "attacks": attacks, "methods": methods, "focus": focus}
+    if focus in methods and any(m not in ("base", focus) for m in methods) and len(classes) > 1:
+        summary["gaps"] = gaps(rows, classes, methods, attacks, focus=focus)
     return summary
 
 
@@ -267,17 +272,18 @@ def per_class(rows: dict[tuple[str, str, str], dict[str, Any]], classes: list[st
 
 
 def gaps(rows: dict[tuple[str, str, str], dict[str, Any]], classes: list[str], methods: list[str],
-         attacks: list[str], draws: int = 2000, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Per column: TRACE's ASR minus the lowest other method's, paired class by class, with a 95 % bootstrap interval
-    over the classes. The ± in the table is the spread between classes, most of which both methods share (a class that
-    is easy to bring back is easy for every erasure); the paired difference is what says whether one is ahead."""
+         attacks: list[str], draws: int = 2000, seed: int = 0, focus: str = FOCUS) -> dict[str, dict[str, Any]]:
+    """Per column: ``focus``'s (TRACE's) ASR minus the lowest other method's, paired class by class, with a 95 %
+    bootstrap interval over the classes. The ± in the table is the spread between classes, most of which both methods
+    share (a class that is easy to bring back is easy for every erasure); the paired difference is what says whether
+    one is ahead."""
     rng = np.random.default_rng(seed)
     draw = rng.integers(0, len(classes), (draws, len(classes)))  # one set of resamples for every column
     out: dict[str, dict[str, Any]] = {}
     for column in ["no attack", *attacks]:
-        others = {m: per_class(rows, classes, m, attacks, column) for m in methods if m not in ("base", FOCUS)}
+        others = {m: per_class(rows, classes, m, attacks, column) for m in methods if m not in ("base", focus)}
         best = min(others, key=lambda m: (np.mean(others[m]), m))
-        diff = np.asarray(per_class(rows, classes, FOCUS, attacks, column)) - np.asarray(others[best])
+        diff = np.asarray(per_class(rows, classes, focus, attacks, column)) - np.asarray(others[best])
         means = diff[draw].mean(axis=1)
         lo, hi = np.percentile(means, [2.5, 97.5])
         out[column] = {"other": best, "mean": float(diff.mean()), "ci": (float(lo), float(hi))}
@@ -301,11 +307,12 @@ def table(summary: dict[str, Any]) -> str:
         lines += [f"| {m} | " + " | ".join(f"{100 * summary['cells'][m]['paraphrase families'][n]:.0f}"
                                            for n in names) + " |" for m in fams]
     if summary.get("gaps"):
-        lines += ["", f"| column | lowest other method | {FOCUS} − it (points) | 95 % interval (classes resampled) "
+        focus = summary.get("focus", FOCUS)
+        lines += ["", f"| column | lowest other method | {focus} − it (points) | 95 % interval (classes resampled) "
                       "| reading |", "|---|---|---|---|---|"]
         for column, g in summary["gaps"].items():
             lo, hi = g["ci"]
-            reading = (f"{FOCUS} lower" if hi < 0 else f"{FOCUS} higher" if lo > 0 else "not told apart")
+            reading = (f"{focus} lower" if hi < 0 else f"{focus} higher" if lo > 0 else "not told apart")
             lines.append(f"| {column} | {g['other']} | {100 * g['mean']:+.0f} | [{100 * lo:+.0f}, {100 * hi:+.0f}] "
                          f"| {reading} |")
     n, names = len(summary["classes"]), ", ".join(summary["classes"])

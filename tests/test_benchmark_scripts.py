@@ -23,6 +23,7 @@ def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     ("merge_bench.py", ["missing/bench.json", "--output", "merged"], "not found: missing/bench.json"),
     ("attacks.py", ["--attacks", "no-such-attack", "--output", "out"], "no-such-attack"),
     ("attacks.py", ["--saved-only", "--output", "out"], "run the matrix without --saved-only first"),
+    ("attacks.py", ["--focus", "trace-now", "--output", "out"], "--focus trace-now is not among --methods"),
     ("toy_vae_probe.py", ["--set", "no_such_key=1", "--output", "pipe", "--micro"], "no_such_key"),
     ("scene_side_probe.py", ["missing"], "no folder 'missing'"),
     ("scene_side_probe.py", ["."], "neither a training run's .partial folder nor a toy pipeline"),
@@ -109,6 +110,9 @@ def test_attack_gaps_pair_trace_with_the_lowest_other_method_class_by_class() ->
     no_attack = out["no attack"]
     assert no_attack["other"] == "ant" and no_attack["mean"] == pytest.approx(0.1)
     assert no_attack["ci"][0] < no_attack["mean"] < no_attack["ci"][1]
+    # another focus (a variant of trace): ant is now measured against the lowest of the rest, trace among them
+    focused = gaps(rows, classes, ["base", "uce", "ant", "trace"], ["soft-prompt"], focus="ant")["soft-prompt"]
+    assert focused["other"] == "trace" and focused["mean"] == pytest.approx(0.1)
 
 
 def test_paired_script_pairs_rows_across_benches_of_one_suite(tmp_path: Path) -> None:
