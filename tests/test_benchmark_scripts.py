@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def from_benchmarks(module: str, name: str) -> Any:
+    """``name`` from the script ``benchmarks/<module>.py`` (scripts import their neighbours as top-level modules)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return getattr(importlib.import_module(module), name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -38,11 +49,7 @@ def test_bad_input_is_one_line_and_exit_2(name: str, args: list[str], says: str,
 
 
 def test_write_json_replaces_a_file_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from _script import write_json
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    write_json = from_benchmarks("_script", "write_json")
     target = tmp_path / "figures.json"
     target.write_text('{"old": true}\n')
     with pytest.raises(TypeError):  # not serialisable: fails before a byte is written
@@ -54,11 +61,7 @@ def test_write_json_replaces_a_file_whole_and_leaves_no_temporary(tmp_path: Path
 
 
 def test_two_attack_matrices_sharing_an_output_keep_each_others_rows(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from attacks import SavedRows
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    SavedRows = from_benchmarks("attacks", "SavedRows")
     run = {"pre_asr": 1.0, "asr": 0.5, "base_rate": 1.0, "base_asr": 1.0, "timings": {"total_s": 3.0}}
     path = tmp_path / "rows.json"
     first, second = (SavedRows(path, "toy-sd", 5, {"paraphrase": {"budget": 8}}, {}) for _ in range(2))
@@ -72,11 +75,7 @@ def test_two_attack_matrices_sharing_an_output_keep_each_others_rows(tmp_path: P
 
 
 def test_a_partial_attack_run_keeps_the_wider_table_it_shares_an_output_with(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from attacks import covers_more
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    covers_more = from_benchmarks("attacks", "covers_more")
     table = tmp_path / "attacks.json"
     assert covers_more(table, ["circle"], ["base", "trace"], ["p4d"]) == ""  # no table yet: write it
     table.write_text(json.dumps({"classes": ["circle", "cross"], "methods": ["base", "ant", "trace"],
@@ -87,11 +86,7 @@ def test_a_partial_attack_run_keeps_the_wider_table_it_shares_an_output_with(tmp
 
 
 def test_attack_gaps_pair_trace_with_the_lowest_other_method_class_by_class() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from attacks import gaps
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gaps = from_benchmarks("attacks", "gaps")
     classes = ["circle", "square", "cross", "star"]
     spread = [0.1, 0.9, 0.3, 0.7]  # classes differ a lot; the methods differ by a constant
     asr = {"trace": [v - 0.1 for v in spread], "ant": spread, "uce": [min(v + 0.1, 1.0) for v in spread],
