@@ -115,6 +115,22 @@ def anchor_draws(handle: Any, templates: int, seeds: int) -> dict[str, Any]:
             "shares": {c: counts.get(c, 0) / len(pairs) for c in HEAD_LABELS["class"]}}
 
 
+def figure(folder: Path, path: Path, n: int = 10) -> None:
+    """The run's first ``n`` erased-prompt images under the erasure (top row) and the base model (bottom row)."""
+    from PIL import Image
+
+    prompts = json.loads((folder / "results.json").read_text())["prompts"]
+    idx = [i for i, p in enumerate(prompts) if p["group"] == "erased"][:n]
+    size = 96
+    sheet = Image.new("RGB", (size * len(idx), 2 * size), "white")
+    for row, which in enumerate(("erased", "base")):
+        for k, i in enumerate(idx):
+            im = Image.open(folder / "images" / which / f"{i:05d}.png").convert("RGB")
+            sheet.paste(im.resize((size, size), Image.NEAREST), (k * size, row * size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="toy-sd")
@@ -124,11 +140,15 @@ def main() -> int:
     parser.add_argument("--templates", type=int, default=8, help="the first N of the concept's stage-A templates")
     parser.add_argument("--tau", type=float, default=0.5, help="the early/late edge in the adapter's time")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--figure", nargs=2, metavar=("RUN", "PNG"),
+                        help="also tile RUN's erased-prompt images, erased (top) over base (bottom), into PNG")
     args = parser.parse_args()
     folders = [Path(r) for r in args.runs]
     missing = [str(f) for f in folders if not (f / "erasure" / "erasure.json").is_file()]
     if missing:
         refuse(f"{missing[0]} holds no erasure/erasure.json; pass bench run folders (OUTPUT/runs/CONCEPT/METHOD)")
+    if args.figure and not (Path(args.figure[0]) / "images" / "erased").is_dir():
+        refuse(f"--figure {args.figure[0]} holds no images/erased; pass one of the bench run folders")
     if args.seeds < 1 or args.steps < 2 or args.templates < 1:
         refuse("--seeds and --templates must be ≥ 1 and --steps ≥ 2")
 
@@ -136,6 +156,8 @@ def main() -> int:
 
     from trace_erase.models import load_model
 
+    if args.figure:
+        figure(Path(args.figure[0]), Path(args.figure[1]))
     handle = load_model(args.model)
     draws = anchor_draws(handle, args.templates, args.seeds * 5) if args.model.startswith("toy-") else None
     if draws:
