@@ -35,6 +35,7 @@ def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     ("attacks.py", ["--attacks", "no-such-attack", "--output", "out"], "no-such-attack"),
     ("attacks.py", ["--saved-only", "--output", "out"], "run the matrix without --saved-only first"),
     ("attacks.py", ["--focus", "trace-now", "--output", "out"], "--focus trace-now is not among --methods"),
+    ("stage_a_residual.py", ["--runs", "nope", "--output", "o.json"], "nope holds no erasure/erasure.json"),
     ("toy_vae_probe.py", ["--set", "no_such_key=1", "--output", "pipe", "--micro"], "no_such_key"),
     ("scene_side_probe.py", ["missing"], "no folder 'missing'"),
     ("scene_side_probe.py", ["."], "neither a training run's .partial folder nor a toy pipeline"),
