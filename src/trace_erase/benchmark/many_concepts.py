@@ -44,9 +44,10 @@ def parse_counts(text: str) -> list[int]:
 
 def concept_sets(classes: list[str], counts: list[int], subsets: int, seed: int = 0) -> dict[int, list[list[str]]]:
     """Every singleton for N = 1 (when 1 is among ``counts``: the interference column needs them, a fusion choice
-    does not); ``subsets`` distinct seeded subsets per N > 1. A draw that repeats an earlier subset is drawn again (a repeat would be the same run twice, counted as
-    two sets); the first subsets are the same as before that rule, as long as none of them repeated. ``classes`` is
-    the pool the sets are drawn from (all toy classes, or one half of them)."""
+    does not); ``subsets`` distinct seeded subsets per N > 1. A draw that repeats an earlier subset is drawn again
+    (a repeat would be the same run twice, counted as two sets); the first subsets are the same as before that rule,
+    as long as none of them repeated. ``classes`` is the pool the sets are drawn from (all toy classes, or one half
+    of them)."""
     for n in counts:
         if n > len(classes):
             raise TraceEraseError(f"--concept-counts {n}: the pool has only {len(classes)} classes; drop N = {n} or "
